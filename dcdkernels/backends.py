@@ -1,0 +1,86 @@
+"""Which backends exist here, why others do not, and which one ``backend="auto"`` picks.
+
+Backends: "eager" (the PyTorch oracle, always), "cpu" (C++/OpenMP kernels of dcdkernels._C),
+"cuda" (CUDA C++ kernels of dcdkernels._C), "triton" (Triton kernels; on CPU tensors only under
+TRITON_INTERPRET=1). A backend named explicitly is used or fails with a clear error: it never
+falls back silently. Only "auto" chooses.
+"""
+import functools
+import importlib
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    try:
+        triton = importlib.import_module("triton")
+    except Exception as exc:
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, f"triton {triton.__version__}" + (" (interpreter)" if not torch.cuda.is_available() else "")
+    return False, f"triton {triton.__version__} is installed but there is no GPU (set TRITON_INTERPRET=1 to run it on CPU)"
+
+
+def availability():
+    """{backend: (available, detail)} for this process."""
+    out = {"eager": (True, f"torch {torch.__version__}")}
+    if _ext.LOAD_ERROR is not None:
+        out["cpu"] = (False, f"dcdkernels._C did not load: {_ext.LOAD_ERROR}")
+        out["cuda"] = (False, f"dcdkernels._C did not load: {_ext.LOAD_ERROR}")
+    else:
+        out["cpu"] = (_ext.has_kernel("sampled_contrast", "CPU"), "C++ kernels" if _ext.has_kernel("sampled_contrast", "CPU") else "dcdkernels._C has no CPU kernels")
+        if not _ext.has_kernel("sampled_contrast", "CUDA"):
+            out["cuda"] = (False, "dcdkernels._C was built without CUDA kernels (torch without CUDA, nvcc missing, or DCDKERNELS_CUDA=0)")
+        elif not torch.cuda.is_available():
+            out["cuda"] = (False, "CUDA kernels are compiled, but no CUDA device is visible")
+        else:
+            out["cuda"] = (True, f"CUDA kernels on {torch.cuda.get_device_name()}")
+    out["triton"] = _triton_status()
+    return out
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """The concrete backend for ``op`` on ``device``. Raises for impossible explicit choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            if _ext.has_kernel(op, "CUDA"):
+                return "cuda"
+            return "triton" if _triton_status()[0] else "eager"
+        return "cpu" if _ext.has_kernel(op, "CPU") else "eager"
+    if backend == "eager":
+        return backend
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {device}")
+        if not _ext.has_kernel(op, "CPU"):
+            raise NotImplementedError(f"{op}: backend 'cpu' is not available: {availability()['cpu'][1]}")
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device}")
+        if not _ext.has_kernel(op, "CUDA"):
+            raise NotImplementedError(f"{op}: backend 'cuda' is not available: {availability()['cuda'][1]}")
+    elif backend == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            raise NotImplementedError(f"{op}: backend 'triton' is not available: {why}")
+    return backend
+
+
+def kernel(op: str, backend: str):
+    """The function implementing ``op`` on a resolved, non-eager backend."""
+    if backend in ("cpu", "cuda"):
+        return _ext.cpp_op(op)
+    module_name = "dense_contrast" if op.startswith("dense_contrast") else op.rstrip("_").replace("bank_momentum_update", "bank_update")
+    try:
+        module = importlib.import_module(f"dcdkernels.triton.{module_name}")
+        return getattr(module, op)
+    except (ImportError, AttributeError) as exc:
+        raise NotImplementedError(f"{op}: backend 'triton' has no kernel ({exc})") from exc

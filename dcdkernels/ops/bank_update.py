@@ -1,0 +1,42 @@
+"""Dispatch point of ``bank_momentum_update_`` (SPEC §4, contract in csrc/KERNELS.md)."""
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from . import _validate as V
+
+
+@torch.library.custom_op("dcdkernels::bank_momentum_update_", mutates_args=("bank",))
+def bank_momentum_update_op(bank: Tensor, index: Tensor, value: Tensor, momentum: float, backend: str) -> None:
+    backends.kernel("bank_momentum_update_", backend)(bank, index, value, momentum)
+
+
+@bank_momentum_update_op.register_fake
+def _(bank, index, value, momentum, backend):
+    return None
+
+
+def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
+    """In place: ``bank[i] = normalize(m * bank[i] + (1 - m) * value[p])`` for each distinct i of
+    ``index`` (B,), p the last position holding i (SPEC §4). Everything is validated before the
+    bank is touched; returns ``bank``."""
+    V.matrix("bank", bank)
+    V.matrix("value", value, device=bank.device, dim=bank.shape[1])
+    if bank.requires_grad and torch.is_grad_enabled():
+        raise ValueError("bank requires grad: a memory bank is a buffer, update it under torch.no_grad()")
+    if bank.stride(1) != 1:
+        raise ValueError(f"bank rows must be contiguous (stride(1) == 1), got strides {bank.stride()}")
+    index = V.index_tensor("index", index, device=bank.device, rows=value.shape[0], dims=(1,))
+    if not isinstance(momentum, (float, int)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    checks = V.ValueChecks()
+    checks.index_in_range("index", index, bank.shape[0])
+    checks.finite("value", value)
+    checks.run()
+    backend = backends.resolve(backend, bank.device, "bank_momentum_update_")
+    with torch.no_grad():
+        if backend == "eager":
+            reference.bank_momentum_update_(bank, index, value, float(momentum))
+        else:
+            bank_momentum_update_op(bank, index, value.detach(), float(momentum), backend)
+    return bank

@@ -1,0 +1,116 @@
+"""Dispatch point of ``dual_sampled_contrast`` (SPEC §1c, contract in csrc/KERNELS.md).
+
+Both CRD directions at the same indices (student anchor vs teacher bank, teacher anchor vs
+student bank) and the consistency KL(p^t || p^s), from one read of both banks' rows.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from . import _validate as V
+from .sampled_contrast import LOSS_TYPES, _needs_grad, validate_sampled
+
+
+class DualContrastOutput(NamedTuple):
+    loss_s: Tensor       # (B,) student anchor vs teacher bank
+    loss_t: Tensor       # (B,) teacher anchor vs student bank
+    consistency: Tensor  # (B,) consistency * KL(p^t || p^s); zeros when consistency == 0
+    lse_s: Tensor        # (B,) LSE of the student-direction logits (no gradient)
+    lse_t: Tensor        # (B,) LSE of the teacher-direction logits (no gradient)
+
+
+@torch.library.custom_op("dcdkernels::dual_sampled_contrast", mutates_args=())
+def dual_sampled_contrast_op(anchor_s: Tensor, anchor_t: Tensor, bank_s: Tensor, bank_t: Tensor, index: Tensor,
+                             logit_scale: Tensor, bias: Optional[Tensor], log_z: Optional[Tensor], loss_type: int,
+                             compute_kl: bool, num_negatives: int, seed: int, offset: int, compute_grad: bool,
+                             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = backends.kernel("dual_sampled_contrast", backend)
+    return tuple(fn(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl,
+                    num_negatives, seed, offset, compute_grad))
+
+
+@dual_sampled_contrast_op.register_fake
+def _(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl, num_negatives,
+      seed, offset, compute_grad, backend):
+    B, D = anchor_s.shape
+    acc = V.accumulation_dtype(anchor_s, anchor_t, bank_s, bank_t)
+    losses, lse = anchor_s.new_empty((3, B), dtype=acc), anchor_s.new_empty((2, B), dtype=acc)
+    if compute_grad:
+        return losses, lse, anchor_s.new_empty((4, B, D), dtype=acc), anchor_s.new_empty((2, 3, B), dtype=acc)
+    return losses, lse, anchor_s.new_empty((0,), dtype=acc), anchor_s.new_empty((0,), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    anchor_s, anchor_t = inputs[:2]
+    bias, log_z = inputs[6], inputs[7]
+    ctx.dtypes = (anchor_s.dtype, anchor_t.dtype)
+    ctx.save_for_backward(output[2], output[3])
+    ctx.has_bias, ctx.has_log_z = bias is not None, log_z is not None
+
+
+def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
+    grad_anchors, grad_scalars = ctx.saved_tensors
+    if grad_anchors.numel() == 0:
+        raise RuntimeError("dual_sampled_contrast: backward called but the forward computed no gradients")
+    g = g_losses.to(grad_anchors.dtype)  # (3, B): [L^s, L^t, KL]
+    d_s = grad_anchors[0] * g[0, :, None] + grad_anchors[2] * g[2, :, None]
+    d_t = grad_anchors[1] * g[1, :, None] + grad_anchors[3] * g[2, :, None]
+    d_scale = (grad_scalars[0] * g).sum()
+    d_bias = (grad_scalars[1] * g).sum() if ctx.has_bias else None
+    # v = l - log Z per direction: dL^s/dlog Z_s = -dL^s/dbeta (the KL has no log Z).
+    d_log_z = -(grad_scalars[1, :2] * g[:2]).sum(dim=1) if ctx.has_log_z else None
+    return (d_s.to(ctx.dtypes[0]), d_t.to(ctx.dtypes[1]), None, None, None, d_scale, d_bias, d_log_z,
+            None, None, None, None, None, None, None)
+
+
+dual_sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
+                          log_z=None, consistency=0.0, num_negatives=None, seed=0, offset=0, backend="auto"):
+    """Both directions of CRD at the same indices, plus ``consistency * KL(p^t || p^s)`` per row.
+
+    Student anchor ``anchor_s`` is scored against ``bank_t`` rows, teacher anchor ``anchor_t``
+    against ``bank_s`` rows. For ``loss="nce"``, ``log_z`` is ``(log Z_s, log Z_t)`` (a pair of
+    floats or a (2,) tensor). Returns a :class:`DualContrastOutput` of per-row tensors.
+    """
+    checks = V.ValueChecks()
+    index = validate_sampled(anchor_s, bank_t, index, loss, log_z, num_negatives, checks, "bank_t", "anchor_s")
+    V.matrix("anchor_t", anchor_t, device=anchor_s.device)
+    if anchor_t.shape != anchor_s.shape:
+        raise ValueError(f"anchor_t has shape {tuple(anchor_t.shape)} but anchor_s has {tuple(anchor_s.shape)}")
+    V.matrix("bank_s", bank_s, device=anchor_s.device, dim=anchor_s.shape[1])
+    if bank_s.shape[0] != bank_t.shape[0] or bank_s.stride(1) != 1:
+        raise ValueError(f"bank_s must have contiguous rows and as many rows as bank_t, got {tuple(bank_s.shape)} "
+                         f"and {tuple(bank_t.shape)}")
+    checks.finite("anchor_t", anchor_t)
+    if not isinstance(consistency, (float, int)) or consistency < 0 or consistency != consistency:
+        raise ValueError(f"consistency must be a float >= 0, got {consistency!r}")
+    device = anchor_s.device
+    acc = V.accumulation_dtype(anchor_s, anchor_t, bank_s, bank_t)
+    s = V.scalar("logit_scale", logit_scale, device=device, dtype=acc, positive=True)
+    b = None if bias is None else V.scalar("bias", bias, device=device, dtype=acc)
+    lz = None
+    if log_z is not None:
+        lz = log_z if isinstance(log_z, Tensor) else torch.tensor([float(v) for v in log_z], dtype=acc, device=device)
+        if lz.shape != (2,):
+            raise ValueError(f"log_z must be (log Z_s, log Z_t), got shape {tuple(lz.shape)}")
+        lz = lz.to(device=device, dtype=acc)
+    checks.run()
+    backend = backends.resolve(backend, device, "dual_sampled_contrast")
+    compute_kl = consistency > 0
+    if backend == "eager":
+        if index.dim() == 1:
+            index = reference.sample_negatives(index, num_negatives, bank_s.shape[0], seed, offset)
+        loss_s, loss_t, kl, lse_s, lse_t = reference.dual_sampled_contrast(
+            anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s, bias=b, loss=loss, log_z=lz,
+            compute_kl=compute_kl)
+    else:
+        losses, lse, _, _ = dual_sampled_contrast_op(
+            anchor_s.contiguous(), anchor_t.contiguous(), bank_s.detach(), bank_t.detach(), index, s, b, lz, LOSS_TYPES[loss], compute_kl,
+            int(num_negatives or 0), int(seed), int(offset), _needs_grad(anchor_s, anchor_t, s, b, lz), backend)
+        loss_s, loss_t, kl = losses.unbind(0)
+        lse_s, lse_t = lse.unbind(0)
+    return DualContrastOutput(loss_s, loss_t, kl * consistency, lse_s, lse_t)

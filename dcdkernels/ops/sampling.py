@@ -1,0 +1,53 @@
+"""Negative sampling: the counter-based uniform stream the kernels draw from (SPEC §1d), and a
+vectorised class-conditional sampler replacing RepDistiller's per-sample ``np.random.choice``."""
+import torch
+
+from .. import reference
+
+
+def sample_negatives(positive, num_negatives, n_rows, seed=0, offset=0):
+    """The exact (B, K+1) index the fused kernels use for ``index=positive, num_negatives=K``:
+    column 0 = ``positive``, negative k of row b drawn from the counter-based stream at
+    ``offset + b*K + k - 1`` (so advance ``offset`` by B*K per step for fresh negatives)."""
+    if positive.dim() != 1 or positive.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"positive must be a 1-D integer tensor, got {positive.dtype} of shape {tuple(positive.shape)}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    return reference.sample_negatives(positive, int(num_negatives), int(n_rows), int(seed), int(offset))
+
+
+class ClassConditionalSampler:
+    """Draws negatives uniformly over the dataset rows whose label differs from the anchor's
+    (RepDistiller's CIFAR-100 ``mode='exact'`` negatives), for a whole batch in a few tensor ops.
+
+    Rows are grouped by class once. A draw ``r`` uniform in ``[0, N - count[c])`` skips the
+    anchor's own class block: ``r + count[c]`` if ``r >= start[c]``, then maps through the
+    grouping. No Python loop over samples and no (B, N) mask.
+    """
+
+    def __init__(self, labels, num_classes=None):
+        labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0:
+            raise ValueError("labels must be a non-empty tensor of class ids >= 0")
+        self.num_classes = int(num_classes if num_classes is not None else labels.max().item() + 1)
+        if labels.max() >= self.num_classes:
+            raise ValueError(f"labels has class ids >= num_classes={self.num_classes}")
+        self.labels = labels
+        self.order = torch.argsort(labels, stable=True)  # row ids grouped by class
+        self.count = torch.bincount(labels, minlength=self.num_classes)
+        self.start = torch.cumsum(self.count, 0) - self.count
+        if (self.count == labels.numel()).any():
+            raise ValueError("every row has the same class: there are no negatives to draw")
+
+    def __call__(self, index, num_negatives, generator=None):
+        """(B, K+1) int64 on ``index``'s device: column 0 = ``index`` (dataset rows of the anchors),
+        columns 1..K uniform over rows of other classes."""
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        cls = self.labels[index.cpu()]
+        span = (self.labels.numel() - self.count[cls]).to(torch.float64)
+        u = torch.rand(index.numel(), int(num_negatives), dtype=torch.float64, generator=generator)
+        r = (u * span[:, None]).to(torch.int64).clamp_max_(span.to(torch.int64)[:, None] - 1)
+        start, count = self.start[cls][:, None], self.count[cls][:, None]
+        r = torch.where(r >= start, r + count, r)
+        neg = self.order[r]
+        return torch.cat([index.cpu()[:, None], neg], dim=1).to(index.device)

@@ -1,0 +1,107 @@
+"""Builds dcdkernels._C with ninja: C++ CPU kernels always, CUDA kernels when torch has CUDA and
+nvcc is found (no GPU needed to compile).
+
+Environment switches:
+  DCDKERNELS_CUDA=1       force the CUDA sources (fail if they cannot be built)
+  DCDKERNELS_CUDA=0       skip the CUDA sources
+  DCDKERNELS_NO_EXT=1     build no extension at all (pure Python: eager and Triton backends only)
+  DCDKERNELS_CUDA_ARCH    nvcc -gencode list, default "90" (Hopper; also sm_80 PTX)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvidia_wheel_dirs():
+    """Headers and libraries shipped by the nvidia-* wheels that a CUDA torch pulls in."""
+    incs, libs = [], []
+    for path in sys.path:
+        base = os.path.join(path, "nvidia")
+        if not os.path.isdir(base):
+            continue
+        for inc in glob.glob(os.path.join(base, "*", "include")):
+            incs.append(inc)
+        for lib in glob.glob(os.path.join(base, "*", "lib")):
+            libs.append(lib)
+    return incs, libs
+
+
+def _want_cuda(torch):
+    flag = os.environ.get("DCDKERNELS_CUDA", "auto").lower()
+    if flag in ("0", "no", "off", "false"):
+        return False, "skipped by DCDKERNELS_CUDA=0"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    have = torch.version.cuda is not None and CUDA_HOME is not None and (
+        shutil.which("nvcc") is not None or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    )
+    if flag in ("1", "yes", "on", "true") and not have:
+        raise RuntimeError("DCDKERNELS_CUDA=1 but torch has no CUDA or nvcc was not found")
+    if not have:
+        return False, "torch has no CUDA build or nvcc was not found"
+    return True, ""
+
+
+def _extensions():
+    if os.environ.get("DCDKERNELS_NO_EXT", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda = sorted(glob.glob("csrc/cuda/*.cu"))
+    use_cuda, why = _want_cuda(torch)
+    if not use_cuda:
+        print(f"dcdkernels: building without CUDA ({why})")
+    extra = {
+        "cxx": ["-O3", "-fopenmp", "-std=c++17", "-DDCDKERNELS_WITH_CUDA=%d" % int(use_cuda)],
+    }
+    inc = [os.path.join(ROOT, "csrc")]
+    if use_cuda:
+        nv_inc, nv_lib = _nvidia_wheel_dirs()
+        arch = os.environ.get("DCDKERNELS_CUDA_ARCH", "90")
+        gencode = []
+        for a in arch.replace(";", ",").split(","):
+            a = a.strip()
+            if a:
+                gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", "arch=compute_80,code=compute_80"]
+        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode]
+        ext = CUDAExtension(
+            "dcdkernels._C",
+            cpp + cuda,
+            include_dirs=inc + nv_inc,
+            library_dirs=nv_lib,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "dcdkernels._C", cpp, include_dirs=inc, extra_compile_args=extra, extra_link_args=["-fopenmp"]
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="dcdkernels",
+    version="0.1.0",
+    description="Fused Triton and C++/CUDA kernels for contrastive knowledge distillation over memory banks",
+    packages=find_packages(include=["dcdkernels", "dcdkernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest", "scikit-learn", "pyyaml", "matplotlib"],
+        "train": ["scikit-learn", "pyyaml", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["dcdkernels-train=dcdkernels.train.__main__:main"]},
+    zip_safe=False,
+)
