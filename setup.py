@@ -59,7 +59,7 @@ def _extensions():
     if not use_cuda:
         print(f"dcdkernels: building without CUDA ({why})")
     extra = {
-        "cxx": ["-O3", "-fopenmp", "-std=c++17", "-DDCDKERNELS_WITH_CUDA=%d" % int(use_cuda)],
+        "cxx": ["-O3", "-fopenmp", "-std=c++20", "-DDCDKERNELS_WITH_CUDA=%d" % int(use_cuda)],
     }
     inc = [os.path.join(ROOT, "csrc")]
     if use_cuda:
@@ -71,7 +71,7 @@ def _extensions():
             if a:
                 gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         gencode += ["-gencode", "arch=compute_80,code=compute_80"]
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
         ext = CUDAExtension(
             "dcdkernels._C",
             cpp + cuda,
