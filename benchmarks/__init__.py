@@ -1,0 +1,1 @@
+"""dcdkernels benchmark suite (pytest-benchmark). See benchmarks/README.md."""

@@ -1,0 +1,91 @@
+// CPU kernel of bank_momentum_update_ (SPEC §4; contract: csrc/KERNELS.md), in place:
+//   bank[i] = normalize(m * bank[i] + (1 - m) * value[p]),  normalize(x) = x / max(||x||, 1e-12)
+// for every distinct i of index, p the LAST position holding i. Deterministic: positions are
+// stable-sorted by row, the last of each run is kept, and the distinct rows (each written once,
+// from its pre-update value) are then updated in parallel. fp32 math (fp64 for fp64 banks),
+// rounded once to the bank dtype. Every check runs before the bank is touched.
+#include <ATen/MemoryOverlap.h>
+#include <torch/library.h>
+
+#include <numeric>
+
+#include "cpu/cpu_utils.h"
+
+namespace dcdkernels {
+namespace cpu {
+namespace {
+
+// (row, position) of the last occurrence of each distinct row of index, by ascending row.
+std::vector<std::pair<int64_t, int64_t>> last_occurrences(const int64_t* index, int64_t B) {
+  std::vector<int64_t> order(static_cast<size_t>(B));
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return index[x] < index[y]; });
+  std::vector<std::pair<int64_t, int64_t>> keep;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t p = order[static_cast<size_t>(i)];
+    const bool last_of_run = i + 1 == B || index[order[static_cast<size_t>(i + 1)]] != index[p];
+    if (last_of_run) keep.emplace_back(index[p], p);
+  }
+  return keep;
+}
+
+template <typename T, typename A>
+void update_rows(at::Tensor& bank, const at::Tensor& value, const std::vector<std::pair<int64_t, int64_t>>& keep,
+                 double momentum) {
+  const int64_t D = bank.size(1);
+  const int64_t stride = bank.stride(0);
+  T* base = bank.data_ptr<T>();
+  // As torch does for `x * m + v * (1 - m)`: both scalars rounded to the math type.
+  const A m = static_cast<A>(momentum), one_minus_m = static_cast<A>(1.0 - momentum);
+  at::parallel_for(0, static_cast<int64_t>(keep.size()), 16, [&](int64_t i0, int64_t i1) {
+    RowReader<A> values(value, 1);
+    std::vector<A> x(static_cast<size_t>(D));
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = base + keep[static_cast<size_t>(i)].first * stride;
+      const A* v;
+      values.load(&keep[static_cast<size_t>(i)].second, 1, &v);
+      A sq = 0;
+      for (int64_t e = 0; e < D; ++e) {
+        x[e] = m * to_acc<A>(row[e]) + one_minus_m * v[e];
+        sq += x[e] * x[e];
+      }
+      const A denom = std::max(std::sqrt(sq), A(1e-12));
+      for (int64_t e = 0; e < D; ++e) row[e] = static_cast<T>(x[e] / denom);
+    }
+  });
+}
+
+void bank_momentum_update_cpu(const at::Tensor& bank_in, const at::Tensor& index, const at::Tensor& value,
+                              double momentum) {
+  at::Tensor bank = bank_in;
+  check_float_matrix(bank, "bank");
+  check_float_matrix(value, "value");
+  const int64_t D = bank.size(1);
+  TORCH_CHECK(value.size(1) == D, "value has D = ", value.size(1), " but the bank has D = ", D);
+  TORCH_CHECK(D <= 1 || bank.stride(1) == 1, "bank rows must be contiguous (stride(1) == 1), got strides ",
+              bank.strides());
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == value.size(0), "index must be (B,) with B = value.size(0) = ",
+              value.size(0), ", got shape ", index.sizes());
+  TORCH_CHECK(std::isfinite(momentum), "momentum must be finite, got ", momentum);
+  const at::Tensor index_c = index.contiguous();
+  check_index_range(index_c, bank.size(0), "index");
+  at::assert_no_overlap(bank, value);  // rows are written while other rows' values are read
+  const at::Tensor value_c = value.contiguous();
+  const auto keep = last_occurrences(index_c.data_ptr<int64_t>(), index_c.numel());
+  if (keep.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "bank_momentum_update_", [&] {
+    if (bank.scalar_type() == at::kDouble) {
+      update_rows<scalar_t, double>(bank, value_c, keep, momentum);
+    } else {
+      update_rows<scalar_t, float>(bank, value_c, keep, momentum);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dcdkernels
+
+TORCH_LIBRARY_IMPL(dcdkernels_C, CPU, m) {
+  m.impl("bank_momentum_update_", &dcdkernels::cpu::bank_momentum_update_cpu);
+}

@@ -1,0 +1,322 @@
+// CUDA kernel of sampled_contrast (SPEC §1a InfoNCE, §1b NCE; contract: csrc/KERNELS.md).
+//
+// One read of each gathered row gives the loss, the LSE and every gradient (split-K, flash-
+// decoding style):
+//   1. sampled_partials_kernel: block (b, chunk) scans columns [chunk * chunk_cols, ..) of
+//      anchor b. Its row groups (layout in cuda_utils.cuh) each take R rows per step: resolve
+//      the bank rows (explicit index or in-kernel sampling), load them as 16-byte fragments,
+//      reduce the dots <q, row>, and fold the logits into the group's online state (max m,
+//      sum l, weighted dot sum c, and the weighted row sum in registers: InfoNCE weights
+//      exp(l - m), rescaled as m grows; NCE weights g = dL/dl, plain sums). The groups of a
+//      block merge in shared memory and the block writes one partial.
+//   2. merge_partials_kernel (cuda_utils.cuh): one block per anchor merges its chunks and
+//      writes loss, lse, grad_anchor and grad_scalars.
+// Rows out of range are never read and count as absent.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+
+#include "cuda/cuda_utils.cuh"
+
+namespace dcdkernels {
+namespace gpu {
+namespace {
+
+// Per-thread register budget: the anchor slice and the row-sum slice are NV * V floats each.
+constexpr int kMaxFloatsPerThread = 32;
+
+// Rows a group gathers per step: more rows in flight when each thread holds fewer fragments.
+template <int NV>
+constexpr int rows_per_step() {
+  return NV >= 4 ? 1 : 4 / NV;
+}
+
+struct SampledParams {
+  Matrix anchor;
+  const void* bank;
+  int64_t bank_stride;  // elements between bank rows
+  ColumnRows columns;
+  int64_t cols;  // K + 1
+  int dim;
+  bool vector_loads;  // D % V == 0 and rows 16-byte aligned
+  int tpr;            // threads per row group
+  int64_t chunk_cols;
+  int nchunks;
+  const float* logit_scale;
+  const float* bias;   // null: 0
+  const float* log_z;  // NCE only
+  bool nce;
+  NceConsts nc;
+  bool compute_grad;
+  float* partials;  // (B, nchunks, stride), layout of PartialSlot
+  int64_t stride;
+};
+
+template <typename T, int NV>
+__global__ void __launch_bounds__(kMaxGroup) sampled_partials_kernel(const SampledParams p) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  constexpr int R = rows_per_step<NV>();
+  extern __shared__ float smem[];
+  __shared__ float scratch[kWarp];
+  const int tpr = p.tpr, D = p.dim;
+  const int groups = blockDim.x / tpr;
+  const int group = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int64_t b = blockIdx.x / p.nchunks;
+  const int64_t c0 = (blockIdx.x % p.nchunks) * p.chunk_cols;
+  const int64_t c1 = min(c0 + p.chunk_cols, p.cols);
+  const T* bank = static_cast<const T*>(p.bank);
+
+  // This thread's elements of the anchor; zeros past D.
+  float q[NV][V];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int e = (t + j * tpr) * V + i;
+      q[j][i] = e < D ? p.anchor.at(b, e) : 0.f;
+    }
+  }
+  const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f, log_z = p.nce ? *p.log_z : 0.f;
+
+  // The group's online state (identical in all its threads) and this thread's row-sum slice.
+  float m = -INFINITY, l = 0.f, c = 0.f, loss = 0.f, gb = 0.f;
+  float acc[NV][V];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
+  }
+
+  // Uniform trip count over the block (the block-wide group reduces with barriers).
+  int parity = 0;
+  for (int64_t base = c0; base < c1; base += groups * R, parity ^= 1) {
+    const int64_t col0 = base + group * R;
+    int64_t row[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) row[r] = col0 + r < c1 ? p.columns.row(b, col0 + r) : -1;
+
+    // Issue every load of the step before using any.
+    RowFrag<T, V> x[R][NV];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int e0 = (t + j * tpr) * V;
+        if (row[r] >= 0 && e0 < D) {
+          const T* src = bank + row[r] * p.bank_stride + e0;
+          if (p.vector_loads) {
+            x[r][j].load_vector(src);
+          } else {
+            x[r][j].load_scalars(src, min(V, D - e0));
+          }
+        } else {
+          x[r][j].clear();
+        }
+      }
+    }
+
+    float d[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      d[r] = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) d[r] = fmaf(q[j][i], x[r][j][i], d[r]);
+      }
+    }
+    group_sum<R>(d, tpr, smem, parity);
+
+    float logit[R], w[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) logit[r] = row[r] >= 0 ? fmaf(s, d[r], beta) : -INFINITY;
+    // InfoNCE: w = exp(l - m), earlier sums rescale by `keep`; NCE: w = g = dL/dl, plain sums.
+    float keep = online_absorb<R>(m, l, logit, w);
+    if (p.nce) {
+      keep = 1.f;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        w[r] = row[r] >= 0 ? nce_term(logit[r], col0 + r == 0, log_z, p.nc, loss) : 0.f;
+        gb += w[r];
+      }
+    }
+    if (p.compute_grad) {
+      c *= keep;
+#pragma unroll
+      for (int r = 0; r < R; ++r) c = fmaf(w[r], d[r], c);
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          float a = acc[j][i] * keep;
+#pragma unroll
+          for (int r = 0; r < R; ++r) a = fmaf(w[r], x[r][j][i], a);
+          acc[j][i] = a;
+        }
+      }
+    }
+  }
+
+  // One partial per block.
+  float* out = p.partials + static_cast<int64_t>(blockIdx.x) * p.stride;
+  if (groups == 1) {
+    if (threadIdx.x == 0) {
+      out[kM] = m, out[kL] = l, out[kC] = c, out[kLoss] = loss, out[kGb] = gb;
+    }
+    if (p.compute_grad) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const int e = (t + j * tpr) * V + i;
+          if (e < D) out[kScalars + e] = acc[j][i];
+        }
+      }
+    }
+    return;
+  }
+  // Several groups: stage their states in shared memory and merge them in group order.
+  const int span = tpr * NV * V;  // elements covered by a group (>= D)
+  float* gs = smem;                      // [groups][kScalars]
+  float* gv = smem + groups * kScalars;  // [groups][span]
+  if (t == 0) {
+    float* st = gs + group * kScalars;
+    st[kM] = m, st[kL] = l, st[kC] = c, st[kLoss] = loss, st[kGb] = gb;
+  }
+  if (p.compute_grad) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) gv[group * span + (t + j * tpr) * V + i] = acc[j][i];
+    }
+  }
+  __syncthreads();
+  const bool owner = threadIdx.x < groups;  // thread g merges the scalars of group g
+  const float* st = gs + threadIdx.x * kScalars;
+  const float mg = owner ? st[kM] : -INFINITY;
+  const float m_all = block_max(mg, scratch);
+  const float f = owner ? rescale(mg, m_all) : 0.f;
+  const float keep = p.nce ? 1.f : f;  // weight of the group's row sums
+  const float l_all = block_sum(owner ? st[kL] * f : 0.f, scratch);
+  const float c_all = block_sum(owner ? st[kC] * keep : 0.f, scratch);
+  const float loss_all = block_sum(owner ? st[kLoss] : 0.f, scratch);
+  const float gb_all = block_sum(owner ? st[kGb] : 0.f, scratch);
+  // Every read of gs[.][kM] is behind the barriers above: reuse the slot for `keep`.
+  if (owner) gs[threadIdx.x * kScalars + kM] = keep;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    out[kM] = m_all, out[kL] = l_all, out[kC] = c_all, out[kLoss] = loss_all, out[kGb] = gb_all;
+  }
+  if (p.compute_grad) {
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+      float a = 0.f;
+      for (int g = 0; g < groups; ++g) a = fmaf(gs[g * kScalars + kM], gv[g * span + e], a);
+      out[kScalars + e] = a;
+    }
+  }
+}
+
+template <typename T, int NV>
+void launch_partials(const SampledParams& p, const RowLayout& lay, int64_t B, cudaStream_t stream) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  constexpr int R = rows_per_step<NV>();
+  const int groups = lay.block / lay.tpr;
+  // Shared memory: the groups' states for the block merge, or the cross-warp dot scratch.
+  const size_t smem = groups > 1 ? sizeof(float) * groups * (kScalars + lay.tpr * NV * V)
+                                 : sizeof(float) * 2 * R * kWarp;
+  sampled_partials_kernel<T, NV><<<static_cast<unsigned>(B * p.nchunks), lay.block, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda(
+    const at::Tensor& anchor, const at::Tensor& bank, const at::Tensor& index, const at::Tensor& logit_scale,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& log_z, int64_t loss_type,
+    int64_t num_negatives, int64_t seed, int64_t offset, bool compute_grad) {
+  TORCH_CHECK(anchor.is_cuda(), "anchor must be a CUDA tensor, got ", anchor.device());
+  const c10::cuda::CUDAGuard guard(anchor.device());
+  const Matrix q = matrix_of(anchor, "anchor");
+  const int64_t B = anchor.size(0), D = anchor.size(1);
+  TORCH_CHECK(bank.device() == anchor.device() && index.device() == anchor.device(),
+              "anchor, bank and index must be on one device");
+  TORCH_CHECK(bank.dim() == 2 && bank.size(1) == D, "bank must be (N, D) with D = ", D, ", got shape ", bank.sizes());
+  TORCH_CHECK(D <= 1 || bank.stride(1) == 1, "bank rows must be contiguous (stride(1) == 1), got strides ",
+              bank.strides());
+  TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
+  const bool nce = loss_type == 1;
+  TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z");
+  const int64_t N = bank.size(0);
+  int64_t cols = 0;
+  const ColumnRows columns = column_rows(index, B, num_negatives, seed, offset, N, cols);
+
+  const auto opts = anchor.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({B}, opts), lse = at::empty({B}, opts);
+  at::Tensor grad_anchor = compute_grad ? at::empty({B, D}, opts) : at::empty({0}, opts);
+  at::Tensor grad_scalars = compute_grad ? at::empty({2, B}, opts) : at::empty({0}, opts);
+  if (B == 0) return {loss, lse, grad_anchor, grad_scalars};
+  TORCH_CHECK(D > 0, "anchor has D = 0");
+
+  SampledParams p{};
+  p.anchor = q;
+  p.bank = bank.data_ptr();
+  p.bank_stride = bank.stride(0);
+  p.columns = columns;
+  p.cols = cols;
+  p.dim = static_cast<int>(D);
+  p.logit_scale = device_scalar(logit_scale, anchor, "logit_scale");
+  p.bias = bias.has_value() ? device_scalar(*bias, anchor, "bias") : nullptr;
+  p.log_z = nce ? device_scalar(*log_z, anchor, "log_z") : nullptr;
+  p.nce = nce;
+  p.nc = nce_consts(cols - 1, N);
+  p.compute_grad = compute_grad;
+  p.stride = kScalars + (compute_grad ? D : 0);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partials;
+  dispatch_bank_type(bank, "bank", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+    const RowLayout lay = row_layout(D, V, kMaxFloatsPerThread / V);
+    dispatch_nv<kMaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
+      constexpr int NV = decltype(nv_tag)::value;
+      const ColumnSplit split = split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step<NV>());
+      p.tpr = lay.tpr;
+      p.chunk_cols = split.chunk_cols;
+      p.nchunks = split.nchunks;
+      p.vector_loads = D % V == 0 && rows_aligned(bank, 16);
+      partials = at::empty({B * split.nchunks * p.stride}, opts);
+      p.partials = partials.data_ptr<float>();
+      launch_partials<T, NV>(p, lay, B, stream);
+    });
+  });
+
+  MergeParams mp{};
+  mp.partials = p.partials;
+  mp.nchunks = p.nchunks;
+  mp.stride = p.stride;
+  mp.B = B;
+  mp.dim = p.dim;
+  mp.anchor = q;
+  mp.pos = PositiveRows{matrix_of(bank, "bank"), columns.index, columns.stride_b, false};  // column 0
+  mp.logit_scale = p.logit_scale;
+  mp.bias = p.bias;
+  mp.nce = nce;
+  mp.compute_grad = compute_grad;
+  mp.loss = loss.data_ptr<float>();
+  mp.lse = lse.data_ptr<float>();
+  mp.grad_anchor = compute_grad ? grad_anchor.data_ptr<float>() : nullptr;
+  mp.grad_scalars = compute_grad ? grad_scalars.data_ptr<float>() : nullptr;
+  mp.grad_positive = nullptr;
+  merge_partials_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(mp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, lse, grad_anchor, grad_scalars};
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace dcdkernels
+
+TORCH_LIBRARY_IMPL(dcdkernels_C, CUDA, m) {
+  m.impl("sampled_contrast", &dcdkernels::gpu::sampled_contrast_cuda);
+}

@@ -1,0 +1,179 @@
+"""CoCoRD, Contrastive Consistent Representation Distillation (Fu et al., BMVC 2023), as a
+drop-in loss on backbone features. Official code: ShipengFu/CoCoRD (``cocord/builder.py``,
+``helper/loop.py``, ``helper/util.py``, ``options/train_student.yml``) (SPEC §3).
+
+Per step (official order):
+1. EMA: slow student (encoder + projector) <- 0.9 slow + 0.1 student; teacher projection head
+   <- 0.999 head + 0.001 student projector (``torch._foreach_lerp_``).
+2. Query ``q = normalize(projector(f_s))``; key ``k = normalize(teacher_head(f_t))`` (no grad).
+3. InfoNCE at T = 0.1 over ``[q.k, q.queue]`` (``dense_contrast(positive=k)``).
+4. Enqueue ``k`` into the FIFO ring of 2048 keys AFTER scoring (pointer saved in a buffer).
+5. BYOL term ``2 - 2 cos(predictor(projector(f_s)), slow(view 2))``, symmetric over the views.
+Total = ``ctr_weight * L_ctr + pred_weight * L_pred`` (1 and 4); add the student's CE yourself.
+"""
+import copy
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops, reference
+from ._common import ema_, freeze_, make_projector, no_autocast, parameter_pairs, to_loss_dtype
+
+
+def make_predictor(dim: int, pred_dim: int) -> nn.Sequential:
+    """CoCoRD's predictor: dim-pred_dim-dim with BN and ReLU (2048-512-2048)."""
+    return make_projector(dim, pred_dim, dim)
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """``2 - 2 cos(p, z)`` per row (CoCoRD's ``DistillMSE``)."""
+    p, z = F.normalize(to_loss_dtype(p), dim=-1), F.normalize(to_loss_dtype(z), dim=-1)
+    return 2 - 2 * (p * z).sum(dim=-1)
+
+
+def _call_encoder(encoder: nn.Module, x: Tensor) -> Tensor:
+    return encoder(x)
+
+
+class CoCoRDLoss(nn.Module):
+    """CoCoRD distillation loss with its projector, predictor, slow student and teacher head.
+
+    Args:
+        s_dim, t_dim: student / teacher backbone feature sizes.
+        embed_dim: projector output / queue key size (2048). hidden_dim: projector hidden (2048).
+        pred_dim: predictor hidden (512). queue_size: K keys in the queue (2048).
+        temperature: InfoNCE temperature (0.1). teacher_momentum: EMA of the teacher head (0.999).
+        slow_momentum: EMA of the slow student (0.9). ctr_weight, pred_weight: 1.0 and 4.0.
+        student_encoder: optional student backbone. If given, a frozen deep copy becomes the slow
+            encoder (EMA'd with the projector) and ``forward`` can take the raw views ``x_s``,
+            ``x_s2``; otherwise pass the slow encoder's features ``f_slow``/``f_slow2`` yourself
+            (computed after :meth:`momentum_update` for the official order).
+        feature_fn: ``feature_fn(encoder, x) -> (B, s_dim)`` features of the slow encoder
+            (default ``encoder(x)``; e.g. ``lambda m, x: m(x, is_feat=True)[0][-1]`` for RepDistiller).
+        backend: backend of the contrast op. queue_dtype: storage dtype of the queue.
+
+    ``forward(f_s, f_t, f_s2=None, f_slow=None, f_slow2=None, *, x_s=None, x_s2=None)``:
+        ``f_s``/``f_s2`` student features of views 1 / 2 (view 1 is the query), ``f_t`` teacher
+        features (the official code feeds the teacher a third view), ``f_slow`` the slow student's
+        features of view 2 (target of view 1's prediction) and ``f_slow2`` of view 1. ``f_s2`` and
+        the slow features are only needed when ``pred_weight > 0``.
+
+    Teacher dim != student dim: the official code copies and EMAs the student projector into the
+    teacher head parameter by parameter, which breaks at the first Linear (``(hidden, t_dim)`` vs
+    ``(hidden, s_dim)``). Here the teacher head has its own input layer ``Linear(t_dim, hidden)``:
+    it is initialised independently and stays fixed (the head never gets gradients, as in the
+    official code: keys are computed under no_grad), i.e. a random projection of the teacher
+    features; every shape-compatible parameter (its bias, BN affine, second Linear) is copied at
+    init and EMA'd from the student projector exactly as officially. With equal dims all
+    parameters are EMA'd, as in the official code.
+
+    Buffers: ``queue`` (K, embed_dim) unit rows (the official layout is (embed_dim, K)),
+    ``queue_ptr``. In eval mode nothing is updated (no EMA, no enqueue).
+    ``last_terms`` holds the detached ``{"ctr", "pred"}`` terms of the last call.
+    """
+
+    def __init__(self, s_dim: int, t_dim: int, embed_dim: int = 2048, hidden_dim: int = 2048, pred_dim: int = 512,
+                 queue_size: int = 2048, temperature: float = 0.1, teacher_momentum: float = 0.999,
+                 slow_momentum: float = 0.9, ctr_weight: float = 1.0, pred_weight: float = 4.0, *,
+                 student_encoder: Optional[nn.Module] = None, feature_fn: Optional[Callable] = None,
+                 backend: str = "auto", queue_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if queue_size < 1 or temperature <= 0:
+            raise ValueError(f"need queue_size >= 1 and temperature > 0, got {queue_size}, {temperature}")
+        for name, m in (("teacher_momentum", teacher_momentum), ("slow_momentum", slow_momentum)):
+            if not 0.0 <= m <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {m}")
+        self.temperature, self.teacher_momentum, self.slow_momentum = float(temperature), teacher_momentum, slow_momentum
+        self.ctr_weight, self.pred_weight, self.backend = float(ctr_weight), float(pred_weight), backend
+        self.projector = make_projector(s_dim, hidden_dim, embed_dim)
+        self.predictor = make_predictor(embed_dim, pred_dim)
+        self.slow_projector = copy.deepcopy(self.projector)
+        self.teacher_projector = make_projector(t_dim, hidden_dim, embed_dim)
+        with torch.no_grad():
+            for dst, src in zip(*parameter_pairs(self.teacher_projector, self.projector)):
+                dst.copy_(src)
+        freeze_(self.slow_projector.parameters())
+        freeze_(self.teacher_projector.parameters())
+        self.slow_encoder = None
+        self._online_encoder = ()  # a tuple, so the student backbone is not registered here
+        if student_encoder is not None:
+            self.slow_encoder = copy.deepcopy(student_encoder)
+            freeze_(self.slow_encoder.parameters())
+            self._online_encoder = (student_encoder,)
+        self.feature_fn = feature_fn or _call_encoder
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1).to(queue_dtype))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.int64))
+        self._updated_this_step = False
+        self.last_terms = {}
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """The EMA step of every slow copy, at most once per training step (``forward`` calls it
+        first; call it yourself before computing slow-encoder features for the official order)."""
+        if self._updated_this_step:
+            return
+        slow_t, slow_s = list(self.slow_projector.parameters()), list(self.projector.parameters())
+        if self.slow_encoder is not None:
+            slow_t += list(self.slow_encoder.parameters())
+            slow_s += list(self._online_encoder[0].parameters())
+        ema_(slow_t, slow_s, self.slow_momentum)
+        ema_(*parameter_pairs(self.teacher_projector, self.projector), self.teacher_momentum)
+        self._updated_this_step = True
+
+    @torch.no_grad()
+    def slow_features(self, x: Tensor) -> Tensor:
+        """Features of the slow student encoder (after this step's EMA update)."""
+        if self.slow_encoder is None:
+            raise ValueError("no slow encoder: build CoCoRDLoss with student_encoder=... or pass f_slow")
+        if self.training:
+            self.momentum_update()
+        return self.feature_fn(self.slow_encoder, x)
+
+    def forward(self, f_s: Tensor, f_t: Tensor, f_s2: Optional[Tensor] = None, f_slow: Optional[Tensor] = None,
+                f_slow2: Optional[Tensor] = None, *, x_s: Optional[Tensor] = None,
+                x_s2: Optional[Tensor] = None) -> Tensor:
+        B = f_s.shape[0]
+        if B > self.queue.shape[0]:
+            raise ValueError(f"batch of {B} keys is larger than the queue ({self.queue.shape[0]} rows)")
+        use_pred = self.pred_weight != 0
+        if use_pred:
+            if f_s2 is None:
+                raise ValueError("CoCoRD's prediction term needs the student features of the second view (f_s2)")
+            if f_slow is None and x_s2 is not None:
+                f_slow = self.slow_features(x_s2)
+            if f_slow2 is None and x_s is not None:
+                f_slow2 = self.slow_features(x_s)
+            if f_slow is None or f_slow2 is None:
+                raise ValueError("CoCoRD's prediction term needs the slow student's features (f_slow of view 2, "
+                                 "f_slow2 of view 1) or the views x_s, x_s2 with student_encoder set")
+        try:
+            if self.training:
+                self.momentum_update()
+            s_q = self.projector(f_s.reshape(B, -1))
+            q = F.normalize(to_loss_dtype(s_q), dim=1)
+            with torch.no_grad():
+                k = F.normalize(to_loss_dtype(self.teacher_projector(f_t.reshape(B, -1))), dim=1)
+            # Snapshot: the op saves the keys for backward, and the enqueue below writes the queue.
+            keys = self.queue.clone()
+            with no_autocast(q.device):
+                loss_ctr = ops.dense_contrast(q, keys, positive=k, logit_scale=1.0 / self.temperature,
+                                              backend=self.backend).mean()
+            total = self.ctr_weight * loss_ctr
+            loss_pred = torch.zeros((), device=q.device)
+            if use_pred:
+                s_q2 = self.projector(f_s2.reshape(B, -1))
+                p1, p2 = self.predictor(s_q), self.predictor(s_q2)
+                with torch.no_grad():
+                    t1 = self.slow_projector(f_slow.reshape(B, -1))
+                    t2 = self.slow_projector(f_slow2.reshape(B, -1))
+                loss_pred = (byol_loss(p1, t1) + byol_loss(p2, t2)).mean()
+                total = total + self.pred_weight * loss_pred
+            if self.training:  # after scoring
+                with torch.no_grad():
+                    self.queue_ptr.copy_(reference.queue_enqueue_(self.queue, self.queue_ptr, k))
+        finally:
+            self._updated_this_step = False
+        self.last_terms = {"ctr": loss_ctr.detach(), "pred": loss_pred.detach()}
+        return total

@@ -1,0 +1,135 @@
+"""DCD, Discriminative and Consistent Distillation (Giakoumoglou & Stathaki 2024), first
+published as ICD (Invariant Consistency Distillation). Official code: giakoumoglou/distillers,
+``distillers/DCD.py`` and ``distillers/ICD.py`` (SPEC §3).
+
+In-batch form (the official loss): ``z = normalize(Linear(f))``, ``s = min(exp(theta), 10)``,
+``logits = s z_s z_t^T + b`` (B, B),
+``L = CE(logits, arange) + alpha * KL(softmax(logits, 0)^T || softmax(logits, 1))`` (batchmean).
+Memory form (this library's extension): the same loss with bank negatives, scored by the fused
+dual-bank pass (SPEC §1c); with the current batch as the bank it equals the in-batch form.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ._common import (Embed, MemoryBankState, check_batch_index, no_autocast, rename_keys)
+
+
+class DCDLoss(MemoryBankState):
+    """Discriminative and Consistent Distillation loss.
+
+    Args:
+        s_dim, t_dim, feat_dim: as the official ``opt`` (heads ``Linear(dim, feat_dim)`` + L2 norm).
+        alpha: weight of the consistency KL (0.5). init_log_scale: theta at init (1.0, the official
+            ``init_tau``; the scale is ``s = min(exp(theta), max_scale)``). max_scale: 10.0.
+        n_data: None (default) for the official in-batch loss; the dataset size N for the memory
+            form, which keeps ``bank_s``/``bank_t`` (as CRD) and draws ``nce_k`` negatives per row.
+        nce_k: negatives per row in the memory form (default 16384, or pass ``contrast_idx``).
+        bank_momentum: momentum of the bank update in the memory form (0.5, as CRD).
+        backend: backend of every op. bank_dtype, seed: as :class:`CRDLoss`.
+
+    Parameters: ``log_scale`` (theta, official ``params.tau``) and ``bias`` (official ``params.b``).
+    A shared shift of all logits cancels in both softmaxes, so the loss does not depend on the
+    bias and its gradient is exactly 0: the bias never enters the logits here and receives an
+    exact zero gradient (a ``0 * bias`` term), on every backend. (In the official code autograd
+    returns rounding noise, ``sum_j p_j - 1`` ~ 1e-8, instead of 0.) The parameter is kept for
+    state-dict fidelity; ``load_state_dict`` also accepts the official keys ``params.tau``,
+    ``params.b`` and ``embed_*.linear.*`` (ICD's Embed wrapper).
+
+    ``forward(f_s, f_t, idx=None, contrast_idx=None)``:
+
+    * in-batch form: ``idx``/``contrast_idx`` are ignored. The CE is ``dense_contrast(z_s, z_t,
+      target=arange)`` (gradients to both z_s and the keys z_t); the (B, B) KL is plain torch.
+    * memory form: ``idx`` (B,) dataset rows; ``contrast_idx`` (B, K+1) column 0 the positive, or
+      in-kernel sampling as CRD. One ``dual_sampled_contrast(loss="infonce", consistency=alpha)``
+      pass: student anchors vs ``bank_t`` rows give the CE, teacher anchors vs ``bank_s`` rows give
+      p^t, and the loss is ``mean_b L^s_b + alpha * mean_b KL(p^t_b || p^s_b)``. The teacher-anchored
+      CE L^t is NOT added: the official loss is asymmetric (CE over rows only; the column softmax
+      enters only through the KL). Banks are detached memories, so gradients reach z_s through the
+      CE and the KL and z_t through the KL only; then (training mode) the banks are updated at
+      ``idx`` with z_s / z_t (momentum ``bank_momentum``), after scoring.
+    """
+
+    def __init__(self, s_dim: int, t_dim: int, feat_dim: int = 128, alpha: float = 0.5, init_log_scale: float = 1.0,
+                 max_scale: float = 10.0, *, n_data: Optional[int] = None, nce_k: Optional[int] = None,
+                 bank_momentum: float = 0.5, backend: str = "auto", bank_dtype: torch.dtype = torch.float32,
+                 seed: Optional[int] = None):
+        super().__init__()
+        if alpha < 0 or max_scale <= 0:
+            raise ValueError(f"need alpha >= 0 and max_scale > 0, got {alpha}, {max_scale}")
+        self.feat_dim, self.alpha, self.max_scale, self.backend = feat_dim, float(alpha), float(max_scale), backend
+        self.embed_s = Embed(s_dim, feat_dim)
+        self.embed_t = Embed(t_dim, feat_dim)
+        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+        self.memory = n_data is not None
+        self.nce_k = int(nce_k if nce_k is not None else 16384)
+        self.bank_momentum = float(bank_momentum)
+        if self.memory:
+            self._init_banks(int(n_data), feat_dim, bank_dtype, seed)
+        self.register_load_state_dict_pre_hook(_remap_official_keys)
+
+    def logit_scale(self) -> Tensor:
+        """``s = min(exp(theta), max_scale)`` (zero gradient to theta once clamped, as the official
+        ``exp().clamp(0, max_tau)``)."""
+        return self.log_scale.exp().clamp(0, self.max_scale)
+
+    def forward(self, f_s: Tensor, f_t: Tensor, idx: Optional[Tensor] = None,
+                contrast_idx: Optional[Tensor] = None) -> Tensor:
+        z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)
+        with no_autocast(z_s.device):
+            s = self.logit_scale()
+            if self.memory:
+                loss = self._memory_loss(z_s, z_t, s, idx, contrast_idx)
+            else:
+                loss = self._in_batch_loss(z_s, z_t, s)
+        return loss + 0.0 * self.bias  # the bias cancels in every softmax: exact zero gradient
+
+    def _in_batch_loss(self, z_s: Tensor, z_t: Tensor, s: Tensor) -> Tensor:
+        B = z_s.shape[0]
+        target = torch.arange(B, device=z_s.device)
+        ce = ops.dense_contrast(z_s, z_t, target, logit_scale=s, backend=self.backend).mean()
+        logits = (z_s @ z_t.t()) * s.to(z_s.dtype)  # (B, B), rows: student anchors
+        log_p_s = F.log_softmax(logits, dim=1)
+        log_p_t = F.log_softmax(logits.t(), dim=1)  # = log softmax(logits, 0)^T: teacher anchors
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum() / B  # kl_div(log_p_s, p_t, "batchmean")
+        return ce + self.alpha * kl
+
+    def _memory_loss(self, z_s, z_t, s, idx, contrast_idx) -> Tensor:
+        idx = check_batch_index(idx, z_s.shape[0])
+        index, sample_kw, K = self.index_args(idx, contrast_idx, self.nce_k)
+        out = ops.dual_sampled_contrast(z_s, z_t, self.bank_s, self.bank_t, index, logit_scale=s, loss="infonce",
+                                        consistency=self.alpha, backend=self.backend, **sample_kw)
+        loss = out.loss_s.mean() + out.consistency.mean()
+        if self.training:
+            self.update_banks(idx, z_s, z_t, self.bank_momentum, self.backend)
+            if sample_kw:
+                self.advance_rng(z_s.shape[0], K)
+        return loss
+
+    def extra_repr(self) -> str:
+        mem = f", n_data={self.n_data}, nce_k={self.nce_k}, bank_momentum={self.bank_momentum}" if self.memory else ""
+        return f"alpha={self.alpha}, max_scale={self.max_scale}{mem}, backend={self.backend!r}"
+
+
+class ICDLoss(DCDLoss):
+    """ICD, Invariant Consistency Distillation: the first published name of :class:`DCDLoss`
+    (arXiv v1 of Giakoumoglou & Stathaki 2024; official ``distillers/ICD.py``).
+
+    The same loss: in-batch InfoNCE with a learnable scale ``min(exp(theta), 10)`` and bias, plus
+    the "invariance penalty" ``alpha * KL(softmax(logits, 0)^T || softmax(logits, 1))`` (which the
+    later DCD versions call the consistency term). The official ICD code wraps its heads in an
+    ``Embed`` (``embed_s.linear.*``); those keys load here. All arguments as :class:`DCDLoss`.
+    """
+
+
+def _remap_official_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    rename_keys(state_dict, prefix, [("params.tau", "log_scale"), ("params.b", "bias"),
+                                     ("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
+                                     ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
+    if module.memory and prefix + "rng_state" not in state_dict and prefix + "bank_s" in state_dict:
+        state_dict[prefix + "rng_state"] = module.rng_state.clone()

@@ -1,0 +1,262 @@
+"""Configuration of the reference trainers: command-line flags and an optional YAML file.
+
+Precedence, lowest first: built-in defaults < the dataset's recipe (``DATASET_DEFAULTS``) < the
+method's loss weights (``distill.METHOD_WEIGHTS``) < the YAML file given with ``--config`` < flags
+given on the command line. A YAML file is a mapping of the same keys as the flags (dashes or
+underscores); like mdistiller's and torchdistill's configs it may group them in sections
+(``data:``, ``model:``, ``solver:``, ``distill:``, ``run:``, any name): sections are flattened.
+``loss_kwargs:`` (a mapping) is passed verbatim to the loss module's constructor.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+METHODS = ("ce", "kd", "crd", "dcd", "icd", "cocord", "pckd")
+BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    train_subset: Optional[int] = None  # first N training rows only (smoke tests)
+    test_subset: Optional[int] = None
+    augment: Optional[bool] = None  # dataset default: off for digits, crop+flip for CIFAR-100
+    # models
+    teacher: Optional[str] = None
+    student: Optional[str] = None
+    teacher_ckpt: Optional[str] = None
+    # method
+    method: str = "crd"
+    backend: str = "auto"
+    gamma: Optional[float] = None  # CE weight        (RepDistiller -r)
+    alpha: Optional[float] = None  # KD weight        (RepDistiller -a)
+    beta: Optional[float] = None  # distill weight   (RepDistiller -b)
+    kd_T: float = 4.0
+    feat_dim: int = 128
+    nce_k: Optional[int] = None
+    nce_t: float = 0.07
+    nce_m: float = 0.5
+    loss_kwargs: dict = field(default_factory=dict)
+    # optimisation (student)
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    lr_decay_epochs: Optional[List[int]] = None
+    lr_decay_rate: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    # teacher training (when no --teacher-ckpt)
+    teacher_epochs: Optional[int] = None
+    teacher_lr: Optional[float] = None
+    teacher_lr_decay_epochs: Optional[List[int]] = None
+    # run
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    out_dir: Optional[str] = None
+    name: Optional[str] = None
+    resume: Optional[str] = None
+    compare_eager: bool = False
+    baseline: bool = False
+    progress: bool = True
+    save_every: int = 1
+    teacher_cache: Optional[str] = None  # folder of teachers shared across runs ("" disables)
+    config: Optional[str] = None
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# RepDistiller's CIFAR-100 recipe (train_student.py / train_teacher.py defaults: 240 epochs, batch
+# 64, SGD lr 0.05 momentum 0.9 wd 5e-4, lr x0.1 at epochs 150, 180, 210; lr 0.01 for MobileNetV2
+# and the ShuffleNets; nce_k 16384), and a CPU-sized recipe for the embedded digits.
+DATASET_DEFAULTS = {
+    "cifar100": dict(teacher="resnet32x4", student="resnet8x4", epochs=240, teacher_epochs=240, batch_size=64,
+                     lr=0.05, teacher_lr=0.05, lr_decay_epochs=[150, 180, 210],
+                     teacher_lr_decay_epochs=[150, 180, 210], nce_k=16384, augment=True),
+    # digits: 1,438 training rows. nce_k = 512 negatives per anchor: K must stay well below the
+    # ~1,290 rows of the other classes an anchor can draw from (sampling with replacement only in
+    # the degenerate case) and K/N = 0.36 keeps the NCE noise prior meaningful.
+    "digits": dict(teacher="digits_teacher", student="digits_student", epochs=20, teacher_epochs=20, batch_size=64,
+                   lr=0.05, teacher_lr=0.05, lr_decay_epochs=[12, 15, 18], teacher_lr_decay_epochs=[12, 15, 18],
+                   nce_k=512, augment=False),
+}
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def _int_list(text):
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+
+
+def _kv(text):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        import yaml
+        v = yaml.safe_load(v)
+    except Exception:
+        pass
+    return k.strip().replace("-", "_"), v
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="dcdkernels-train",
+        description="Train (or load) a teacher, then distill a student with a dcdkernels loss. "
+                    "Default: CRD + CE with RepDistiller's weights on scikit-learn's digits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), help="digits (embedded) or cifar100 (--data-dir)")
+    g.add_argument("--data-dir", help="CIFAR-100 python version: cifar-100-python/ folder, its parent, or the .tar.gz")
+    g.add_argument("--train-subset", type=int, help="use only the first N training rows")
+    g.add_argument("--test-subset", type=int, help="use only the first N test rows")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + horizontal flip")
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher", help="teacher architecture (see --list-models)")
+    g.add_argument("--student", help="student architecture")
+    g.add_argument("--teacher-ckpt", help="load the teacher from this checkpoint instead of training it "
+                                          "({'model': state_dict} as RepDistiller, or a bare state_dict)")
+    g.add_argument("--list-models", action="store_true", help="print the model zoo and exit")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--method", help=f"one of {', '.join(METHODS)}, optionally '+kd' (e.g. crd+kd); ce = no distillation")
+    g.add_argument("--backend", choices=BACKENDS, help="backend of the contrastive losses")
+    g.add_argument("-r", "--gamma", type=float, help="CE weight (default: RepDistiller's for the method)")
+    g.add_argument("-a", "--alpha", type=float, help="KD weight")
+    g.add_argument("-b", "--beta", type=float, help="weight of the method's distillation term")
+    g.add_argument("--kd-T", dest="kd_T", type=float, help="KD temperature (4)")
+    g.add_argument("--feat-dim", type=int, help="embedding dimension of the contrastive heads (128)")
+    g.add_argument("--nce-k", type=int, help="negatives per anchor (CRD; memory-form DCD/ICD)")
+    g.add_argument("--nce-t", type=float, help="NCE temperature (0.07)")
+    g.add_argument("--nce-m", type=float, help="memory momentum (0.5)")
+    g.add_argument("--loss-arg", dest="loss_args", action="append", type=_kv, metavar="KEY=VALUE",
+                   help="extra keyword argument of the loss module's constructor (repeatable)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-decay-epochs", type=_int_list, help="comma separated, e.g. 150,180,210")
+    g.add_argument("--lr-decay-rate", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--teacher-epochs", type=int)
+    g.add_argument("--teacher-lr", type=float)
+    g.add_argument("--teacher-lr-decay-epochs", type=_int_list)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML file of the same keys (flags override it)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--threads", type=int, help="torch.set_num_threads")
+    g.add_argument("--out-dir", help="run folder (default runs/<name>)")
+    g.add_argument("--name", help="run name (default: dataset_method_student_timestamp)")
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="continue the run in --out-dir (or the given run folder / checkpoint file)")
+    g.add_argument("--compare-eager", action="store_true",
+                   help="train the student again, same seed, with backend='eager' losses; compare both")
+    g.add_argument("--baseline", action="store_true", help="also train the student without distillation (CE only)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
+    g.add_argument("--save-every", type=int, help="checkpoint every N epochs")
+    g.add_argument("--teacher-cache", help="folder of trained teachers reused across runs ('' to disable; "
+                                           "default runs/teachers)")
+    return p
+
+
+def _flatten_yaml(obj, path="") -> dict:
+    fields = {f.name for f in dataclasses.fields(Config)} | {"loss_args"}
+    out = {}
+    for k, v in obj.items():
+        key = str(k).replace("-", "_")
+        if key in ("kd_t",):
+            key = "kd_T"
+        if key in fields or key == "loss_kwargs":
+            out[key] = v
+        elif isinstance(v, dict):
+            out.update(_flatten_yaml(v, f"{path}{key}."))
+        else:
+            raise ValueError(f"unknown config key {path}{k!r}")
+    return out
+
+
+def load_yaml(path) -> dict:
+    import yaml
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of option: value")
+    return _flatten_yaml(data)
+
+
+def make_config(argv=None, **overrides) -> Config:
+    """Parse ``argv`` (flags), merge an optional YAML file and ``overrides`` (keyword arguments,
+    highest precedence: handy from Python and tests), then fill in dataset and method defaults."""
+    ns = vars(build_parser().parse_args([] if argv is None else list(argv)))
+    if ns.pop("list_models", False):
+        from .models import model_names
+        print("\n".join(model_names()))
+        raise SystemExit(0)
+    values = {}
+    cfg_path = overrides.get("config", ns.get("config"))
+    if cfg_path:
+        values.update(load_yaml(cfg_path))
+    loss_args = dict(ns.pop("loss_args", []) or [])
+    values.update(ns)
+    values.update(overrides)
+    kw = dict(values.pop("loss_kwargs", {}) or {})
+    kw.update(loss_args)
+    cfg = Config(**{k: v for k, v in values.items() if k != "loss_args"})
+    cfg.loss_kwargs = kw
+    return finalize(cfg)
+
+
+def finalize(cfg: Config) -> Config:
+    from . import distill
+    if cfg.dataset not in DATASET_DEFAULTS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}")
+    for k, v in DATASET_DEFAULTS[cfg.dataset].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, list(v) if isinstance(v, list) else v)
+    cfg.method = distill.normalize_method(cfg.method)
+    for k, v in distill.default_weights(cfg.method).items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.lr_decay_epochs is not None:
+        cfg.lr_decay_epochs = _int_list(cfg.lr_decay_epochs)
+    if cfg.teacher_lr_decay_epochs is not None:
+        cfg.teacher_lr_decay_epochs = _int_list(cfg.teacher_lr_decay_epochs)
+    if cfg.dataset == "cifar100":
+        from .models import LOW_LR_MODELS, canonical_name
+        # RepDistiller: "set different learning rate from these 4 models"
+        if canonical_name(cfg.student) in LOW_LR_MODELS and cfg.lr == DATASET_DEFAULTS["cifar100"]["lr"]:
+            cfg.lr = 0.01
+        if canonical_name(cfg.teacher) in LOW_LR_MODELS and cfg.teacher_lr == DATASET_DEFAULTS["cifar100"]["teacher_lr"]:
+            cfg.teacher_lr = 0.01
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.name is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.name = f"{cfg.dataset}_{cfg.method.replace('+', '-')}_{cfg.student}_{stamp}"
+    if cfg.out_dir is None:
+        if cfg.resume not in (None, "auto"):
+            r = cfg.resume
+            cfg.out_dir = os.path.dirname(os.path.dirname(r)) if os.path.isfile(r) else r
+        else:
+            cfg.out_dir = os.path.join("runs", cfg.name)
+    if cfg.teacher_cache is None:
+        cfg.teacher_cache = os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "teachers")
+    return cfg
+
+
+def dump(cfg: Config, path):
+    with open(path, "w") as fh:
+        json.dump(cfg.to_dict(), fh, indent=2, sort_keys=True)

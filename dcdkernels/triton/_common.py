@@ -1,0 +1,215 @@
+"""Pieces shared by the Triton sampled-contrast kernels (one bank and dual bank).
+
+Device functions: the column -> bank row map (explicit index or in-kernel sampling), one step of
+an online softmax, and the per-column NCE terms. Host helpers: argument checks, and the split of
+the K+1 columns into chunks (one program per (anchor, chunk), SPEC §1, csrc/KERNELS.md).
+"""
+import contextlib
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .rng import sample_index
+
+NCE_EPS = 1e-7
+# One program keeps a whole embedding (and D-long accumulators) in registers.
+MAX_D = 4096
+# Elements of one gathered (BLOCK_K, BLOCK_D) tile: 32 fp32 registers per thread at 4 warps.
+TILE_ELEMENTS = 4096
+MAX_BLOCK_K = 64
+# A chunk holds at least this many tiles, so that splitting K never costs more than it hides.
+MIN_TILES_PER_CHUNK = 4
+# Programs per SM aimed at when splitting K on a GPU.
+PROGRAMS_PER_SM = 4
+MAX_CHUNKS = 1024
+# Width of the D slice that one merge program writes.
+MERGE_BLOCK_D = 512
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device functions
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, K, SAMPLED: tl.constexpr):
+    """Bank rows (int64) of columns ``cols`` of anchor row ``b`` and a mask of the valid ones.
+
+    Explicit index: ``index[b, cols]``. Sampled (``index`` holds the (B,) positives): column 0 is
+    ``index[b]``, column k >= 1 is ``sample_index(key, offset, b, k, K, N)``. A column past the
+    end or a row outside [0, N) is invalid: every load from it must be masked by the caller.
+    """
+    in_range = cols < COLS
+    row_base = index_ptr + b.to(tl.int64) * stride_ib
+    if SAMPLED:
+        positive = tl.load(row_base)
+        rows = tl.where(cols == 0, positive, sample_index(key, offset, b, cols, K, N))
+    else:
+        rows = tl.load(row_base + cols * stride_ic, mask=in_range, other=-1)
+    valid = in_range & (rows >= 0) & (rows < N)
+    return rows, valid
+
+
+@triton.jit
+def online_softmax_step(m, logits, valid):
+    """Folds a block of logits into a running max ``m``.
+
+    Returns ``(m_new, alpha, w)``: ``alpha = exp(m - m_new)`` rescales every accumulator built so
+    far, ``w = exp(logits - m_new)`` weighs the new columns (0 where not ``valid``). While no
+    valid column has been seen ``m_new`` is -inf, and exp is taken against 0 instead so that
+    (-inf) - (-inf) never produces a NaN.
+    """
+    masked = tl.where(valid, logits, float("-inf"))
+    m_new = tl.maximum(m, tl.max(masked, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_ref)
+    w = tl.exp(masked - m_ref)
+    return m_new, alpha, w
+
+
+@triton.jit
+def nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c):
+    """RepDistiller NCE per column (csrc/KERNELS.md): returns (loss_k, dL/dl_k), 0 where invalid.
+
+    With v = l - log Z and LCE = log(c + eps): the positive (column 0) costs
+    softplus(LCE - v) with slope -sigmoid(LCE - v); a negative costs
+    logaddexp(LCE, v) - log c = softplus(v - LCE) + log1p(eps / c) with slope sigmoid(v - LCE).
+    Both are evaluated in log space: nothing overflows whatever the logit scale.
+    """
+    v = logits - log_z
+    x = tl.where(cols == 0, log_c_eps - v, v - log_c_eps)
+    softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    sigmoid = 1.0 / (1.0 + tl.exp(-x))
+    loss = tl.where(cols == 0, softplus, softplus + log1p_eps_c)
+    slope = tl.where(cols == 0, -sigmoid, sigmoid)
+    return tl.where(valid, loss, 0.0), tl.where(valid, slope, 0.0)
+
+
+@triton.jit
+def chunk_scales(stats_ptr, b, num_chunks, M_SLOT: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """For the merge of anchor ``b``'s chunk partials (workspace ``stats`` (B, chunks, NUM_STATS)):
+    returns the pointers to its chunks' statistics and their mask, the global max taken
+    against (``m_ref``: 0 when every chunk is empty) and ``scale_c = e^(m_c - m_ref)``."""
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < num_chunks
+    stats = stats_ptr + (b.to(tl.int64) * num_chunks + offs_c) * NUM_STATS
+    m_c = tl.load(stats + M_SLOT, mask=c_mask, other=float("-inf"))
+    m = tl.max(m_c, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return stats, c_mask, m_ref, tl.exp(m_c - m_ref)
+
+
+@triton.jit
+def merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC: tl.constexpr, NUM_VECS: tl.constexpr, M_SLOT: tl.constexpr,
+                        NUM_STATS: tl.constexpr, m_ref, offs_d, d_mask, D, RESCALE: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """``sum_c w_c vec[b, c, VEC, offs_d]`` over the chunks of anchor ``b`` (workspace ``vec``
+    (B, chunks, NUM_VECS, D)), with ``w_c = e^(stats[b, c, M_SLOT] - m_ref)`` for online-softmax
+    partials (RESCALE) and ``w_c = 1`` for plain sums."""
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for chunk in range(0, num_chunks):
+        slot = b.to(tl.int64) * num_chunks + chunk
+        part = tl.load(vec_ptr + (slot * NUM_VECS + VEC) * D + offs_d, mask=d_mask, other=0.0)
+        if RESCALE:
+            part *= tl.exp(tl.load(stats_ptr + slot * NUM_STATS + M_SLOT) - m_ref)
+        acc += part
+    return acc
+
+
+@triton.jit
+def load_row_slice(bank_ptr, stride_bn, N, row, offs_d, d_mask):
+    """Slice ``offs_d`` of bank row ``row`` in fp32; zeros if ``row`` is outside [0, N)."""
+    row_valid = (row >= 0) & (row < N)
+    return tl.load(bank_ptr + tl.where(row_valid, row, 0) * stride_bn + offs_d, mask=d_mask & row_valid,
+                   other=0.0).to(tl.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host helpers
+# ----------------------------------------------------------------------------------------------
+def device_guard(tensor):
+    """Launch on ``tensor``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def scalar_arg(tensor, device):
+    """A 0-d fp32 tensor on ``device`` (logit_scale, bias, log_z are read inside the kernels)."""
+    return None if tensor is None else tensor.detach().reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def check_kernel_dtype(name, tensor):
+    if tensor.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: the Triton kernels take float32, bfloat16 or float16, got {tensor.dtype} "
+                        "(float64 runs on the 'cpu' and 'eager' backends)")
+
+
+def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
+    """Checks shared by the sampled launchers. Returns K, the number of negatives per row."""
+    B, D = anchor.shape
+    for name, bank in banks.items():
+        check_kernel_dtype(name, bank)
+        if bank.stride(1) != 1:
+            raise ValueError(f"{name} rows must be contiguous (stride(1) == 1), got strides {tuple(bank.stride())}")
+    if D > MAX_D:
+        raise NotImplementedError(f"the Triton sampled kernels hold a row in registers: D <= {MAX_D}, got {D}")
+    if loss_type not in (0, 1):
+        raise ValueError(f"loss_type must be 0 (InfoNCE) or 1 (NCE), got {loss_type}")
+    if loss_type == 1 and log_z is None:
+        raise ValueError("loss_type=1 (NCE) needs log_z")
+    if index.dtype != torch.int64:
+        raise TypeError(f"index must be int64, got {index.dtype}")
+    n_rows = next(iter(banks.values())).shape[0]
+    if index.dim() == 1:
+        if num_negatives < 1:
+            raise ValueError("a 1-D index holds the positives only: num_negatives must be >= 1")
+        if n_rows >= 2**32:
+            raise ValueError("in-kernel sampling needs fewer than 2**32 bank rows")
+        return num_negatives
+    if index.dim() != 2 or index.shape[1] < 2 or num_negatives != 0:
+        raise ValueError(f"index must be (B, K+1), K >= 1, with num_negatives=0, or (B,) with num_negatives=K > 0; "
+                         f"got shape {tuple(index.shape)} and num_negatives={num_negatives}")
+    return index.shape[1] - 1
+
+
+def block_k_for(block_d, rows_per_column=1):
+    """Columns per gathered tile: TILE_ELEMENTS in all (``rows_per_column`` banks read per column)."""
+    return max(1, min(MAX_BLOCK_K, TILE_ELEMENTS // (block_d * rows_per_column)))
+
+
+def plan_chunks(batch, cols, block_k, device, num_chunks=None):
+    """Split of the ``cols`` columns of every anchor into chunks of whole tiles.
+
+    On a GPU, enough chunks that ``batch * chunks`` programs fill every SM a few times over, but
+    never fewer than MIN_TILES_PER_CHUNK tiles per chunk. Under the interpreter programs run one
+    after another, so one chunk. ``num_chunks`` forces a count (tests, tuning). Returns
+    ``(num_chunks, cols_per_chunk)``; every chunk is non-empty.
+    """
+    tiles = triton.cdiv(cols, block_k)
+    if num_chunks is None:
+        if device.type == "cuda":
+            target = PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            num_chunks = min(triton.cdiv(target, batch), triton.cdiv(tiles, MIN_TILES_PER_CHUNK))
+        else:
+            num_chunks = 1
+    num_chunks = max(1, min(int(num_chunks), tiles, MAX_CHUNKS))
+    tiles_per_chunk = triton.cdiv(tiles, num_chunks)
+    return triton.cdiv(tiles, tiles_per_chunk), tiles_per_chunk * block_k
+
+
+def nce_constants(num_negatives, n_rows):
+    """(log(c + eps), log1p(eps / c)) with c = K / N, computed in float64 on the host."""
+    c = num_negatives / n_rows
+    return math.log(c + NCE_EPS), math.log1p(NCE_EPS / c)
+
+
+def as_int64(value):
+    """An int (seed, offset: uint64 bits) as the signed int64 with the same bits."""
+    value = int(value) & (2**64 - 1)
+    return value - 2**64 if value >= 2**63 else value

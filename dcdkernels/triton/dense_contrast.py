@@ -1,0 +1,285 @@
+"""Triton ``dense_contrast`` and ``dense_contrast_backward_keys`` (SPEC §2, contract in
+csrc/KERNELS.md): anchors q (B, D) against a dense key set (M, D) with InfoNCE, flash-attention
+style. The (B, M) logits are never written.
+
+Forward, grid (B / BLOCK_M, D / BLOCK_DV): a program owns BLOCK_M anchors and one BLOCK_DV
+slice of their gradient. It walks the keys BLOCK_N at a time: the logits tile
+``s * Q K^T + beta`` (tl.dot, accumulated over D in BLOCK_DK steps) feeds an online softmax
+(running max ``m``, ``l = sum e^(l - m)``, ``c = sum e^(l - m) d``) and ``acc += P @ K[:, slice]``,
+rescaled like the output of flash attention. At the end ``grad_anchor = s (acc / l - k_pos)``,
+``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. With D <= BLOCK_DV (D <= 128) there is one slice; a
+wider D costs one recomputation of the logits per slice, which keeps the accumulator
+(BLOCK_M, BLOCK_DV) in registers for any D.
+
+Backward for the keys, grid (M / BLOCK_N, D / BLOCK_DV): a program owns BLOCK_N keys and walks
+the anchors BLOCK_M at a time, recomputes ``p = e^(l - lse)`` from the forward's LSE and
+accumulates ``(g (P - onehot(target)))^T @ Q`` with tl.dot.
+
+Dot products run in the inputs' dtype when anchors and keys share a 16-bit dtype on a GPU
+(fp32 accumulation; P is rounded to that dtype for ``P @ K`` as in flash attention), in full
+fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_kernel_dtype, device_guard, scalar_arg, sm_count
+
+MAX_BLOCK_M = 64
+MAX_BLOCK_N = 64
+MAX_BLOCK_DK = 64
+MAX_BLOCK_DV = 128
+MIN_DOT = 16  # tl.dot needs every block dimension >= 16
+
+
+@triton.jit
+def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """``<a_i, b_i>`` in fp32 for BLOCK_M row pairs (row pointers ``a_rows``, ``b_rows``)."""
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DK):
+        kd = k0 + tl.arange(0, BLOCK_DK)
+        kd_mask = mask[:, None] & (kd < D)[None, :]
+        a = tl.load(a_rows + kd[None, :] * stride_a, mask=kd_mask, other=0.0).to(tl.float32)
+        b = tl.load(b_rows + kd[None, :] * stride_b, mask=kd_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=1)
+    return acc
+
+
+@triton.jit
+def _dense_contrast_fwd_kernel(
+    anchor_ptr, stride_ab, stride_ad,
+    keys_ptr, stride_kn, stride_kd,
+    target_ptr, positive_ptr, stride_pb, stride_pd,
+    scale_ptr, bias_ptr,
+    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+    B, M, D,
+    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    first = pid_v == 0  # the program that writes the per-row scalars
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < B
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    mv_mask = m_mask[:, None] & v_mask[None, :]
+    offs_k = tl.arange(0, BLOCK_DK)
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
+
+    # The positive column: its dot product and its row's slice (subtracted from grad_anchor).
+    if HAS_POSITIVE:
+        # MoCo: an extra column 0; the softmax starts from it (m = l_pos, l = 1).
+        pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
+        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pd, m_mask, D, BLOCK_M, BLOCK_DK)
+        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_pd, mask=mv_mask, other=0.0).to(tl.float32)
+        l_pos = s * d_pos + beta
+        m_i = l_pos
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        c_i = d_pos
+        acc = pos_slice
+    else:
+        # Key target_b is the positive; it is one of the M columns below. An out-of-range target
+        # reads nothing (d_pos = 0).
+        target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
+        t_valid = m_mask & (target >= 0) & (target < M)
+        pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
+        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_kd, t_valid, D, BLOCK_M, BLOCK_DK)
+        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :],
+                            other=0.0).to(tl.float32)
+        l_pos = s * d_pos + beta
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < M
+        key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
+        # dots = Q K^T over the full D; K is loaded transposed, (BLOCK_DK, BLOCK_N).
+        dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_DK):
+            kd = k0 + offs_k
+            kd_mask = kd < D
+            q = tl.load(anchor_rows + kd[None, :] * stride_ad, mask=m_mask[:, None] & kd_mask[None, :], other=0.0)
+            kt = tl.load(key_rows[None, :] + kd[:, None] * stride_kd, mask=kd_mask[:, None] & n_mask[None, :],
+                         other=0.0)
+            dots = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), dots, input_precision="ieee")
+        # Every tile holds at least one real column, so m_new is finite from the first tile on.
+        logits = tl.where(n_mask[None, :], s * dots + beta, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if COMPUTE_GRAD:
+            c_i = c_i * alpha + tl.sum(p * dots, axis=1)
+            v = tl.load(key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
+        m_i = m_new
+
+    lse = m_i + tl.log(l_i)
+    tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
+    tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
+    if COMPUTE_GRAD:
+        tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
+        tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
+        out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
+        tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
+        if HAS_POSITIVE:
+            # dL/dk+ = s (p_pos - 1) q
+            q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
+            p_pos = tl.exp(l_pos - lse)
+            tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
+
+
+@triton.jit
+def _dense_contrast_bwd_keys_kernel(
+    anchor_ptr, stride_ab, stride_ad,
+    keys_ptr, stride_kn, stride_kd,
+    target_ptr, scale_ptr, bias_ptr, lse_ptr, grad_rows_ptr, grad_keys_ptr,
+    B, M, D,
+    HAS_TARGET: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < M
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    offs_k = tl.arange(0, BLOCK_DK)
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    key_rows = keys_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
+
+    # acc = sum_b G[b, n] q_b for this program's keys, with G = g (P - onehot(target)).
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for m0 in range(0, B, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < B
+        anchor_rows = anchor_ptr + offs_m.to(tl.int64) * stride_ab
+        # dots^T = K Q^T over the full D; Q is loaded transposed, (BLOCK_DK, BLOCK_M).
+        dots_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_DK):
+            kd = k0 + offs_k
+            kd_mask = kd < D
+            k = tl.load(key_rows + kd[None, :] * stride_kd, mask=n_mask[:, None] & kd_mask[None, :], other=0.0)
+            qt = tl.load(anchor_rows[None, :] + kd[:, None] * stride_ad, mask=kd_mask[:, None] & m_mask[None, :],
+                         other=0.0)
+            dots_t = tl.dot(k.to(DOT_DTYPE), qt.to(DOT_DTYPE), dots_t, input_precision="ieee")
+        # Rows past B get g = 0 (and lse = 0 keeps their p finite).
+        lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
+        g = tl.load(grad_rows_ptr + offs_m, mask=m_mask, other=0.0)
+        grad_t = g[None, :] * tl.exp(s * dots_t + beta - lse[None, :])
+        if HAS_TARGET:
+            target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
+            grad_t -= tl.where(offs_n[:, None] == target[None, :], g[None, :], 0.0)
+        q = tl.load(anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(grad_t.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision="ieee")
+
+    out = offs_n.to(tl.int64)[:, None] * D + offs_v[None, :]
+    tl.store(grad_keys_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
+
+
+def _dot_dtype(anchor, keys):
+    """tl dtype of the dot operands: the shared 16-bit dtype on a GPU, else fp32."""
+    if anchor.is_cuda and anchor.dtype == keys.dtype and anchor.dtype in (torch.bfloat16, torch.float16):
+        return tl.bfloat16 if anchor.dtype == torch.bfloat16 else tl.float16
+    return tl.float32
+
+
+def _block(n, limit):
+    return max(MIN_DOT, min(limit, triton.next_power_of_2(n)))
+
+
+def _check(anchor, keys, target, positive):
+    check_kernel_dtype("anchor", anchor)
+    check_kernel_dtype("keys", keys)
+    if (target is None) == (positive is None):
+        raise ValueError("dense_contrast: give exactly one of target (B,) and positive (B, D)")
+    if target is not None and target.dtype != torch.int64:
+        raise TypeError(f"target must be int64, got {target.dtype}")
+    if positive is not None:
+        check_kernel_dtype("positive", positive)
+        if positive.shape != anchor.shape:
+            raise ValueError(f"positive must be (B, D) = {tuple(anchor.shape)}, got {tuple(positive.shape)}")
+
+
+def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_grad):
+    """Same arguments and outputs as the C++ op ``dcdkernels_C::dense_contrast``:
+    ``(loss (B,), lse (B,), grad_anchor (B, D), grad_positive (B, D), grad_scalars (2, B))``, fp32;
+    the gradients are (0,) when not ``compute_grad``, grad_positive also without ``positive``."""
+    _check(anchor, keys, target, positive)
+    B, D = anchor.shape
+    M = keys.shape[0]
+    device = anchor.device
+    f32 = dict(dtype=torch.float32, device=device)
+    logit_scale, bias = scalar_arg(logit_scale, device), scalar_arg(bias, device)
+    loss = torch.empty((B,), **f32)
+    lse = torch.empty((B,), **f32)
+    grad_anchor = torch.empty((B, D) if compute_grad else (0,), **f32)
+    grad_positive = torch.empty((B, D) if compute_grad and positive is not None else (0,), **f32)
+    grad_scalars = torch.empty((2, B) if compute_grad else (0,), **f32)
+
+    block_dv = _block(D, MAX_BLOCK_DV)
+    slices = triton.cdiv(D, block_dv) if compute_grad else 1
+    # Smaller anchor blocks when few programs would leave most SMs idle.
+    block_m = _block(B, MAX_BLOCK_M)
+    if anchor.is_cuda:
+        device_index = device.index if device.index is not None else torch.cuda.current_device()
+        while block_m > MIN_DOT and triton.cdiv(B, block_m) * slices < sm_count(device_index):
+            block_m //= 2
+    has_positive = positive is not None
+    with device_guard(anchor):
+        _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices)](
+            anchor, anchor.stride(0), anchor.stride(1),
+            keys, keys.stride(0), keys.stride(1),
+            anchor if has_positive else target,
+            positive if has_positive else anchor,
+            positive.stride(0) if has_positive else 0, positive.stride(1) if has_positive else 0,
+            logit_scale, logit_scale if bias is None else bias,
+            loss, lse, grad_anchor, grad_positive, grad_scalars,
+            B, M, D,
+            HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad),
+            DOT_DTYPE=_dot_dtype(anchor, keys),
+            BLOCK_M=block_m, BLOCK_N=_block(M, MAX_BLOCK_N), BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+        )
+    return loss, lse, grad_anchor, grad_positive, grad_scalars
+
+
+def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bias, lse, grad_rows):
+    """Same arguments and output as the C++ op ``dcdkernels_C::dense_contrast_backward_keys``:
+    ``grad_keys (M, D)`` fp32, ``s * sum_b g_b (p_bj - [target_b == j]) q_b`` (no target term
+    with ``positive``; ``grad_rows`` = grad_output * weight)."""
+    _check(anchor, keys, target, positive)
+    B, D = anchor.shape
+    M = keys.shape[0]
+    device = anchor.device
+    logit_scale, bias = scalar_arg(logit_scale, device), scalar_arg(bias, device)
+    lse = lse.to(torch.float32).contiguous()
+    grad_rows = grad_rows.to(torch.float32).contiguous()
+    grad_keys = torch.empty((M, D), dtype=torch.float32, device=device)
+    block_n = _block(M, MAX_BLOCK_N)
+    block_dv = _block(D, MAX_BLOCK_DV)
+    has_target = target is not None
+    with device_guard(anchor):
+        _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
+            anchor, anchor.stride(0), anchor.stride(1),
+            keys, keys.stride(0), keys.stride(1),
+            target if has_target else lse, logit_scale, logit_scale if bias is None else bias, lse, grad_rows,
+            grad_keys,
+            B, M, D,
+            HAS_TARGET=has_target, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(anchor, keys),
+            BLOCK_M=_block(B, MAX_BLOCK_M), BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+        )
+    return grad_keys

@@ -1,0 +1,344 @@
+"""Triton ``dual_sampled_contrast`` (SPEC §1c, contract in csrc/KERNELS.md).
+
+Both CRD directions at the same indices: the student anchor ``z_s`` against ``bank_t`` rows
+(``l^s_k = s <z_s, bank_t[idx_k]> + beta``) and the teacher anchor ``z_t`` against ``bank_s``
+rows (``l^t_k``), plus the consistency ``KL(p^t || p^s)``. The structure is that of
+``sampled_contrast.py``: a partial kernel, grid (B, num_chunks), reads both banks' rows of each
+index once and keeps online partials per chunk; a merge kernel, grid (B, D slices), combines them.
+
+Partials of a chunk (``w^X = e^(l^X - m_X)``, rescaled whenever ``m_X`` grows):
+- per direction X in {s, t}: ``m_X``, ``sum w^X``, ``sum w^X d^X``, ``d^X_0``, the vector
+  ``a_X = sum w^X row`` (softmax; for InfoNCE and for the KL) and, for NCE, the plain sums of the
+  loss, of ``dL/dl``, ``dL/dl d`` and the vector ``sum dL/dl row``;
+- for the KL, with ``f = l^t - l^s`` (all t-weighted, rescaled with ``m_t``): ``sum w^t f``,
+  ``sum w^t d^s``, ``sum w^t f d^t``, and the vectors ``sum w^t bank_t-row`` and
+  ``sum w^t f bank_s-row``.
+With ``F = sum p^t f``: ``KL = F - LSE^t + LSE^s``, ``dKL/dz_s = s (a_s/l_s - sum p^t bank_t-row)``,
+``dKL/dz_t = s (sum p^t f bank_s-row - F a_t/l_t)``, and ``dKL/ds`` is the same two terms with
+``d`` in place of the rows; ``dKL/dbeta = 0``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
+                      column_rows, device_guard, load_row_slice, merge_chunk_vectors, nce_column_terms, nce_constants,
+                      online_softmax_step, plan_chunks, scalar_arg)
+from .rng import rng_key
+
+# Statistics of one (anchor, chunk): a block of DIR_STATS per direction (s at 0, t at DIR_STATS),
+# then the KL sums.
+DIR_M = tl.constexpr(0)          # running max of the logits
+DIR_L = tl.constexpr(1)          # sum w
+DIR_C = tl.constexpr(2)          # sum w d
+DIR_D0 = tl.constexpr(3)         # d_0 (chunk 0; 0 elsewhere)
+DIR_NCE_LOSS = tl.constexpr(4)   # NCE: sum of the column losses
+DIR_NCE_C = tl.constexpr(5)      # NCE: sum dL/dl d
+DIR_NCE_SLOPE = tl.constexpr(6)  # NCE: sum dL/dl
+DIR_STATS = tl.constexpr(7)
+STAT_S = tl.constexpr(0)
+STAT_T = tl.constexpr(7)
+STAT_KL_F = tl.constexpr(14)     # sum w^t f
+STAT_KL_DS = tl.constexpr(15)    # sum w^t d^s
+STAT_KL_FDT = tl.constexpr(16)   # sum w^t f d^t
+NUM_STATS = tl.constexpr(17)
+# D-long vectors of one (anchor, chunk).
+VEC_A_S = tl.constexpr(0)        # sum w^s bank_t-row
+VEC_A_T = tl.constexpr(1)        # sum w^t bank_s-row
+VEC_NCE_S = tl.constexpr(2)      # NCE: sum dL^s/dl bank_t-row
+VEC_NCE_T = tl.constexpr(3)      # NCE: sum dL^t/dl bank_s-row
+VEC_KL_RT = tl.constexpr(4)      # sum w^t bank_t-row
+VEC_KL_FRS = tl.constexpr(5)     # sum w^t f bank_s-row
+NUM_VECS = tl.constexpr(6)
+
+
+@triton.jit
+def _store_direction(stats, vecs, D, offs_d, d_mask, m, l, c, d0, nce_loss, nce_c, nce_slope, a, nce_a,
+                     BASE: tl.constexpr, VEC_A: tl.constexpr, VEC_NCE: tl.constexpr, SOFTMAX_GRAD: tl.constexpr,
+                     NCE_GRAD: tl.constexpr):
+    tl.store(stats + BASE + DIR_M, m)
+    tl.store(stats + BASE + DIR_L, l)
+    tl.store(stats + BASE + DIR_C, c)
+    tl.store(stats + BASE + DIR_D0, d0)
+    tl.store(stats + BASE + DIR_NCE_LOSS, nce_loss)
+    tl.store(stats + BASE + DIR_NCE_C, nce_c)
+    tl.store(stats + BASE + DIR_NCE_SLOPE, nce_slope)
+    if SOFTMAX_GRAD:
+        tl.store(vecs + VEC_A * D + offs_d, a, mask=d_mask)
+    if NCE_GRAD:
+        tl.store(vecs + VEC_NCE * D + offs_d, nce_a, mask=d_mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _dual_sampled_contrast_partial_kernel(
+    anchor_s_ptr, stride_sb, stride_sd, anchor_t_ptr, stride_tb, stride_td,
+    bank_s_ptr, stride_bsn, bank_t_ptr, stride_btn, N,
+    index_ptr, stride_ib, stride_ic,
+    scale_ptr, bias_ptr, log_z_ptr,
+    stats_ptr, vec_ptr,
+    D, COLS, cols_per_chunk, num_negatives, seed, offset, log_c_eps, log1p_eps_c,
+    LOSS_TYPE: tl.constexpr, COMPUTE_KL: tl.constexpr, SAMPLED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Softmax vectors serve InfoNCE and the KL; NCE has its own plain sums.
+    softmax_grad = COMPUTE_GRAD and (LOSS_TYPE == 0 or COMPUTE_KL)
+    nce_grad = COMPUTE_GRAD and LOSS_TYPE == 1
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_s = tl.load(anchor_s_ptr + b.to(tl.int64) * stride_sb + offs_d * stride_sd, mask=d_mask, other=0.0).to(tl.float32)
+    q_t = tl.load(anchor_t_ptr + b.to(tl.int64) * stride_tb + offs_d * stride_td, mask=d_mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    log_z_s = 0.0
+    log_z_t = 0.0
+    if LOSS_TYPE == 1:
+        log_z_s = tl.load(log_z_ptr)
+        log_z_t = tl.load(log_z_ptr + 1)
+    key = rng_key(seed)
+
+    m_s = float("-inf")
+    l_s = 0.0
+    c_s = 0.0
+    d0_s = 0.0
+    a_s = tl.zeros([BLOCK_D], dtype=tl.float32)
+    nce_loss_s = 0.0
+    nce_c_s = 0.0
+    nce_slope_s = 0.0
+    nce_a_s = tl.zeros([BLOCK_D], dtype=tl.float32)
+    m_t = float("-inf")
+    l_t = 0.0
+    c_t = 0.0
+    d0_t = 0.0
+    a_t = tl.zeros([BLOCK_D], dtype=tl.float32)
+    nce_loss_t = 0.0
+    nce_c_t = 0.0
+    nce_slope_t = 0.0
+    nce_a_t = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kl_f = 0.0
+    kl_ds = 0.0
+    kl_fdt = 0.0
+    kl_rt = tl.zeros([BLOCK_D], dtype=tl.float32)
+    kl_frs = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    col_start = chunk * cols_per_chunk
+    col_end = tl.minimum(col_start + cols_per_chunk, COLS)
+    for start in range(col_start, col_end, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        rows, valid = column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives,
+                                  SAMPLED)
+        mask = valid[:, None] & d_mask[None, :]
+        row_t = tl.load(bank_t_ptr + rows[:, None] * stride_btn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        row_s = tl.load(bank_s_ptr + rows[:, None] * stride_bsn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        dots_s = tl.sum(row_t * q_s[None, :], axis=1)
+        dots_t = tl.sum(row_s * q_t[None, :], axis=1)
+        logits_s = s * dots_s + beta
+        logits_t = s * dots_t + beta
+        d0_s += tl.sum(tl.where(cols == 0, dots_s, 0.0), axis=0)
+        d0_t += tl.sum(tl.where(cols == 0, dots_t, 0.0), axis=0)
+
+        m_s_new, alpha_s, w_s = online_softmax_step(m_s, logits_s, valid)
+        m_t_new, alpha_t, w_t = online_softmax_step(m_t, logits_t, valid)
+        l_s = l_s * alpha_s + tl.sum(w_s, axis=0)
+        l_t = l_t * alpha_t + tl.sum(w_t, axis=0)
+        if softmax_grad:
+            c_s = c_s * alpha_s + tl.sum(w_s * dots_s, axis=0)
+            c_t = c_t * alpha_t + tl.sum(w_t * dots_t, axis=0)
+            a_s = a_s * alpha_s + tl.sum(w_s[:, None] * row_t, axis=0)
+            a_t = a_t * alpha_t + tl.sum(w_t[:, None] * row_s, axis=0)
+        if LOSS_TYPE == 1:
+            loss_s_k, slope_s = nce_column_terms(logits_s, cols, valid, log_z_s, log_c_eps, log1p_eps_c)
+            loss_t_k, slope_t = nce_column_terms(logits_t, cols, valid, log_z_t, log_c_eps, log1p_eps_c)
+            nce_loss_s += tl.sum(loss_s_k, axis=0)
+            nce_loss_t += tl.sum(loss_t_k, axis=0)
+            if nce_grad:
+                nce_c_s += tl.sum(slope_s * dots_s, axis=0)
+                nce_c_t += tl.sum(slope_t * dots_t, axis=0)
+                nce_slope_s += tl.sum(slope_s, axis=0)
+                nce_slope_t += tl.sum(slope_t, axis=0)
+                nce_a_s += tl.sum(slope_s[:, None] * row_t, axis=0)
+                nce_a_t += tl.sum(slope_t[:, None] * row_s, axis=0)
+        if COMPUTE_KL:
+            # f is finite on invalid columns too (their logits are beta), where w_t = 0.
+            f = logits_t - logits_s
+            kl_f = kl_f * alpha_t + tl.sum(w_t * f, axis=0)
+            if COMPUTE_GRAD:
+                kl_ds = kl_ds * alpha_t + tl.sum(w_t * dots_s, axis=0)
+                kl_fdt = kl_fdt * alpha_t + tl.sum(w_t * f * dots_t, axis=0)
+                kl_rt = kl_rt * alpha_t + tl.sum(w_t[:, None] * row_t, axis=0)
+                kl_frs = kl_frs * alpha_t + tl.sum((w_t * f)[:, None] * row_s, axis=0)
+        m_s = m_s_new
+        m_t = m_t_new
+
+    slot = b.to(tl.int64) * tl.num_programs(1) + chunk
+    stats = stats_ptr + slot * NUM_STATS
+    vecs = vec_ptr + slot * NUM_VECS * D
+    _store_direction(stats, vecs, D, offs_d, d_mask, m_s, l_s, c_s, d0_s, nce_loss_s, nce_c_s, nce_slope_s, a_s,
+                     nce_a_s, STAT_S, VEC_A_S, VEC_NCE_S, softmax_grad, nce_grad)
+    _store_direction(stats, vecs, D, offs_d, d_mask, m_t, l_t, c_t, d0_t, nce_loss_t, nce_c_t, nce_slope_t, a_t,
+                     nce_a_t, STAT_T, VEC_A_T, VEC_NCE_T, softmax_grad, nce_grad)
+    tl.store(stats + STAT_KL_F, kl_f)
+    tl.store(stats + STAT_KL_DS, kl_ds)
+    tl.store(stats + STAT_KL_FDT, kl_fdt)
+    if COMPUTE_KL and COMPUTE_GRAD:
+        tl.store(vecs + VEC_KL_RT * D + offs_d, kl_rt, mask=d_mask)
+        tl.store(vecs + VEC_KL_FRS * D + offs_d, kl_frs, mask=d_mask)
+
+
+@triton.jit
+def _merge_direction(stats, c_mask, m_ref, scale_c, s, beta, BASE: tl.constexpr, LOSS_TYPE: tl.constexpr):
+    """Per-row scalars of one direction from its chunk statistics: (l, lse, softmax c, loss,
+    dL/ds, dL/dbeta). ``scale_c`` rescales the chunks to this direction's max ``m_ref``."""
+    l = tl.sum(tl.load(stats + BASE + DIR_L, mask=c_mask, other=0.0) * scale_c, axis=0)
+    lse = m_ref + tl.log(l)
+    c = tl.sum(tl.load(stats + BASE + DIR_C, mask=c_mask, other=0.0) * scale_c, axis=0)
+    d0 = tl.sum(tl.load(stats + BASE + DIR_D0, mask=c_mask, other=0.0), axis=0)
+    if LOSS_TYPE == 0:
+        loss = lse - (s * d0 + beta)
+        grad_scale = c / l - d0
+        grad_bias = 0.0
+    else:
+        loss = tl.sum(tl.load(stats + BASE + DIR_NCE_LOSS, mask=c_mask, other=0.0), axis=0)
+        grad_scale = tl.sum(tl.load(stats + BASE + DIR_NCE_C, mask=c_mask, other=0.0), axis=0)
+        grad_bias = tl.sum(tl.load(stats + BASE + DIR_NCE_SLOPE, mask=c_mask, other=0.0), axis=0)
+    return l, lse, c, loss, grad_scale, grad_bias
+
+
+@triton.jit
+def _dual_sampled_contrast_merge_kernel(
+    stats_ptr, vec_ptr, num_chunks,
+    bank_s_ptr, stride_bsn, bank_t_ptr, stride_btn, N, index_ptr, stride_ib,
+    scale_ptr, bias_ptr,
+    losses_ptr, lse_ptr, grad_anchors_ptr, grad_scalars_ptr,
+    B, D,
+    LOSS_TYPE: tl.constexpr, COMPUTE_KL: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    first = pid_d == 0  # the program that writes the per-row scalars
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+
+    stats, c_mask, m_ref_s, scale_s = chunk_scales(stats_ptr, b, num_chunks, STAT_S + DIR_M, NUM_STATS, BLOCK_C)
+    _, _, m_ref_t, scale_t = chunk_scales(stats_ptr, b, num_chunks, STAT_T + DIR_M, NUM_STATS, BLOCK_C)
+    l_s, lse_s, c_s, loss_s, gscale_s, gbias_s = _merge_direction(stats, c_mask, m_ref_s, scale_s, s, beta, STAT_S,
+                                                                  LOSS_TYPE)
+    l_t, lse_t, c_t, loss_t, gscale_t, gbias_t = _merge_direction(stats, c_mask, m_ref_t, scale_t, s, beta, STAT_T,
+                                                                  LOSS_TYPE)
+    kl = 0.0
+    gscale_kl = 0.0
+    F = 0.0
+    if COMPUTE_KL:
+        F = tl.sum(tl.load(stats + STAT_KL_F, mask=c_mask, other=0.0) * scale_t, axis=0) / l_t
+        kl = F - lse_t + lse_s
+        kl_ds = tl.sum(tl.load(stats + STAT_KL_DS, mask=c_mask, other=0.0) * scale_t, axis=0)
+        kl_fdt = tl.sum(tl.load(stats + STAT_KL_FDT, mask=c_mask, other=0.0) * scale_t, axis=0)
+        # through l^s: sum (p^s - p^t) d^s; through l^t: sum p^t (f - F) d^t
+        gscale_kl = (c_s / l_s - kl_ds / l_t) + (kl_fdt / l_t - F * c_t / l_t)
+    tl.store(losses_ptr + b, loss_s, mask=first)
+    tl.store(losses_ptr + B + b, loss_t, mask=first)
+    tl.store(losses_ptr + 2 * B + b, kl, mask=first)
+    tl.store(lse_ptr + b, lse_s, mask=first)
+    tl.store(lse_ptr + B + b, lse_t, mask=first)
+
+    if COMPUTE_GRAD:
+        # grad_scalars (2, 3, B): [d/ds, d/dbeta] x [L^s, L^t, KL]; dKL/dbeta = 0.
+        tl.store(grad_scalars_ptr + b, gscale_s, mask=first)
+        tl.store(grad_scalars_ptr + B + b, gscale_t, mask=first)
+        tl.store(grad_scalars_ptr + 2 * B + b, gscale_kl, mask=first)
+        tl.store(grad_scalars_ptr + 3 * B + b, gbias_s, mask=first)
+        tl.store(grad_scalars_ptr + 4 * B + b, gbias_t, mask=first)
+        tl.store(grad_scalars_ptr + 5 * B + b, 0.0, mask=first)
+
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        if LOSS_TYPE == 0 or COMPUTE_KL:
+            p_s_rt = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_A_S, NUM_VECS, STAT_S + DIR_M,
+                                         NUM_STATS, m_ref_s, offs_d, d_mask, D, True, BLOCK_D) / l_s
+            p_t_rs = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_A_T, NUM_VECS, STAT_T + DIR_M,
+                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) / l_t
+        if LOSS_TYPE == 0:
+            row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
+            grad_s = s * (p_s_rt - load_row_slice(bank_t_ptr, stride_btn, N, row0, offs_d, d_mask))
+            grad_t = s * (p_t_rs - load_row_slice(bank_s_ptr, stride_bsn, N, row0, offs_d, d_mask))
+        else:
+            grad_s = s * merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_NCE_S, NUM_VECS, STAT_S + DIR_M,
+                                             NUM_STATS, m_ref_s, offs_d, d_mask, D, False, BLOCK_D)
+            grad_t = s * merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_NCE_T, NUM_VECS, STAT_T + DIR_M,
+                                             NUM_STATS, m_ref_t, offs_d, d_mask, D, False, BLOCK_D)
+        kl_grad_s = tl.zeros([BLOCK_D], dtype=tl.float32)
+        kl_grad_t = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if COMPUTE_KL:
+            p_t_rt = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_KL_RT, NUM_VECS, STAT_T + DIR_M,
+                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) / l_t
+            p_t_f_rs = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_KL_FRS, NUM_VECS, STAT_T + DIR_M,
+                                           NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) / l_t
+            kl_grad_s = s * (p_s_rt - p_t_rt)
+            kl_grad_t = s * (p_t_f_rs - F * p_t_rs)
+        out = grad_anchors_ptr + b.to(tl.int64) * D + offs_d
+        tl.store(out, grad_s, mask=d_mask)
+        tl.store(out + B * D, grad_t, mask=d_mask)
+        tl.store(out + 2 * B * D, kl_grad_s, mask=d_mask)
+        tl.store(out + 3 * B * D, kl_grad_t, mask=d_mask)
+
+
+def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl,
+                          num_negatives, seed, offset, compute_grad, *, num_chunks=None, block_k=None):
+    """Same arguments and outputs as the C++ op ``dcdkernels_C::dual_sampled_contrast``:
+    ``(losses (3, B), lse (2, B), grad_anchors (4, B, D) or (0,), grad_scalars (2, 3, B) or (0,))``,
+    fp32. ``num_chunks`` and ``block_k`` override the split of the K+1 columns (tests, tuning).
+    """
+    check_kernel_dtype("anchor_s", anchor_s)
+    check_kernel_dtype("anchor_t", anchor_t)
+    K = check_sampled_args(anchor_s, {"bank_s": bank_s, "bank_t": bank_t}, index, loss_type, log_z, num_negatives)
+    if anchor_t.shape != anchor_s.shape or bank_s.shape != bank_t.shape:
+        raise ValueError(f"anchor_t/bank_s must match anchor_s/bank_t: {tuple(anchor_t.shape)} vs "
+                         f"{tuple(anchor_s.shape)}, {tuple(bank_s.shape)} vs {tuple(bank_t.shape)}")
+    if log_z is not None and log_z.numel() != 2:
+        raise ValueError(f"log_z must be (2,) = [log Z_s, log Z_t], got shape {tuple(log_z.shape)}")
+    B, D = anchor_s.shape
+    N = bank_s.shape[0]
+    cols = K + 1
+    device = anchor_s.device
+    f32 = dict(dtype=torch.float32, device=device)
+    logit_scale, bias, log_z = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
+
+    block_d = triton.next_power_of_2(D)
+    block_k = block_k or block_k_for(block_d, rows_per_column=2)
+    chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
+    stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
+    vec = torch.empty((B, chunks, NUM_VECS.value, D), **f32) if compute_grad else stats
+    log_c_eps, log1p_eps_c = nce_constants(K, N) if loss_type == 1 else (0.0, 0.0)
+    losses = torch.empty((3, B), **f32)
+    lse = torch.empty((2, B), **f32)
+    grad_anchors = torch.empty((4, B, D) if compute_grad else (0,), **f32)
+    grad_scalars = torch.empty((2, 3, B) if compute_grad else (0,), **f32)
+    sampled = index.dim() == 1
+    merge_block_d = min(block_d, MERGE_BLOCK_D)
+    flags = dict(LOSS_TYPE=loss_type, COMPUTE_KL=bool(compute_kl), HAS_BIAS=bias is not None,
+                 COMPUTE_GRAD=bool(compute_grad))
+    with device_guard(anchor_s):
+        _dual_sampled_contrast_partial_kernel[(B, chunks)](
+            anchor_s, anchor_s.stride(0), anchor_s.stride(1), anchor_t, anchor_t.stride(0), anchor_t.stride(1),
+            bank_s, bank_s.stride(0), bank_t, bank_t.stride(0), N,
+            index, index.stride(0), 0 if sampled else index.stride(1),
+            logit_scale, logit_scale if bias is None else bias, logit_scale if log_z is None else log_z,
+            stats, vec,
+            D, cols, cols_per_chunk, K, as_int64(seed), as_int64(offset), log_c_eps, log1p_eps_c,
+            SAMPLED=sampled, BLOCK_K=block_k, BLOCK_D=block_d, **flags,
+        )
+        _dual_sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
+            stats, vec, chunks,
+            bank_s, bank_s.stride(0), bank_t, bank_t.stride(0), N, index, index.stride(0),
+            logit_scale, logit_scale if bias is None else bias,
+            losses, lse, grad_anchors, grad_scalars,
+            B, D,
+            BLOCK_C=triton.next_power_of_2(chunks), BLOCK_D=merge_block_d, **flags,
+        )
+    return losses, lse, grad_anchors, grad_scalars

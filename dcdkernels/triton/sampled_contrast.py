@@ -1,0 +1,209 @@
+"""Triton ``sampled_contrast`` (SPEC §1a/§1b, contract in csrc/KERNELS.md).
+
+Anchor b is scored against the K+1 bank rows of ``index[b]`` (column 0 the positive). The
+columns are split into chunks, and two kernels run:
+
+1. ``_sampled_contrast_partial_kernel``, grid (B, num_chunks): a program gathers its chunk
+   BLOCK_K rows at a time as a (BLOCK_K, BLOCK_D) tile, computes the logits
+   ``l = s <q, row> + beta`` and folds them into online partials (flash-attention style, with one
+   query and V = the gathered rows): running max ``m``, ``l = sum e^(l_k - m)``, and with
+   ``compute_grad`` the vector ``a = sum e^(l_k - m) row_k`` and ``c = sum e^(l_k - m) d_k``.
+   For NCE the per-column terms need no max: plain sums of the loss, of ``dL/dl_k row_k``,
+   ``dL/dl_k d_k`` and ``dL/dl_k`` (``m``/``l`` are still kept, for the ``lse`` output).
+   Partials go to a workspace: ``stats`` (B, chunks, NUM_STATS) and ``vec`` (B, chunks, 1, D).
+2. ``_sampled_contrast_merge_kernel``, grid (B, D slices): rescales the chunk partials to the
+   global max and writes loss, lse, grad_anchor (its D slice) and grad_scalars.
+
+Every gathered row is read once, and the gradient is complete after that read: the autograd
+backward only scales it by grad_output.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
+                      column_rows, device_guard, load_row_slice, merge_chunk_vectors, nce_column_terms, nce_constants,
+                      online_softmax_step, plan_chunks, scalar_arg)
+from .rng import rng_key
+
+# Slots of the per-(anchor, chunk) statistics in the workspace.
+STAT_M = tl.constexpr(0)          # running max of the logits
+STAT_L = tl.constexpr(1)          # sum e^(l_k - m)
+STAT_C = tl.constexpr(2)          # InfoNCE: sum e^(l_k - m) d_k; NCE: sum dL/dl_k d_k
+STAT_D0 = tl.constexpr(3)         # d_0 = <q, positive row> (chunk 0; 0 elsewhere)
+STAT_NCE_LOSS = tl.constexpr(4)   # NCE: sum of the per-column losses
+STAT_NCE_SLOPE = tl.constexpr(5)  # NCE: sum dL/dl_k (= dL/dbeta)
+NUM_STATS = tl.constexpr(6)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _sampled_contrast_partial_kernel(
+    anchor_ptr, stride_ab, stride_ad,
+    bank_ptr, stride_bn, N,
+    index_ptr, stride_ib, stride_ic,
+    scale_ptr, bias_ptr, log_z_ptr,
+    stats_ptr, vec_ptr,
+    D, COLS, cols_per_chunk, num_negatives, seed, offset, log_c_eps, log1p_eps_c,
+    LOSS_TYPE: tl.constexpr, SAMPLED: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(anchor_ptr + b.to(tl.int64) * stride_ab + offs_d * stride_ad, mask=d_mask, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    log_z = 0.0
+    if LOSS_TYPE == 1:
+        log_z = tl.load(log_z_ptr)
+    key = rng_key(seed)
+
+    m = float("-inf")
+    l = 0.0
+    c = 0.0
+    d0 = 0.0
+    nce_loss = 0.0
+    nce_slope = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    col_start = chunk * cols_per_chunk
+    col_end = tl.minimum(col_start + cols_per_chunk, COLS)
+    for start in range(col_start, col_end, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        rows, valid = column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives,
+                                  SAMPLED)
+        tile = tl.load(bank_ptr + rows[:, None] * stride_bn + offs_d[None, :],
+                       mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        dots = tl.sum(tile * q[None, :], axis=1)
+        logits = s * dots + beta
+        d0 += tl.sum(tl.where(cols == 0, dots, 0.0), axis=0)
+
+        m_new, alpha, w = online_softmax_step(m, logits, valid)
+        l = l * alpha + tl.sum(w, axis=0)
+        if LOSS_TYPE == 0:
+            if COMPUTE_GRAD:
+                c = c * alpha + tl.sum(w * dots, axis=0)
+                acc = acc * alpha + tl.sum(w[:, None] * tile, axis=0)
+        else:
+            loss_k, slope = nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c)
+            nce_loss += tl.sum(loss_k, axis=0)
+            if COMPUTE_GRAD:
+                c += tl.sum(slope * dots, axis=0)
+                nce_slope += tl.sum(slope, axis=0)
+                acc += tl.sum(slope[:, None] * tile, axis=0)
+        m = m_new
+
+    slot = b.to(tl.int64) * tl.num_programs(1) + chunk
+    stats = stats_ptr + slot * NUM_STATS
+    tl.store(stats + STAT_M, m)
+    tl.store(stats + STAT_L, l)
+    tl.store(stats + STAT_C, c)
+    tl.store(stats + STAT_D0, d0)
+    tl.store(stats + STAT_NCE_LOSS, nce_loss)
+    tl.store(stats + STAT_NCE_SLOPE, nce_slope)
+    if COMPUTE_GRAD:
+        tl.store(vec_ptr + slot * D + offs_d, acc, mask=d_mask)
+
+
+@triton.jit
+def _sampled_contrast_merge_kernel(
+    stats_ptr, vec_ptr, num_chunks,
+    bank_ptr, stride_bn, N, index_ptr, stride_ib,
+    scale_ptr, bias_ptr,
+    loss_ptr, lse_ptr, grad_anchor_ptr, grad_scalars_ptr,
+    B, D,
+    LOSS_TYPE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    first = pid_d == 0  # the program that writes the per-row scalars
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+
+    # Chunk statistics, rescaled to the global max: scale_c = e^(m_c - m).
+    stats, c_mask, m_ref, scale_c = chunk_scales(stats_ptr, b, num_chunks, STAT_M, NUM_STATS, BLOCK_C)
+    l = tl.sum(tl.load(stats + STAT_L, mask=c_mask, other=0.0) * scale_c, axis=0)
+    lse = m_ref + tl.log(l)
+    c_c = tl.load(stats + STAT_C, mask=c_mask, other=0.0)
+    d0 = tl.sum(tl.load(stats + STAT_D0, mask=c_mask, other=0.0), axis=0)
+    if LOSS_TYPE == 0:
+        loss = lse - (s * d0 + beta)
+        grad_scale = tl.sum(c_c * scale_c, axis=0) / l - d0
+        grad_bias = 0.0  # a shift shared by every column cancels in the softmax
+    else:
+        loss = tl.sum(tl.load(stats + STAT_NCE_LOSS, mask=c_mask, other=0.0), axis=0)
+        grad_scale = tl.sum(c_c, axis=0)
+        grad_bias = tl.sum(tl.load(stats + STAT_NCE_SLOPE, mask=c_mask, other=0.0), axis=0)
+    tl.store(loss_ptr + b, loss, mask=first)
+    tl.store(lse_ptr + b, lse, mask=first)
+
+    if COMPUTE_GRAD:
+        tl.store(grad_scalars_ptr + b, grad_scale, mask=first)
+        tl.store(grad_scalars_ptr + B + b, grad_bias, mask=first)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        acc = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, 0, 1, STAT_M, NUM_STATS, m_ref, offs_d, d_mask, D,
+                                  LOSS_TYPE == 0, BLOCK_D)
+        if LOSS_TYPE == 0:
+            # dL/dq = s (sum_k p_k row_k - row_0): gather the positive row's slice once more.
+            row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
+            grad = s * (acc / l - load_row_slice(bank_ptr, stride_bn, N, row0, offs_d, d_mask))
+        else:
+            grad = s * acc
+        tl.store(grad_anchor_ptr + b.to(tl.int64) * D + offs_d, grad, mask=d_mask)
+
+
+def sampled_contrast(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset,
+                     compute_grad, *, num_chunks=None, block_k=None):
+    """Same arguments and outputs as the C++ op ``dcdkernels_C::sampled_contrast``:
+    ``(loss (B,), lse (B,), grad_anchor (B, D) or (0,), grad_scalars (2, B) or (0,))``, fp32.
+
+    ``num_chunks`` and ``block_k`` override the split of the K+1 columns (tests, tuning).
+    """
+    check_kernel_dtype("anchor", anchor)
+    K = check_sampled_args(anchor, {"bank": bank}, index, loss_type, log_z, num_negatives)
+    B, D = anchor.shape
+    N = bank.shape[0]
+    cols = K + 1
+    device = anchor.device
+    f32 = dict(dtype=torch.float32, device=device)
+    logit_scale, bias, log_z = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
+
+    block_d = triton.next_power_of_2(D)
+    block_k = block_k or block_k_for(block_d)
+    chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
+    stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
+    vec = torch.empty((B, chunks, 1, D), **f32) if compute_grad else stats
+    log_c_eps, log1p_eps_c = nce_constants(K, N) if loss_type == 1 else (0.0, 0.0)
+    loss = torch.empty((B,), **f32)
+    lse = torch.empty((B,), **f32)
+    grad_anchor = torch.empty((B, D) if compute_grad else (0,), **f32)
+    grad_scalars = torch.empty((2, B) if compute_grad else (0,), **f32)
+    sampled = index.dim() == 1
+    merge_block_d = min(block_d, MERGE_BLOCK_D)
+    with device_guard(anchor):
+        _sampled_contrast_partial_kernel[(B, chunks)](
+            anchor, anchor.stride(0), anchor.stride(1),
+            bank, bank.stride(0), N,
+            index, index.stride(0), 0 if sampled else index.stride(1),
+            logit_scale, logit_scale if bias is None else bias, logit_scale if log_z is None else log_z,
+            stats, vec,
+            D, cols, cols_per_chunk, K, as_int64(seed), as_int64(offset), log_c_eps, log1p_eps_c,
+            LOSS_TYPE=loss_type, SAMPLED=sampled, HAS_BIAS=bias is not None, COMPUTE_GRAD=compute_grad,
+            BLOCK_K=block_k, BLOCK_D=block_d,
+        )
+        _sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
+            stats, vec, chunks,
+            bank, bank.stride(0), N, index, index.stride(0),
+            logit_scale, logit_scale if bias is None else bias,
+            loss, lse, grad_anchor, grad_scalars,
+            B, D,
+            LOSS_TYPE=loss_type, HAS_BIAS=bias is not None, COMPUTE_GRAD=compute_grad,
+            BLOCK_C=triton.next_power_of_2(chunks), BLOCK_D=merge_block_d,
+        )
+    return loss, lse, grad_anchor, grad_scalars

@@ -1,0 +1,344 @@
+"""The C++ CPU kernels (csrc/cpu) called directly through ``torch.ops.dcdkernels_C``, against the
+eager oracle in ``dcdkernels.reference`` evaluated in float64 on the same (rounded) inputs.
+
+Per-row gradients of the oracle come from one backward pass: the logit scale, bias and log Z are
+given to the oracle as (B, 1) columns (they broadcast over each row's logits), so the gradient of
+the summed loss w.r.t. them is the per-row gradient the kernels return.
+"""
+import math
+
+import pytest
+import torch
+
+from dcdkernels import reference as R
+
+_C = pytest.importorskip("dcdkernels._C", reason="the C++ extension is not built")
+ops = torch.ops.dcdkernels_C
+
+LOW = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (*LOW, torch.float64)
+INFONCE, NCE = 0, 1
+
+
+def tol(dtype):
+    """Tolerances of a kernel output against the float64 oracle: the kernels accumulate in fp32
+    (fp64 for fp64 inputs), and both sides see the same rounded inputs."""
+    return dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=1e-5, rtol=5e-4)
+
+
+def close(actual, expected, dtype, **kw):
+    torch.testing.assert_close(actual.double(), expected.double(), **{**tol(dtype), **kw})
+
+
+def unit_rows(n, d, dtype, gen):
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(dtype)
+
+
+def acc_of(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def column(value, B, requires_grad=True):
+    """A scalar as a (B, 1) float64 leaf: the oracle's per-row gradient w.r.t. it."""
+    return torch.full((B, 1), float(value), dtype=torch.float64, requires_grad=requires_grad)
+
+
+def grads(total, inputs):
+    return torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampled_contrast
+
+SAMPLED_SHAPES = [  # (B, N, D, K)
+    (1, 4, 3, 1),
+    (7, 40, 130, 300),  # N << B (K+1): many duplicate rows
+    (2, 500, 16, 1200),  # few anchors: the columns are split across threads and merged
+    (3, 97, 130, 33),
+]
+
+
+def run_sampled(anchor, bank, index, s, bias, log_z, loss_type, num_negatives=0, seed=0, offset=0, grad=True):
+    acc = acc_of(anchor, bank)
+    t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
+    return ops.sampled_contrast(anchor, bank, index, t(s), t(bias), t(log_z), loss_type, num_negatives, seed, offset,
+                                grad)
+
+
+def oracle_sampled(anchor, bank, index, s, bias, log_z, loss_type):
+    """Per-row loss, LSE and gradients [d/dq (B, D), d/ds (B,), d/dbeta (B,)] in float64."""
+    B = anchor.shape[0]
+    q = anchor.double().requires_grad_()
+    s_col, b_col = column(s, B), column(0.0 if bias is None else bias, B)
+    loss = "nce" if loss_type == NCE else "infonce"
+    lz = None if log_z is None else column(log_z, B, requires_grad=False)
+    per_row, lse = R.sampled_contrast(q, bank.double(), index, logit_scale=s_col, bias=b_col, loss=loss, log_z=lz)
+    gq, gs, gb = grads(per_row.sum(), (q, s_col, b_col))
+    return per_row.detach(), lse, gq, gs.squeeze(1), gb.squeeze(1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type", [INFONCE, NCE])
+@pytest.mark.parametrize("shape", SAMPLED_SHAPES)
+def test_sampled_matches_oracle(dtype, loss_type, shape):
+    B, N, D, K = shape
+    gen = torch.Generator().manual_seed(B * 1000 + D + K)
+    anchor, bank = unit_rows(B, D, dtype, gen), unit_rows(N, D, dtype, gen)
+    index = torch.randint(0, N, (B, K + 1), generator=gen)
+    s, bias, log_z = 1 / 0.07, (0.25 if K % 2 else None), (math.log(N) + 2.0 if loss_type == NCE else None)
+    loss, lse, ga, gsc = run_sampled(anchor, bank, index, s, bias, log_z, loss_type)
+    e_loss, e_lse, e_ga, e_gs, e_gb = oracle_sampled(anchor, bank, index, s, bias, log_z, loss_type)
+    acc = acc_of(anchor, bank)
+    assert loss.dtype == lse.dtype == ga.dtype == gsc.dtype == acc
+    assert ga.shape == (B, D) and gsc.shape == (2, B)
+    close(loss, e_loss, dtype)
+    close(lse, e_lse, dtype)
+    close(ga, e_ga, dtype)
+    close(gsc[0], e_gs, dtype)
+    if loss_type == INFONCE:
+        assert torch.equal(gsc[1], torch.zeros_like(gsc[1]))  # exactly 0, written not computed
+    else:
+        close(gsc[1], e_gb, dtype)
+
+
+@pytest.mark.parametrize("loss_type", [INFONCE, NCE])
+def test_sampled_mixed_dtypes_and_noncontiguous_anchor(loss_type):
+    gen = torch.Generator().manual_seed(1)
+    B, N, D, K = 5, 60, 130, 50
+    wide = unit_rows(B, 2 * D, torch.float32, gen)
+    anchor = wide[:, ::2]  # non-contiguous, fp32
+    bank_storage = unit_rows(N, D + 6, torch.bfloat16, gen)
+    bank = bank_storage[:, 3:D + 3]  # row stride D + 6, rows contiguous, bf16
+    assert not anchor.is_contiguous() and bank.stride() == (D + 6, 1)
+    index = torch.randint(0, N, (B, K + 1), generator=gen)
+    log_z = 5.0 if loss_type == NCE else None
+    loss, lse, ga, gsc = run_sampled(anchor, bank, index, 10.0, -0.5, log_z, loss_type)
+    e_loss, e_lse, e_ga, e_gs, _ = oracle_sampled(anchor, bank.contiguous(), index, 10.0, -0.5, log_z, loss_type)
+    close(loss, e_loss, torch.float32)
+    close(lse, e_lse, torch.float32)
+    close(ga, e_ga, torch.float32)
+    close(gsc[0], e_gs, torch.float32)
+
+
+@pytest.mark.parametrize("loss_type", [INFONCE, NCE])
+def test_sampled_without_grad(loss_type):
+    gen = torch.Generator().manual_seed(2)
+    anchor, bank = unit_rows(4, 8, torch.float32, gen), unit_rows(30, 8, torch.float32, gen)
+    index = torch.randint(0, 30, (4, 20), generator=gen)
+    log_z = 3.0 if loss_type == NCE else None
+    with_grad = run_sampled(anchor, bank, index, 5.0, None, log_z, loss_type)
+    loss, lse, ga, gsc = run_sampled(anchor, bank, index, 5.0, None, log_z, loss_type, grad=False)
+    assert ga.shape == (0,) and gsc.shape == (0,)
+    torch.testing.assert_close(loss, with_grad[0])
+    torch.testing.assert_close(lse, with_grad[1])
+
+
+@pytest.mark.parametrize("B,K", [(1, 3000), (6, 40)])
+@pytest.mark.parametrize("seed,offset", [(0, 0), (2**40 + 17, 12345)])
+def test_sampled_in_kernel_sampling_matches_explicit_indices(B, K, seed, offset):
+    gen = torch.Generator().manual_seed(3)
+    N, D = 1000, 16
+    anchor, bank = unit_rows(B, D, torch.float32, gen), unit_rows(N, D, torch.float32, gen)
+    positive = torch.randint(0, N, (B,), generator=gen)
+    index = R.sample_negatives(positive, K, N, seed, offset)
+    for loss_type, log_z in ((INFONCE, None), (NCE, 4.0)):
+        sampled = run_sampled(anchor, bank, positive, 8.0, None, log_z, loss_type, K, seed, offset)
+        explicit = run_sampled(anchor, bank, index, 8.0, None, log_z, loss_type)
+        for a, b in zip(sampled, explicit):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same rows in the same order
+
+
+def test_sampled_rejects_bad_index_without_reading_it():
+    anchor, bank = torch.randn(2, 4), torch.randn(10, 4)
+    for bad in (10, -1, 2**40):
+        index = torch.zeros(2, 5, dtype=torch.int64)
+        index[1, 3] = bad
+        with pytest.raises(RuntimeError, match="out of range"):
+            run_sampled(anchor, bank, index, 1.0, None, None, INFONCE)
+    with pytest.raises(RuntimeError, match="out of range"):  # a bad positive with in-kernel sampling
+        run_sampled(anchor, bank, torch.tensor([0, 10]), 1.0, None, None, INFONCE, num_negatives=4)
+    with pytest.raises(RuntimeError, match="num_negatives"):  # a 2-D index already has its negatives
+        run_sampled(anchor, bank, torch.zeros(2, 5, dtype=torch.int64), 1.0, None, None, INFONCE, num_negatives=4)
+
+
+# ------------------------------------------------------------------------------------------------
+# dual_sampled_contrast
+
+def oracle_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl):
+    """float64: losses (3, B), lse (2, B), grad_anchors (4, B, D), grad_scalars (2, 3, B)."""
+    B = zs.shape[0]
+    qs, qt = zs.double().requires_grad_(), zt.double().requires_grad_()
+    s_col, b_col = column(s, B), column(0.0 if bias is None else bias, B)
+    lz = None if log_z is None else [column(v, B, requires_grad=False) for v in log_z]
+    loss = "nce" if loss_type == NCE else "infonce"
+    loss_s, loss_t, kl, lse_s, lse_t = R.dual_sampled_contrast(
+        qs, qt, bank_s.double(), bank_t.double(), index, logit_scale=s_col, bias=b_col, loss=loss, log_z=lz,
+        compute_kl=compute_kl)
+    terms = (loss_s, loss_t, kl)
+    g = [grads(term.sum(), (qs, qt, s_col, b_col)) if term.requires_grad else (None,) * 4 for term in terms]
+    zero_vec, zero_row = torch.zeros_like(qs), torch.zeros(B, dtype=torch.float64)
+    pick = lambda x, zero: zero if x is None else x  # noqa: E731
+    grad_anchors = torch.stack([pick(g[0][0], zero_vec), pick(g[1][1], zero_vec), pick(g[2][0], zero_vec),
+                                pick(g[2][1], zero_vec)])
+    grad_scalars = torch.stack([torch.stack([pick(g[j][i], zero_row.view(B, 1)).squeeze(1) for j in range(3)])
+                                for i in (2, 3)])
+    return (torch.stack([t.detach() for t in terms]), torch.stack([lse_s, lse_t]), grad_anchors, grad_scalars)
+
+
+def run_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl, num_negatives=0, seed=0, offset=0,
+             grad=True):
+    acc = acc_of(zs, zt, bank_s, bank_t)
+    t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
+    return ops.dual_sampled_contrast(zs, zt, bank_s, bank_t, index, t(s), t(bias), t(log_z), loss_type, compute_kl,
+                                     num_negatives, seed, offset, grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss_type,compute_kl", [(INFONCE, True), (INFONCE, False), (NCE, False), (NCE, True)])
+@pytest.mark.parametrize("shape", [(1, 4, 3, 1), (6, 50, 130, 200), (2, 300, 16, 900)])
+def test_dual_matches_oracle(dtype, loss_type, compute_kl, shape):
+    B, N, D, K = shape
+    gen = torch.Generator().manual_seed(B + D + K)
+    zs, zt = unit_rows(B, D, dtype, gen), unit_rows(B, D, dtype, gen)
+    bank_s, bank_t = unit_rows(N, D, dtype, gen), unit_rows(N, D, dtype, gen)
+    index = torch.randint(0, N, (B, K + 1), generator=gen)
+    s, bias = 1 / 0.07, (0.1 if D == 16 else None)
+    log_z = (math.log(N) + 1.0, math.log(N) + 3.0) if loss_type == NCE else None
+    losses, lse, ga, gsc = run_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl)
+    e_losses, e_lse, e_ga, e_gsc = oracle_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl)
+    assert ga.shape == (4, B, D) and gsc.shape == (2, 3, B)
+    close(losses, e_losses, dtype)
+    close(lse, e_lse, dtype)
+    close(ga, e_ga, dtype)
+    close(gsc, e_gsc, dtype)
+    assert torch.equal(gsc[1, 2], torch.zeros(B, dtype=gsc.dtype))  # dKL/dbeta = 0 exactly
+    if loss_type == INFONCE:
+        assert torch.equal(gsc[1, :2], torch.zeros(2, B, dtype=gsc.dtype))
+    if not compute_kl:
+        assert torch.equal(losses[2], torch.zeros(B, dtype=losses.dtype))
+
+
+def test_dual_mixed_dtypes_sampling_and_no_grad():
+    gen = torch.Generator().manual_seed(4)
+    B, N, D, K = 3, 200, 24, 500
+    zs, zt = unit_rows(B, D, torch.float32, gen), unit_rows(B, 2 * D, torch.float16, gen)[:, ::2]
+    bank_s, bank_t = unit_rows(N, D, torch.bfloat16, gen), unit_rows(N, D, torch.float32, gen)
+    positive = torch.randint(0, N, (B,), generator=gen)
+    index = R.sample_negatives(positive, K, N, 7, 99)
+    sampled = run_dual(zs, zt, bank_s, bank_t, positive, 12.0, None, None, INFONCE, True, K, 7, 99)
+    explicit = run_dual(zs, zt, bank_s, bank_t, index, 12.0, None, None, INFONCE, True)
+    for a, b in zip(sampled, explicit):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    e_losses, e_lse, e_ga, e_gsc = oracle_dual(zs, zt, bank_s, bank_t, index, 12.0, None, None, INFONCE, True)
+    close(sampled[0], e_losses, torch.float32)
+    close(sampled[2], e_ga, torch.float32)
+    close(sampled[3], e_gsc, torch.float32)
+    losses, lse, ga, gsc = run_dual(zs, zt, bank_s, bank_t, index, 12.0, None, None, INFONCE, True, grad=False)
+    assert ga.shape == (0,) and gsc.shape == (0,)
+    torch.testing.assert_close(losses, explicit[0])
+    torch.testing.assert_close(lse, explicit[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# dense_contrast and dense_contrast_backward_keys
+
+def oracle_dense(anchor, keys, target, positive, s, bias, grad_rows):
+    B = anchor.shape[0]
+    q, k = anchor.double().requires_grad_(), keys.double().requires_grad_()
+    p = None if positive is None else positive.double().requires_grad_()
+    s_col, b_col = column(s, B), column(0.0 if bias is None else bias, B)
+    per_row, lse = R.dense_contrast(q, k, target, positive=p, logit_scale=s_col, bias=b_col)
+    gq, gs, gb, *gp = grads(per_row.sum(), (q, s_col, b_col) + (() if p is None else (p,)))
+    gp = gp[0] if gp else None
+    (gk,) = grads((per_row * grad_rows.double()).sum(), (k,))
+    return per_row.detach(), lse, gq, gp, torch.stack([gs.squeeze(1), gb.squeeze(1)]), gk
+
+
+DENSE_SHAPES = [  # (B, M, D): M crosses a key tile (1024 rows at D <= 256, 128 at D = 2048)
+    (1, 1, 3),
+    (5, 1030, 130),
+    (3, 300, 2048),
+    (300, 40, 8),  # more anchors than one anchor tile (256)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["target", "positive"])
+@pytest.mark.parametrize("shape", DENSE_SHAPES)
+def test_dense_matches_oracle(dtype, mode, shape):
+    B, M, D = shape
+    gen = torch.Generator().manual_seed(B + M + D)
+    anchor = unit_rows(B, 2 * D, dtype, gen)[:, ::2]  # non-contiguous
+    keys = unit_rows(M, D, dtype, gen)
+    target = torch.randint(0, M, (B,), generator=gen) if mode == "target" else None  # duplicates when B > M
+    positive = unit_rows(B, D, dtype, gen) if mode == "positive" else None
+    s, bias = 1 / 0.1, (0.5 if B % 2 else None)
+    grad_rows = torch.rand(B, generator=gen, dtype=torch.float64) + 0.5
+    acc = acc_of(anchor, keys)
+    t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
+    loss, lse, ga, gp, gsc = ops.dense_contrast(anchor, keys, target, positive, t(s), t(bias), True)
+    gk = ops.dense_contrast_backward_keys(anchor, keys, target, positive, t(s), t(bias), lse, grad_rows.to(acc))
+    e_loss, e_lse, e_ga, e_gp, e_gsc, e_gk = oracle_dense(anchor, keys, target, positive, s, bias, grad_rows)
+    close(loss, e_loss, dtype)
+    close(lse, e_lse, dtype)
+    close(ga, e_ga, dtype)
+    close(gsc, e_gsc, dtype)
+    assert torch.equal(gsc[1], torch.zeros_like(gsc[1]))
+    close(gk, e_gk, dtype)
+    if positive is None:
+        assert gp.shape == (0,)
+    else:
+        close(gp, e_gp, dtype)
+    no_grad = ops.dense_contrast(anchor, keys, target, positive, t(s), t(bias), False)
+    assert all(x.shape == (0,) for x in no_grad[2:])
+    torch.testing.assert_close(no_grad[0], loss)
+
+
+def test_dense_rejects_bad_target():
+    anchor, keys = torch.randn(2, 4), torch.randn(5, 4)
+    s = torch.tensor(1.0)
+    for bad in (5, -1):
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops.dense_contrast(anchor, keys, torch.tensor([0, bad]), None, s, None, True)
+    with pytest.raises(RuntimeError, match="exactly one"):
+        ops.dense_contrast(anchor, keys, torch.tensor([0, 1]), torch.randn(2, 4), s, None, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# bank_momentum_update_
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_bank_update_matches_oracle_with_duplicates(dtype, value_dtype):
+    gen = torch.Generator().manual_seed(5)
+    N, D, B = 50, 130, 40
+    storage = unit_rows(N, D + 2, dtype, gen)
+    bank = storage[:, :D]  # strided rows
+    index = torch.randint(0, 12, (B,), generator=gen)  # many duplicates
+    value = unit_rows(B, D, value_dtype, gen)
+    original = bank.clone()
+    expected = R.bank_momentum_update_(bank.clone(), index, value, 0.5)
+    untouched = storage[:, D:].clone()
+    ops.bank_momentum_update_(bank, index, value, 0.5)
+    # One rounding to the bank dtype: at most one unit in the last place apart.
+    eps = torch.finfo(dtype).eps if dtype != torch.float64 else 1e-15
+    torch.testing.assert_close(bank.double(), expected.double(), atol=eps, rtol=eps)
+    assert torch.equal(storage[:, D:], untouched)
+    # Independently of the oracle: row i is updated once, from its old value and the value at
+    # the last position p holding i.
+    last = {int(i): p for p, i in enumerate(index.tolist())}
+    for i, p in last.items():
+        mixed = 0.5 * original[i].double() + 0.5 * value[p].double()
+        torch.testing.assert_close(bank[i].double(), mixed / mixed.norm(), atol=2 * eps, rtol=2 * eps)
+
+
+def test_bank_update_validates_before_mutating():
+    bank = torch.randn(10, 4)
+    before = bank.clone()
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.bank_momentum_update_(bank, torch.tensor([1, 2, 10]), torch.randn(3, 4), 0.5)
+    with pytest.raises(RuntimeError):
+        ops.bank_momentum_update_(bank, torch.tensor([1, 2]), torch.randn(3, 4), 0.5)
+    assert torch.equal(bank, before)
+    ops.bank_momentum_update_(bank, torch.tensor([], dtype=torch.int64), torch.randn(0, 4), 0.5)
+    assert torch.equal(bank, before)

@@ -1,0 +1,156 @@
+"""Every fused backend against the eager oracle through the public API: values and every
+gradient, per dtype, on random shapes (B = 1, K = 1, D not a power of two, duplicate indices,
+non-contiguous anchors, in-kernel sampling)."""
+import itertools
+import random
+
+import pytest
+import torch
+
+import dcdkernels
+
+from conftest import TOL, backend_params
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (B, K, N, D): B = 1, K = 1, D odd and not a power of two, D > a typical block.
+SHAPES = [(1, 1, 5, 3), (3, 7, 11, 16), (4, 5, 9, 130), (2, 3, 6, 33)]
+
+
+def _tol(dtype):
+    return TOL[dtype]
+
+
+def _case(shape, dtype, device, seed, noncontiguous=False):
+    B, K, N, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=1)
+    if noncontiguous:  # a column slice of a wider tensor: stride(0) != D
+        q = torch.cat([q, torch.randn(B, 3, generator=g)], dim=1)[:, :D]
+    bank = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
+    idx = torch.randint(0, N, (B, K + 1), generator=g)
+    idx[:, -1] = idx[:, 0]  # a duplicate of the positive among the negatives
+    q = q.to(device=device, dtype=dtype)
+    return q, bank.to(device=device, dtype=dtype), idx.to(device)
+
+
+def _grads(loss_fn, leaves):
+    for t in leaves:
+        t.grad = None
+    out = loss_fn()
+    weights = torch.linspace(0.5, 1.5, out.numel(), device=out.device, dtype=out.dtype).view_as(out)
+    (out * weights).sum().backward()
+    return out.detach(), [t.grad.detach().clone() for t in leaves]
+
+
+def _assert_close(actual, expected, dtype, what):
+    tol = _tol(dtype)
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), msg=lambda m: f"{what}: {m}", **tol)
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_()
+
+
+def _check(fn_fused, fn_eager, inputs, dtype, names):
+    a = [_leaf(t) for t in inputs]
+    b = [_leaf(t) for t in inputs]
+    out_f, g_f = _grads(lambda: fn_fused(*a), a)
+    out_e, g_e = _grads(lambda: fn_eager(*b), b)
+    _assert_close(out_f, out_e, dtype, "loss")
+    for name, x, y in zip(names, g_f, g_e):
+        _assert_close(x, y, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", ["infonce", "nce"])
+def test_sampled_contrast_matches_oracle(device, backend, dtype, loss):
+    for i, shape in enumerate(SHAPES):
+        q, bank, idx = _case(shape, dtype, device, seed=i, noncontiguous=(i % 2 == 1))
+        s = torch.tensor(1 / 0.07 if loss == "nce" else 5.0, device=device)
+        beta = torch.tensor(0.3, device=device)
+        log_z = torch.tensor(2.0, device=device)
+
+        def run(backend):
+            return lambda q, s, beta: dcdkernels.sampled_contrast(q, bank, idx, logit_scale=s, bias=beta, loss=loss,
+                                                                  log_z=log_z, backend=backend)
+
+        _check(run(backend), run("eager"), [q, s, beta], dtype, ["anchor", "scale", "bias"])
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sampled_contrast_lse_and_in_kernel_sampling(device, backend, dtype):
+    q, bank, idx = _case((3, 6, 13, 24), dtype, device, seed=7)
+    positives = idx[:, 0].contiguous()
+    fused, lse_f = dcdkernels.sampled_contrast(q, bank, positives, logit_scale=3.0, num_negatives=6, seed=11,
+                                               offset=5, backend=backend, return_lse=True)
+    explicit = dcdkernels.sample_negatives(positives, 6, 13, seed=11, offset=5)
+    eager, lse_e = dcdkernels.sampled_contrast(q, bank, explicit, logit_scale=3.0, backend="eager", return_lse=True)
+    _assert_close(fused, eager, dtype, "loss")
+    _assert_close(lse_f, lse_e, dtype, "lse")
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", ["infonce", "nce"])
+def test_dual_sampled_contrast_matches_oracle(device, backend, dtype, loss):
+    for i, shape in enumerate(SHAPES[:3]):
+        qs, bank_s, idx = _case(shape, dtype, device, seed=10 + i, noncontiguous=(i == 1))
+        qt, bank_t, _ = _case(shape, dtype, device, seed=20 + i)
+        s = torch.tensor(4.0, device=device)
+        beta = torch.tensor(-0.2, device=device)
+        log_z = torch.tensor([1.0, 0.5], device=device)
+
+        def run(backend):
+            def f(qs, qt, s, beta):
+                out = dcdkernels.dual_sampled_contrast(qs, qt, bank_s, bank_t, idx, logit_scale=s, bias=beta,
+                                                       loss=loss, log_z=log_z, consistency=0.5, backend=backend)
+                return torch.stack([out.loss_s, out.loss_t, out.consistency])
+            return f
+
+        _check(run(backend), run("eager"), [qs, qt, s, beta], dtype, ["anchor_s", "anchor_t", "scale", "bias"])
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["target", "positive"])
+def test_dense_contrast_matches_oracle(device, backend, dtype, mode):
+    # M not a multiple of any tile, D = 3 and D = 130.
+    for i, (B, M, D) in enumerate([(1, 1, 3), (5, 37, 130), (3, 70, 16)]):
+        g = torch.Generator().manual_seed(30 + i)
+        q = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
+        keys = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1).to(device=device, dtype=dtype)
+        pos = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
+        target = torch.randint(0, M, (B,), generator=g).to(device)
+        w = torch.rand(B, generator=g).to(device)
+        s = torch.tensor(2.5, device=device)
+        beta = torch.tensor(0.1, device=device)
+
+        def run(backend):
+            if mode == "target":
+                return lambda q, keys, s, beta: dcdkernels.dense_contrast(q, keys, target, logit_scale=s, bias=beta,
+                                                                          weight=w, backend=backend)
+            return lambda q, keys, p, s: dcdkernels.dense_contrast(q, keys, positive=p, logit_scale=s,
+                                                                   backend=backend)
+
+        inputs = [q, keys, s, beta] if mode == "target" else [q, keys, pos, s]
+        names = ["anchor", "keys", "scale", "bias"] if mode == "target" else ["anchor", "keys", "positive", "scale"]
+        _check(run(backend), run("eager"), inputs, dtype, names)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bank_update_matches_oracle_with_duplicates(device, backend, dtype):
+    for N, B, D in [(7, 1, 3), (9, 12, 130), (20, 8, 16)]:
+        g = torch.Generator().manual_seed(N * B)
+        bank = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(device=device, dtype=dtype)
+        index = torch.randint(0, min(N, 4), (B,), generator=g).to(device)  # many duplicates
+        value = torch.randn(B, D, generator=g).to(device=device, dtype=torch.float32)
+        fused, eager = bank.clone(), bank.clone()
+        dcdkernels.bank_momentum_update_(fused, index, value, 0.5, backend=backend)
+        dcdkernels.bank_momentum_update_(eager, index, value, 0.5, backend="eager")
+        if dtype == torch.float32:
+            _assert_close(fused, eager, dtype, "bank")
+        else:  # one rounding to the bank dtype of the same fp32 value: at most one ulp apart
+            torch.testing.assert_close(fused.float(), eager.float(), atol=1e-2, rtol=1e-2)
