@@ -306,22 +306,22 @@ class RepDistillerCRD(nn.Module):
 
 
 class OfficialDCD(nn.Module):
-    """DCD / ICD in-batch loss as in giakoumoglou/distillers: learnable ``tau`` (log scale,
-    clamped at ``max_tau``) and bias ``b``; ``CE(logits, arange) + alpha * KL`` (batchmean)."""
+    """DCD / ICD in-batch loss as in giakoumoglou/distillers: learnable ``params.tau`` (log
+    scale, clamped at ``max_tau``) and bias ``params.b``; ``CE(logits, arange) + alpha * KL`` (batchmean)."""
 
     def __init__(self, s_dim, t_dim, feat_dim=128, alpha=0.5, init_tau=1.0, max_tau=10.0):
         super().__init__()
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
-        self.tau = nn.Parameter(torch.tensor(init_tau))
-        self.b = nn.Parameter(torch.tensor(0.0))
+        self.params = nn.ParameterDict({"tau": nn.Parameter(torch.tensor(init_tau)),
+                                        "b": nn.Parameter(torch.tensor(0.0))})
         self.alpha, self.max_tau = alpha, max_tau
 
     def forward(self, f_s, f_t, idx=None, contrast_idx=None):
         f_s = self.embed_s(f_s)
         f_t = self.embed_t(f_t)
-        tau = self.tau.exp().clamp(0, self.max_tau)
-        logits = torch.mm(f_s, f_t.t()) * tau + self.b
+        tau = self.params["tau"].exp().clamp(0, self.max_tau)
+        logits = torch.mm(f_s, f_t.t()) * tau + self.params["b"]
         labels = torch.arange(logits.shape[0], device=logits.device)
         loss_ce = F.cross_entropy(logits, labels)
         p_s = F.log_softmax(logits, dim=1)
@@ -420,22 +420,43 @@ class OfficialCoCoRD(nn.Module):
 
 
 class EagerPCKD(nn.Module):
-    """PCKD's contrastive term written the eager way (no official code exists): student features
-    (projected) against the category centres of the student and the teacher classifiers
-    (``logits = z @ W.T / T`` + cross-entropy at the label), per-sample preview weights."""
+    """PCKD written as a user would without fused ops (there is no official code): the same terms
+    and preview weights as ``dcdkernels.PCKDLoss`` (same submodule names, so states load across),
+    with the category contrast as plain ``(B, C)`` logits + cross-entropy against the L2-normalised
+    classifier rows of the student and of the teacher. ``forward(f_s, f_t, logit_s, logit_t,
+    labels, fc_s, fc_t)``."""
 
-    def __init__(self, s_dim, t_dim, num_classes, temperature=0.1):
+    def __init__(self, s_dim, t_dim, cc_temperature=0.1, kd_temperature=4.0, fa_hidden_dim=None,
+                 preview_base=1.005, min_weight=1e-6):
         super().__init__()
-        self.proj = nn.Linear(s_dim, t_dim)
-        self.fc_s = nn.Linear(s_dim, num_classes)
-        self.fc_t = nn.Linear(t_dim, num_classes)
-        self.fc_t.requires_grad_(False)
-        self.T = temperature
+        self.embed_s = nn.Linear(s_dim, s_dim)
+        self.embed_t = nn.Linear(s_dim, t_dim)
+        self.align_mlp = _mlp(s_dim, fa_hidden_dim or 16 * t_dim, t_dim)
+        self.ca_proj = nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim, bias=False)
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
+        self.cc_T, self.kd_T, self.preview_base, self.min_weight = cc_temperature, kd_temperature, preview_base, min_weight
 
-    def forward(self, f_s, f_t, target, weight):
-        z = F.normalize(self.proj(f_s), dim=1)
-        c_s = F.normalize(self.fc_s.weight, dim=1)
-        c_t = F.normalize(self.fc_t.weight, dim=1)
-        l_s = F.cross_entropy(torch.mm(F.normalize(f_s, dim=1), c_s.t()) / self.T, target, reduction="none")
-        l_t = F.cross_entropy(torch.mm(z, c_t.t()) / self.T, target, reduction="none")
-        return ((l_s + l_t) * weight).mean()
+    def forward(self, f_s, f_t, logit_s, logit_t, labels, fc_s, fc_t):
+        B = f_s.shape[0]
+        w_s, b_s = fc_s.weight, fc_s.bias
+        w_t, b_t = fc_t.weight.detach(), fc_t.bias.detach()
+        logit_t, f_t = logit_t.detach(), f_t.detach()
+        with torch.no_grad():  # preview weights (authors' helper/loops.py), floored
+            g = F.cross_entropy(logit_s.detach(), labels, reduction="none")
+            a = g / g.mean()
+            t = self.preview_base ** int(self.epoch)
+            weights = torch.where(a <= t, torch.ones_like(a), torch.exp(-a * a).clamp_min(self.min_weight))
+        z_s = F.normalize(self.embed_s(f_s), dim=1)
+        z_t = F.normalize(self.embed_t(f_s), dim=1)
+        c_s, c_t = F.normalize(w_s, dim=1), F.normalize(w_t, dim=1)
+        l_cc = ((F.cross_entropy(torch.mm(z_s, c_s.t()) / self.cc_T, labels, reduction="none")
+                 + F.cross_entropy(torch.mm(z_t, c_t.t()) / self.cc_T, labels, reduction="none")) * weights).sum() / B
+        T = self.kd_T
+        kd_rows = F.kl_div(F.log_softmax(logit_s / T, dim=1), F.log_softmax(logit_t / T, dim=1), reduction="none",
+                           log_target=True).sum(1) * T * T
+        l_kd = (weights * kd_rows).sum() / B
+        l_fa = (F.normalize(self.align_mlp(f_s), dim=1) - F.normalize(f_t, dim=1)).pow(2).sum(dim=1).mean()
+        w_proj = self.ca_proj(w_s)
+        l_ca = F.mse_loss(torch.cat([w_proj, b_s[:, None]], 1), torch.cat([w_t, b_t[:, None]], 1))
+        l_ce = F.cross_entropy(logit_s, labels)
+        return l_ce + l_fa + l_ca + l_cc + l_kd

@@ -118,6 +118,12 @@ def pytest_generate_tests(metafunc):
                 for prov in (providers(case) if callable(providers) else providers):
                     base = prov.split("-")[0] if prov.startswith("eager") else prov
                     why = harness.skip_reason(base, case_ops)
+                    if not why and prov == "compile" and CFG.size_set == "smoke":
+                        if not kw.get("smoke_compile", True):
+                            why = ("compile: skipped in smoke runs (dynamo tracing of a whole method step takes "
+                                   "seconds; the compile path is smoke-tested on the ops)")
+                        elif dtype != "fp32":
+                            why = "compile: smoke runs exercise torch.compile at fp32 only (compile time dominates)"
                     marks = [pytest.mark.skip(reason=why)] if why else []
                     ident = "-".join(str(x) for x in (case, _label(size), dtype, prov) if x)
                     params.append(pytest.param(case, size, dtype, prov, id=ident, marks=marks))
@@ -140,7 +146,7 @@ def _bench_seed():
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    if rep.skipped and hasattr(item, "callspec") and "provider" in item.callspec.params:
+    if rep.skipped and hasattr(item, "callspec") and item.get_closest_marker("bench") is not None:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
         p = item.callspec.params
@@ -181,6 +187,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(line)
     json_path = _opt(config, "benchmark_json")
     if json_path:
-        name = getattr(json_path, "name", json_path)
+        name = getattr(json_path, "name", None) if hasattr(json_path, "write") else str(json_path)
         terminalreporter.write_line(f"saved: {name}  ->  python -m benchmarks.report {name} "
                                     f"--out benchmarks/results/<device>/")

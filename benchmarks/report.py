@@ -178,7 +178,9 @@ def scaling_fits(records: List[dict]) -> List[dict]:
 def summary_lines(benches: List[dict], skipped: List[dict], *, size_set: str = "?", device: str = "?",
                   width: int = 150) -> List[str]:
     records = [record(b) for b in benches]
-    groups = grouped([r for r in records if r.get("family") != "scaling"])
+    fam_order = {"ops": 0, "methods": 1}
+    groups = grouped(sorted((r for r in records if r.get("family") != "scaling"),
+                            key=lambda r: fam_order.get(r.get("family"), 2)))
     provs = sorted({r["provider"] for r in records}, key=_pkey)
     lines = [f"device: {device} | sizes: {size_set} | time = median per step (fwd+bwd) | "
              f"N.NNx = speedup vs eager (eager time / provider time) | mem = peak transient MiB"]
@@ -193,7 +195,7 @@ def summary_lines(benches: List[dict], skipped: List[dict], *, size_set: str = "
         for p in provs:
             r = rows.get(p)
             if r is None:
-                cells.append(f"{'skip':>15}")
+                cells.append(f"{'-':>15}")
             elif p == "eager":
                 cells.append(f"{fmt_time(r['median']):>15}")
             else:
@@ -205,12 +207,19 @@ def summary_lines(benches: List[dict], skipped: List[dict], *, size_set: str = "
     fits = scaling_fits(records)
     if fits:
         lines.append("")
-        lines.append("scaling (sampled NCE sweeps): time ~ (B*K)^e, transient memory slope in bytes per gathered index")
+        lines.append("scaling (sampled NCE sweeps): e = exponent of time in B*K (1 = linear); "
+                     "mem = transient bytes per extra gathered index (0 = flat)")
+        by = OrderedDict()
         for f in fits:
-            e = "-" if f["time_exponent"] is None else f"{f['time_exponent']:.2f}"
-            m = "-" if f["mem_bytes_per_index"] is None else f"{f['mem_bytes_per_index']:.1f}"
-            lines.append(f"  vs {f['axis']} {f['dtype']:<5} {f['provider']:<13} e = {e:>5}   mem slope = {m:>7} B/index"
-                         f"   ({f['points']} points, mem {fmt_mib(f['mem_min'])}..{fmt_mib(f['mem_max'])} MiB)")
+            by.setdefault((f["axis"], f["provider"]), []).append(f)
+        for (axis, prov), fs in by.items():
+            parts = []
+            for f in fs:
+                e = "-" if f["time_exponent"] is None else f"{f['time_exponent']:.2f}"
+                m = "-" if f["mem_bytes_per_index"] is None else f"{f['mem_bytes_per_index']:.1f}"
+                parts.append(f"{f['dtype']}: e = {e:>5}, mem = {m:>6} B/index, peak {fmt_mib(f['mem_min'])}.."
+                             f"{fmt_mib(f['mem_max'])} MiB")
+            lines.append(f"  vs {axis} {prov:<8} " + " | ".join(parts))
     skips = _skip_summary(skipped)
     if skips:
         lines.append("")

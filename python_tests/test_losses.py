@@ -19,6 +19,25 @@ from conftest import TOL, backend_params
 from dcdkernels.losses import CoCoRDLoss, CRDLoss, DCDLoss, ICDLoss, PCKDLoss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: intra-op threads only add spin-wait overhead on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cpu_backends(with_triton=True):
+    """eager + the fused backends that run on CPU tensors here (Triton ones marked ``triton``)."""
+    out = ["eager"]
+    for p in backend_params():
+        dev, be = p.values
+        if dev == "cpu" and be != "none" and (with_triton or be != "triton"):
+            out.append(pytest.param(be, marks=pytest.mark.triton) if be == "triton" else be)
+    return out
+
+
 def _run_or_skip(fn):
     """Fused kernels land op by op: a backend that lacks one of the ops a module uses skips."""
     try:
@@ -126,11 +145,8 @@ def _sgd_(params, lr=0.5):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("backend", ["eager"] + [p.values[1] for p in backend_params() if p.values[0] == "cpu"
-                                                 and p.values[1] != "none"])
+@pytest.mark.parametrize("backend", _cpu_backends(with_triton=False))  # Triton: via the parity tests below
 def test_crd_matches_repdistiller_for_three_steps(dtype, backend):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernels take fp32/bf16/fp16 (KERNELS.md)")
     torch.manual_seed(7)
     ours = CRDLoss.from_opt(OPT, backend=backend)
     torch.manual_seed(7)
@@ -243,6 +259,21 @@ def test_crd_partition_is_first_batch_estimate_or_ema():
     frozen(f_s, f_t, idx, cidx), ema(f_s, f_t, idx, cidx)
     torch.testing.assert_close(frozen.log_z, expected)  # RepDistiller: frozen
     torch.testing.assert_close(ema.log_z.exp(), 0.9 * before.exp() + 0.1 * batch_z)
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+def test_crd_bf16_banks(backend):
+    torch.manual_seed(0)
+    half = CRDLoss.from_opt(OPT, backend=backend, bank_dtype=torch.bfloat16)
+    full = CRDLoss.from_opt(OPT, backend="eager")
+    full.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.state_dict().items()})
+    for step in range(2):
+        f_s, f_t, idx, cidx = _crd_batch(step, dtype=torch.float32)
+        a = _run_or_skip(lambda: half(f_s, f_t, idx, cidx))
+        b = full(f_s, f_t, idx, cidx)
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert half.bank_s.dtype == torch.bfloat16 and half.bank_t.dtype == torch.bfloat16
+    torch.testing.assert_close(half.bank_t.float(), full.bank_t, rtol=1e-2, atol=1e-2)
 
 
 def test_crd_eval_mode_changes_no_state():
@@ -712,7 +743,8 @@ def _trajectory(factory, backend, device):
 
 
 @pytest.mark.parametrize("method", list(FACTORIES))
-@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("device, backend", [pytest.param(*p.values, marks=[*p.marks, pytest.mark.triton], id=p.id)
+                                             if p.values[1] == "triton" else p for p in backend_params()])
 def test_fused_backend_matches_eager(method, device, backend):
     ref = _trajectory(FACTORIES[method], "eager", device)
     got = _run_or_skip(lambda: _trajectory(FACTORIES[method], backend, device))

@@ -40,7 +40,8 @@ LOSSES = {0: "infonce", 1: "nce"}
 
 
 def close(actual, expected, dtype, what):
-    torch.testing.assert_close(actual.float().cpu(), expected.detach().float().cpu(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.float().cpu(), expected.detach().float().cpu(), **TOL[dtype],
+                               msg=lambda m: f"{what}: {m}")
 
 
 def unit_rows(gen, rows, dim, dtype, transposed=False):
@@ -161,6 +162,19 @@ def test_sampled_contrast_without_grad():
     close(lse, expected_lse, torch.float32, "lse")
 
 
+def test_dual_sampled_contrast_without_grad():
+    B, K, D, N = 3, 7, 16, 20
+    anchor_s, bank_t, index, _ = _sampled_inputs(B, K, D, N, torch.float32, "plain")
+    anchor_t, bank_s, _, _ = _sampled_inputs(B, K, D, N, torch.float32, "plain", seed=1)
+    s = torch.tensor(SCALE, device=DEVICE)
+    losses, lse, grad_anchors, grad_scalars = dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, s, None,
+                                                                    None, 0, True, 0, 0, 0, False)
+    assert grad_anchors.shape == (0,) and grad_scalars.shape == (0,)
+    expected = reference.dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s)
+    for name, got, want in zip(("loss_s", "loss_t", "kl", "lse_s", "lse_t"), [*losses, *lse], expected):
+        close(got, want, torch.float32, name)
+
+
 def test_sampled_contrast_skips_out_of_range_rows():
     """Validation normally rejects them; the kernel must still not read them, and treats their
     columns as absent."""
@@ -178,11 +192,20 @@ def test_sampled_contrast_skips_out_of_range_rows():
 # ----------------------------------------------------------------------------------------------
 # dual_sampled_contrast
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("loss_type", [0, 1], ids=LOSSES.get)
-@pytest.mark.parametrize("compute_kl", [True, False], ids=["kl", "nokl"])
-@pytest.mark.parametrize("B,K,D,variant", SAMPLED_CASES[1:] + [(1, 1, 3, "sampled")])
-def test_dual_sampled_contrast(B, K, D, variant, compute_kl, loss_type, dtype):
+# Every shape and flag in fp32; the 16-bit dtypes on one shape (the dual kernel is the slowest
+# one under the interpreter).
+DUAL_CASES = [(shape, kl, loss_type, torch.float32)
+              for shape in SAMPLED_CASES[1:] + [(1, 1, 3, "sampled")] for kl in (True, False) for loss_type in (0, 1)]
+DUAL_CASES += [(SAMPLED_CASES[1], True, loss_type, dtype) for dtype in DTYPES[1:] for loss_type in (0, 1)]
+
+
+DUAL_IDS = ["{}x{}x{}-{}-{}-{}-{}".format(*shape, "kl" if kl else "nokl", LOSSES[loss_type], str(dtype)[6:])
+            for shape, kl, loss_type, dtype in DUAL_CASES]
+
+
+@pytest.mark.parametrize("shape,compute_kl,loss_type,dtype", DUAL_CASES, ids=DUAL_IDS)
+def test_dual_sampled_contrast(shape, compute_kl, loss_type, dtype):
+    B, K, D, variant = shape
     N = 20
     gen = torch.Generator().manual_seed(3)
     anchor_s, bank_t, index, split = _sampled_inputs(B, K, D, N, dtype, variant, seed=2)

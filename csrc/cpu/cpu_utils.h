@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -146,6 +147,52 @@ DCD_INLINE void scale_vec(A f, A* __restrict acc, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) acc[i] *= f;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transcendentals that vectorise. In fp32, exp and log1p are branch-free polynomial versions
+// (Cephes), so loops over a block of logits compile to SIMD code; fp64 uses libm (gradcheck).
+
+// exp(x), relative error about 1e-7: 2^n * P(r) with n = round(x / ln 2), |r| <= ln(2) / 2.
+// x is clamped to [-87.3, 88]: below, the result is ~1e-38 instead of smaller, which does not
+// matter where it is used (added to 1, or to a softmax sum that holds exp(0) = 1); NaN propagates.
+DCD_INLINE float exp_v(float x) {
+  x = x < -87.33654f ? -87.33654f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split hi + lo
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+DCD_INLINE double exp_v(double x) { return std::exp(x); }
+
+// log1p(e) for e in [0, 1], relative error about 1e-7. With u = 1 + e rounded,
+// log1p(e) = log(u) * e / (u - 1) cancels the rounding of u; log(u), u in [1, 2], is
+// k ln2 + log(m) with u = 2^k m, m in [sqrt(1/2), sqrt(2)), log(1 + f) by the Cephes polynomial.
+DCD_INLINE float log1p_unit(float e) {
+  const float u = 1.0f + e;
+  const bool halve = u > 1.41421356f;
+  const float k = halve ? 1.0f : 0.0f;
+  const float f = (halve ? 0.5f * u : u) - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  const float log_u = (f + (y * f * z - 0.5f * z - 2.12194440e-4f * k)) + 0.693359375f * k;
+  return u == 1.0f ? e : log_u * (e / (u - 1.0f));
+}
+DCD_INLINE double log1p_unit(double e) { return std::log1p(e); }
 
 // ---------------------------------------------------------------------------------------------
 // Element conversion to the accumulation type.

@@ -103,8 +103,8 @@ DCD_CPU_CLONES void scan_chunk(const DualProblem<A>& pr, RowReader<A>& bank_s, R
     bank_s.load(idx[cur], n, rows_s);
     dot_rows(zs, rows_t, n, D, ds);
     dot_rows(zt, rows_s, n, D, dt);
-    const A fs = absorb_block(st_s, pr.Ps, k, ds, n, pr.grad, lgs, ws, gs);
-    const A ft = absorb_block(st_t, pr.Pt, k, dt, n, pr.grad, lgt, wt, gt);
+    const A fs = absorb_block(st_s, pr.Ps, k, ds, n, lgs, ws, gs);
+    const A ft = absorb_block(st_t, pr.Pt, k, dt, n, lgt, wt, gt);
     if (pr.kl) {
       kl.wf *= ft;
       kl.h *= ft;

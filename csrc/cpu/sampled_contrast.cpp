@@ -49,7 +49,7 @@ DCD_CPU_CLONES void scan_chunk(const SampledProblem<A>& pr, RowReader<A>& bank, 
     }
     bank.load(idx[cur], n, rows);
     dot_rows(q, rows, n, D, d);
-    const A f = absorb_block(st, pr.P, k, d, n, pr.grad, lg, w, g);
+    const A f = absorb_block(st, pr.P, k, d, n, lg, w, g);
     if (pr.grad) {
       if (pr.P.nce) {
         axpy_rows(g, rows, n, D, vec);

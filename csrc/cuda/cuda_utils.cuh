@@ -243,6 +243,23 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return t;
 }
 
+// Merges the scalar slots of `count` states (state k at states + k * stride, in global or shared
+// memory): out[i] = sum_k factor(i, k) * states[k * stride + i] for i < n_slots. One warp per
+// slot, states added in a fixed order (deterministic). Ends with a barrier: `out` (shared) is
+// then visible to the block. Every thread of the block must call it.
+template <typename Factor>
+__device__ __forceinline__ void sum_slots(const float* states, int count, int64_t stride, int n_slots,
+                                          const Factor& factor, float* out) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  for (int i = warp; i < n_slots; i += warps) {
+    float v = 0.f;
+    for (int k = lane; k < count; k += kWarp) v = fmaf(factor(i, k), states[k * stride + i], v);
+    v = warp_sum(v);
+    if (lane == 0) out[i] = v;
+  }
+  __syncthreads();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Online softmax and NCE arithmetic.
 
@@ -467,6 +484,13 @@ inline ColumnSplit split_columns(int64_t B, int64_t cols, int64_t per_step) {
 
 enum PartialSlot : int { kM = 0, kL = 1, kC = 2, kLoss = 3, kGb = 4, kScalars = 5 };
 
+// Weight of slot `slot` (kScalars and up: the vector) of a partial whose softmax sums must be
+// rescaled by f = exp(m_partial - m_merged) when partials merge: softmax-weighted sums rescale,
+// NCE sums add up.
+__device__ __forceinline__ float slot_factor(int slot, bool nce, float f) {
+  return (slot == kL || (!nce && (slot == kC || slot >= kScalars))) ? f : 1.f;
+}
+
 // The positive row of each anchor, as the merge reads it.
 struct PositiveRows {
   Matrix rows;           // bank, keys or the `positive` tensor
@@ -508,7 +532,8 @@ struct MergeParams {
 // A positive row out of range makes the anchor's loss NaN (the Python layer rejects such input).
 static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p) {
   __shared__ float scratch[kWarp];
-  __shared__ float factor[kMaxChunks];  // weight of each chunk's softmax sums in the merged ones
+  __shared__ float factor[kMaxChunks];  // exp(m_chunk - m) of each chunk
+  __shared__ float tot[kScalars];       // merged scalar slots
   const int64_t b = blockIdx.x;
   const int D = p.dim;
   const float* part = p.partials + b * p.nchunks * p.stride;
@@ -519,53 +544,36 @@ static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeP
   float d0 = NAN;
   if (!p.nce && prow >= 0) {
     float acc = 0.f;
-    for (int e = threadIdx.x; e < D; e += blockDim.x) acc += p.anchor.at(b, e) * p.pos.rows.at(prow, e);
+    for (int e = threadIdx.x; e < D; e += blockDim.x) acc = fmaf(p.anchor.at(b, e), p.pos.rows.at(prow, e), acc);
     d0 = block_sum(acc, scratch);
   }
-  const float l0 = s * d0 + beta;
+  const float l0 = fmaf(s, d0, beta);
 
   float m = -INFINITY;
   for (int c = threadIdx.x; c < p.nchunks; c += blockDim.x) m = fmaxf(m, part[c * p.stride + kM]);
   m = block_max(m, scratch);
   if (p.pos.extra_column) m = fmaxf(m, l0);
-  float l = 0.f;
-  for (int c = threadIdx.x; c < p.nchunks; c += blockDim.x) {
-    const float f = rescale(part[c * p.stride + kM], m);
-    factor[c] = f;
-    l += part[c * p.stride + kL] * f;
-  }
-  l = block_sum(l, scratch);  // its barriers also publish factor[]
+  for (int c = threadIdx.x; c < p.nchunks; c += blockDim.x) factor[c] = rescale(part[c * p.stride + kM], m);
+  __syncthreads();
+  sum_slots(part, p.nchunks, p.stride, kScalars, [&](int i, int c) { return slot_factor(i, p.nce, factor[c]); }, tot);
+
   const float p0_raw = p.pos.extra_column ? rescale(l0, m) : 0.f;  // exp(l_0 - m) of the extra column
-  l += p0_raw;
+  const float l = tot[kL] + p0_raw;
   const float lse = m + __logf(l);
-  float loss, gscale = 0.f, gbias = 0.f;
-  if (!p.nce) {
-    loss = lse - l0;
-    if (p.compute_grad) {
-      float c = 0.f;
-      for (int k = threadIdx.x; k < p.nchunks; k += blockDim.x) c += part[k * p.stride + kC] * factor[k];
-      c = block_sum(c, scratch);
-      gscale = (c + p0_raw * d0) / l - d0;
-    }
-  } else {
-    float sums[3] = {0.f, 0.f, 0.f};
-    for (int k = threadIdx.x; k < p.nchunks; k += blockDim.x) {
-      sums[0] += part[k * p.stride + kLoss];
-      sums[1] += part[k * p.stride + kC];
-      sums[2] += part[k * p.stride + kGb];
-    }
-    loss = prow >= 0 ? block_sum(sums[0], scratch) : NAN;
-    if (p.compute_grad) {
-      gscale = block_sum(sums[1], scratch);
-      gbias = block_sum(sums[2], scratch);
-    }
-  }
   if (threadIdx.x == 0) {
-    p.loss[b] = loss;
     p.lse[b] = lse;
-    if (p.compute_grad) {
-      p.grad_scalars[b] = gscale;
-      p.grad_scalars[p.B + b] = gbias;  // InfoNCE: exactly 0
+    if (!p.nce) {
+      p.loss[b] = lse - l0;
+      if (p.compute_grad) {
+        p.grad_scalars[b] = (tot[kC] + p0_raw * d0) / l - d0;
+        p.grad_scalars[p.B + b] = 0.f;  // exactly: a shared shift cancels in the softmax
+      }
+    } else {
+      p.loss[b] = prow >= 0 ? tot[kLoss] : NAN;
+      if (p.compute_grad) {
+        p.grad_scalars[b] = tot[kC];
+        p.grad_scalars[p.B + b] = tot[kGb];
+      }
     }
   }
   if (!p.compute_grad) return;
@@ -574,12 +582,10 @@ static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeP
   const float p0 = p0_raw * inv_l;  // probability of the extra positive column
   for (int e = threadIdx.x; e < D; e += blockDim.x) {
     float a = 0.f;
+    for (int c = 0; c < p.nchunks; ++c) a = fmaf(slot_factor(kScalars, p.nce, factor[c]), part[c * p.stride + kScalars + e], a);
     if (!p.nce) {
-      for (int k = 0; k < p.nchunks; ++k) a += part[k * p.stride + kScalars + e] * factor[k];
       const float r0 = prow >= 0 ? p.pos.rows.at(prow, e) : NAN;
       a = a * inv_l + (p0 - 1.f) * r0;
-    } else {
-      for (int k = 0; k < p.nchunks; ++k) a += part[k * p.stride + kScalars + e];
     }
     p.grad_anchor[b * D + e] = s * a;
     if (p.pos.extra_column) p.grad_positive[b * D + e] = s * (p0 - 1.f) * p.anchor.at(b, e);

@@ -55,7 +55,7 @@ struct SampledParams {
 };
 
 template <typename T, int NV>
-__global__ void __launch_bounds__(kMaxGroup) sampled_partials_kernel(const SampledParams p) {
+__global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const SampledParams p) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int R = rows_per_step<NV>();
   extern __shared__ float smem[];
@@ -179,8 +179,9 @@ __global__ void __launch_bounds__(kMaxGroup) sampled_partials_kernel(const Sampl
   }
   // Several groups: stage their states in shared memory and merge them in group order.
   const int span = tpr * NV * V;  // elements covered by a group (>= D)
-  float* gs = smem;                      // [groups][kScalars]
-  float* gv = smem + groups * kScalars;  // [groups][span]
+  float* gs = smem;                        // [groups][kScalars]
+  float* gv = gs + groups * kScalars;      // [groups][span]
+  float* factor = gv + groups * span;      // [groups]: exp(m_group - m_block)
   if (t == 0) {
     float* st = gs + group * kScalars;
     st[kM] = m, st[kL] = l, st[kC] = c, st[kLoss] = loss, st[kGb] = gb;
@@ -193,26 +194,18 @@ __global__ void __launch_bounds__(kMaxGroup) sampled_partials_kernel(const Sampl
     }
   }
   __syncthreads();
-  const bool owner = threadIdx.x < groups;  // thread g merges the scalars of group g
-  const float* st = gs + threadIdx.x * kScalars;
-  const float mg = owner ? st[kM] : -INFINITY;
-  const float m_all = block_max(mg, scratch);
-  const float f = owner ? rescale(mg, m_all) : 0.f;
-  const float keep = p.nce ? 1.f : f;  // weight of the group's row sums
-  const float l_all = block_sum(owner ? st[kL] * f : 0.f, scratch);
-  const float c_all = block_sum(owner ? st[kC] * keep : 0.f, scratch);
-  const float loss_all = block_sum(owner ? st[kLoss] : 0.f, scratch);
-  const float gb_all = block_sum(owner ? st[kGb] : 0.f, scratch);
-  // Every read of gs[.][kM] is behind the barriers above: reuse the slot for `keep`.
-  if (owner) gs[threadIdx.x * kScalars + kM] = keep;
+  const float m_block = block_max(threadIdx.x < groups ? gs[threadIdx.x * kScalars + kM] : -INFINITY, scratch);
+  if (threadIdx.x < groups) factor[threadIdx.x] = rescale(gs[threadIdx.x * kScalars + kM], m_block);
   __syncthreads();
+  float* tot = scratch;  // free again after block_max
+  sum_slots(gs, groups, kScalars, kScalars, [&](int i, int g) { return slot_factor(i, p.nce, factor[g]); }, tot);
   if (threadIdx.x == 0) {
-    out[kM] = m_all, out[kL] = l_all, out[kC] = c_all, out[kLoss] = loss_all, out[kGb] = gb_all;
+    out[kM] = m_block, out[kL] = tot[kL], out[kC] = tot[kC], out[kLoss] = tot[kLoss], out[kGb] = tot[kGb];
   }
   if (p.compute_grad) {
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
       float a = 0.f;
-      for (int g = 0; g < groups; ++g) a = fmaf(gs[g * kScalars + kM], gv[g * span + e], a);
+      for (int g = 0; g < groups; ++g) a = fmaf(slot_factor(kScalars, p.nce, factor[g]), gv[g * span + e], a);
       out[kScalars + e] = a;
     }
   }
@@ -224,7 +217,7 @@ void launch_partials(const SampledParams& p, const RowLayout& lay, int64_t B, cu
   constexpr int R = rows_per_step<NV>();
   const int groups = lay.block / lay.tpr;
   // Shared memory: the groups' states for the block merge, or the cross-warp dot scratch.
-  const size_t smem = groups > 1 ? sizeof(float) * groups * (kScalars + lay.tpr * NV * V)
+  const size_t smem = groups > 1 ? sizeof(float) * groups * (kScalars + lay.tpr * NV * V + 1)
                                  : sizeof(float) * 2 * R * kWarp;
   sampled_partials_kernel<T, NV><<<static_cast<unsigned>(B * p.nchunks), lay.block, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -77,7 +77,8 @@ class PCKDLoss(nn.Module):
         self.ce_weight, self.fa_weight, self.ca_weight = float(ce_weight), float(fa_weight), float(ca_weight)
         self.cc_weight, self.kd_weight = float(cc_weight), float(kd_weight)
         self.preview, self.preview_base, self.min_weight = preview, float(preview_base), float(min_weight)
-        self.start_quantile, self.preview_epochs, self.hard_weight = float(start_quantile), int(preview_epochs), float(hard_weight)
+        self.start_quantile, self.preview_epochs = float(start_quantile), int(preview_epochs)
+        self.hard_weight = float(hard_weight)
         self.backend = backend
         self.embed_s = Embed(s_dim, s_dim)  # anchors for the student's centres
         self.embed_t = Embed(s_dim, t_dim)  # anchors for the teacher's centres (teacher space)

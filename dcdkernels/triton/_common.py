@@ -102,9 +102,9 @@ def chunk_scales(stats_ptr, b, num_chunks, M_SLOT: tl.constexpr, NUM_STATS: tl.c
 
 
 @triton.jit
-def merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC: tl.constexpr, NUM_VECS: tl.constexpr, M_SLOT: tl.constexpr,
-                        NUM_STATS: tl.constexpr, m_ref, offs_d, d_mask, D, RESCALE: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+def merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC: tl.constexpr, NUM_VECS: tl.constexpr,
+                        M_SLOT: tl.constexpr, NUM_STATS: tl.constexpr, m_ref, offs_d, d_mask, D,
+                        RESCALE: tl.constexpr, BLOCK_D: tl.constexpr):
     """``sum_c w_c vec[b, c, VEC, offs_d]`` over the chunks of anchor ``b`` (workspace ``vec``
     (B, chunks, NUM_VECS, D)), with ``w_c = e^(stats[b, c, M_SLOT] - m_ref)`` for online-softmax
     partials (RESCALE) and ``w_c = 1`` for plain sums."""
@@ -134,8 +134,13 @@ def device_guard(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+def sm_count(device):
+    """Number of SMs of the CUDA ``device``."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def sm_count(device_index):
+def _sm_count(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -194,8 +199,8 @@ def plan_chunks(batch, cols, block_k, device, num_chunks=None):
     tiles = triton.cdiv(cols, block_k)
     if num_chunks is None:
         if device.type == "cuda":
-            target = PROGRAMS_PER_SM * sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            num_chunks = min(triton.cdiv(target, batch), triton.cdiv(tiles, MIN_TILES_PER_CHUNK))
+            num_chunks = min(triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch),
+                             triton.cdiv(tiles, MIN_TILES_PER_CHUNK))
         else:
             num_chunks = 1
     num_chunks = max(1, min(int(num_chunks), tiles, MAX_CHUNKS))

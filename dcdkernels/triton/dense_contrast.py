@@ -236,8 +236,7 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
     # Smaller anchor blocks when few programs would leave most SMs idle.
     block_m = _block(B, MAX_BLOCK_M)
     if anchor.is_cuda:
-        device_index = device.index if device.index is not None else torch.cuda.current_device()
-        while block_m > MIN_DOT and triton.cdiv(B, block_m) * slices < sm_count(device_index):
+        while block_m > MIN_DOT and triton.cdiv(B, block_m) * slices < sm_count(device):
             block_m //= 2
     has_positive = positive is not None
     with device_guard(anchor):

@@ -1,0 +1,589 @@
+// CUDA kernel of dual_sampled_contrast (SPEC §1c; contract: csrc/KERNELS.md).
+//
+// Both CRD directions at the same columns: the student anchor z_s against bank_t rows
+// (l^s_k = s <z_s, bank_t[idx_k]> + beta) and the teacher anchor z_t against bank_s rows
+// (l^t_k = s <z_t, bank_s[idx_k]> + beta), plus KL(p^t || p^s), from one read of each row of
+// each bank. Organisation as in sampled_contrast.cu: split-K blocks of row groups that keep
+// online states in registers (dual_partials_kernel), then one block per anchor merges the
+// chunks (dual_merge_kernel).
+//
+// KL per row, with f_k = l^t_k - l^s_k, w^t_k = exp(l^t_k - m_t), L_t = sum_k w^t_k:
+//   KL = F - LSE^t + LSE^s,  F = sum_k p^t_k f_k = Wf / L_t
+//   dKL/dz_s = s sum_k (p^s_k - p^t_k) bank_t_k     = s (As / L_s - Bt / L_t)
+//   dKL/dz_t = s sum_k p^t_k (f_k - F) bank_s_k     = s (E - F At) / L_t
+//   dKL/ds   = sum_k (p^s_k - p^t_k) d^s_k + sum_k p^t_k (f_k - F) d^t_k
+//            = C_s / L_s - H / L_t + (U - F C_t) / L_t
+// where As = sum w^s bank_t_k, At = sum w^t bank_s_k, Bt = sum w^t bank_t_k,
+// E = sum w^t f_k bank_s_k, C = sum w d, H = sum w^t d^s_k, Wf = sum w^t f_k,
+// U = sum w^t f_k d^t_k (all rescaled with m_t, except As and C_s with m_s). dKL/dbeta = 0.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+
+#include "cuda/cuda_utils.cuh"
+
+namespace dcdkernels {
+namespace gpu {
+namespace {
+
+// Per-thread register budget: two anchor slices and up to six row-sum slices of NV * V floats.
+constexpr int kMaxFloatsPerThread = 8;
+
+// Rows (of each bank) a group gathers per step.
+template <int NV>
+constexpr int rows_per_step() {
+  return NV >= 2 ? 1 : 2;
+}
+
+// Scalar slots of a dual partial: per direction (s: student anchor vs bank_t, t: teacher
+// anchor vs bank_s) max m, sum l = sum exp(l - m), C = sum exp(l - m) d, and the NCE sums
+// Gd = sum g d, Loss, Gb = sum g; then the KL sums of the teacher weights Wf, H, U.
+enum DualSlot : int {
+  kMs = 0, kLs, kCs, kGds, kLosss, kGbs,
+  kMt, kLt, kCt, kGdt, kLosst, kGbt,
+  kWf, kH, kU,
+  kDualScalars
+};
+
+// Which direction's max rescales a scalar slot when states merge: 0 = none (max itself or an
+// NCE sum), 1 = student, 2 = teacher.
+__device__ __forceinline__ int slot_direction(int slot) {
+  switch (slot) {
+    case kLs:
+    case kCs:
+      return 1;
+    case kLt:
+    case kCt:
+    case kWf:
+    case kH:
+    case kU:
+      return 2;
+    default:
+      return 0;
+  }
+}
+
+// The D-vectors a partial accumulates (only with gradients), by slot; -1 = not needed.
+struct VectorSlots {
+  int As = -1, At = -1;  // softmax-weighted rows (InfoNCE gradient, KL gradient): s, t
+  int Gs = -1, Gt = -1;  // NCE: sum g^s bank_t rows, sum g^t bank_s rows
+  int Bt = -1, E = -1;   // KL: sum w^t bank_t rows, sum w^t f bank_s rows
+  int count = 0;
+
+  VectorSlots() = default;
+  VectorSlots(bool grad, bool nce, bool kl) {
+    if (!grad) return;
+    if (!nce || kl) As = count++, At = count++;
+    if (nce) Gs = count++, Gt = count++;
+    if (kl) Bt = count++, E = count++;
+  }
+
+  // Which direction's max rescales slot v when states merge (as slot_direction).
+  __host__ __device__ int direction(int v) const { return v == As ? 1 : (v == Gs || v == Gt) ? 0 : 2; }
+};
+
+struct DualParams {
+  Matrix zs, zt;
+  const void* bank_s;
+  const void* bank_t;
+  int64_t stride_s, stride_t;  // elements between bank rows
+  ColumnRows columns;
+  int64_t cols;  // K + 1
+  int dim;
+  bool vector_loads;  // D % V == 0 and the rows of both banks aligned for V-element loads
+  int tpr;
+  int64_t chunk_cols;
+  int nchunks;
+  const float* logit_scale;
+  const float* bias;   // null: 0
+  const float* log_z;  // NCE: (log Z_s, log Z_t)
+  bool nce, kl, compute_grad;
+  NceConsts nc;
+  VectorSlots vs;
+  float* partials;  // (B, nchunks, stride): kDualScalars scalars, then vs.count D-vectors
+  int64_t stride;
+};
+
+template <int NV, int V>
+__device__ __forceinline__ void zero(float (&v)[NV][V]) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[j][i] = 0.f;
+  }
+}
+
+// v = v * keep + sum_r w[r] x[r]  (this thread's slice)
+template <int R, int NV, int V, typename Frag>
+__device__ __forceinline__ void axpy(float (&v)[NV][V], float keep, const float (&w)[R], const Frag (&x)[R][NV]) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      float a = v[j][i] * keep;
+#pragma unroll
+      for (int r = 0; r < R; ++r) a = fmaf(w[r], x[r][j][i], a);
+      v[j][i] = a;
+    }
+  }
+}
+
+template <typename TS, typename TT, int NV>
+__global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualParams p) {
+  constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+  constexpr int R = rows_per_step<NV>();
+  extern __shared__ float smem[];
+  __shared__ float scratch[kWarp];
+  const int tpr = p.tpr, D = p.dim;
+  const int groups = blockDim.x / tpr;
+  const int group = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int64_t b = blockIdx.x / p.nchunks;
+  const int64_t c0 = (blockIdx.x % p.nchunks) * p.chunk_cols;
+  const int64_t c1 = min(c0 + p.chunk_cols, p.cols);
+  const TS* bank_s = static_cast<const TS*>(p.bank_s);
+  const TT* bank_t = static_cast<const TT*>(p.bank_t);
+  const VectorSlots& vs = p.vs;
+  const bool soft_vecs = vs.As >= 0, nce_vecs = vs.Gs >= 0, kl_vecs = vs.Bt >= 0;
+
+  float zs[NV][V], zt[NV][V];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int e = (t + j * tpr) * V + i;
+      zs[j][i] = e < D ? p.zs.at(b, e) : 0.f;
+      zt[j][i] = e < D ? p.zt.at(b, e) : 0.f;
+    }
+  }
+  const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
+  const float log_z_s = p.nce ? p.log_z[0] : 0.f, log_z_t = p.nce ? p.log_z[1] : 0.f;
+
+  float st[kDualScalars];
+#pragma unroll
+  for (int i = 0; i < kDualScalars; ++i) st[i] = 0.f;
+  st[kMs] = st[kMt] = -INFINITY;
+  float as[NV][V], at[NV][V], gs[NV][V], gt[NV][V], bt[NV][V], ev[NV][V];
+  zero(as), zero(at), zero(gs), zero(gt), zero(bt), zero(ev);
+
+  int parity = 0;
+  for (int64_t base = c0; base < c1; base += groups * R, parity ^= 1) {
+    const int64_t col0 = base + group * R;
+    int64_t row[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) row[r] = col0 + r < c1 ? p.columns.row(b, col0 + r) : -1;
+
+    RowFrag<TS, V> xs[R][NV];  // bank_s rows: teacher direction
+    RowFrag<TT, V> xt[R][NV];  // bank_t rows: student direction
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        const int e0 = (t + j * tpr) * V;
+        if (row[r] >= 0 && e0 < D) {
+          const TS* src_s = bank_s + row[r] * p.stride_s + e0;
+          const TT* src_t = bank_t + row[r] * p.stride_t + e0;
+          if (p.vector_loads) {
+            xs[r][j].load_vector(src_s);
+            xt[r][j].load_vector(src_t);
+          } else {
+            xs[r][j].load_scalars(src_s, min(V, D - e0));
+            xt[r][j].load_scalars(src_t, min(V, D - e0));
+          }
+        } else {
+          xs[r][j].clear();
+          xt[r][j].clear();
+        }
+      }
+    }
+
+    // d[r] = d^s (z_s . bank_t row), d[R + r] = d^t (z_t . bank_s row)
+    float d[2 * R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float ds = 0.f, dt = 0.f;
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          ds = fmaf(zs[j][i], xt[r][j][i], ds);
+          dt = fmaf(zt[j][i], xs[r][j][i], dt);
+        }
+      }
+      d[r] = ds, d[R + r] = dt;
+    }
+    group_sum<2 * R>(d, tpr, smem, parity);
+
+    float ls[R], lt[R], ws[R], wt[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      ls[r] = row[r] >= 0 ? fmaf(s, d[r], beta) : -INFINITY;
+      lt[r] = row[r] >= 0 ? fmaf(s, d[R + r], beta) : -INFINITY;
+    }
+    const float fs = online_absorb<R>(st[kMs], st[kLs], ls, ws);
+    const float ft = online_absorb<R>(st[kMt], st[kLt], lt, wt);
+    float gsw[R], gtw[R], wtf[R];  // NCE dL/dl per direction; KL w^t f
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const bool present = row[r] >= 0;
+      gsw[r] = gtw[r] = 0.f;
+      if (p.nce && present) {
+        gsw[r] = nce_term(ls[r], col0 + r == 0, log_z_s, p.nc, st[kLosss]);
+        gtw[r] = nce_term(lt[r], col0 + r == 0, log_z_t, p.nc, st[kLosst]);
+      }
+      wtf[r] = present ? wt[r] * (lt[r] - ls[r]) : 0.f;
+    }
+    if (p.kl) {
+      st[kWf] *= ft;
+#pragma unroll
+      for (int r = 0; r < R; ++r) st[kWf] += wtf[r];
+    }
+    if (!p.compute_grad) continue;
+    st[kCs] *= fs, st[kCt] *= ft;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      st[kCs] = fmaf(ws[r], d[r], st[kCs]);
+      st[kCt] = fmaf(wt[r], d[R + r], st[kCt]);
+    }
+    if (p.nce) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        st[kGds] = fmaf(gsw[r], d[r], st[kGds]);
+        st[kGdt] = fmaf(gtw[r], d[R + r], st[kGdt]);
+        st[kGbs] += gsw[r];
+        st[kGbt] += gtw[r];
+      }
+    }
+    if (p.kl) {
+      st[kH] *= ft, st[kU] *= ft;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        st[kH] = fmaf(wt[r], d[r], st[kH]);
+        st[kU] = fmaf(wtf[r], d[R + r], st[kU]);
+      }
+    }
+    if (soft_vecs) axpy(as, fs, ws, xt), axpy(at, ft, wt, xs);
+    if (nce_vecs) axpy(gs, 1.f, gsw, xt), axpy(gt, 1.f, gtw, xs);
+    if (kl_vecs) axpy(bt, ft, wt, xt), axpy(ev, ft, wtf, xs);
+  }
+
+  // One partial per block; a thread's vector slices by slot.
+  float* out = p.partials + static_cast<int64_t>(blockIdx.x) * p.stride;
+  auto vec_of = [&](int slot, int j, int i) {
+    if (slot == vs.As) return as[j][i];
+    if (slot == vs.At) return at[j][i];
+    if (slot == vs.Gs) return gs[j][i];
+    if (slot == vs.Gt) return gt[j][i];
+    if (slot == vs.Bt) return bt[j][i];
+    return ev[j][i];
+  };
+  if (groups == 1) {
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int i = 0; i < kDualScalars; ++i) out[i] = st[i];
+    }
+    for (int v = 0; v < vs.count; ++v) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const int e = (t + j * tpr) * V + i;
+          if (e < D) out[kDualScalars + v * D + e] = vec_of(v, j, i);
+        }
+      }
+    }
+    return;
+  }
+  // Several groups: stage their states in shared memory and merge them in group order.
+  const int span = tpr * NV * V;  // elements covered by a group (>= D)
+  float* gst = smem;                                  // [groups][kDualScalars]
+  float* gvec = gst + groups * kDualScalars;          // [groups][vs.count][span]
+  float* factor = gvec + groups * vs.count * span;    // [3][groups]: none, student, teacher
+  if (t == 0) {
+#pragma unroll
+    for (int i = 0; i < kDualScalars; ++i) gst[group * kDualScalars + i] = st[i];
+  }
+  for (int v = 0; v < vs.count; ++v) {
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) gvec[(group * vs.count + v) * span + (t + j * tpr) * V + i] = vec_of(v, j, i);
+    }
+  }
+  __syncthreads();
+  const bool owner = threadIdx.x < groups;
+  const float* own = gst + threadIdx.x * kDualScalars;
+  const float ms = block_max(owner ? own[kMs] : -INFINITY, scratch);
+  const float mt = block_max(owner ? own[kMt] : -INFINITY, scratch);
+  if (owner) {
+    factor[threadIdx.x] = 1.f;
+    factor[groups + threadIdx.x] = rescale(own[kMs], ms);
+    factor[2 * groups + threadIdx.x] = rescale(own[kMt], mt);
+  }
+  __syncthreads();
+  float* tot = scratch;  // kDualScalars <= 32 floats, free again after block_max
+  sum_slots(gst, groups, kDualScalars, kDualScalars,
+            [&](int i, int g) { return factor[slot_direction(i) * groups + g]; }, tot);
+  if (threadIdx.x < kDualScalars) {
+    const int i = threadIdx.x;
+    out[i] = i == kMs ? ms : i == kMt ? mt : tot[i];
+  }
+  for (int v = 0; v < vs.count; ++v) {
+    const float* f = factor + vs.direction(v) * groups;
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+      float a = 0.f;
+      for (int g = 0; g < groups; ++g) a = fmaf(f[g], gvec[(g * vs.count + v) * span + e], a);
+      out[kDualScalars + v * D + e] = a;
+    }
+  }
+}
+
+struct DualMergeParams {
+  const float* partials;
+  int nchunks;
+  int64_t stride;
+  int64_t B;
+  int dim;
+  Matrix zs, zt, bank_s, bank_t;
+  const int64_t* index;  // positive row of anchor b: index[b * index_stride]
+  int64_t index_stride;
+  const float* logit_scale;
+  const float* bias;
+  bool nce, kl, compute_grad;
+  VectorSlots vs;
+  float* losses;        // (3, B)
+  float* lse;           // (2, B)
+  float* grad_anchors;  // (4, B, D)
+  float* grad_scalars;  // (2, 3, B)
+};
+
+// One block per anchor: merges the chunks of both directions and the KL sums, and writes the
+// outputs of the contract (formulas at the top of this file; InfoNCE and NCE as in
+// merge_partials_kernel). A positive row out of range makes the anchor's losses NaN.
+__global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p) {
+  __shared__ float scratch[kWarp];
+  __shared__ float factor[3][kMaxChunks];  // none, student, teacher: exp(m_chunk - m)
+  __shared__ float tot[kDualScalars];
+  const int64_t b = blockIdx.x, B = p.B;
+  const int D = p.dim;
+  const float* part = p.partials + b * p.nchunks * p.stride;
+  const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
+  const VectorSlots& vs = p.vs;
+
+  int64_t prow = p.index[b * p.index_stride];
+  prow = (prow >= 0 && prow < p.bank_s.rows) ? prow : -1;
+  // InfoNCE: dots with the positive rows (student: bank_t row, teacher: bank_s row).
+  float d0s = NAN, d0t = NAN;
+  if (!p.nce && prow >= 0) {
+    float as = 0.f, at = 0.f;
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+      as = fmaf(p.zs.at(b, e), p.bank_t.at(prow, e), as);
+      at = fmaf(p.zt.at(b, e), p.bank_s.at(prow, e), at);
+    }
+    d0s = block_sum(as, scratch);
+    d0t = block_sum(at, scratch);
+  }
+
+  float ms = -INFINITY, mt = -INFINITY;
+  for (int c = threadIdx.x; c < p.nchunks; c += blockDim.x) {
+    ms = fmaxf(ms, part[c * p.stride + kMs]);
+    mt = fmaxf(mt, part[c * p.stride + kMt]);
+  }
+  ms = block_max(ms, scratch);
+  mt = block_max(mt, scratch);
+  for (int c = threadIdx.x; c < p.nchunks; c += blockDim.x) {
+    factor[0][c] = 1.f;
+    factor[1][c] = rescale(part[c * p.stride + kMs], ms);
+    factor[2][c] = rescale(part[c * p.stride + kMt], mt);
+  }
+  __syncthreads();
+  sum_slots(part, p.nchunks, p.stride, kDualScalars, [&](int i, int c) { return factor[slot_direction(i)][c]; },
+            tot);
+
+  const float Ls = tot[kLs], Lt = tot[kLt];
+  const float lse_s = ms + __logf(Ls), lse_t = mt + __logf(Lt);
+  const float F = tot[kWf] / Lt;
+  if (threadIdx.x == 0) {
+    p.lse[b] = lse_s;
+    p.lse[B + b] = lse_t;
+    if (p.nce) {
+      p.losses[b] = prow >= 0 ? tot[kLosss] : NAN;
+      p.losses[B + b] = prow >= 0 ? tot[kLosst] : NAN;
+    } else {
+      p.losses[b] = lse_s - fmaf(s, d0s, beta);
+      p.losses[B + b] = lse_t - fmaf(s, d0t, beta);
+    }
+    p.losses[2 * B + b] = p.kl ? F - lse_t + lse_s : 0.f;
+    if (p.compute_grad) {
+      // grad_scalars[(which * 3 + term) * B + b]: which 0 = d/ds, 1 = d/dbeta; term L^s, L^t, KL.
+      float* g = p.grad_scalars;
+      if (p.nce) {
+        g[0 * B + b] = tot[kGds], g[3 * B + b] = tot[kGbs];
+        g[1 * B + b] = tot[kGdt], g[4 * B + b] = tot[kGbt];
+      } else {
+        g[0 * B + b] = tot[kCs] / Ls - d0s, g[3 * B + b] = 0.f;
+        g[1 * B + b] = tot[kCt] / Lt - d0t, g[4 * B + b] = 0.f;
+      }
+      g[2 * B + b] = p.kl ? tot[kCs] / Ls - tot[kH] / Lt + (tot[kU] - F * tot[kCt]) / Lt : 0.f;
+      g[5 * B + b] = 0.f;
+    }
+  }
+  if (!p.compute_grad) return;
+
+  const float inv_ls = 1.f / Ls, inv_lt = 1.f / Lt;
+  float* g_ls = p.grad_anchors + b * D;             // dL^s/dz_s
+  float* g_lt = p.grad_anchors + (B + b) * D;       // dL^t/dz_t
+  float* g_kls = p.grad_anchors + (2 * B + b) * D;  // dKL/dz_s
+  float* g_klt = p.grad_anchors + (3 * B + b) * D;  // dKL/dz_t
+  for (int e = threadIdx.x; e < D; e += blockDim.x) {
+    // Element e of vector slot v merged over the chunks.
+    auto merged = [&](int v) {
+      const float* f = factor[vs.direction(v)];
+      float a = 0.f;
+      for (int c = 0; c < p.nchunks; ++c) a = fmaf(f[c], part[c * p.stride + kDualScalars + v * D + e], a);
+      return a;
+    };
+    const float As = vs.As >= 0 ? merged(vs.As) : 0.f;
+    const float At = vs.At >= 0 ? merged(vs.At) : 0.f;
+    if (p.nce) {
+      g_ls[e] = s * merged(vs.Gs);
+      g_lt[e] = s * merged(vs.Gt);
+    } else {
+      const float rt0 = prow >= 0 ? p.bank_t.at(prow, e) : NAN;
+      const float rs0 = prow >= 0 ? p.bank_s.at(prow, e) : NAN;
+      g_ls[e] = s * (As * inv_ls - rt0);
+      g_lt[e] = s * (At * inv_lt - rs0);
+    }
+    if (p.kl) {
+      g_kls[e] = s * (As * inv_ls - merged(vs.Bt) * inv_lt);
+      g_klt[e] = s * (merged(vs.E) - F * At) * inv_lt;
+    } else {
+      g_kls[e] = 0.f;
+      g_klt[e] = 0.f;
+    }
+  }
+}
+
+template <typename TS, typename TT, int NV>
+void launch_partials(const DualParams& p, const RowLayout& lay, int64_t B, cudaStream_t stream) {
+  constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+  constexpr int R = rows_per_step<NV>();
+  const int groups = lay.block / lay.tpr;
+  // Shared memory: the groups' states and factors for the block merge, or the cross-warp dot scratch.
+  const size_t smem = groups > 1
+                          ? sizeof(float) * groups * (kDualScalars + p.vs.count * lay.tpr * NV * V + 3)
+                          : sizeof(float) * 2 * (2 * R) * kWarp;
+  dual_partials_kernel<TS, TT, NV><<<static_cast<unsigned>(B * p.nchunks), lay.block, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast_cuda(
+    const at::Tensor& anchor_s, const at::Tensor& anchor_t, const at::Tensor& bank_s, const at::Tensor& bank_t,
+    const at::Tensor& index, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
+    int64_t offset, bool compute_grad) {
+  TORCH_CHECK(anchor_s.is_cuda(), "anchor_s must be a CUDA tensor, got ", anchor_s.device());
+  const c10::cuda::CUDAGuard guard(anchor_s.device());
+  const Matrix zs = matrix_of(anchor_s, "anchor_s"), zt = matrix_of(anchor_t, "anchor_t");
+  const int64_t B = anchor_s.size(0), D = anchor_s.size(1);
+  TORCH_CHECK(anchor_t.sizes() == anchor_s.sizes(), "anchor_t has shape ", anchor_t.sizes(), " but anchor_s has ",
+              anchor_s.sizes());
+  for (const at::Tensor* t : {&anchor_t, &bank_s, &bank_t, &index}) {
+    TORCH_CHECK(t->device() == anchor_s.device(), "every tensor must be on ", anchor_s.device(), ", got ",
+                t->device());
+  }
+  const Matrix ms = matrix_of(bank_s, "bank_s"), mt = matrix_of(bank_t, "bank_t");
+  TORCH_CHECK(bank_s.size(1) == D && bank_t.size(1) == D, "the banks must be (N, D) with D = ", D);
+  TORCH_CHECK(D <= 1 || (bank_s.stride(1) == 1 && bank_t.stride(1) == 1), "bank rows must be contiguous");
+  const int64_t N = bank_t.size(0);
+  TORCH_CHECK(bank_s.size(0) == N, "bank_s has ", bank_s.size(0), " rows but bank_t has ", N);
+  TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
+  const bool nce = loss_type == 1;
+  TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z = (log Z_s, log Z_t)");
+  int64_t cols = 0;
+  const ColumnRows columns = column_rows(index, B, num_negatives, seed, offset, N, cols);
+
+  const auto opts = anchor_s.options().dtype(at::kFloat);
+  at::Tensor losses = at::empty({3, B}, opts), lse = at::empty({2, B}, opts);
+  at::Tensor grad_anchors = compute_grad ? at::empty({4, B, D}, opts) : at::empty({0}, opts);
+  at::Tensor grad_scalars = compute_grad ? at::empty({2, 3, B}, opts) : at::empty({0}, opts);
+  if (B == 0) return {losses, lse, grad_anchors, grad_scalars};
+  TORCH_CHECK(D > 0, "anchor_s has D = 0");
+
+  DualParams p{};
+  p.zs = zs;
+  p.zt = zt;
+  p.bank_s = bank_s.data_ptr();
+  p.bank_t = bank_t.data_ptr();
+  p.stride_s = bank_s.stride(0);
+  p.stride_t = bank_t.stride(0);
+  p.columns = columns;
+  p.cols = cols;
+  p.dim = static_cast<int>(D);
+  p.logit_scale = device_scalar(logit_scale, anchor_s, "logit_scale");
+  p.bias = bias.has_value() ? device_scalar(*bias, anchor_s, "bias") : nullptr;
+  p.log_z = nce ? device_scalar(*log_z, anchor_s, "log_z", 2) : nullptr;
+  p.nce = nce;
+  p.kl = compute_kl;
+  p.compute_grad = compute_grad;
+  p.nc = nce_consts(cols - 1, N);
+  p.vs = VectorSlots(compute_grad, nce, compute_kl);
+  p.stride = kDualScalars + static_cast<int64_t>(p.vs.count) * D;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partials;
+  dispatch_bank_type(bank_s, "bank_s", [&](auto tag_s) {
+    dispatch_bank_type(bank_t, "bank_t", [&](auto tag_t) {
+      using TS = decltype(tag_s);
+      using TT = decltype(tag_t);
+      constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+      const RowLayout lay = row_layout(D, V, kMaxFloatsPerThread / V);
+      dispatch_nv<kMaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
+        constexpr int NV = decltype(nv_tag)::value;
+        const ColumnSplit split = split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step<NV>());
+        p.tpr = lay.tpr;
+        p.chunk_cols = split.chunk_cols;
+        p.nchunks = split.nchunks;
+        p.vector_loads = D % V == 0 && rows_aligned(bank_s, V * sizeof(TS)) && rows_aligned(bank_t, V * sizeof(TT));
+        partials = at::empty({B * split.nchunks * p.stride}, opts);
+        p.partials = partials.data_ptr<float>();
+        launch_partials<TS, TT, NV>(p, lay, B, stream);
+      });
+    });
+  });
+
+  DualMergeParams mp{};
+  mp.partials = p.partials;
+  mp.nchunks = p.nchunks;
+  mp.stride = p.stride;
+  mp.B = B;
+  mp.dim = p.dim;
+  mp.zs = zs;
+  mp.zt = zt;
+  mp.bank_s = ms;
+  mp.bank_t = mt;
+  mp.index = columns.index;  // column 0 (explicit) or the (B,) positives
+  mp.index_stride = columns.stride_b;
+  mp.logit_scale = p.logit_scale;
+  mp.bias = p.bias;
+  mp.nce = nce;
+  mp.kl = compute_kl;
+  mp.compute_grad = compute_grad;
+  mp.vs = p.vs;
+  mp.losses = losses.data_ptr<float>();
+  mp.lse = lse.data_ptr<float>();
+  mp.grad_anchors = compute_grad ? grad_anchors.data_ptr<float>() : nullptr;
+  mp.grad_scalars = compute_grad ? grad_scalars.data_ptr<float>() : nullptr;
+  dual_merge_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(mp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {losses, lse, grad_anchors, grad_scalars};
+}
+
+}  // namespace
+}  // namespace gpu
+}  // namespace dcdkernels
+
+TORCH_LIBRARY_IMPL(dcdkernels_C, CUDA, m) {
+  m.impl("dual_sampled_contrast", &dcdkernels::gpu::dual_sampled_contrast_cuda);
+}
