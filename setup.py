@@ -58,8 +58,11 @@ def _extensions():
     use_cuda, why = _want_cuda(torch)
     if not use_cuda:
         print(f"dcdkernels: building without CUDA ({why})")
+    # -fno-trapping-math -fno-math-errno (as torch itself is built): without them g++ will not
+    # vectorise the CPU kernels' branch-free exp/log1p loops (csrc/cpu/cpu_utils.h).
     extra = {
-        "cxx": ["-O3", "-fopenmp", "-std=c++20", "-DDCDKERNELS_WITH_CUDA=%d" % int(use_cuda)],
+        "cxx": ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math", "-fno-math-errno",
+                "-DDCDKERNELS_WITH_CUDA=%d" % int(use_cuda)],
     }
     inc = [os.path.join(ROOT, "csrc")]
     if use_cuda:

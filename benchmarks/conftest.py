@@ -41,6 +41,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-compile-timeout", type=float,
                 default=float(os.environ.get("DCDK_BENCH_COMPILE_TIMEOUT", "120")),
                 help="skip a size whose torch.compile warm-up takes longer (seconds)")
+    g.addoption("--bench-threads", type=int, default=int(os.environ.get("DCDK_BENCH_THREADS", "0")),
+                help="torch.set_num_threads for the run (0: torch's default). On a shared, loaded machine "
+                     "OpenMP barriers stall for whole scheduler slices: use 1 there")
     g.addoption("--bench-table", action="store_true", default=False,
                 help="also print pytest-benchmark's own per-group table")
 
@@ -79,6 +82,8 @@ def pytest_configure(config):
         raise pytest.UsageError(f"--bench-providers: unknown {bad}; choose from {PROVIDERS}")
     CFG.providers = provs
     CFG.disabled = disabled
+    if _opt(config, "bench_threads"):
+        torch.set_num_threads(_opt(config, "bench_threads"))
     CFG.target_s = float(_opt(config, "benchmark_max_time", 1.0) or 1.0)
     CFG.min_rounds = int(_opt(config, "benchmark_min_rounds", 5) or 5)
     if dev == "cpu":

@@ -26,8 +26,8 @@ Peak transient memory of one step (recorded in ``benchmark.extra_info``):
 """
 import contextlib
 import math
-import os
 import signal
+import threading
 import time
 from typing import Callable, Dict, Iterable, Optional
 
@@ -73,9 +73,14 @@ def sync():
 # ---------------------------------------------------------------------------------------------
 def skip_reason(provider: str, ops: Iterable[str]) -> Optional[str]:
     """Why ``provider`` cannot run ``ops`` on the benchmark device here, or None."""
+    why = _unavailable(provider, list(ops))
+    if why is None and provider not in CFG.providers:
+        why = f"{provider}: deselected (--bench-providers={','.join(CFG.providers)})"
+    return why
+
+
+def _unavailable(provider: str, ops) -> Optional[str]:
     dev = CFG.device.type
-    if provider not in CFG.providers:
-        return f"{provider}: deselected (--bench-providers={','.join(CFG.providers)})"
     if provider in ("eager", "compile"):
         return None
     avail = dcdkernels.availability()
@@ -108,12 +113,6 @@ def skip_reason(provider: str, ops: Iterable[str]) -> Optional[str]:
     return f"unknown provider {provider!r}"
 
 
-def require(provider: str, ops: Iterable[str]) -> None:
-    why = skip_reason(provider, list(ops))
-    if why:
-        pytest.skip(why)
-
-
 class CompileTimeout(BaseException):
     """Raised by the alarm when torch.compile's warm-up runs past the limit (a BaseException, so
     that no ``except Exception`` inside dynamo swallows it)."""
@@ -121,8 +120,8 @@ class CompileTimeout(BaseException):
 
 @contextlib.contextmanager
 def _alarm(seconds: Optional[float]):
-    usable = seconds and seconds > 0 and hasattr(signal, "SIGALRM") and \
-        __import__("threading").current_thread() is __import__("threading").main_thread()
+    usable = (seconds and seconds > 0 and hasattr(signal, "SIGALRM")
+              and threading.current_thread() is threading.main_thread())
     if not usable:
         yield
         return
@@ -260,6 +259,13 @@ class Bench:
                         f"{CFG.compile_timeout:.0f} s to compile at this size (--bench-compile-timeout)")
         except NotImplementedError as exc:
             pytest.skip(f"{provider}: {exc}")
+        except Exception as exc:
+            if provider != "compile":
+                raise
+            torch._dynamo.reset()
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            pytest.skip(f"compile: torch.compile ({CFG.compile_backend}) failed on this code: "
+                        f"{type(exc).__name__}: {first_line}")
         first = time.perf_counter() - t0
         if provider == "compile":
             info["compile_s"] = round(first, 3)
@@ -289,6 +295,3 @@ def grad_step(loss_fn: Callable[[], torch.Tensor], inputs) -> Callable[[], None]
 
     return step
 
-
-def env_flag(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)

@@ -24,6 +24,9 @@ from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional
 
 PROVIDER_ORDER = ("eager", "eager-lightly", "compile", "cpu", "triton", "cuda")
+COLORS = {"eager": "tab:blue", "eager-lightly": "tab:cyan", "compile": "tab:orange", "cpu": "tab:green",
+          "triton": "tab:purple", "cuda": "tab:red"}
+DTYPE_ORDER = {"fp32": 0, "bf16": 1}
 FUSED = ("cpu", "triton", "cuda")
 MiB = float(1 << 20)
 
@@ -156,7 +159,8 @@ def scaling_fits(records: List[dict]) -> List[dict]:
     """Per series: time exponent in B*K (log-log slope), linear fit of time vs B(K+1) (R^2),
     and the transient-memory slope in bytes per gathered index (B(K+1))."""
     out = []
-    for (axis, dtype, prov), pts in sorted(scaling_series(records).items(), key=lambda kv: (kv[0][0], kv[0][1], _pkey(kv[0][2]))):
+    for (axis, dtype, prov), pts in sorted(scaling_series(records).items(),
+                                           key=lambda kv: (kv[0][0], DTYPE_ORDER.get(kv[0][1], 9), _pkey(kv[0][2]))):
         work = [r["B"] * (r["K"] + 1) for _, r in pts]
         t = [r["median"] for _, r in pts]
         mem = [r.get("peak_bytes") for _, r in pts]
@@ -338,13 +342,14 @@ def plot_scaling(records: List[dict], out: str) -> List[str]:
             keys = [k for k in series if k[0] == axis]
             if not keys:
                 continue
-            dtypes = sorted({k[1] for k in keys})
+            dtypes = sorted({k[1] for k in keys}, key=lambda d: DTYPE_ORDER.get(d, 9))
             fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
             for ax, dt in zip(axes[0], dtypes):
                 for k in sorted((k for k in keys if k[1] == dt), key=lambda k: _pkey(k[2])):
                     pts = [(v, get(r)) for v, r in series[k] if get(r) is not None]
                     if pts:
-                        ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], marker="o", label=k[2])
+                        ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], marker="o", label=k[2],
+                                color=COLORS.get(k[2]))
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel(axis)
@@ -375,8 +380,8 @@ def plot_speedup(records: List[dict], out: str) -> List[str]:
     h = 0.8 / len(provs)
     for i, p in enumerate(provs):
         ys = [j + i * h for j in range(len(names))]
-        xs = [groups[g].get(p, {}).get("vs_eager") or 0 for g in names]
-        ax.barh(ys, xs, height=h, label=p)
+        xs = [groups[g].get(p, {}).get("vs_eager") or float("nan") for g in names]
+        ax.barh(ys, xs, height=h, label=p, color=COLORS.get(p))
     ax.set_yticks([j + 0.4 - h / 2 for j in range(len(names))])
     ax.set_yticklabels(names, fontsize=7)
     ax.axvline(1.0, color="k", lw=0.8)

@@ -11,7 +11,6 @@ is deterministic, time is not, so only memory is asserted.
 import math
 
 import pytest
-import torch
 
 import dcdkernels
 from benchmarks import baselines as BL

@@ -158,7 +158,9 @@ DCD_INLINE void scale_vec(A f, A* __restrict acc, int64_t n) {
 DCD_INLINE float exp_v(float x) {
   x = x < -87.33654f ? -87.33654f : x;
   x = x > 88.0f ? 88.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |x / ln 2| < 2^22; no libm call, so
+  // the loop vectorises).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, ln2 split hi + lo
   float y = 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
@@ -190,7 +192,11 @@ DCD_INLINE float log1p_unit(float e) {
   y = y * f - 2.4999993993e-1f;
   y = y * f + 3.3333331174e-1f;
   const float log_u = (f + (y * f * z - 0.5f * z - 2.12194440e-4f * k)) + 0.693359375f * k;
-  return u == 1.0f ? e : log_u * (e / (u - 1.0f));
+  // u - 1 is exact; it is 0 only when e < 2^-24 (then log1p(e) = e). The division is done either
+  // way (by 1 then), so the compiler can turn the selection into a blend.
+  const float t = u - 1.0f;
+  const float ratio = e / (t == 0.0f ? 1.0f : t);
+  return t == 0.0f ? e : log_u * ratio;
 }
 DCD_INLINE double log1p_unit(double e) { return std::log1p(e); }
 

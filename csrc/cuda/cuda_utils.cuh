@@ -514,7 +514,6 @@ struct MergeParams {
   PositiveRows pos;
   const float* logit_scale;
   const float* bias;  // null: 0
-  bool nce;
   bool compute_grad;
   // outputs; the gradients only with compute_grad, grad_positive only with pos.extra_column
   float* loss;
@@ -530,7 +529,8 @@ struct MergeParams {
 //            d/dbeta = 0; with an extra positive column, d/dpositive = s (p_0 - 1) q.
 //   NCE:     the chunk sums add up; grad = s sum_k g_k row_k, d/ds = sum g d, d/dbeta = sum g.
 // A positive row out of range makes the anchor's loss NaN (the Python layer rejects such input).
-static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p) {
+template <bool kNce>
+__global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p) {
   __shared__ float scratch[kWarp];
   __shared__ float factor[kMaxChunks];  // exp(m_chunk - m) of each chunk
   __shared__ float tot[kScalars];       // merged scalar slots
@@ -542,7 +542,7 @@ static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeP
   // The positive: its dot (InfoNCE needs l_0 and row_0; NCE only its presence).
   const int64_t prow = p.pos.row(b);
   float d0 = NAN;
-  if (!p.nce && prow >= 0) {
+  if (!kNce && prow >= 0) {
     float acc = 0.f;
     for (int e = threadIdx.x; e < D; e += blockDim.x) acc = fmaf(p.anchor.at(b, e), p.pos.rows.at(prow, e), acc);
     d0 = block_sum(acc, scratch);
@@ -555,14 +555,14 @@ static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeP
   if (p.pos.extra_column) m = fmaxf(m, l0);
   for (int c = threadIdx.x; c < p.nchunks; c += blockDim.x) factor[c] = rescale(part[c * p.stride + kM], m);
   __syncthreads();
-  sum_slots(part, p.nchunks, p.stride, kScalars, [&](int i, int c) { return slot_factor(i, p.nce, factor[c]); }, tot);
+  sum_slots(part, p.nchunks, p.stride, kScalars, [&](int i, int c) { return slot_factor(i, kNce, factor[c]); }, tot);
 
   const float p0_raw = p.pos.extra_column ? rescale(l0, m) : 0.f;  // exp(l_0 - m) of the extra column
   const float l = tot[kL] + p0_raw;
   const float lse = m + __logf(l);
   if (threadIdx.x == 0) {
     p.lse[b] = lse;
-    if (!p.nce) {
+    if (!kNce) {
       p.loss[b] = lse - l0;
       if (p.compute_grad) {
         p.grad_scalars[b] = (tot[kC] + p0_raw * d0) / l - d0;
@@ -582,8 +582,8 @@ static __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeP
   const float p0 = p0_raw * inv_l;  // probability of the extra positive column
   for (int e = threadIdx.x; e < D; e += blockDim.x) {
     float a = 0.f;
-    for (int c = 0; c < p.nchunks; ++c) a = fmaf(slot_factor(kScalars, p.nce, factor[c]), part[c * p.stride + kScalars + e], a);
-    if (!p.nce) {
+    for (int c = 0; c < p.nchunks; ++c) a = fmaf(slot_factor(kScalars, kNce, factor[c]), part[c * p.stride + kScalars + e], a);
+    if (!kNce) {
       const float r0 = prow >= 0 ? p.pos.rows.at(prow, e) : NAN;
       a = a * inv_l + (p0 - 1.f) * r0;
     }

@@ -294,14 +294,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
   mp.pos = PositiveRows{matrix_of(bank, "bank"), columns.index, columns.stride_b, false};  // column 0
   mp.logit_scale = p.logit_scale;
   mp.bias = p.bias;
-  mp.nce = nce;
   mp.compute_grad = compute_grad;
   mp.loss = loss.data_ptr<float>();
   mp.lse = lse.data_ptr<float>();
   mp.grad_anchor = compute_grad ? grad_anchor.data_ptr<float>() : nullptr;
   mp.grad_scalars = compute_grad ? grad_scalars.data_ptr<float>() : nullptr;
   mp.grad_positive = nullptr;
-  merge_partials_kernel<<<static_cast<unsigned>(B), 256, 0, stream>>>(mp);
+  if (nce) {
+    merge_partials_kernel<true><<<static_cast<unsigned>(B), 256, 0, stream>>>(mp);
+  } else {
+    merge_partials_kernel<false><<<static_cast<unsigned>(B), 256, 0, stream>>>(mp);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, lse, grad_anchor, grad_scalars};
 }

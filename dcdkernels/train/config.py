@@ -116,7 +116,12 @@ def build_parser():
         prog="dcdkernels-train",
         description="Train (or load) a teacher, then distill a student with a dcdkernels loss. "
                     "Default: CRD + CE with RepDistiller's weights on scikit-learn's digits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+        epilog="Defaults that depend on the dataset (override any of them): " + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DATASET_DEFAULTS.items())
+        + ". Loss weights default to RepDistiller's for the method (kd: -r 0.1 -a 0.9 -b 0; crd: -r 1 -a 0 "
+          "-b 0.8; crd+kd: -a 1 -b 0.8; dcd/icd: -r 1 -a 0 -b 1). Other defaults: seed 0, kd_T 4, feat_dim 128, "
+          "nce_t 0.07, nce_m 0.5, weight_decay 5e-4, momentum 0.9, lr_decay_rate 0.1, backend auto.",
+        argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), help="digits (embedded) or cifar100 (--data-dir)")
     g.add_argument("--data-dir", help="CIFAR-100 python version: cifar-100-python/ folder, its parent, or the .tar.gz")

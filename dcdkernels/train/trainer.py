@@ -218,11 +218,17 @@ def evaluate(model, dataset, rt, batch_size=512):
     return 100.0 * correct / max(total, 1), loss / max(total, 1)
 
 
-def resolved_backend(backend, device):
-    """What ``backend`` means on ``device`` for the fused contrast ops (for the report)."""
+def contrast_op(cfg, method):
+    """The op that carries the method's contrast (for reporting which kernel ran)."""
+    base = distill_mod.split_method(method)[0]
+    return "dual_sampled_contrast" if distill_mod.uses_memory(cfg, base) else "dense_contrast"
+
+
+def resolved_backend(backend, device, op="dual_sampled_contrast"):
+    """What ``backend`` means on ``device`` for ``op`` (for the report)."""
     try:
         from .. import backends
-        r = backends.resolve(backend, device, "dual_sampled_contrast")
+        r = backends.resolve(backend, device, op)
         return r if backend != "auto" else f"auto->{r}"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"{backend} (unavailable: {exc})"
@@ -298,10 +304,11 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
 
     net = module
     if rt.distributed:
+        replicate_memory_updates(module.criterion)
         net = nn.parallel.DistributedDataParallel(
             module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             broadcast_buffers=False,  # banks / queues are per-rank state, never overwritten from rank 0
-            find_unused_parameters=base in ("cocord", "pckd"))
+            find_unused_parameters=base in ("cocord", "pckd") or (module.criterion is not None and not module.beta))
 
     steps_per_epoch = len(loader)
     total_steps = phase.epochs * steps_per_epoch
@@ -330,6 +337,8 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if rt.distributed:
+                    sync_partition_estimates(module.criterion)
                 step += 1
                 n = batch["y"].numel()
                 seen += n
@@ -349,6 +358,8 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                 torch.cuda.synchronize(rt.device)
             epoch_time = time.perf_counter() - t0
             train_time += epoch_time
+            if rt.distributed:
+                broadcast_bn_buffers(module.student)
             tot = rt.all_sum(sums.tolist() + [part_sums[k] for k in sorted(part_sums)])
             loss_avg, train_acc = tot[0] / tot[2], 100.0 * tot[1] / tot[2]
             parts_avg = {k: v / tot[2] for k, v in zip(sorted(part_sums), tot[3:])}
@@ -367,7 +378,8 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
     samples = sum(h["samples"] for h in history)
     res = dict(
         phase=phase.name, title=phase.title, arch=canonical_name(phase.arch), method=phase.method,
-        backend=phase.backend, backend_resolved=resolved_backend(phase.backend, rt.device) if module.criterion is not None else "-",
+        backend=phase.backend, backend_resolved=(resolved_backend(phase.backend, rt.device, contrast_op(cfg, phase.method))
+                          if module.criterion is not None else "-"),
         epochs=phase.epochs, test_acc=history[-1]["test_acc"] if history else float("nan"),
         best_acc=max((h["test_acc"] for h in history), default=float("nan")),
         train_time_s=train_time, steps=step, steps_per_s=step / train_time if train_time > 0 else float("nan"),
@@ -382,6 +394,52 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
         write_json(res, result_path)
     rt.barrier()
     return res, module
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed: DDP runs with broadcast_buffers=False (banks and queues are never
+# overwritten by rank 0's); these keep the replicated state identical on every rank instead.
+# ----------------------------------------------------------------------------------------------
+def replicate_memory_updates(criterion):
+    """Make the loss module's bank update replicated: every rank all-gathers (idx, z_s, z_t) in rank
+    order and applies the same update, so the banks stay bit-identical across ranks (as if one
+    process had seen the concatenated batch; SPEC §5 replicated mode). Modules without an
+    ``update_banks`` method (CoCoRD's queue, PCKD) are left alone: their state is per rank."""
+    fn = getattr(criterion, "update_banks", None)
+    if fn is None or getattr(criterion, "_replicated_updates", False):
+        return
+    from ..memory.distributed import all_gather_rows
+
+    def update_banks(idx, z_s, z_t, momentum, backend):
+        idx = idx.reshape(-1)
+        local = torch.tensor([idx.numel()], device=idx.device)
+        sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, local)
+        sizes = [int(v) for v in sizes]
+        return fn(all_gather_rows(idx, sizes, None), all_gather_rows(z_s.detach().contiguous(), sizes, None),
+                  all_gather_rows(z_t.detach().contiguous(), sizes, None), momentum, backend)
+
+    criterion.update_banks = update_banks
+    criterion._replicated_updates = True
+
+
+@torch.no_grad()
+def sync_partition_estimates(criterion):
+    """NCE partition estimates (``log_z`` buffers) from rank 0, so every rank scores with the same Z."""
+    if criterion is None:
+        return
+    for name, buf in criterion.named_buffers():
+        if name.split(".")[-1] == "log_z":
+            dist.broadcast(buf, 0)
+    if hasattr(criterion, "_refresh_mirrors"):
+        criterion._refresh_mirrors()
+
+
+@torch.no_grad()
+def broadcast_bn_buffers(model):
+    """BatchNorm running statistics from rank 0 (once per epoch, before evaluation and saving)."""
+    for buf in model.buffers():
+        dist.broadcast(buf, 0)
 
 
 def _in_kernel_negatives(cfg):
@@ -506,7 +564,7 @@ def _train(cfg, rt):
     log(rt, f"dcdkernels-train: {cfg.dataset} ({len(dataset.train)} train / {len(dataset.test)} test, "
             f"{dataset.num_classes} classes), teacher {cfg.teacher}, student {cfg.student}, method {cfg.method} "
             f"(gamma {cfg.gamma:g}, alpha {cfg.alpha:g}, beta {cfg.beta:g}), backend {cfg.backend} "
-            f"[{resolved_backend(cfg.backend, rt.device)}], device {rt.device}, world {rt.world_size}, "
+            f"[{resolved_backend(cfg.backend, rt.device, contrast_op(cfg, cfg.method))}], device {rt.device}, world {rt.world_size}, "
             f"torch threads {torch.get_num_threads()}, run folder {out_dir}")
     results = dict(config=cfg.to_dict(), dataset=dict(name=dataset.name, n_train=len(dataset.train),
                                                       n_test=len(dataset.test), num_classes=dataset.num_classes),
@@ -523,7 +581,9 @@ def _train(cfg, rt):
     ph = Phase("student", title + f" [{cfg.backend}]", cfg.student, cfg.method, cfg.backend, cfg.epochs, cfg.lr,
                cfg.lr_decay_epochs, teacher)
     results["phases"]["student"], _ = run_phase(cfg, ph, dataset, rt, out_dir, resume)
-    if cfg.compare_eager and base not in ("ce",):
+    if cfg.compare_eager and base in ("ce", "kd"):
+        log(rt, f"--compare-eager: method {cfg.method} has no contrastive loss module, nothing to compare")
+    elif cfg.compare_eager:
         ph = Phase("student_eager", title + " [eager]", cfg.student, cfg.method, "eager", cfg.epochs, cfg.lr,
                    cfg.lr_decay_epochs, teacher)
         results["phases"]["student_eager"], _ = run_phase(cfg, ph, dataset, rt, out_dir, resume)
@@ -621,7 +681,7 @@ def plot_curves(results, path):
     for key, r in phases:
         ep = [h["epoch"] for h in r["history"]]
         label = f"{key}: {r['arch']} {r['method'] if key.startswith('student') else 'ce'} ({r.get('backend_resolved', '-')})"
-        style = "--" if key == "student_eager" else "-"
+        style = ("--" if key == "student_eager" else "-") + ("." if len(ep) <= 30 else "")
         axes[0].plot(ep, [h["test_acc"] for h in r["history"]], style, label=label)
         axes[1].plot(ep, [h["loss"] for h in r["history"]], style, label=label)
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")

@@ -183,6 +183,13 @@ def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
     return index.shape[1] - 1
 
 
+def num_warps_for(block_d, vectors):
+    """Warps of a partial program holding ``vectors`` D-long fp32 accumulators: 8 once they
+    would take more than 32 registers per thread at 4 warps (128 threads), as in the dual
+    kernel from D = 1024 on."""
+    return 8 if vectors * block_d > 32 * 128 else 4
+
+
 def block_k_for(block_d, rows_per_column=1):
     """Columns per gathered tile: TILE_ELEMENTS in all (``rows_per_column`` banks read per column)."""
     return max(1, min(MAX_BLOCK_K, TILE_ELEMENTS // (block_d * rows_per_column)))

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
                       column_rows, device_guard, load_row_slice, merge_chunk_vectors, nce_column_terms, nce_constants,
-                      online_softmax_step, plan_chunks, scalar_arg)
+                      num_warps_for, online_softmax_step, plan_chunks, scalar_arg)
 from .rng import rng_key
 
 # Statistics of one (anchor, chunk): a block of DIR_STATS per direction (s at 0, t at DIR_STATS),
@@ -331,7 +331,8 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale
             logit_scale, logit_scale if bias is None else bias, logit_scale if log_z is None else log_z,
             stats, vec,
             D, cols, cols_per_chunk, K, as_int64(seed), as_int64(offset), log_c_eps, log1p_eps_c,
-            SAMPLED=sampled, BLOCK_K=block_k, BLOCK_D=block_d, **flags,
+            SAMPLED=sampled, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps_for(block_d, NUM_VECS.value),
+            **flags,
         )
         _dual_sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
             stats, vec, chunks,

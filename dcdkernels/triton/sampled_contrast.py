@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
                       column_rows, device_guard, load_row_slice, merge_chunk_vectors, nce_column_terms, nce_constants,
-                      online_softmax_step, plan_chunks, scalar_arg)
+                      num_warps_for, online_softmax_step, plan_chunks, scalar_arg)
 from .rng import rng_key
 
 # Slots of the per-(anchor, chunk) statistics in the workspace.
@@ -195,7 +195,7 @@ def sampled_contrast(anchor, bank, index, logit_scale, bias, log_z, loss_type, n
             stats, vec,
             D, cols, cols_per_chunk, K, as_int64(seed), as_int64(offset), log_c_eps, log1p_eps_c,
             LOSS_TYPE=loss_type, SAMPLED=sampled, HAS_BIAS=bias is not None, COMPUTE_GRAD=compute_grad,
-            BLOCK_K=block_k, BLOCK_D=block_d,
+            BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps_for(block_d, 1),
         )
         _sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
             stats, vec, chunks,
