@@ -1,8 +1,9 @@
 """Pieces shared by the Triton sampled-contrast kernels (one bank and dual bank).
 
 Device functions: the column -> bank row map (explicit index or in-kernel sampling), one step of
-an online softmax, and the per-column NCE terms. Host helpers: argument checks, and the split of
-the K+1 columns into chunks (one program per (anchor, chunk), SPEC §1, csrc/KERNELS.md).
+an online softmax, the per-column NCE terms, and the merge of per-chunk partials. Host helpers:
+argument checks (the shape checks that keep every access in bounds), launch parameters, and the
+split of the K+1 columns into chunks (one program per (anchor, chunk); SPEC §1, csrc/KERNELS.md).
 """
 import contextlib
 import functools
@@ -160,6 +161,8 @@ def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
     B, D = anchor.shape
     for name, bank in banks.items():
         check_kernel_dtype(name, bank)
+        if bank.dim() != 2 or bank.shape[1] != D:
+            raise ValueError(f"{name} must be (N, D) with D = {D}, got shape {tuple(bank.shape)}")
         if bank.stride(1) != 1:
             raise ValueError(f"{name} rows must be contiguous (stride(1) == 1), got strides {tuple(bank.stride())}")
     if D > MAX_D:
@@ -170,6 +173,8 @@ def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
         raise ValueError("loss_type=1 (NCE) needs log_z")
     if index.dtype != torch.int64:
         raise TypeError(f"index must be int64, got {index.dtype}")
+    if index.dim() not in (1, 2) or index.shape[0] != B:
+        raise ValueError(f"index must have one row per anchor (B = {B}), got shape {tuple(index.shape)}")
     n_rows = next(iter(banks.values())).shape[0]
     if index.dim() == 1:
         if num_negatives < 1:
@@ -177,9 +182,9 @@ def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
         if n_rows >= 2**32:
             raise ValueError("in-kernel sampling needs fewer than 2**32 bank rows")
         return num_negatives
-    if index.dim() != 2 or index.shape[1] < 2 or num_negatives != 0:
-        raise ValueError(f"index must be (B, K+1), K >= 1, with num_negatives=0, or (B,) with num_negatives=K > 0; "
-                         f"got shape {tuple(index.shape)} and num_negatives={num_negatives}")
+    if index.shape[1] < 2 or num_negatives != 0:
+        raise ValueError(f"index must be (B, K+1), K >= 1, with num_negatives=0, or (B,) with num_negatives=K > 0;"
+                         f" got shape {tuple(index.shape)} and num_negatives={num_negatives}")
     return index.shape[1] - 1
 
 

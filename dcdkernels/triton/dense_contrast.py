@@ -209,23 +209,29 @@ def _num_warps(rows, cols):
 
 
 def _check(anchor, keys, target, positive):
+    """The shape checks that keep every access in bounds (values are validated upstream).
+    Returns ``target`` contiguous (the kernels read it with stride 1)."""
     check_kernel_dtype("anchor", anchor)
     check_kernel_dtype("keys", keys)
+    if keys.dim() != 2 or keys.shape[1] != anchor.shape[1]:
+        raise ValueError(f"keys must be (M, D) with D = {anchor.shape[1]}, got shape {tuple(keys.shape)}")
     if (target is None) == (positive is None):
         raise ValueError("dense_contrast: give exactly one of target (B,) and positive (B, D)")
-    if target is not None and target.dtype != torch.int64:
-        raise TypeError(f"target must be int64, got {target.dtype}")
+    if target is not None and (target.dtype != torch.int64 or target.shape != anchor.shape[:1]):
+        raise ValueError(f"target must be int64 of shape (B,) = ({anchor.shape[0]},), got {target.dtype} "
+                         f"{tuple(target.shape)}")
     if positive is not None:
         check_kernel_dtype("positive", positive)
         if positive.shape != anchor.shape:
             raise ValueError(f"positive must be (B, D) = {tuple(anchor.shape)}, got {tuple(positive.shape)}")
+    return None if target is None else target.contiguous()
 
 
 def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_grad):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::dense_contrast``:
     ``(loss (B,), lse (B,), grad_anchor (B, D), grad_positive (B, D), grad_scalars (2, B))``, fp32;
     the gradients are (0,) when not ``compute_grad``, grad_positive also without ``positive``."""
-    _check(anchor, keys, target, positive)
+    target = _check(anchor, keys, target, positive)
     B, D = anchor.shape
     M = keys.shape[0]
     device = anchor.device
@@ -267,9 +273,11 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     """Same arguments and output as the C++ op ``dcdkernels_C::dense_contrast_backward_keys``:
     ``grad_keys (M, D)`` fp32, ``s * sum_b g_b (p_bj - [target_b == j]) q_b`` (no target term
     with ``positive``; ``grad_rows`` = grad_output * weight)."""
-    _check(anchor, keys, target, positive)
+    target = _check(anchor, keys, target, positive)
     B, D = anchor.shape
     M = keys.shape[0]
+    if lse.shape != (B,) or grad_rows.shape != (B,):
+        raise ValueError(f"lse and grad_rows must be ({B},), got {tuple(lse.shape)} and {tuple(grad_rows.shape)}")
     device = anchor.device
     logit_scale, bias = scalar_arg(logit_scale, device), scalar_arg(bias, device)
     lse = lse.to(torch.float32).contiguous()
