@@ -42,8 +42,8 @@ def pytest_addoption(parser):
                 default=float(os.environ.get("DCDK_BENCH_COMPILE_TIMEOUT", "120")),
                 help="skip a size whose torch.compile warm-up takes longer (seconds)")
     g.addoption("--bench-threads", type=int, default=int(os.environ.get("DCDK_BENCH_THREADS", "0")),
-                help="torch.set_num_threads for the run (0: torch's default). On a shared, loaded machine "
-                     "OpenMP barriers stall for whole scheduler slices: use 1 there")
+                help="torch.set_num_threads for the benchmarks (0: torch's default; smoke runs use 1). On a "
+                     "shared, loaded machine OpenMP barriers stall for whole scheduler slices: use 1 there")
     g.addoption("--bench-table", action="store_true", default=False,
                 help="also print pytest-benchmark's own per-group table")
 
@@ -82,8 +82,8 @@ def pytest_configure(config):
         raise pytest.UsageError(f"--bench-providers: unknown {bad}; choose from {PROVIDERS}")
     CFG.providers = provs
     CFG.disabled = disabled
-    if _opt(config, "bench_threads"):
-        torch.set_num_threads(_opt(config, "bench_threads"))
+    # Smoke shapes gain nothing from threads, and on a shared CI machine OpenMP barriers stall.
+    CFG.threads = _opt(config, "bench_threads") or (1 if size_set == "smoke" else 0)
     CFG.target_s = float(_opt(config, "benchmark_max_time", 1.0) or 1.0)
     CFG.min_rounds = int(_opt(config, "benchmark_min_rounds", 5) or 5)
     if dev == "cpu":
@@ -142,9 +142,16 @@ def bench(benchmark):
 
 
 @pytest.fixture(autouse=True)
-def _bench_seed():
+def _bench_seed_and_threads():
+    """Seed every benchmark; apply --bench-threads (1 in smoke runs) to this folder's tests only,
+    so other test folders collected in the same session keep torch's default."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    if CFG.threads:
+        torch.set_num_threads(CFG.threads)
     yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -162,8 +169,8 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["dcdkernels"] = {
-        "device": CFG.device.type, "device_name": harness.device_name(), "size_set": CFG.size_set,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": CFG.device.type, "device_name": harness.device_name(CFG.threads or None),
+        "size_set": CFG.size_set, "torch": torch.__version__, "threads": CFG.threads or torch.get_num_threads(),
         "compile_backend": CFG.compile_backend,
         "copy_bw_GBps": round(harness.copy_bandwidth_GBps(), 2) if not CFG.disabled else None,
         "availability": {k: list(v) for k, v in __import__("dcdkernels").availability().items()},
@@ -188,7 +195,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from benchmarks import report
 
     terminalreporter.write_sep("=", "dcdkernels benchmark summary")
-    for line in report.summary_lines(benches, CFG.skipped, size_set=CFG.size_set, device=harness.device_name()):
+    device = harness.device_name(CFG.threads or None)
+    for line in report.summary_lines(benches, CFG.skipped, size_set=CFG.size_set, device=device):
         terminalreporter.write_line(line)
     json_path = _opt(config, "benchmark_json")
     if json_path:

@@ -251,11 +251,11 @@ def markdown(benches, skipped, machine, meta, plots: List[str]) -> str:
     info = (machine or {}).get("dcdkernels", {})
     size_set = info.get("size_set") or next((r.get("size_set") for r in records if r.get("size_set")), "?")
     device = info.get("device_name") or next((r.get("device_name") for r in records), "?")
-    L = [f"# dcdkernels benchmark report ({device})", ""]
+    L = [f"# dcdkernels benchmark report ({device}){' - SMOKE RUN' if size_set == 'smoke' else ''}", ""]
     if size_set == "smoke":
         L += ["> **SMOKE RUN**: tiny shapes that only exercise the pipeline. The times below say nothing",
               "> about the speed of any backend; do not quote them.", ""]
-    L += [f"- device: {device}; torch {info.get('torch', '?')}; {info.get('threads', '?')} CPU threads",
+    L += [f"- device: {device}; torch {info.get('torch', '?')}; torch threads: {info.get('threads', '?')}",
           f"- size set: `{size_set}`; torch.compile backend: `{info.get('compile_backend', '?')}`",
           f"- device copy bandwidth measured in this session: {info.get('copy_bw_GBps', '?')} GB/s "
           "((read + written bytes) / s of a large `copy_`)",

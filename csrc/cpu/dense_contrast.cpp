@@ -3,9 +3,10 @@
 // target_b or a separate positive key (column 0 before the M keys).
 //
 // Flash-attention style on CPU: the keys are taken in tiles of KT rows and the anchors in tiles
-// of BT rows; for each (anchor tile, key tile) one (BT, KT) block of dots comes from a BLAS
-// matmul, and the per-row online softmax state (max m, sum l, weighted dot sum cw, weighted key
-// sum a) absorbs it, rescaled by exp(m_old - m_new). The (B, M) logits never exist.
+// of kAnchorTile rows; for each (anchor tile, key tile) one block of dots comes from a BLAS
+// matmul, the per-row online softmax state (max m, sum l, weighted dot sum cw, weighted key
+// sum a) absorbs it, rescaled by exp(m_old - m_new), and a += W K is a second matmul. The
+// (B, M) logits never exist.
 //   loss_b = LSE_b - l_b,pos;  grad_q_b = s (a_b / l_b - k_pos_b);  d/ds = cw_b / l_b - d_b,pos
 // The key gradient recomputes p_bj = exp(l_bj - LSE_b) block by block from the saved LSE:
 //   grad_keys_j = s sum_b g_b (p_bj - [target_b == j]) q_b.
@@ -22,6 +23,41 @@ constexpr int64_t kAnchorTile = 256;
 // Keys per tile: a converted key tile stays around 1 MiB of fp32 (the size of L2).
 int64_t key_tile(int64_t D) {
   return std::max<int64_t>(16, std::min<int64_t>(1024, (int64_t(1) << 18) / std::max<int64_t>(D, 1)));
+}
+
+// Online-softmax update of one anchor row with its block of dots w[0, mt) (overwritten with the
+// weights): m_new = max(m, max_j l_j), l_j = s d_j + beta; the sums so far are rescaled by
+// exp(m - m_new) (cw and the weighted key sum a too, when gradients are wanted), and
+// w_j = exp(l_j - m_new) is left in the block for a += W K.
+template <typename A>
+DCD_CPU_CLONES void absorb_row(A* w, int64_t mt, A s, A beta, A& m, A& l, A* cw, A* a, int64_t D) {
+  A block_max = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : block_max)
+  for (int64_t j = 0; j < mt; ++j) block_max = std::max(block_max, s * w[j] + beta);
+  const A m_new = std::max(m, block_max);
+  const A f = m == m_new ? A(1) : std::exp(m - m_new);
+  A sum_w = 0, sum_wd = 0;
+#pragma omp simd reduction(+ : sum_w, sum_wd)
+  for (int64_t j = 0; j < mt; ++j) {
+    const A d = w[j];
+    w[j] = exp_v(s * d + beta - m_new);
+    sum_w += w[j];
+    sum_wd += w[j] * d;
+  }
+  m = m_new;
+  l = l * f + sum_w;
+  if (cw != nullptr) {
+    *cw = *cw * f + sum_wd;
+    if (f != A(1)) scale_vec(f, a, D);
+  }
+}
+
+// Key-gradient weights of one anchor row, in place over its block of dots:
+// w_j = g exp(s d_j + beta - LSE) = g p_j.
+template <typename A>
+DCD_CPU_CLONES void probabilities_row(A* w, int64_t mt, A s, A beta_minus_lse, A g) {
+#pragma omp simd
+  for (int64_t j = 0; j < mt; ++j) w[j] = g * exp_v(s * w[j] + beta_minus_lse);
 }
 
 struct DenseInputs {
@@ -65,14 +101,43 @@ DenseInputs prepare(const at::Tensor& anchor, const at::Tensor& keys, const c10:
   return in;
 }
 
+// Runs the key tiles through the online softmax state (m, l, and with grad cw, a) of every anchor.
+template <typename A>
+void scan_key_tiles(const DenseInputs& in, const at::Tensor& keys, at::Tensor& m, at::Tensor& l, at::Tensor& cw,
+                    at::Tensor& a, bool grad) {
+  const int64_t B = in.B, M = in.M, D = in.D;
+  const A s = static_cast<A>(in.s), beta = static_cast<A>(in.beta);
+  A* m_p = m.data_ptr<A>();
+  A* l_p = l.data_ptr<A>();
+  A* cw_p = grad ? cw.data_ptr<A>() : nullptr;
+  A* a_p = grad ? a.data_ptr<A>() : nullptr;
+  const int64_t KT = key_tile(D);
+  for (int64_t j0 = 0; j0 < M; j0 += KT) {
+    const int64_t mt = std::min(KT, M - j0);
+    const at::Tensor k = keys.narrow(0, j0, mt).to(in.acc);  // a view when the keys are already acc-typed
+    for (int64_t b0 = 0; b0 < B; b0 += kAnchorTile) {
+      const int64_t bt = std::min(kAnchorTile, B - b0);
+      at::Tensor block = at::mm(in.q.narrow(0, b0, bt), k.t());  // (bt, mt) dots: the only block of logits
+      A* w = block.data_ptr<A>();
+      at::parallel_for(0, bt, 8, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = b0 + r;
+          absorb_row(w + r * mt, mt, s, beta, m_p[b], l_p[b], grad ? cw_p + b : nullptr,
+                     grad ? a_p + b * D : nullptr, D);
+        }
+      });
+      if (grad) a.narrow(0, b0, bt).addmm_(block, k);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_contrast_cpu(
     const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
     const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
     bool compute_grad) {
   const DenseInputs in = prepare(anchor, keys, target, positive, logit_scale, bias);
-  const int64_t B = in.B, M = in.M, D = in.D;
+  const int64_t B = in.B, D = in.D;
   const auto opts = anchor.options().dtype(in.acc);
-  const at::Tensor& q = in.q;
   const at::Tensor l_pos = in.d_pos * in.s + in.beta;
 
   // Online state per anchor row: max m, sum l = sum exp(l_j - m), and with grad
@@ -93,26 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
       a = at::zeros({B, D}, opts);
     }
   }
-
-  const int64_t KT = key_tile(D);
-  for (int64_t j0 = 0; j0 < M; j0 += KT) {
-    const int64_t mt = std::min(KT, M - j0);
-    const at::Tensor k = keys.narrow(0, j0, mt).to(in.acc);  // a view when the keys are already acc-typed
-    for (int64_t b0 = 0; b0 < B; b0 += kAnchorTile) {
-      const int64_t bt = std::min(kAnchorTile, B - b0);
-      at::Tensor mb = m.narrow(0, b0, bt), lb = l.narrow(0, b0, bt);
-      const at::Tensor dots = at::mm(q.narrow(0, b0, bt), k.t());  // (bt, mt): the only block of logits
-      const at::Tensor logits = dots * in.s + in.beta;
-      const at::Tensor m_new = at::maximum(mb, std::get<0>(logits.max(1)));
-      const at::Tensor f = (mb - m_new).exp_();  // rescales the sums so far (0 on the first block)
-      const at::Tensor w = (logits - m_new.unsqueeze(1)).exp_();
-      lb.mul_(f).add_(w.sum(1));
-      if (compute_grad) {
-        cw.narrow(0, b0, bt).mul_(f).add_((w * dots).sum(1));
-        a.narrow(0, b0, bt).mul_(f.unsqueeze(1)).addmm_(w, k);
-      }
-      mb.copy_(m_new);
-    }
+  if (in.acc == at::kDouble) {
+    scan_key_tiles<double>(in, keys, m, l, cw, a, compute_grad);
+  } else {
+    scan_key_tiles<float>(in, keys, m, l, cw, a, compute_grad);
   }
 
   const at::Tensor lse = m + l.log();
@@ -123,23 +172,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
   const at::Tensor grad_anchor = (a * inv_l.unsqueeze(1) - in.pos) * in.s;
   // dL/dpositive_b = s (p_b,pos - 1) q_b (only for a separate positive key).
   const at::Tensor grad_positive =
-      positive.has_value() ? q * ((l_pos - lse).exp() - 1).mul_(in.s).unsqueeze(1) : empty;
+      positive.has_value() ? in.q * ((l_pos - lse).exp() - 1).mul_(in.s).unsqueeze(1) : empty;
   const at::Tensor grad_scalars = at::stack({cw * inv_l - in.d_pos, at::zeros({B}, opts)});  // d/dbeta = 0 exactly
   return {loss, lse, grad_anchor, grad_positive, grad_scalars};
 }
 
-at::Tensor dense_contrast_backward_keys_cpu(const at::Tensor& anchor, const at::Tensor& keys,
-                                            const c10::optional<at::Tensor>& target,
-                                            const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
-                                            const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
-                                            const at::Tensor& grad_rows) {
-  const DenseInputs in = prepare(anchor, keys, target, positive, logit_scale, bias);
+// grad_keys (M, D) += s P_g^T q tile by tile, P_g[b, j] = g_b p_bj recomputed from the saved LSE.
+template <typename A>
+void key_gradient_tiles(const DenseInputs& in, const at::Tensor& keys, const at::Tensor& lse, const at::Tensor& g,
+                        at::Tensor& grad_keys) {
   const int64_t B = in.B, M = in.M, D = in.D;
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == B && lse.device().is_cpu(), "lse must be a (B,) CPU tensor");
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B && grad_rows.device().is_cpu(),
-              "grad_rows must be a (B,) CPU tensor");
-  const at::Tensor lse_a = lse.to(in.acc), g = grad_rows.to(in.acc);
-  at::Tensor grad_keys = at::zeros({M, D}, anchor.options().dtype(in.acc));
+  const A s = static_cast<A>(in.s), beta = static_cast<A>(in.beta);
+  const A* lse_p = lse.data_ptr<A>();
+  const A* g_p = g.data_ptr<A>();
   const int64_t KT = key_tile(D);
   for (int64_t j0 = 0; j0 < M; j0 += KT) {
     const int64_t mt = std::min(KT, M - j0);
@@ -148,12 +193,32 @@ at::Tensor dense_contrast_backward_keys_cpu(const at::Tensor& anchor, const at::
     for (int64_t b0 = 0; b0 < B; b0 += kAnchorTile) {
       const int64_t bt = std::min(kAnchorTile, B - b0);
       const at::Tensor qb = in.q.narrow(0, b0, bt);
-      // g_b p_bj for this block, p recomputed from the saved LSE.
-      const at::Tensor gp = (at::mm(qb, k.t()) * in.s + (in.beta - lse_a.narrow(0, b0, bt)).unsqueeze(1))
-                                .exp_()
-                                .mul_(g.narrow(0, b0, bt).unsqueeze(1));
-      gk.addmm_(gp.t(), qb, /*beta=*/1, /*alpha=*/in.s);
+      at::Tensor block = at::mm(qb, k.t());
+      A* w = block.data_ptr<A>();
+      at::parallel_for(0, bt, 8, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) probabilities_row(w + r * mt, mt, s, beta - lse_p[b0 + r], g_p[b0 + r]);
+      });
+      gk.addmm_(block.t(), qb, /*beta=*/1, /*alpha=*/in.s);
     }
+  }
+}
+
+at::Tensor dense_contrast_backward_keys_cpu(const at::Tensor& anchor, const at::Tensor& keys,
+                                            const c10::optional<at::Tensor>& target,
+                                            const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
+                                            const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
+                                            const at::Tensor& grad_rows) {
+  const DenseInputs in = prepare(anchor, keys, target, positive, logit_scale, bias);
+  const int64_t B = in.B;
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == B && lse.device().is_cpu(), "lse must be a (B,) CPU tensor");
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == B && grad_rows.device().is_cpu(),
+              "grad_rows must be a (B,) CPU tensor");
+  const at::Tensor lse_a = lse.to(in.acc).contiguous(), g = grad_rows.to(in.acc).contiguous();
+  at::Tensor grad_keys = at::zeros({in.M, in.D}, anchor.options().dtype(in.acc));
+  if (in.acc == at::kDouble) {
+    key_gradient_tiles<double>(in, keys, lse_a, g, grad_keys);
+  } else {
+    key_gradient_tiles<float>(in, keys, lse_a, g, grad_keys);
   }
   // Target term -s g_b q_b on key target_b (accumulates over duplicate targets). A separate
   // positive key is not among the keys, so then there is none.

@@ -255,7 +255,6 @@ struct DenseInputs {
 DenseInputs check_inputs(const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
                          const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
                          const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(anchor.is_cuda(), "anchor must be a CUDA tensor, got ", anchor.device());
   DenseInputs in{};
   in.anchor = matrix_of(anchor, "anchor");
   in.keys = matrix_of(keys, "keys");
@@ -287,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
     const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
     const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
     bool compute_grad) {
+  TORCH_CHECK(anchor.is_cuda(), "anchor must be a CUDA tensor, got ", anchor.device());
   const c10::cuda::CUDAGuard guard(anchor.device());
   const DenseInputs in = check_inputs(anchor, keys, target, positive, logit_scale, bias);
   const int64_t B = in.B, M = in.M, D = in.D;
@@ -357,6 +357,7 @@ at::Tensor dense_contrast_backward_keys_cuda(const at::Tensor& anchor, const at:
                                              const c10::optional<at::Tensor>& positive,
                                              const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
                                              const at::Tensor& lse, const at::Tensor& grad_rows) {
+  TORCH_CHECK(anchor.is_cuda(), "anchor must be a CUDA tensor, got ", anchor.device());
   const c10::cuda::CUDAGuard guard(anchor.device());
   const DenseInputs in = check_inputs(anchor, keys, target, positive, logit_scale, bias);
   const int64_t B = in.B, M = in.M, D = in.D;
