@@ -29,7 +29,13 @@
 #else
 #define DCD_CPU_CLONES
 #endif
+#if defined(__GNUC__)
 #define DCD_INLINE inline __attribute__((always_inline))
+#define DCD_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define DCD_INLINE inline
+#define DCD_PREFETCH(p) ((void)(p))
+#endif
 
 namespace dcdkernels {
 namespace cpu {
@@ -152,7 +158,7 @@ DCD_INLINE void scale_vec(A f, A* __restrict acc, int64_t n) {
 // Transcendentals that vectorise. In fp32, exp and log1p are branch-free polynomial versions
 // (Cephes), so loops over a block of logits compile to SIMD code; fp64 uses libm (gradcheck).
 
-// exp(x), relative error about 1e-7: 2^n * P(r) with n = round(x / ln 2), |r| <= ln(2) / 2.
+// exp(x), relative error below 1e-7 (1.3 ulp measured): 2^n * P(r) with n = round(x / ln 2), |r| <= ln(2) / 2.
 // x is clamped to [-87.3, 88]: below, the result is ~1e-38 instead of smaller, which does not
 // matter where it is used (added to 1, or to a softmax sum that holds exp(0) = 1); NaN propagates.
 DCD_INLINE float exp_v(float x) {
@@ -173,7 +179,7 @@ DCD_INLINE float exp_v(float x) {
 }
 DCD_INLINE double exp_v(double x) { return std::exp(x); }
 
-// log1p(e) for e in [0, 1], relative error about 1e-7. With u = 1 + e rounded,
+// log1p(e) for e in [0, 1], relative error below 2e-7 (2.7 ulp measured). With u = 1 + e rounded,
 // log1p(e) = log(u) * e / (u - 1) cancels the rounding of u; log(u), u in [1, 2], is
 // k ln2 + log(m) with u = 2^k m, m in [sqrt(1/2), sqrt(2)), log(1 + f) by the Cephes polynomial.
 DCD_INLINE float log1p_unit(float e) {
@@ -207,10 +213,10 @@ template <typename A>
 DCD_INLINE A to_acc(float x) { return static_cast<A>(x); }
 template <typename A>
 DCD_INLINE A to_acc(double x) { return static_cast<A>(x); }
-// bfloat16 is the top half of a float32: widening is a 16-bit shift.
+// bfloat16 and float16 widen to float exactly (bit operations that c10 inlines).
 template <typename A>
 DCD_INLINE A to_acc(c10::BFloat16 x) {
-  return static_cast<A>(c10::detail::f32_from_bits(x.x));
+  return static_cast<A>(static_cast<float>(x));
 }
 template <typename A>
 DCD_INLINE A to_acc(c10::Half x) {
@@ -232,9 +238,9 @@ class RowReader {
  public:
   RowReader(const at::Tensor& m, int64_t max_rows)
       : base_(static_cast<const char*>(m.data_ptr())),
-        row_bytes_(m.stride(0) * static_cast<int64_t>(m.element_size())),
+        stride_bytes_(m.stride(0) * static_cast<int64_t>(m.element_size())),
         D_(m.size(1)),
-        bytes_used_(m.size(1) * static_cast<int64_t>(m.element_size())) {
+        row_bytes_(m.size(1) * static_cast<int64_t>(m.element_size())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "RowReader", [&] {
       direct_ = std::is_same<scalar_t, A>::value;
       convert_ = &convert_row<scalar_t, A>;
@@ -243,12 +249,12 @@ class RowReader {
   }
 
   // Bytes of one row in storage (what a prefetch must cover).
-  int64_t row_bytes() const { return bytes_used_; }
+  int64_t row_bytes() const { return row_bytes_; }
 
   // ptrs[j] = row rows[j] as A (j < n <= max_rows); valid until the next call.
   DCD_INLINE void load(const int64_t* rows, int64_t n, const A** ptrs) {
     for (int64_t j = 0; j < n; ++j) {
-      const char* src = base_ + rows[j] * row_bytes_;
+      const char* src = base_ + rows[j] * stride_bytes_;
       if (direct_) {
         ptrs[j] = reinterpret_cast<const A*>(src);
       } else {
@@ -262,16 +268,16 @@ class RowReader {
   // Asks the memory system for rows[0..n) ahead of their use.
   DCD_INLINE void prefetch(const int64_t* rows, int64_t n) const {
     for (int64_t j = 0; j < n; ++j) {
-      const char* src = base_ + rows[j] * row_bytes_;
-      for (int64_t off = 0; off < bytes_used_; off += 64) __builtin_prefetch(src + off, 0, 3);
+      const char* src = base_ + rows[j] * stride_bytes_;
+      for (int64_t off = 0; off < row_bytes_; off += 64) DCD_PREFETCH(src + off);
     }
   }
 
  private:
   const char* base_;
-  int64_t row_bytes_;  // row stride in bytes (int64: offsets never overflow)
+  int64_t stride_bytes_;  // row stride in bytes (int64: offsets never overflow)
   int64_t D_;
-  int64_t bytes_used_;
+  int64_t row_bytes_;     // bytes of one row's D elements
   bool direct_ = false;
   void (*convert_)(const void*, A*, int64_t) = nullptr;
   std::vector<A> scratch_;

@@ -70,9 +70,9 @@ struct DenseInputs {
   double s, beta;
 };
 
-DenseInputs prepare(const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
-                    const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
-                    const c10::optional<at::Tensor>& bias) {
+DenseInputs prepare(const at::Tensor& anchor, const at::Tensor& keys, const std::optional<at::Tensor>& target,
+                    const std::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
+                    const std::optional<at::Tensor>& bias) {
   check_float_matrix(anchor, "anchor");
   check_float_matrix(keys, "keys");
   DenseInputs in;
@@ -132,8 +132,8 @@ void scan_key_tiles(const DenseInputs& in, const at::Tensor& keys, at::Tensor& m
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_contrast_cpu(
-    const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
-    const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& anchor, const at::Tensor& keys, const std::optional<at::Tensor>& target,
+    const std::optional<at::Tensor>& positive, const at::Tensor& logit_scale, const std::optional<at::Tensor>& bias,
     bool compute_grad) {
   const DenseInputs in = prepare(anchor, keys, target, positive, logit_scale, bias);
   const int64_t B = in.B, D = in.D;
@@ -204,9 +204,9 @@ void key_gradient_tiles(const DenseInputs& in, const at::Tensor& keys, const at:
 }
 
 at::Tensor dense_contrast_backward_keys_cpu(const at::Tensor& anchor, const at::Tensor& keys,
-                                            const c10::optional<at::Tensor>& target,
-                                            const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
-                                            const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
+                                            const std::optional<at::Tensor>& target,
+                                            const std::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
+                                            const std::optional<at::Tensor>& bias, const at::Tensor& lse,
                                             const at::Tensor& grad_rows) {
   const DenseInputs in = prepare(anchor, keys, target, positive, logit_scale, bias);
   const int64_t B = in.B;

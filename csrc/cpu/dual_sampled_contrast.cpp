@@ -260,8 +260,8 @@ void run(const at::Tensor& zs_t, const at::Tensor& zt_t, const at::Tensor& bank_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast_cpu(
     const at::Tensor& anchor_s, const at::Tensor& anchor_t, const at::Tensor& bank_s, const at::Tensor& bank_t,
-    const at::Tensor& index, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
+    const at::Tensor& index, const at::Tensor& logit_scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
     int64_t offset, bool compute_grad) {
   check_float_matrix(anchor_s, "anchor_s");
   check_float_matrix(anchor_t, "anchor_t");

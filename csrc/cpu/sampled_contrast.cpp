@@ -1,12 +1,13 @@
 // CPU kernel of sampled_contrast (SPEC §1a InfoNCE, §1b NCE; contract: csrc/KERNELS.md).
 //
 // One pass over the gathered rows gives the loss, the LSE and every gradient. Work items are
-// (anchor, chunk of columns): a batch of 64 anchors keeps all threads busy with one chunk each;
-// for small batches the K+1 columns are split into chunks whose partials (max, sum, weighted
-// row sum, weighted dot sum) are merged afterwards with the online-softmax rescaling.
+// (anchor, chunk of columns): with a batch of 64 anchors each anchor is one item and every
+// thread has plenty; for small batches the K+1 columns are split into chunks whose partials
+// (max, sum, weighted row sum, weighted dot sum) are merged afterwards with the online-softmax
+// rescaling (column_chunks in contrast_common.h).
 // Inside a chunk, columns go in blocks: resolve the next block's rows and prefetch them, take
-// the dots of this block against the anchor (kept hot in L1), turn them into weights, and add
-// the weighted rows to the gradient accumulator while they are still in L1.
+// the dots of this block against the anchor (which stays in L1), turn them into weights, and
+// add the weighted rows to the gradient accumulator while they are still in L1.
 #include <torch/library.h>
 
 #include "cpu/contrast_common.h"
@@ -119,7 +120,7 @@ void run(const at::Tensor& q_t, const at::Tensor& bank_t, const Columns& cols, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cpu(
     const at::Tensor& anchor, const at::Tensor& bank, const at::Tensor& index, const at::Tensor& logit_scale,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& log_z, int64_t loss_type,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& log_z, int64_t loss_type,
     int64_t num_negatives, int64_t seed, int64_t offset, bool compute_grad) {
   check_float_matrix(anchor, "anchor");
   const int64_t B = anchor.size(0), D = anchor.size(1);

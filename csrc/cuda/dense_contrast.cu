@@ -105,6 +105,7 @@ struct DenseParams {
   int64_t stride;
 };
 
+// Min 1 block per SM: ptxas takes the registers acc[kOwn][DPT] needs (no spills).
 template <int DPT>
 __global__ void __launch_bounds__(kThreads, 1) dense_partials_kernel(const DenseParams p) {
   __shared__ TileSmem sm;

@@ -130,6 +130,7 @@ __device__ __forceinline__ void axpy(float (&v)[NV][V], float keep, const float 
   }
 }
 
+// Min 1 block per SM: ptxas takes the registers the unrolled state needs (no spills; 64-160).
 template <typename TS, typename TT, int NV>
 __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualParams p) {
   constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));

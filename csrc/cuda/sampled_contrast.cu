@@ -54,6 +54,7 @@ struct SampledParams {
   int64_t stride;
 };
 
+// Min 1 block per SM: ptxas takes the registers the unrolled state needs (no spills; 64-160).
 template <typename T, int NV>
 __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const SampledParams p) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
