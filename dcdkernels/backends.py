@@ -45,12 +45,17 @@ def availability():
     return out
 
 
-def resolve(backend: str, device: torch.device, op: str) -> str:
-    """The concrete backend for ``op`` on ``device``. Raises for impossible explicit choices."""
+def resolve(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend for ``op`` on ``device`` with accumulation ``dtype``. Raises for
+    impossible explicit choices. float64 runs on the CPU kernels and the oracle only."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype == torch.float64 and backend in ("cuda", "triton"):
+        raise TypeError(f"{op}: backend {backend!r} does not support float64 (use 'cpu' or 'eager')")
     if backend == "auto":
         if device.type == "cuda":
+            if dtype == torch.float64:
+                return "eager"
             if _ext.has_kernel(op, "CUDA"):
                 return "cuda"
             return "triton" if _triton_status()[0] else "eager"

@@ -115,3 +115,12 @@ def test_info_reports_every_backend():
     for name in ("eager", "cpu", "cuda", "triton"):
         assert f"  {name}" in text
     assert "torch " in text and "device:" in text
+
+
+def test_float64_is_refused_by_gpu_backends_and_routed_to_eager_by_auto():
+    assert backends.resolve("auto", torch.device("cuda"), "sampled_contrast", torch.float64) in ("eager",)
+    with pytest.raises(TypeError, match="does not support float64"):
+        backends.resolve("triton", torch.device("cpu"), "sampled_contrast", torch.float64)
+    q, bank, idx = _inputs()
+    with pytest.raises(TypeError, match="does not support float64"):
+        dcdkernels.sampled_contrast(q.double(), bank.double(), idx, logit_scale=1.0, backend="triton")

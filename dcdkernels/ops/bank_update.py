@@ -33,7 +33,8 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     checks.index_in_range("index", index, bank.shape[0])
     checks.finite("value", value)
     checks.run()
-    backend = backends.resolve(backend, bank.device, "bank_momentum_update_")
+    backend = backends.resolve(backend, bank.device, "bank_momentum_update_",
+                               V.accumulation_dtype(bank, value))
     with torch.no_grad():
         if backend == "eager":
             reference.bank_momentum_update_(bank, index, value, float(momentum))

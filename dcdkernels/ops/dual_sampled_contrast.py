@@ -85,6 +85,8 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
     if bank_s.shape[0] != bank_t.shape[0] or bank_s.stride(1) != 1:
         raise ValueError(f"bank_s must have contiguous rows and as many rows as bank_t, got {tuple(bank_s.shape)} "
                          f"and {tuple(bank_t.shape)}")
+    if bank_s.dtype != bank_t.dtype:
+        raise TypeError(f"bank_s ({bank_s.dtype}) and bank_t ({bank_t.dtype}) must share one dtype")
     checks.finite("anchor_t", anchor_t)
     if not isinstance(consistency, (float, int)) or consistency < 0 or consistency != consistency:
         raise ValueError(f"consistency must be a float >= 0, got {consistency!r}")
@@ -99,7 +101,7 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
             raise ValueError(f"log_z must be (log Z_s, log Z_t), got shape {tuple(lz.shape)}")
         lz = lz.to(device=device, dtype=acc)
     checks.run()
-    backend = backends.resolve(backend, device, "dual_sampled_contrast")
+    backend = backends.resolve(backend, device, "dual_sampled_contrast", acc)
     compute_kl = consistency > 0
     if backend == "eager":
         if index.dim() == 1:

@@ -106,7 +106,7 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
     b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
     lz = None if log_z is None else V.scalar("log_z", log_z, device=anchor.device, dtype=acc)
     checks.run()
-    backend = backends.resolve(backend, anchor.device, "sampled_contrast")
+    backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc)
     if backend == "eager":
         if index.dim() == 1:
             index = reference.sample_negatives(index, num_negatives, bank.shape[0], seed, offset)
