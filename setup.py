@@ -97,6 +97,7 @@ setup(
     version="0.1.0",
     description="Fused Triton and C++/CUDA kernels for contrastive knowledge distillation over memory banks",
     packages=find_packages(include=["dcdkernels", "dcdkernels.*"]),
+    package_data={"dcdkernels.train": ["configs/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -222,7 +222,7 @@ def test_dual_mixed_dtypes_sampling_and_no_grad():
     gen = torch.Generator().manual_seed(4)
     B, N, D, K = 3, 200, 24, 500
     zs, zt = unit_rows(B, D, torch.float32, gen), unit_rows(B, 2 * D, torch.float16, gen)[:, ::2]
-    bank_s, bank_t = unit_rows(N, D, torch.bfloat16, gen), unit_rows(N, D, torch.float32, gen)
+    bank_s, bank_t = unit_rows(N, D, torch.bfloat16, gen), unit_rows(N, D, torch.bfloat16, gen)
     positive = torch.randint(0, N, (B,), generator=gen)
     index = R.sample_negatives(positive, K, N, 7, 99)
     sampled = run_dual(zs, zt, bank_s, bank_t, positive, 12.0, None, None, INFONCE, True, K, 7, 99)
@@ -237,6 +237,8 @@ def test_dual_mixed_dtypes_sampling_and_no_grad():
     assert ga.shape == (0,) and gsc.shape == (0,)
     torch.testing.assert_close(losses, explicit[0])
     torch.testing.assert_close(lse, explicit[1])
+    with pytest.raises(RuntimeError, match="share one dtype"):  # contract: one bank dtype
+        run_dual(zs, zt, bank_s, bank_t.float(), index, 12.0, None, None, INFONCE, True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,6 +294,38 @@ def test_dense_matches_oracle(dtype, mode, shape):
     no_grad = ops.dense_contrast(anchor, keys, target, positive, t(s), t(bias), False)
     assert all(x.shape == (0,) for x in no_grad[2:])
     torch.testing.assert_close(no_grad[0], loss)
+
+
+@pytest.mark.parametrize("mode", ["target", "positive"])
+def test_dense_is_accurate_when_the_positive_dominates(mode):
+    """Positive logit 60, the others 8 to 12 below: 1 - p+ ~ 2e-3. The kernel keeps the positive
+    apart from the other columns, so the loss, d/dpositive and d/ds keep their digits in fp32;
+    the textbook LSE - l+ would be off by ~ulp(60) = 4e-6, a relative error of 2e-3."""
+    gen = torch.Generator().manual_seed(6)
+    B, M, D, s = 4, 50, 64, 2.4
+    q = 5 * unit_rows(B, D, torch.float64, gen)
+    # key_j = c_j q + noise orthogonal to q, with <q, key_j> = 25 - gap_j / s.
+    gaps = 8 + 4 * torch.rand(B, M, generator=gen, dtype=torch.float64)
+    noise = torch.randn(B, M, D, generator=gen, dtype=torch.float64)
+    noise -= (noise @ q.unsqueeze(2)) * q.unsqueeze(1) / 25  # orthogonal to q_b
+    per_row_keys = ((25 - gaps / s) / 25).unsqueeze(2) * q.unsqueeze(1) + noise  # (B, M, D)
+    anchor = q.float()
+    if mode == "target":
+        keys = per_row_keys.reshape(B * M, D).float()  # row b's keys are rows b*M .. b*M + M - 1
+        target = torch.arange(B) * M + M // 2
+        keys[target] = anchor  # <q_b, k+> = 25
+        positive = None
+    else:
+        keys = per_row_keys[0].float()  # row 0 gets the controlled gaps; rows 1.. are checked too
+        target, positive = None, anchor.clone()
+    loss, lse, ga, gp, gsc = ops.dense_contrast(anchor, keys, target, positive, torch.tensor(s), None, True)
+    e_loss, e_lse, e_ga, e_gp, e_gsc, _ = oracle_dense(anchor, keys, target, positive, s, None, torch.ones(B))
+    assert 1e-4 < e_loss[0] < 1e-2  # the regime under test
+    close(loss, e_loss, torch.float32, atol=1e-8, rtol=1e-4)
+    close(ga, e_ga, torch.float32, atol=1e-6, rtol=1e-3)
+    close(gsc, e_gsc, torch.float32, atol=1e-7, rtol=1e-3)
+    if positive is not None:
+        close(gp, e_gp, torch.float32, atol=1e-7, rtol=1e-3)
 
 
 def test_dense_rejects_bad_target():

@@ -4,10 +4,15 @@
 //
 // Flash-attention style on CPU: the keys are taken in tiles of KT rows and the anchors in tiles
 // of kAnchorTile rows; for each (anchor tile, key tile) one block of dots comes from a BLAS
-// matmul, the per-row online softmax state (max m, sum l, weighted dot sum cw, weighted key
-// sum a) absorbs it, rescaled by exp(m_old - m_new), and a += W K is a second matmul. The
-// (B, M) logits never exist.
-//   loss_b = LSE_b - l_b,pos;  grad_q_b = s (a_b / l_b - k_pos_b);  d/ds = cw_b / l_b - d_b,pos
+// matmul, the per-row online softmax state absorbs it, rescaled by exp(m_old - m_new), and
+// a += W K is a second matmul. The (B, M) logits never exist.
+// The state holds the positive apart: m starts at the positive logit l+ and the sums run over
+// the OTHER columns only: lo = sum exp(l_j - m), cwo = sum exp(l_j - m) d_j, ao = sum
+// exp(l_j - m) k_j. With w+ = exp(l+ - m), l = w+ + lo and 1 - p+ = lo / l:
+//   loss = (m - l+) + log l;  grad_q = s (ao / l - (lo / l) k+);  d/ds = cwo / l - (lo / l) d+;
+//   grad_k+ = -s (lo / l) q.
+// Written this way nothing cancels when the positive dominates (p+ -> 1), where the textbook
+// LSE - l+ and a / l - k+ lose all their digits in fp32.
 // The key gradient recomputes p_bj = exp(l_bj - LSE_b) block by block from the saved LSE:
 //   grad_keys_j = s sum_b g_b (p_bj - [target_b == j]) q_b.
 #include <torch/library.h>
@@ -27,10 +32,12 @@ int64_t key_tile(int64_t D) {
 
 // Online-softmax update of one anchor row with its block of dots w[0, mt) (overwritten with the
 // weights): m_new = max(m, max_j l_j), l_j = s d_j + beta; the sums so far are rescaled by
-// exp(m - m_new) (cw and the weighted key sum a too, when gradients are wanted), and
-// w_j = exp(l_j - m_new) is left in the block for a += W K.
+// exp(m - m_new) (cwo and the weighted key sum ao too, when gradients are wanted), and
+// w_j = exp(l_j - m_new) is left in the block for ao += W K, with w = 0 at column `skip` (the
+// positive key of a target row when it is in this block, else -1): the sums hold the others.
 template <typename A>
-DCD_CPU_CLONES void absorb_row(A* w, int64_t mt, A s, A beta, A& m, A& l, A* cw, A* a, int64_t D) {
+DCD_CPU_CLONES void absorb_row(A* w, int64_t mt, int64_t skip, A s, A beta, A& m, A& lo, A* cwo, A* ao,
+                               int64_t D) {
   A block_max = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : block_max)
   for (int64_t j = 0; j < mt; ++j) block_max = std::max(block_max, s * w[j] + beta);
@@ -40,15 +47,15 @@ DCD_CPU_CLONES void absorb_row(A* w, int64_t mt, A s, A beta, A& m, A& l, A* cw,
 #pragma omp simd reduction(+ : sum_w, sum_wd)
   for (int64_t j = 0; j < mt; ++j) {
     const A d = w[j];
-    w[j] = exp_v(s * d + beta - m_new);
+    w[j] = j == skip ? A(0) : exp_v(s * d + beta - m_new);
     sum_w += w[j];
     sum_wd += w[j] * d;
   }
   m = m_new;
-  l = l * f + sum_w;
-  if (cw != nullptr) {
-    *cw = *cw * f + sum_wd;
-    if (f != A(1)) scale_vec(f, a, D);
+  lo = lo * f + sum_w;
+  if (cwo != nullptr) {
+    *cwo = *cwo * f + sum_wd;
+    if (f != A(1)) scale_vec(f, ao, D);
   }
 }
 
@@ -101,16 +108,17 @@ DenseInputs prepare(const at::Tensor& anchor, const at::Tensor& keys, const std:
   return in;
 }
 
-// Runs the key tiles through the online softmax state (m, l, and with grad cw, a) of every anchor.
+// Runs the key tiles through every anchor's online state (m, lo, and with grad cwo, ao).
 template <typename A>
-void scan_key_tiles(const DenseInputs& in, const at::Tensor& keys, at::Tensor& m, at::Tensor& l, at::Tensor& cw,
-                    at::Tensor& a, bool grad) {
+void scan_key_tiles(const DenseInputs& in, const at::Tensor& keys, at::Tensor& m, at::Tensor& lo, at::Tensor& cwo,
+                    at::Tensor& ao, bool grad) {
   const int64_t B = in.B, M = in.M, D = in.D;
   const A s = static_cast<A>(in.s), beta = static_cast<A>(in.beta);
+  const int64_t* target = in.target.defined() ? in.target.data_ptr<int64_t>() : nullptr;
   A* m_p = m.data_ptr<A>();
-  A* l_p = l.data_ptr<A>();
-  A* cw_p = grad ? cw.data_ptr<A>() : nullptr;
-  A* a_p = grad ? a.data_ptr<A>() : nullptr;
+  A* lo_p = lo.data_ptr<A>();
+  A* cwo_p = grad ? cwo.data_ptr<A>() : nullptr;
+  A* ao_p = grad ? ao.data_ptr<A>() : nullptr;
   const int64_t KT = key_tile(D);
   for (int64_t j0 = 0; j0 < M; j0 += KT) {
     const int64_t mt = std::min(KT, M - j0);
@@ -122,11 +130,12 @@ void scan_key_tiles(const DenseInputs& in, const at::Tensor& keys, at::Tensor& m
       at::parallel_for(0, bt, 8, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t b = b0 + r;
-          absorb_row(w + r * mt, mt, s, beta, m_p[b], l_p[b], grad ? cw_p + b : nullptr,
-                     grad ? a_p + b * D : nullptr, D);
+          const int64_t skip = target != nullptr && target[b] >= j0 && target[b] < j0 + mt ? target[b] - j0 : -1;
+          absorb_row(w + r * mt, mt, skip, s, beta, m_p[b], lo_p[b], grad ? cwo_p + b : nullptr,
+                     grad ? ao_p + b * D : nullptr, D);
         }
       });
-      if (grad) a.narrow(0, b0, bt).addmm_(block, k);
+      if (grad) ao.narrow(0, b0, bt).addmm_(block, k);
     }
   }
 }
@@ -140,40 +149,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
   const auto opts = anchor.options().dtype(in.acc);
   const at::Tensor l_pos = in.d_pos * in.s + in.beta;
 
-  // Online state per anchor row: max m, sum l = sum exp(l_j - m), and with grad
-  // cw = sum exp(l_j - m) d_j and a = sum exp(l_j - m) key_j. A separate positive is column 0.
-  at::Tensor m, l, cw, a;
-  if (positive.has_value()) {
-    m = l_pos.clone();
-    l = at::ones({B}, opts);
-    if (compute_grad) {
-      cw = in.d_pos.clone();
-      a = in.pos.clone();
-    }
-  } else {
-    m = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
-    l = at::zeros({B}, opts);
-    if (compute_grad) {
-      cw = at::zeros({B}, opts);
-      a = at::zeros({B, D}, opts);
-    }
+  // The state starts from the positive alone (m = l+, no others yet).
+  at::Tensor m = l_pos.clone(), lo = at::zeros({B}, opts), cwo, ao;
+  if (compute_grad) {
+    cwo = at::zeros({B}, opts);
+    ao = at::zeros({B, D}, opts);
   }
   if (in.acc == at::kDouble) {
-    scan_key_tiles<double>(in, keys, m, l, cw, a, compute_grad);
+    scan_key_tiles<double>(in, keys, m, lo, cwo, ao, compute_grad);
   } else {
-    scan_key_tiles<float>(in, keys, m, l, cw, a, compute_grad);
+    scan_key_tiles<float>(in, keys, m, lo, cwo, ao, compute_grad);
   }
 
-  const at::Tensor lse = m + l.log();
-  const at::Tensor loss = lse - l_pos;
+  // l = w+ + lo and loss = (m - l+) + log l, with log l = log1p((w+ - 1) + lo): when the positive
+  // is the max (w+ = 1) this is log1p(lo), exact to the last digit however small.
+  const at::Tensor w_pos_m1 = (l_pos - m).expm1_();  // w+ - 1
+  const at::Tensor l = w_pos_m1 + 1 + lo;
+  const at::Tensor log_l = (w_pos_m1 + lo).log1p_();
+  const at::Tensor lse = m + log_l;
+  const at::Tensor loss = (m - l_pos).add_(log_l);
   const at::Tensor empty = at::empty({0}, opts);
   if (!compute_grad) return {loss, lse, empty, empty, empty};
   const at::Tensor inv_l = l.reciprocal();
-  const at::Tensor grad_anchor = (a * inv_l.unsqueeze(1) - in.pos) * in.s;
-  // dL/dpositive_b = s (p_b,pos - 1) q_b (only for a separate positive key).
-  const at::Tensor grad_positive =
-      positive.has_value() ? in.q * ((l_pos - lse).exp() - 1).mul_(in.s).unsqueeze(1) : empty;
-  const at::Tensor grad_scalars = at::stack({cw * inv_l - in.d_pos, at::zeros({B}, opts)});  // d/dbeta = 0 exactly
+  const at::Tensor others = lo * inv_l;  // 1 - p+
+  const at::Tensor grad_anchor = (ao * inv_l.unsqueeze(1) - in.pos * others.unsqueeze(1)).mul_(in.s);
+  const at::Tensor grad_positive = positive.has_value() ? in.q * (others * -in.s).unsqueeze(1) : empty;
+  const at::Tensor grad_scalars = at::stack({cwo * inv_l - others * in.d_pos, at::zeros({B}, opts)});  // d/dbeta = 0
   return {loss, lse, grad_anchor, grad_positive, grad_scalars};
 }
 

@@ -178,7 +178,7 @@ void run(const at::Tensor& zs_t, const at::Tensor& zt_t, const at::Tensor& bank_
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     RowReader<A> bank_s(bank_s_t, 1), bank_t(bank_t_t, 1);
     std::vector<A> fs(static_cast<size_t>(chunks)), ft(static_cast<size_t>(chunks));
-    std::vector<A> tmp(static_cast<size_t>(6 * D));  // merged vectors of this anchor
+    std::vector<A> tmp(static_cast<size_t>(vec_stride));  // merged vectors of this anchor
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t = b * chunks;
       const DirState<A> S = merge_states(st_s.data() + t, chunks, fs.data());
@@ -272,6 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   check_bank(bank_t, "bank_t", D);
   const int64_t N = bank_t.size(0);
   TORCH_CHECK(bank_s.size(0) == N, "bank_s has ", bank_s.size(0), " rows but bank_t has ", N);
+  TORCH_CHECK(bank_s.scalar_type() == bank_t.scalar_type(), "bank_s (", bank_s.scalar_type(), ") and bank_t (",
+              bank_t.scalar_type(), ") must share one dtype");
   TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
   const bool nce = loss_type == 1;
   double lz_s = 0, lz_t = 0;

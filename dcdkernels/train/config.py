@@ -26,7 +26,7 @@ class Config:
     data_dir: Optional[str] = None
     train_subset: Optional[int] = None  # first N training rows only (smoke tests)
     test_subset: Optional[int] = None
-    augment: Optional[bool] = None  # dataset default: off for digits, crop+flip for CIFAR-100
+    augment: Optional[bool] = None  # dataset default: off for digits (CoCoRD: 1-px crops), crop+flip for CIFAR-100
     # models
     teacher: Optional[str] = None
     student: Optional[str] = None
@@ -58,7 +58,7 @@ class Config:
     # run
     seed: int = 0
     device: str = "auto"
-    threads: Optional[int] = None
+    threads: Optional[int] = None  # torch.set_num_threads; 0 = torch's default (all cores)
     out_dir: Optional[str] = None
     name: Optional[str] = None
     resume: Optional[str] = None
@@ -85,8 +85,10 @@ DATASET_DEFAULTS = {
     # the degenerate case) and K/N = 0.36 keeps the NCE noise prior meaningful.
     "digits": dict(teacher="digits_teacher", student="digits_student", epochs=20, teacher_epochs=20, batch_size=64,
                    lr=0.05, teacher_lr=0.05, lr_decay_epochs=[12, 15, 18], teacher_lr_decay_epochs=[12, 15, 18],
-                   nce_k=512, augment=False),
+                   nce_k=512, augment=False, threads=1),
 }
+# threads=1 on digits: the 8x8 models are far too small to gain from intra-op parallelism, and on a
+# shared CPU a 2-thread torch pool loses up to 10x waiting at its barriers for a descheduled core.
 
 
 def _flag(name):
@@ -162,7 +164,7 @@ def build_parser():
     g.add_argument("--config", help="YAML file of the same keys (flags override it)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--threads", type=int, help="torch.set_num_threads")
+    g.add_argument("--threads", type=int, help="torch.set_num_threads (digits default 1; 0 = all cores)")
     g.add_argument("--out-dir", help="run folder (default runs/<name>)")
     g.add_argument("--name", help="run name (default: dataset_method_student_timestamp)")
     g.add_argument("--resume", nargs="?", const="auto",

@@ -62,6 +62,7 @@ class Dataset:
     in_channels: int
     image_size: int
     crop_padding: int  # random-crop padding of the standard augmentation (0: no augmentation)
+    flip: bool = True  # random horizontal flip in the augmentation (never for digits: it changes the class)
     class_names: list = field(default_factory=list)
 
     @property
@@ -104,7 +105,8 @@ def load_digits(train_subset=None, test_subset=None):
     std = (tr * scale).std().reshape(1)
     train = Split(tr, labels[torch.from_numpy(train_rows)], scale, mean, std).subset(train_subset)
     test = Split(images[torch.from_numpy(test_rows)], labels[torch.from_numpy(test_rows)], scale, mean, std).subset(test_subset)
-    return Dataset("digits", train, test, 10, 1, 8, crop_padding=1, class_names=[str(i) for i in range(10)])
+    return Dataset("digits", train, test, 10, 1, 8, crop_padding=1, flip=False,
+                   class_names=[str(i) for i in range(10)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,16 +187,17 @@ def load_dataset(name, data_dir=None, train_subset=None, test_subset=None):
 # ----------------------------------------------------------------------------------------------
 # augmentation and batches
 # ----------------------------------------------------------------------------------------------
-def random_crop_flip(raw, padding, generator):
+def random_crop_flip(raw, padding, generator, flip=True):
     """torchvision's RandomCrop(size, padding) + RandomHorizontalFlip() for a whole batch of raw
-    (un-normalised) images: zero padding, one uniform offset per image, flip with p = 0.5."""
+    (un-normalised) images: zero padding, one uniform offset per image, flip with p = 0.5 (the
+    draws are made whether or not ``flip``, so the stream does not depend on it)."""
     if padding <= 0:
         return raw
     B, C, H, W = raw.shape
     padded = torch.nn.functional.pad(raw, (padding, padding, padding, padding))
     oy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
     ox = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    flip = torch.rand(B, generator=generator) < 0.5
+    flip = (torch.rand(B, generator=generator) < 0.5) & flip
     rows = (oy[:, None] + torch.arange(H)[None, :])  # (B, H)
     cols = (ox[:, None] + torch.arange(W)[None, :])  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
@@ -240,7 +243,7 @@ class EpochLoader:
 
     def _view(self, raw, gen):
         if self.augment:
-            raw = random_crop_flip(raw, self.ds.crop_padding, gen) if self.ds.crop_padding else raw
+            raw = random_crop_flip(raw, self.ds.crop_padding, gen, self.ds.flip) if self.ds.crop_padding else raw
         return self.split.normalize(raw)
 
     def __iter__(self):

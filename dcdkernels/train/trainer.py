@@ -21,7 +21,6 @@ import random
 import re
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -428,11 +427,13 @@ def sync_partition_estimates(criterion):
     """NCE partition estimates (``log_z`` buffers) from rank 0, so every rank scores with the same Z."""
     if criterion is None:
         return
+    synced = False
     for name, buf in criterion.named_buffers():
         if name.split(".")[-1] == "log_z":
             dist.broadcast(buf, 0)
-    if hasattr(criterion, "_refresh_mirrors"):
-        criterion._refresh_mirrors()
+            synced = True
+    if synced and hasattr(criterion, "_refresh_mirrors"):
+        criterion._refresh_mirrors()  # the loss modules' Python mirror of "Z is set"
 
 
 @torch.no_grad()
@@ -500,6 +501,11 @@ def get_teacher(cfg, dataset, rt, out_dir, resume):
             cfg.teacher = arch
         acc, _ = evaluate(teacher, dataset, rt)
         log(rt, f"[teacher] {arch} loaded from {source[0]} ({source[1]}): test acc {acc:.2f}%")
+        earlier = os.path.join(out_dir, "teacher", "result.json")
+        if source[1] == "run folder" and os.path.isfile(earlier):  # trained by this run before a resume
+            res = read_json(earlier)
+            res["trained"] = True
+            return teacher, res
         res = dict(phase="teacher", title=f"teacher {arch}", arch=arch, method="ce", backend="-", backend_resolved="-",
                    test_acc=acc, best_acc=acc, source=source[0], epochs=0, train_time_s=None, steps_per_s=None,
                    samples_per_s=None, peak_memory_bytes=None, history=[], trained=False,
@@ -681,9 +687,10 @@ def plot_curves(results, path):
     for key, r in phases:
         ep = [h["epoch"] for h in r["history"]]
         label = f"{key}: {r['arch']} {r['method'] if key.startswith('student') else 'ce'} ({r.get('backend_resolved', '-')})"
-        style = ("--" if key == "student_eager" else "-") + ("." if len(ep) <= 30 else "")
-        axes[0].plot(ep, [h["test_acc"] for h in r["history"]], style, label=label)
-        axes[1].plot(ep, [h["loss"] for h in r["history"]], style, label=label)
+        style = dict(linestyle="--" if key == "student_eager" else "-",
+                     marker=("x" if key == "student_eager" else "o") if len(ep) <= 40 else None, markersize=4)
+        axes[0].plot(ep, [h["test_acc"] for h in r["history"]], label=label, **style)
+        axes[1].plot(ep, [h["loss"] for h in r["history"]], label=label, **style)
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     axes[1].set(xlabel="epoch", ylabel="training loss", title="training loss (total)")
     axes[1].set_yscale("log")
