@@ -45,6 +45,7 @@ def availability():
     return out
 
 
+@torch.compiler.assume_constant_result  # decided once at trace time under torch.compile
 def resolve(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32) -> str:
     """The concrete backend for ``op`` on ``device`` with accumulation ``dtype``. Raises for
     impossible explicit choices. float64 runs on the CPU kernels and the oracle only."""
