@@ -119,9 +119,11 @@ def test_dense_contrast_matches_oracle(device, backend, dtype, mode):
     # M not a multiple of any tile, D = 3 and D = 130.
     for i, (B, M, D) in enumerate([(1, 1, 3), (5, 37, 130), (3, 70, 16)]):
         g = torch.Generator().manual_seed(30 + i)
-        q = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
-        keys = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1).to(device=device, dtype=dtype)
-        pos = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
+        # Unit-norm embeddings, as every method feeds this op (logits within +-s).
+        unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=1)
+        q = unit(B, D).to(device=device, dtype=dtype)
+        keys = unit(M, D).to(device=device, dtype=dtype)
+        pos = unit(B, D).to(device=device, dtype=dtype)
         target = torch.randint(0, M, (B,), generator=g).to(device)
         w = torch.rand(B, generator=g).to(device)
         s = torch.tensor(2.5, device=device)

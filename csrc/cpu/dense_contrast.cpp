@@ -12,7 +12,7 @@
 //   loss = (m - l+) + log l;  grad_q = s (ao / l - (lo / l) k+);  d/ds = cwo / l - (lo / l) d+;
 //   grad_k+ = -s (lo / l) q.
 // Written this way nothing cancels when the positive dominates (p+ -> 1), where the textbook
-// LSE - l+ and a / l - k+ lose all their digits in fp32.
+// LSE - l+ and a / l - k+ lose digits (their error is about ulp(LSE), whatever 1 - p+ is).
 // The key gradient recomputes p_bj = exp(l_bj - LSE_b) block by block from the saved LSE:
 //   grad_keys_j = s sum_b g_b (p_bj - [target_b == j]) q_b.
 #include <torch/library.h>
