@@ -33,6 +33,13 @@ def queue_enqueue_(queue, pointer, keys):
     K, B = queue.shape[0], keys.shape[0]
     if B > K:
         raise ValueError(f"batch of {B} keys is larger than the queue ({K} rows)")
-    rows = (pointer + torch.arange(B, device=queue.device)) % K
-    queue.index_copy_(0, rows, keys.to(queue.dtype))
+    if isinstance(pointer, torch.Tensor):  # a device pointer: one index_copy_, no host sync
+        rows = (pointer + torch.arange(B, device=queue.device)) % K
+        queue.index_copy_(0, rows, keys.to(queue.dtype))
+        return (pointer + B) % K
+    # A host pointer: at most two slice copies (benchmarks/test_bench_state.py: as fast as MoCo's).
+    first = min(B, K - pointer)
+    queue[pointer:pointer + first] = keys[:first]
+    if first < B:
+        queue[:B - first] = keys[first:]
     return (pointer + B) % K
