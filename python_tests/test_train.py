@@ -218,3 +218,27 @@ def test_torchrun_gloo(tmp_path, teacher_ckpt):
     for k in r0:  # replicated bank updates, DDP-synced gradients, BN statistics from rank 0
         if not k.endswith("rng_state"):
             assert torch.equal(r0[k], r1[k]), k
+
+
+def test_killed_mid_epoch_resumes_identically(tmp_path, teacher_ckpt):
+    """SIGKILL right after a mid-epoch checkpoint (step 6 of 8, inside epoch 2), then --resume:
+    the same parameters, banks, log Z, optimizer state and history as an uninterrupted run."""
+    args = ["--method", "crd", "--epochs", "2", "--save-every-steps", "3", "--no-progress"]
+    _run(tmp_path, teacher_ckpt, *args, name="straight")
+    cmd = [sys.executable, "-m", "dcdkernels.train", "--teacher-ckpt", teacher_ckpt, "--out-dir",
+           str(tmp_path / "killed"), "--teacher-cache", "", *TINY, *args]
+    env = dict(os.environ, DCDKERNELS_TEST_KILL_AFTER_STEP="6")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed, no cleanup
+    ck = torch.load(tmp_path / "killed" / "student" / "checkpoint.pt", weights_only=False)
+    assert ck["mid_epoch"]["epoch"] == 2 and ck["mid_epoch"]["batches_done"] == 2 and ck["step"] == 6
+    _, res = _run(tmp_path, teacher_ckpt, *args, "--resume", name="killed")
+    a = torch.load(tmp_path / "straight" / "student" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "student" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 8 and b["mid_epoch"] is None
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_time"} for e in h]
+    assert strip(a["history"]) == strip(b["history"])

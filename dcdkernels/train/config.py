@@ -66,6 +66,7 @@ class Config:
     baseline: bool = False
     progress: bool = True
     save_every: int = 1
+    save_every_steps: int = 0  # also checkpoint inside an epoch every N steps (0: epoch ends only)
     teacher_cache: Optional[str] = None  # folder of teachers shared across runs ("" disables)
     config: Optional[str] = None
 
@@ -174,6 +175,8 @@ def build_parser():
     g.add_argument("--baseline", action="store_true", help="also train the student without distillation (CE only)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     g.add_argument("--save-every", type=int, help="checkpoint every N epochs")
+    g.add_argument("--save-every-steps", type=int,
+                   help="also checkpoint every N steps inside an epoch, so a killed run resumes mid-epoch")
     g.add_argument("--teacher-cache", help="folder of trained teachers reused across runs ('' to disable; "
                                            "default runs/teachers)")
     return p

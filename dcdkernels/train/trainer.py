@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 
@@ -281,17 +282,21 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
     history, start_epoch, step, train_time = [], 0, 0, 0.0
     ckpt_path = _ckpt_paths(phase_dir, rt.rank)
 
+    mid = None  # progress inside a partly trained epoch (a mid-epoch checkpoint)
     if resume and os.path.isfile(ckpt_path):
         ck = torch.load(ckpt_path, map_location=rt.device, weights_only=False)
         module.load_state_dict(ck["module"])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, step, history, train_time = ck["epoch"], ck["step"], ck["history"], ck["train_time"]
-        set_rng_state(ck["rng"])
+        mid = ck.get("mid_epoch")
+        if mid is None:
+            set_rng_state(ck["rng"])
         if start_epoch >= phase.epochs and os.path.isfile(result_path):
             res = read_json(result_path)
             log(rt, f"[{phase.name}] finished earlier: test acc {res['test_acc']:.2f}% (loaded {result_path})")
             return res, module
-        log(rt, f"[{phase.name}] resuming at epoch {start_epoch + 1}/{phase.epochs} from {ckpt_path}")
+        where = f", batch {mid['batches_done'] + 1}" if mid else ""
+        log(rt, f"[{phase.name}] resuming at epoch {start_epoch + 1}/{phase.epochs}{where} from {ckpt_path}")
 
     base = distill_mod.split_method(phase.method)[0]
     loader = data_mod.EpochLoader(
@@ -330,8 +335,16 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
             sums = torch.zeros(3, dtype=torch.float64)  # loss*n, correct, n
             part_sums = {}
             t0 = time.perf_counter()
-            seen = 0
+            seen, skip = 0, 0
+            if mid is not None and mid["epoch"] == epoch:  # resume inside this epoch
+                sums, part_sums, seen, skip = mid["sums"].clone(), dict(mid["part_sums"]), mid["seen"], mid["batches_done"]
+                t0 -= mid["elapsed"]
             for i, batch in enumerate(loader):
+                if i < skip:  # batches already trained before the checkpoint: drawn (the loader's
+                    continue  # own generators advance), not trained
+                if i == skip and mid is not None:
+                    set_rng_state(ck["rng"])  # torch/numpy/python RNG exactly as at the checkpoint
+                    mid = None
                 loss, logits, parts = net(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -346,6 +359,12 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                                          dtype=torch.float64)
                     for k, v in parts.items():
                         part_sums[k] = part_sums.get(k, 0.0) + float(v.detach()) * n
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0 and i + 1 < steps_per_epoch:
+                    _save_checkpoint(cfg, phase, module, optimizer, epoch - 1, step, history, train_time, rt,
+                                     phase_dir, mid_epoch=dict(epoch=epoch, batches_done=i + 1, sums=sums.clone(),
+                                                               part_sums=dict(part_sums), seen=seen,
+                                                               elapsed=time.perf_counter() - t0))
+                    _test_kill_hook(step)
                 if bar is not None:
                     el = time.perf_counter() - t0
                     bar.update(1)
@@ -449,12 +468,21 @@ def _in_kernel_negatives(cfg):
     return str((cfg.loss_kwargs or {}).get("negatives", "")).lower() in ("uniform", "kernel", "in-kernel")
 
 
-def _save_checkpoint(cfg, phase, module, optimizer, epoch, step, history, train_time, rt, phase_dir):
+def _test_kill_hook(step):
+    """Tests kill the process (SIGKILL, no cleanup) right after the mid-epoch checkpoint of step
+    ``DCDKERNELS_TEST_KILL_AFTER_STEP``, to prove that a killed run resumes identically."""
+    if os.environ.get("DCDKERNELS_TEST_KILL_AFTER_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_checkpoint(cfg, phase, module, optimizer, epoch, step, history, train_time, rt, phase_dir, mid_epoch=None):
+    """``epoch`` = epochs completed; ``mid_epoch`` = progress inside the next one, if any."""
     state = dict(phase=phase.name, epoch=epoch, step=step, history=history, train_time=train_time, rng=rng_state(),
                  loader=dict(seed=cfg.seed, next_epoch=epoch + 1, world_size=rt.world_size, rank=rt.rank),
-                 module=module.state_dict(), optimizer=optimizer.state_dict(), config=cfg.to_dict())
+                 module=module.state_dict(), optimizer=optimizer.state_dict(), config=cfg.to_dict(),
+                 mid_epoch=mid_epoch)
     atomic_save(state, _ckpt_paths(phase_dir, rt.rank))
-    if rt.main:
+    if rt.main and mid_epoch is None:
         # RepDistiller-style student snapshot (``{'model': state_dict}``), loadable as a teacher
         atomic_save({"model": module.student.state_dict(), "arch": canonical_name(phase.arch), "epoch": epoch,
                      "accuracy": history[-1]["test_acc"], "dataset": cfg.dataset}, os.path.join(phase_dir, "model.pt"))
