@@ -241,8 +241,8 @@ class EpochLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _view(self, raw, gen):
-        if self.augment:
+    def _view(self, raw, gen, augment=None):
+        if self.augment if augment is None else augment:
             raw = random_crop_flip(raw, self.ds.crop_padding, gen, self.ds.flip) if self.ds.crop_padding else raw
         return self.split.normalize(raw)
 
@@ -256,8 +256,8 @@ class EpochLoader:
                 break
             raw = self.split.images[idx]
             batch = {"x": self._view(raw, g_aug), "y": self.split.labels[idx], "idx": idx}
-            if self.two_views:
-                batch["x2"] = self._view(raw, g_aug)
+            if self.two_views:  # the second view always differs from the first: augmented even
+                batch["x2"] = self._view(raw, g_aug, augment=True)  # when the dataset trains without
             if self.negatives is not None:
                 batch["contrast_idx"] = self.negatives(idx, self.nce_k, generator=g_neg)
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

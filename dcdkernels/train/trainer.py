@@ -303,8 +303,6 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
         dataset, "train", batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, rank=rt.rank,
         world_size=rt.world_size, nce_k=cfg.nce_k if distill_mod.uses_memory(cfg, base) and not _in_kernel_negatives(cfg) else 0,
         two_views=base in distill_mod.TWO_VIEWS, device=rt.device)
-    if base in distill_mod.TWO_VIEWS and not cfg.augment:
-        loader.augment = True  # two views of the same image must differ: crop+flip even on digits
 
     net = module
     if rt.distributed:
