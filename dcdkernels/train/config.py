@@ -237,7 +237,7 @@ def finalize(cfg: Config) -> Config:
         if getattr(cfg, k) is None:
             setattr(cfg, k, list(v) if isinstance(v, list) else v)
     cfg.method = distill.normalize_method(cfg.method)
-    for k, v in distill.default_weights(cfg.method).items():
+    for k, v in distill.default_weights(cfg.method, cfg.dataset).items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
     if cfg.lr_decay_epochs is not None:

@@ -259,7 +259,7 @@ def _build(cfg, phase, dataset, rt):
         model.train()
         criterion = distill_mod.build_criterion(cfg, method, fs[-1].numel() // 2, ft[-1].numel() // 2,
                                                 dataset.n_train, dataset.num_classes, phase.backend, model, teacher)
-    weights = distill_mod.default_weights(method)
+    weights = distill_mod.default_weights(method, cfg.dataset)
     if phase.name in ("student", "student_eager"):
         weights = dict(gamma=cfg.gamma, alpha=cfg.alpha, beta=cfg.beta)
     module = distill_mod.Distiller(model, teacher, criterion, method, kd_T=cfg.kd_T, **weights)
