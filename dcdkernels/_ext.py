@@ -1,4 +1,5 @@
 """Loads the compiled extension ``dcdkernels._C`` if it was built, and says why if not."""
+import functools
 import importlib
 
 import torch
@@ -11,6 +12,7 @@ except Exception as exc:  # built without a compiler, or an ABI mismatch with th
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+@functools.lru_cache(maxsize=None)  # registrations are fixed once _C has loaded
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``dcdkernels_C::op`` has a kernel registered for CPU or CUDA."""
     if _C is None:

@@ -76,23 +76,38 @@ def accumulation_dtype(*tensors) -> torch.dtype:
 
 
 class ValueChecks:
-    """Collects data-dependent conditions and checks them all with one host read."""
+    """Data-dependent checks. On CPU each is one reduction read at once; on CUDA they are
+    collected and read back together with a single host sync in :meth:`run`."""
 
     def __init__(self):
-        self._conds, self._messages = [], []
+        self._enabled = value_checks_enabled()
+        self._conds, self._messages, self._failed = [], [], []
+
+    def _add(self, cond: torch.Tensor, message: str):
+        if cond.device.type == "cpu":
+            if bool(cond):
+                self._failed.append(message)
+        else:
+            self._conds.append(cond.reshape(()))
+            self._messages.append(message)
 
     def index_in_range(self, name, index, n_rows):
-        self._conds.append(((index < 0) | (index >= n_rows)).any())
-        self._messages.append(f"{name} has entries out of range [0, {n_rows})")
+        if self._enabled and index.numel():
+            lo, hi = torch.aminmax(index)
+            self._add((lo < 0) | (hi >= n_rows), f"{name} has entries out of range [0, {n_rows})")
 
     def finite(self, name, t):
-        self._conds.append(~torch.isfinite(t.detach()).all())
-        self._messages.append(f"{name} has non-finite values (nan or inf)")
+        if self._enabled and t.numel():
+            # One reduction: the sum of finite values is finite unless it overflows, which the exact
+            # (two-op) test below then rules out.
+            total = t.detach().sum(dtype=torch.float32)
+            if t.device.type == "cpu" and bool(torch.isfinite(total)):
+                return
+            self._add(~torch.isfinite(t.detach()).all(), f"{name} has non-finite values (nan or inf)")
 
     def run(self):
-        if not self._conds or not value_checks_enabled():
-            return
-        failed = torch.stack([c.reshape(()) for c in self._conds]).cpu().tolist()
-        bad = [m for m, f in zip(self._messages, failed) if f]
-        if bad:
-            raise ValueError("; ".join(bad))
+        if self._conds:
+            failed = torch.stack(self._conds).cpu().tolist()
+            self._failed += [m for m, f in zip(self._messages, failed) if f]
+        if self._failed:
+            raise ValueError("; ".join(self._failed))
