@@ -58,6 +58,18 @@ def _out(feats, logits, is_feat):
 # ----------------------------------------------------------------------------------------------
 # CIFAR ResNet (resnet8/14/20/32/44/56/110, resnet8x4, resnet32x4): 3 stages, 6n+2 layers
 # ----------------------------------------------------------------------------------------------
+def _three_stage_forward(model, head, x, is_feat, preact):
+    """conv1-bn1-relu, three stages that also return their pre-activation, pool, ``head``: the
+    forward of RepDistiller's CIFAR ResNets and ShuffleNetV1 (which name the head fc / linear)."""
+    f0 = F.relu(model.bn1(model.conv1(x)))
+    f1, p1 = model.layer1(f0)
+    f2, p2 = model.layer2(f1)
+    f3, p3 = model.layer3(f2)
+    f4 = F.adaptive_avg_pool2d(f3, 1).flatten(1)
+    feats = [f0, p1, p2, p3, f4] if preact else [f0, f1, f2, f3, f4]
+    return _out(feats, head(f4), is_feat)
+
+
 class _ResBasic(nn.Module):
     expansion = 1
 
@@ -100,17 +112,7 @@ class CifarResNet(nn.Module):
 
 
     def forward(self, x, is_feat=False, preact=False):
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        x, p1 = self.layer1(f0)
-        f1 = x
-        x, p2 = self.layer2(x)
-        f2 = x
-        x, p3 = self.layer3(x)
-        f3 = x
-        f4 = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        logits = self.fc(f4)
-        feats = [f0, p1, p2, p3, f4] if preact else [f0, f1, f2, f3, f4]
-        return _out(feats, logits, is_feat)
+        return _three_stage_forward(self, self.fc, x, is_feat, preact)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,17 +339,7 @@ class ShuffleNetV1(nn.Module):
 
 
     def forward(self, x, is_feat=False, preact=False):
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        x, p1 = self.layer1(f0)
-        f1 = x
-        x, p2 = self.layer2(x)
-        f2 = x
-        x, p3 = self.layer3(x)
-        f3 = x
-        f4 = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        logits = self.linear(f4)
-        feats = [f0, p1, p2, p3, f4] if preact else [f0, f1, f2, f3, f4]
-        return _out(feats, logits, is_feat)
+        return _three_stage_forward(self, self.linear, x, is_feat, preact)
 
 
 class _ShuffleV2Unit(nn.Module):
