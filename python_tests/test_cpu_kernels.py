@@ -369,8 +369,18 @@ def test_bank_update_matches_oracle_with_duplicates(dtype, value_dtype):
 def test_bank_update_validates_before_mutating():
     bank = torch.randn(10, 4)
     before = bank.clone()
-    with pytest.raises(RuntimeError, match="out of range"):
-        ops.bank_momentum_update_(bank, torch.tensor([1, 2, 10]), torch.randn(3, 4), 0.5)
+    # The kernel itself checks range and finiteness (ValueError) before writing: on CPU the
+    # Python layer relies on it instead of running its own reductions.
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match="index has entries out of range"):
+            ops.bank_momentum_update_(bank, torch.tensor([1, 2, bad]), torch.randn(3, 4), 0.5)
+    for bad in (float("nan"), float("inf")):
+        value = torch.randn(3, 4)
+        value[2, 3] = bad
+        with pytest.raises(ValueError, match="value has non-finite"):
+            ops.bank_momentum_update_(bank, torch.tensor([1, 2, 3]), value, 0.5)
+        with pytest.raises(ValueError, match="value has non-finite"):
+            ops.bank_momentum_update_(bank, torch.tensor([1, 2, 3]), value.to(torch.bfloat16), 0.5)
     with pytest.raises(RuntimeError):
         ops.bank_momentum_update_(bank, torch.tensor([1, 2]), torch.randn(3, 4), 0.5)
     assert torch.equal(bank, before)

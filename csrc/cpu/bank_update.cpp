@@ -3,7 +3,8 @@
 // for every distinct i of index, p the LAST position holding i. Deterministic: positions are
 // stable-sorted by row, the last of each run is kept, and the distinct rows (each written once,
 // from its pre-update value) are then updated in parallel. fp32 math (fp64 for fp64 banks),
-// rounded once to the bank dtype. Every check runs before the bank is touched.
+// rounded once to the bank dtype. Every check (shapes, index range, finite values) runs before
+// the bank is touched, so on CPU the Python layer needs no data-dependent check of its own.
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
@@ -29,6 +30,19 @@ std::vector<std::pair<int64_t, int64_t>> last_occurrences(const int64_t* index, 
   return keep;
 }
 
+// Every value is finite (ValueError naming `value` otherwise): a nan row would be normalised
+// into the bank for good.
+// x * 0 is 0 for finite x and nan for inf/nan, so one vectorised sum tells.
+// (The throw stays outside the target_clones function: an exception leaving one terminates.)
+template <typename T>
+DCD_CPU_CLONES bool all_finite(const T* p, int64_t n) {
+  using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  A acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += static_cast<A>(p[i]) * A(0);
+  return acc == A(0);
+}
+
 template <typename T, typename A>
 void update_rows(at::Tensor& bank, const at::Tensor& value, const std::vector<std::pair<int64_t, int64_t>>& keep,
                  double momentum) {
@@ -41,6 +55,10 @@ void update_rows(at::Tensor& bank, const at::Tensor& value, const std::vector<st
     RowReader<A> values(value, 1);
     std::vector<A> x(static_cast<size_t>(D));
     for (int64_t i = i0; i < i1; ++i) {
+      if (i + 2 < i1) {  // rows are scattered over the bank: fetch the one after next early
+        const char* next = reinterpret_cast<const char*>(base + keep[static_cast<size_t>(i + 2)].first * stride);
+        for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) DCD_PREFETCH(next + b);
+      }
       T* row = base + keep[static_cast<size_t>(i)].first * stride;
       const A* v;
       values.load(&keep[static_cast<size_t>(i)].second, 1, &v);
@@ -68,9 +86,19 @@ void bank_momentum_update_cpu(const at::Tensor& bank_in, const at::Tensor& index
               value.size(0), ", got shape ", index.sizes());
   TORCH_CHECK(std::isfinite(momentum), "momentum must be finite, got ", momentum);
   const at::Tensor index_c = index.contiguous();
-  check_index_range(index_c, bank.size(0), "index");
+  TORCH_CHECK(index_c.device().is_cpu(), "index must be a CPU tensor, got ", index_c.device());
+  TORCH_CHECK(index_c.scalar_type() == at::kLong, "index must be int64, got ", index_c.scalar_type());
+  const int64_t* idx = index_c.data_ptr<int64_t>();
+  const int64_t n_rows = bank.size(0);
+  bool in_range = true;
+  for (int64_t i = 0; i < index_c.numel(); ++i) in_range &= idx[i] >= 0 && idx[i] < n_rows;
+  TORCH_CHECK_VALUE(in_range, "index has entries out of range [0, ", n_rows, ")");
   at::assert_no_overlap(bank, value);  // rows are written while other rows' values are read
   const at::Tensor value_c = value.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_c.scalar_type(), "bank_momentum_update_check",
+                                  [&] {
+    TORCH_CHECK_VALUE(all_finite(value_c.data_ptr<scalar_t>(), value_c.numel()), "value has non-finite values (nan or inf)");
+  });
   const auto keep = last_occurrences(index_c.data_ptr<int64_t>(), index_c.numel());
   if (keep.empty()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "bank_momentum_update_", [&] {

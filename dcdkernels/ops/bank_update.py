@@ -19,7 +19,12 @@ def _(bank, index, value, momentum, backend):
 def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     """In place: ``bank[i] = normalize(m * bank[i] + (1 - m) * value[p])`` for each distinct i of
     ``index`` (B,), p the last position holding i (SPEC §4). Everything is validated before the
-    bank is touched; returns ``bank``."""
+    bank is touched; returns ``bank``.
+
+    A per-step op on a few hundred rows, so the call itself must stay cheap: on CPU the C++
+    kernel checks the index range and finiteness itself before writing (one pass over B indices
+    and B*D values), so no extra reductions run here, and outside ``torch.compile`` the kernel is
+    called directly rather than through the custom-op wrapper (same kernel, less overhead)."""
     V.matrix("bank", bank)
     V.matrix("value", value, device=bank.device, dim=bank.shape[1])
     if bank.requires_grad and torch.is_grad_enabled():
@@ -29,15 +34,19 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     index = V.index_tensor("index", index, device=bank.device, rows=value.shape[0], dims=(1,))
     if not isinstance(momentum, (float, int)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    checks = V.ValueChecks()
-    checks.index_in_range("index", index, bank.shape[0])
-    checks.finite("value", value)
-    checks.run()
     backend = backends.resolve(backend, bank.device, "bank_momentum_update_",
                                V.accumulation_dtype(bank, value))
+    if backend != "cpu":
+        checks = V.ValueChecks()
+        checks.index_in_range("index", index, bank.shape[0])
+        checks.finite("value", value)
+        checks.run()
+    value = value.detach()
     with torch.no_grad():
         if backend == "eager":
             reference.bank_momentum_update_(bank, index, value, float(momentum))
+        elif torch.compiler.is_compiling():
+            bank_momentum_update_op(bank, index, value, float(momentum), backend)
         else:
-            bank_momentum_update_op(bank, index, value.detach(), float(momentum), backend)
+            backends.kernel("bank_momentum_update_", backend)(bank, index, value, float(momentum))
     return bank
