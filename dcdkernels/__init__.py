@@ -9,14 +9,14 @@ from . import backends, reference
 from .backends import availability
 from .ops import (ClassConditionalSampler, DualContrastOutput, bank_momentum_update_, dense_contrast,
                   dual_sampled_contrast, sample_negatives, sampled_contrast)
-from .ops._validate import set_value_checks
+from .ops._validate import check_errors, set_value_checks
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClassConditionalSampler", "DualContrastOutput", "availability", "backends", "bank_momentum_update_",
     "dense_contrast", "dual_sampled_contrast", "reference", "sample_negatives", "sampled_contrast",
-    "set_value_checks",
+    "check_errors", "set_value_checks",
 ]
 
 try:  # modules land as their issues do; the ops above never depend on them

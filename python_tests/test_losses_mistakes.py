@@ -239,3 +239,52 @@ def test_dcd_bias_gradient_is_exactly_zero(backend, memory):
         wrong.backward()
         nonzero_official += int(b.grad.item() != 0.0)
     assert nonzero_official > 0, "the official formulation happened to give exact zeros: pick other seeds"
+
+
+def _module_cases():
+    """(name, loss module, call(overrides) -> loss) for each method, with small valid inputs."""
+    from dcdkernels import CoCoRDLoss, CRDLoss, DCDLoss, PCKDLoss
+
+    g = torch.Generator().manual_seed(0)
+    B, S, T, C = 4, 12, 10, 5
+
+    def feats(dim, batch=B):
+        return torch.randn(batch, dim, generator=g)
+
+    idx = torch.tensor([1, 5, 9, 60])
+    crd = CRDLoss(S, T, n_data=64, feat_dim=8, nce_k=7)
+    dcd = DCDLoss(S, T, feat_dim=8)
+    coc = CoCoRDLoss(S, T, embed_dim=16, hidden_dim=16, pred_dim=8, queue_size=32)
+    pck = PCKDLoss(S, T)
+    fc_s, fc_t = torch.nn.Linear(S, C), torch.nn.Linear(T, C)
+    base = {
+        "crd": (crd, dict(f_s=feats(S), f_t=feats(T), idx=idx)),
+        "dcd": (dcd, dict(f_s=feats(S), f_t=feats(T))),
+        "cocord": (coc, dict(f_s=feats(S), f_t=feats(T), f_s2=feats(S), f_slow=feats(S), f_slow2=feats(S))),
+        "pckd": (pck, dict(f_s=feats(S), f_t=feats(T), logit_s=feats(C), logit_t=feats(C),
+                           labels=torch.tensor([0, 1, 2, 4]), fc_s=fc_s, fc_t=fc_t)),
+    }
+    return base, feats
+
+
+@pytest.mark.parametrize("method", ["crd", "dcd", "cocord", "pckd"])
+def test_loss_modules_name_the_bad_argument(method):
+    """Issue: reliability, input validation of every module. Each bad feature input is rejected
+    with the argument's name before any head or kernel runs; the valid call works."""
+    base, feats = _module_cases()
+    module, kwargs = base[method]
+    assert torch.isfinite(module(**kwargs))
+    f_s = kwargs["f_s"]
+    bad = {
+        "f_s has 11 features per row": dict(f_s=feats(11)),
+        "f_t has batch 3 but f_s has 4": dict(f_t=feats(kwargs["f_t"].shape[1], batch=3)),
+        "f_s is an empty batch": dict(f_s=f_s[:0]),
+        "f_s must be floating point": dict(f_s=f_s.to(torch.int64)),
+        "f_s must be .B, features...": dict(f_s=f_s[0]),
+    }
+    if method == "pckd":
+        bad["labels must be a"] = dict(labels=torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        bad["logit_t has 4 features per row"] = dict(logit_t=feats(4))
+    for match, override in bad.items():
+        with pytest.raises((ValueError, TypeError), match=match):
+            module(**{**kwargs, **override})

@@ -83,3 +83,47 @@ def test_bank_beyond_2_pow_31_elements_uses_64_bit_offsets(device, backend):
     dcdkernels.bank_momentum_update_(bank, rows[2:4], value, 0.5, backend=backend)
     dcdkernels.bank_momentum_update_(small_bank, torch.tensor([2, 3]), value, 0.5, backend="eager")
     torch.testing.assert_close(bank[rows].float(), small_bank.float(), atol=1e-2, rtol=0)
+
+
+def test_deterministic_mode_sizes_gpu_grids_independently_of_the_device():
+    """torch.use_deterministic_algorithms(True) fixes the number of SMs the CUDA and Triton grids
+    are sized for, so the reduction split does not depend on the GPU model (README, Guarantees)."""
+    import pathlib
+    import re
+
+    from dcdkernels.triton import _common
+
+    header = (pathlib.Path(__file__).parents[1] / "csrc" / "cuda" / "cuda_utils.cuh").read_text()
+    assert int(re.search(r"kDeterministicSms = (\d+);", header).group(1)) == _common.DETERMINISTIC_SMS
+    torch.use_deterministic_algorithms(True)
+    try:
+        # No device query happens (there may be no GPU here): the constant is returned.
+        assert _common.sm_count(torch.device("cuda", 0)) == _common.DETERMINISTIC_SMS
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_losses_run_under_torch_deterministic_algorithms(device, backend):
+    from dcdkernels import CRDLoss
+
+    torch.manual_seed(0)
+    crd = CRDLoss(s_dim=12, t_dim=10, feat_dim=8, n_data=64, nce_k=7, backend=backend).to(device)
+    f_s, f_t = torch.randn(4, 12, device=device, requires_grad=True), torch.randn(4, 10, device=device)
+    idx = torch.tensor([1, 5, 9, 60], device=device)
+    cidx = torch.randint(0, 64, (4, 8), device=device)
+    cidx[:, 0] = idx
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            crd_copy = CRDLoss(s_dim=12, t_dim=10, feat_dim=8, n_data=64, nce_k=7, backend=backend).to(device)
+            crd_copy.load_state_dict(crd.state_dict())
+            f_s.grad = None
+            loss = crd_copy(f_s, f_t, idx, cidx)
+            loss.backward()
+            runs.append((loss.detach(), f_s.grad.clone(), crd_copy.state_dict()))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in runs[0][2])

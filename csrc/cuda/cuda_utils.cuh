@@ -10,6 +10,7 @@
 //    that merges them per anchor into the outputs of the contract.
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
@@ -34,8 +35,15 @@ constexpr int kMaxChunks = 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Number of SMs of the current device (grids are sized to fill them).
+// Under torch.use_deterministic_algorithms(True) grids are sized for this many SMs whatever the
+// GPU, so the split of every reduction (and so every rounding) does not depend on the device.
+// Same constant as DETERMINISTIC_SMS in dcdkernels/triton/_common.py.
+constexpr int kDeterministicSms = 132;
+
+// Number of SMs that grids are sized for: the current device's (to fill them), or
+// kDeterministicSms in deterministic mode.
 inline int sm_count() {
+  if (at::globalContext().deterministicAlgorithms()) return kDeterministicSms;
   int device = 0, count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));

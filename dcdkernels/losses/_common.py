@@ -148,6 +148,40 @@ def _refresh_after_load(module, incompatible_keys) -> None:
     module._refresh_mirrors()
 
 
+def first_linear_in_features(module: nn.Module) -> int:
+    return next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
+
+
+def check_features(**named) -> int:
+    """Checks a loss module's feature inputs before any head or kernel runs, naming the argument:
+    ``name=(tensor, dim)`` (``dim`` the expected features per row after flattening, or None);
+    ``None`` tensors are skipped. All must be floating tensors of rank >= 2 with the same
+    non-empty batch, on one device. Returns the batch size."""
+    batch, device, first = None, None, None
+    for name, (t, dim) in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must be (B, features...) with rank >= 2, got shape {tuple(t.shape)}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)})")
+        per_row = t[0].numel()
+        if dim is not None and per_row != dim:
+            raise ValueError(f"{name} has {per_row} features per row (shape {tuple(t.shape)}) but the loss was "
+                             f"built for {dim}")
+        if batch is None:
+            batch, device, first = t.shape[0], t.device, name
+        elif t.shape[0] != batch:
+            raise ValueError(f"{name} has batch {t.shape[0]} but {first} has {batch}")
+        elif t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
+    return batch
+
+
 def check_batch_index(idx: Optional[Tensor], batch: int) -> Tensor:
     if idx is None:
         raise ValueError("idx (the dataset rows of the batch, (B,) int64) is required to update the memory")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ._common import ema_, freeze_, make_projector, no_autocast, parameter_pairs, to_loss_dtype
+from ._common import (check_features, ema_, first_linear_in_features, freeze_, make_projector, no_autocast,
+                      parameter_pairs, to_loss_dtype)
 
 
 def make_predictor(dim: int, pred_dim: int) -> nn.Sequential:
@@ -134,7 +135,9 @@ class CoCoRDLoss(nn.Module):
     def forward(self, f_s: Tensor, f_t: Tensor, f_s2: Optional[Tensor] = None, f_slow: Optional[Tensor] = None,
                 f_slow2: Optional[Tensor] = None, *, x_s: Optional[Tensor] = None,
                 x_s2: Optional[Tensor] = None) -> Tensor:
-        B = f_s.shape[0]
+        s_dim, t_dim = first_linear_in_features(self.projector), first_linear_in_features(self.teacher_projector)
+        B = check_features(f_s=(f_s, s_dim), f_t=(f_t, t_dim), f_s2=(f_s2, s_dim), f_slow=(f_slow, s_dim),
+                           f_slow2=(f_slow2, s_dim))
         if B > self.queue.shape[0]:
             raise ValueError(f"batch of {B} keys is larger than the queue ({self.queue.shape[0]} rows)")
         use_pred = self.pred_weight != 0

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ._common import (Embed, MemoryBankState, check_batch_index, log_partition_from_lse, no_autocast,
-                      rename_keys)
+from ._common import (Embed, MemoryBankState, check_batch_index, check_features, log_partition_from_lse,
+                      no_autocast, rename_keys)
 
 
 class CRDLoss(MemoryBankState):
@@ -109,6 +109,7 @@ class CRDLoss(MemoryBankState):
         return self.load_state_dict(state_dict, strict=strict)
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Optional[Tensor] = None) -> Tensor:
+        check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
         z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)  # fp32 (fp64 stays fp64), unit rows
         idx = check_batch_index(idx, z_s.shape[0])
         index, sample_kw, K = self.index_args(idx, contrast_idx, self.nce_k)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._common import (Embed, MemoryBankState, check_batch_index, no_autocast, rename_keys)
+from ._common import Embed, MemoryBankState, check_batch_index, check_features, no_autocast, rename_keys
 
 
 class DCDLoss(MemoryBankState):
@@ -79,6 +79,7 @@ class DCDLoss(MemoryBankState):
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Optional[Tensor] = None,
                 contrast_idx: Optional[Tensor] = None) -> Tensor:
+        check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
         z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)
         with no_autocast(z_s.device):
             s = self.logit_scale()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._common import Embed, make_projector, no_autocast, to_loss_dtype
+from ._common import Embed, check_features, make_projector, no_autocast, to_loss_dtype
 
 PREVIEW_SCHEDULES = ("official", "quantile", None)
 
@@ -111,11 +111,18 @@ class PCKDLoss(nn.Module):
         return torch.where(g > threshold, torch.full_like(g, self.hard_weight), torch.ones_like(g))
 
     def forward(self, f_s: Tensor, f_t: Tensor, logit_s: Tensor, logit_t: Tensor, labels: Tensor, fc_s, fc_t) -> Tensor:
+        B = check_features(f_s=(f_s, self.s_dim), f_t=(f_t, self.t_dim), logit_s=(logit_s, None),
+                           logit_t=(logit_t, logit_s.shape[-1] if isinstance(logit_s, Tensor) else None))
         w_s, b_s = _weight_bias(fc_s)
         w_t, b_t = _weight_bias(fc_t)
         w_t = w_t.detach()
         b_t = None if b_t is None else b_t.detach()
-        B = f_s.shape[0]
+        if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32) or labels.numel() != B:
+            raise ValueError(f"labels must be a ({B},) int64 tensor of class ids, got "
+                             f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__} "
+                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
+        if w_s.shape[0] != logit_s.shape[1] or w_t.shape[0] != logit_s.shape[1]:
+            raise ValueError(f"fc_s/fc_t have {w_s.shape[0]}/{w_t.shape[0]} classes but logit_s has {logit_s.shape[1]}")
         f_s = f_s.reshape(B, -1)
         f_t = to_loss_dtype(f_t.reshape(B, -1).detach())
         labels = labels.reshape(-1)

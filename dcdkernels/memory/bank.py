@@ -148,6 +148,10 @@ class MemoryBank(nn.Module):
         module._offset = int(module.rng_offset.item())
         module._log_z_set = not bool(torch.isnan(module.log_z).item())
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        V.check_errors()  # a checkpoint never captures state after a call that failed deferred checks
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "shard_layout"
         if key in state_dict:
@@ -182,7 +186,11 @@ class MemoryBank(nn.Module):
         return total_lse + (math.log(self.n_rows) - math.log(count * n_cols))
 
     def _set_log_z(self, value: torch.Tensor) -> None:
-        self.log_z.copy_(value.detach())
+        checks, self._z_checks = getattr(self, "_z_checks", None), None
+        value = value.detach()
+        if checks is not None:  # a call that fails its deferred checks leaves log Z as it was
+            value = checks.guard_rows(value.to(self.log_z.dtype), lambda: self.log_z)
+        self.log_z.copy_(value)
         self._log_z_set = True
 
     def _ema_log_z(self, batch_log_z: torch.Tensor) -> None:
@@ -244,11 +252,15 @@ class MemoryBank(nn.Module):
         acc = V.accumulation_dtype(anchor, self.bank)
         s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True)
         b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
-        checks = V.ValueChecks()
-        checks.index_in_range("index", index, self.n_rows)
-        checks.finite("anchor", anchor)
-        checks.run()
-        return index, n_cols, s, b
+        # Distributed: checked here so that every rank raises together. Locally the op checks its
+        # inputs; this module checks again only when checks are deferred (CUDA), to guard log Z.
+        checks = None
+        if self.mode != "local" or V.ValueChecks.deferred(anchor.device):
+            checks = V.ValueChecks()
+            checks.index_in_range("index", index, self.n_rows)
+            checks.finite("anchor", anchor)
+            checks.run(deferrable=self.mode == "local")
+        return index, n_cols, s, b, checks
 
     def score(self, anchor: torch.Tensor, index: torch.Tensor, *, logit_scale, bias=None, loss: str = "infonce",
               num_negatives: Optional[int] = None, return_lse: bool = False):
@@ -266,9 +278,9 @@ class MemoryBank(nn.Module):
         Replicated mode: scoring is local; one small all-gather (batch sizes, and the batch
         LSE statistics for NCE) keeps the stream and log Z identical on every rank. Sharded
         mode: see ``dcdkernels.memory.distributed``. Both are collectives."""
-        err, index_dim, n_cols, s, b = None, 0, 0, None, None
+        err, index_dim, n_cols, s, b, checks = None, 0, 0, None, None, None
         try:
-            index, n_cols, s, b = self._check_score_args(anchor, index, num_negatives, loss, logit_scale, bias)
+            index, n_cols, s, b, checks = self._check_score_args(anchor, index, num_negatives, loss, logit_scale, bias)
             index_dim = index.dim()
         except (ValueError, TypeError) as exc:
             err = exc
@@ -289,6 +301,7 @@ class MemoryBank(nn.Module):
                                        bool(meta[:, 4].any()), bool(meta[:, 5].any()), want_grad, return_lse)
         kw = dict(num_negatives=num_negatives if sampled else None, seed=self._seed,
                   offset=self._offset + start * (n_cols - 1), backend=self.backend, return_lse=True)
+        self._z_checks = checks  # deferred checks of this call guard the log Z update
         was_set = self._log_z_set
         if loss == "nce" and not was_set:
             with torch.no_grad():
@@ -359,10 +372,11 @@ class MemoryBank(nn.Module):
             index = V.index_tensor("index", index, device=value.device, rows=value.shape[0], dims=(1,))
             if not isinstance(momentum, (float, int)) or not 0.0 <= momentum <= 1.0:
                 raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-            checks = V.ValueChecks()
-            checks.index_in_range("index", index, self.n_rows)
-            checks.finite("value", value)
-            checks.run()
+            if self.mode != "local":  # checked here so that every rank raises together; locally the op checks
+                checks = V.ValueChecks()
+                checks.index_in_range("index", index, self.n_rows)
+                checks.finite("value", value)
+                checks.run()
         except (ValueError, TypeError) as exc:
             err = exc
         if self.mode == "local":

@@ -51,6 +51,10 @@ class MomentumQueue(nn.Module):
             raise RuntimeError(f"MomentumQueue: loaded pointer {ptr} is outside [0, {module.size})")
         module._ptr = ptr
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        V.check_errors()  # a checkpoint never captures state after a call that failed deferred checks
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     @property
     def pointer(self) -> int:
         return self._ptr
@@ -64,14 +68,15 @@ class MomentumQueue(nn.Module):
             raise ValueError(f"keys are on {keys.device} but the queue is on {self.queue.device}")
         checks = V.ValueChecks()
         checks.finite("keys", keys)
-        checks.run()
+        checks.run(deferrable=self.mode == "local")  # a slice copy is safe whatever the values
+        return checks
 
     @torch.no_grad()
     def enqueue_(self, keys: torch.Tensor) -> int:
         """Write ``keys`` (B, D) at the pointer (wrapping around) and return the new pointer."""
-        err = None
+        err, checks = None, None
         try:
-            self._check(keys)
+            checks = self._check(keys)
             if self.mode == "local" and keys.shape[0] > self.size:
                 raise ValueError(f"batch of {keys.shape[0]} keys is larger than the queue ({self.size} rows): "
                                  "it would overwrite itself; enlarge the queue or split the batch")
@@ -88,6 +93,10 @@ class MomentumQueue(nn.Module):
             raise err
         if keys.shape[0] == 0:
             return self._ptr
-        self._ptr = int(queue_enqueue_(self.queue, self._ptr, keys.detach()))
+        keys = keys.detach()
+        if self.mode == "local":  # deferred checks (CUDA): failed keys rewrite the rows already there
+            keys = checks.guard_rows(keys.to(self.queue.dtype), lambda: self.queue[
+                (self._ptr + torch.arange(keys.shape[0], device=keys.device)) % self.size])
+        self._ptr = int(queue_enqueue_(self.queue, self._ptr, keys))
         self.queue_ptr.fill_(self._ptr)
         return self._ptr

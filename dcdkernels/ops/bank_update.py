@@ -40,7 +40,8 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
         checks = V.ValueChecks()
         checks.index_in_range("index", index, bank.shape[0])
         checks.finite("value", value)
-        checks.run()
+        checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
+        index = checks.guard(index, bank.shape[0])
     value = value.detach()
     with torch.no_grad():
         if backend == "eager":

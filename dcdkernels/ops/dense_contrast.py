@@ -110,8 +110,8 @@ def dense_contrast(anchor, keys, target=None, *, positive=None, logit_scale, bia
     acc = V.accumulation_dtype(anchor, keys)
     s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True)
     b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
-    checks.run()
     backend = backends.resolve(backend, anchor.device, "dense_contrast", acc)
+    checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
     if backend == "eager":
         per_row, lse = reference.dense_contrast(anchor, keys, target, positive=positive, logit_scale=s, bias=b)
     else:

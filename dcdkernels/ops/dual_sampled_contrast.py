@@ -100,8 +100,8 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
         if lz.shape != (2,):
             raise ValueError(f"log_z must be (log Z_s, log Z_t), got shape {tuple(lz.shape)}")
         lz = lz.to(device=device, dtype=acc)
-    checks.run()
     backend = backends.resolve(backend, device, "dual_sampled_contrast", acc)
+    checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
     compute_kl = consistency > 0
     if backend == "eager":
         if index.dim() == 1:

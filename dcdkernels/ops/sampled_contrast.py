@@ -105,8 +105,8 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
     s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True)
     b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
     lz = None if log_z is None else V.scalar("log_z", log_z, device=anchor.device, dtype=acc)
-    checks.run()
     backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc)
+    checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
     if backend == "eager":
         if index.dim() == 1:
             index = reference.sample_negatives(index, num_negatives, bank.shape[0], seed, offset)

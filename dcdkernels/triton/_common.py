@@ -135,8 +135,16 @@ def device_guard(tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+# Under torch.use_deterministic_algorithms(True) grids are sized for this many SMs whatever the
+# GPU, so the split of every reduction (and so every rounding) does not depend on the device.
+# Same constant as kDeterministicSms in csrc/cuda/cuda_utils.cuh.
+DETERMINISTIC_SMS = 132
+
+
 def sm_count(device):
-    """Number of SMs of the CUDA ``device``."""
+    """Number of SMs that grids on the CUDA ``device`` are sized for (see DETERMINISTIC_SMS)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return DETERMINISTIC_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
