@@ -5,8 +5,8 @@
 TORCH_LIBRARY(dcdkernels_C, m) {
   m.def(
       "sampled_contrast(Tensor anchor, Tensor bank, Tensor index, Tensor logit_scale, Tensor? bias, "
-      "Tensor? log_z, int loss_type, int num_negatives, int seed, int offset, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? log_z, int loss_type, int num_negatives, int seed, int offset, bool compute_grad, "
+      "int noise_rows=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "dual_sampled_contrast(Tensor anchor_s, Tensor anchor_t, Tensor bank_s, Tensor bank_t, Tensor index, "
       "Tensor logit_scale, Tensor? bias, Tensor? log_z, int loss_type, bool compute_kl, int num_negatives, "

@@ -58,11 +58,12 @@ SAMPLED_SHAPES = [  # (B, N, D, K)
 ]
 
 
-def run_sampled(anchor, bank, index, s, bias, log_z, loss_type, num_negatives=0, seed=0, offset=0, grad=True):
+def run_sampled(anchor, bank, index, s, bias, log_z, loss_type, num_negatives=0, seed=0, offset=0, grad=True,
+                noise_rows=0):
     acc = acc_of(anchor, bank)
     t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
     return ops.sampled_contrast(anchor, bank, index, t(s), t(bias), t(log_z), loss_type, num_negatives, seed, offset,
-                                grad)
+                                grad, noise_rows)
 
 
 def oracle_sampled(anchor, bank, index, s, bias, log_z, loss_type):
@@ -148,17 +149,65 @@ def test_sampled_in_kernel_sampling_matches_explicit_indices(B, K, seed, offset)
             torch.testing.assert_close(a, b, atol=0, rtol=0)  # the same rows in the same order
 
 
-def test_sampled_rejects_bad_index_without_reading_it():
+def absent_index(B, K, N, gen):
+    """(B, K+1) index with absent columns (rows outside [0, N), csrc/KERNELS.md): row 0 absent
+    negatives (far out of range too), row 1 an absent positive, row 2 no present column, row 3
+    only its positive, row 4 (if any) a run of absent columns over the middle 2/3 of its row."""
+    index = torch.randint(0, N, (B, K + 1), generator=gen)
+    index[0, 1::3] = torch.tensor([-1, N, 2**40, -2**40] * K)[:index[0, 1::3].numel()]
+    index[1, 0] = N + 3
+    index[2] = -1
+    index[3, 1:] = N
+    if B > 4:
+        index[4, (K + 1) // 6:5 * (K + 1) // 6] = -7
+    return index
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("loss_type", [INFONCE, NCE])
+@pytest.mark.parametrize("shape", [(4, 30, 8, 9), (5, 500, 16, 1200)])  # the second splits each row into chunks
+def test_sampled_absent_columns_match_oracle(dtype, loss_type, shape):
+    B, N, D, K = shape
+    gen = torch.Generator().manual_seed(K)
+    anchor, bank = unit_rows(B, D, dtype, gen), unit_rows(N, D, dtype, gen)
+    index = absent_index(B, K, N, gen)
+    s, bias, log_z = 1 / 0.07, 0.25, (math.log(N) + 2.0 if loss_type == NCE else None)
+    noise = 3 * N  # NCE's c = K / noise, not K / N
+    loss, lse, ga, gsc = run_sampled(anchor, bank, index, s, bias, log_z, loss_type, noise_rows=noise)
+    e_loss, e_lse, e_ga, e_gsc = R.sampled_contrast_outputs(
+        anchor.double(), bank.double(), index, logit_scale=s, bias=bias, loss="nce" if loss_type == NCE else "infonce",
+        log_z=log_z, noise_rows=noise)
+    close(loss, e_loss, dtype)
+    close(lse, e_lse, dtype)
+    close(ga, e_ga, dtype)
+    close(gsc, e_gsc, dtype)
+    # Row 2 has no present column: LSE -inf, InfoNCE loss -inf (NCE: no term), zero gradients.
+    assert lse[2] == -math.inf and loss[2] == (-math.inf if loss_type == INFONCE else 0)
+    assert torch.equal(ga[2], torch.zeros_like(ga[2])) and torch.equal(gsc[:, 2], torch.zeros_like(gsc[:, 2]))
+    if loss_type == INFONCE:  # row 3, only the positive: loss 0, gradients 0
+        close(loss[3], torch.zeros(()), dtype)
+        close(ga[3], torch.zeros(D), dtype)
+
+
+def test_sampled_absent_positive_with_in_kernel_sampling():
+    gen = torch.Generator().manual_seed(3)
+    N, D, K = 50, 16, 40
+    anchor, bank = unit_rows(3, D, torch.float32, gen), unit_rows(N, D, torch.float32, gen)
+    positive = torch.tensor([-1, 7, N])
+    index = R.sample_negatives(positive, K, N, 5, 11)
+    for loss_type, log_z in ((INFONCE, None), (NCE, 4.0)):
+        sampled = run_sampled(anchor, bank, positive, 8.0, None, log_z, loss_type, K, 5, 11)
+        explicit = run_sampled(anchor, bank, index, 8.0, None, log_z, loss_type)
+        for a, b in zip(sampled, explicit):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_sampled_rejects_bad_arguments():
     anchor, bank = torch.randn(2, 4), torch.randn(10, 4)
-    for bad in (10, -1, 2**40):
-        index = torch.zeros(2, 5, dtype=torch.int64)
-        index[1, 3] = bad
-        with pytest.raises(RuntimeError, match="out of range"):
-            run_sampled(anchor, bank, index, 1.0, None, None, INFONCE)
-    with pytest.raises(RuntimeError, match="out of range"):  # a bad positive with in-kernel sampling
-        run_sampled(anchor, bank, torch.tensor([0, 10]), 1.0, None, None, INFONCE, num_negatives=4)
     with pytest.raises(RuntimeError, match="num_negatives"):  # a 2-D index already has its negatives
         run_sampled(anchor, bank, torch.zeros(2, 5, dtype=torch.int64), 1.0, None, None, INFONCE, num_negatives=4)
+    with pytest.raises(RuntimeError, match="noise_rows"):
+        run_sampled(anchor, bank, torch.zeros(2, 5, dtype=torch.int64), 1.0, None, 0.0, NCE, noise_rows=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,6 +288,13 @@ def test_dual_mixed_dtypes_sampling_and_no_grad():
     torch.testing.assert_close(lse, explicit[1])
     with pytest.raises(RuntimeError, match="share one dtype"):  # contract: one bank dtype
         run_dual(zs, zt, bank_s, bank_t.float(), index, 12.0, None, None, INFONCE, True)
+    for bad in (N, -1):  # no absent columns in the dual op: rejected before any row is read
+        wrong = index.clone()
+        wrong[1, 3] = bad
+        with pytest.raises(RuntimeError, match="out of range"):
+            run_dual(zs, zt, bank_s, bank_t, wrong, 12.0, None, None, INFONCE, True)
+    with pytest.raises(RuntimeError, match="out of range"):  # a bad positive with in-kernel sampling
+        run_dual(zs, zt, bank_s, bank_t, torch.tensor([0, N, 1]), 12.0, None, None, INFONCE, True, K, 7, 99)
 
 
 # ------------------------------------------------------------------------------------------------

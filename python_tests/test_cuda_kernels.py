@@ -123,9 +123,10 @@ def sampled_oracle(q, bank, idx, s, beta, loss, log_z):
     return out.detach(), lse, ga, gs.view(-1), gb.view(-1)
 
 
-def sampled_kernel(q, bank, idx, s, beta, loss, log_z, num_negatives=0, seed=0, offset=0, compute_grad=True):
+def sampled_kernel(q, bank, idx, s, beta, loss, log_z, num_negatives=0, seed=0, offset=0, compute_grad=True,
+                   noise_rows=0):
     return ops().sampled_contrast(q, bank, idx, scalar(s), scalar(beta), scalar(log_z), 0 if loss == "infonce" else 1,
-                                  num_negatives, seed, offset, compute_grad)
+                                  num_negatives, seed, offset, compute_grad, noise_rows)
 
 
 def check_sampled(q, bank, idx, s, beta, loss, log_z, what):
@@ -201,23 +202,27 @@ def test_sampled_contrast_without_grad():
         assert torch.equal(out, with_grad[0]) and torch.equal(lse, with_grad[1])
 
 
-def test_sampled_contrast_rows_out_of_range_are_absent():
-    """Rows outside [0, N) are never read: an absent negative drops out of the softmax; an absent
-    positive makes the row's loss NaN. (The Python layer rejects such input before the kernel.)"""
-    B, K, N, D = 3, 20, 50, 128
+@pytest.mark.parametrize("loss", ["infonce", "nce"])
+def test_sampled_contrast_rows_out_of_range_are_absent(loss):
+    """Rows outside [0, N) are never read and their columns are absent (csrc/KERNELS.md): absent
+    negatives drop out, an absent positive adds no -l_0 / -row_0 term, a row with no present
+    column has LSE -inf; NCE's c = K / noise_rows. Against the oracle of the kernels' outputs."""
+    B, K, N, D = 5, 600, 50, 128
     q, bank, idx = sampled_case(B, K, N, D, torch.float32, seed=5)
     bad = idx.clone()
-    bad[:, -2] = -1
-    bad[:, -1] = N
-    out, lse, ga, gsc = sampled_kernel(q, bank, bad, 5.0, None, "infonce", None)
-    e_out, e_lse, e_ga, e_gs, _ = sampled_oracle(q, bank, idx[:, :-2], 5.0, None, "infonce", None)
-    close(out, e_out, "loss")
-    close(lse, e_lse, "lse")
-    close(ga, e_ga, "grad_anchor")
-    close(gsc[0], e_gs, "d/ds")
-    bad[0, 0] = N + 7
-    out = sampled_kernel(q, bank, bad, 5.0, None, "infonce", None)[0]
-    assert torch.isnan(out[0]) and not torch.isnan(out[1:]).any()
+    bad[0, 1::3] = -1
+    bad[0, 2::3] = N + 2**40
+    bad[1, 0] = N
+    bad[2] = -7
+    bad[3, 1:] = N
+    bad[4, 100:500] = -1  # whole chunks with nothing present
+    s, beta, log_z = (1 / 0.07, 0.3, 9.0) if loss == "nce" else (5.0, 0.3, None)
+    out = sampled_kernel(q, bank, bad, s, beta, loss, log_z, noise_rows=4 * N)
+    want = reference.sampled_contrast_outputs(q.to(F64), bank.to(F64), bad, logit_scale=s, bias=beta, loss=loss,
+                                              log_z=log_z, noise_rows=4 * N)
+    for name, got, expected in zip(("loss", "lse", "grad_anchor", "grad_scalars"), out, want):
+        close(got, expected, name)
+    assert out[1][2].item() == -float("inf") and not out[2][2].any() and not out[3][:, 2].any()
 
 
 def test_sampled_contrast_rejects_float64():

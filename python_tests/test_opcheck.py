@@ -34,10 +34,15 @@ def _sampled_args(device, dtype, requires_grad=True):
 @pytest.mark.parametrize("loss_type", [0, 1])
 def test_opcheck_sampled_contrast(device, backend, loss_type):
     q, bank, idx, s, beta, log_z = _sampled_args(device, _dtype_for(backend))
-    torch.library.opcheck(sampled_contrast_op, (q, bank, idx, s, beta, log_z, loss_type, 0, 0, 0, True, backend))
+    torch.library.opcheck(sampled_contrast_op, (q, bank, idx, s, beta, log_z, loss_type, 0, 0, 0, True, 0, backend))
     # In-kernel sampling with a 1-D index of positives.
     torch.library.opcheck(sampled_contrast_op, (q, bank, idx[:, 0].contiguous(), s, beta, log_z, loss_type, K, 7, 3,
-                                                True, backend))
+                                                True, 0, backend))
+    # Absent columns (rows outside [0, N), a positive among them) and an explicit NCE noise size.
+    absent = idx.clone()
+    absent[0, 0], absent[1, 2], absent[2, K] = -1, N, N + 5
+    torch.library.opcheck(sampled_contrast_op, (q, bank, absent, s, beta, log_z, loss_type, 0, 0, 0, True, 4 * N,
+                                                backend))
 
 
 @pytest.mark.parametrize("device, backend", backend_params())

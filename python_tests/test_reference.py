@@ -122,6 +122,78 @@ def test_softmax_bias_gradient_is_zero():
     assert abs(beta.grad.item()) < 1e-12 and abs(s.grad.item()) > 1e-6
 
 
+# ------------------------------------------------------------------------------------------------
+# sampled_contrast_outputs: the kernels' four outputs, absent columns included (csrc/KERNELS.md)
+
+def _outputs(q, bank, idx, s, beta, loss, log_z, noise_rows=0):
+    return reference.sampled_contrast_outputs(q, bank, idx, logit_scale=s, bias=beta, loss=loss, log_z=log_z,
+                                              noise_rows=noise_rows)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "nce"])
+def test_kernel_outputs_are_the_autograd_gradients(loss):
+    """Every column present: the closed-form outputs equal autograd through ``sampled_contrast``
+    (per-row scale and bias columns give the per-row d/ds and d/dbeta)."""
+    q, bank, idx, s, beta = _gradcheck_inputs(5, B=4, K=6, N=9)
+    B = q.shape[0]
+    s_col = s.detach().expand(B, 1).clone().requires_grad_()
+    b_col = beta.detach().expand(B, 1).clone().requires_grad_()
+    per_row, lse = reference.sampled_contrast(q, bank, idx, logit_scale=s_col, bias=b_col, loss=loss, log_z=0.7)
+    gq, gs, gb = torch.autograd.grad(per_row.sum(), (q, s_col, b_col))
+    got = _outputs(q, bank, idx, s, beta, loss, 0.7)
+    for actual, expected in zip(got, (per_row, lse, gq, torch.stack([gs[:, 0], gb[:, 0]]))):
+        torch.testing.assert_close(actual, expected.detach(), atol=1e-12, rtol=1e-10)
+    if loss == "infonce":
+        assert torch.equal(got[3][1], torch.zeros(B, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss", ["infonce", "nce"])
+def test_absent_columns_drop_out(loss):
+    """Absent negatives (rows outside [0, N)) give what the index without their columns gives, NCE
+    at the same c = K / noise_rows (K counts the absent columns: 8 / 14 = 4 / 7)."""
+    q, bank, idx, s, beta = _gradcheck_inputs(6, B=3, K=8, N=14)
+    gone = [2, 4, 5, 8]
+    absent = idx.clone()
+    absent[:, gone] = torch.tensor([-1, 14, 2**40, -5])
+    kept = idx[:, [k for k in range(9) if k not in gone]]
+    for actual, expected in zip(_outputs(q, bank, absent, s, beta, loss, 0.7),
+                                _outputs(q, bank, kept, s, beta, loss, 0.7, noise_rows=7)):
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_absent_positive_and_empty_rows():
+    q, bank, idx, s, beta = _gradcheck_inputs(7, B=3, K=5, N=8)
+    s, beta = s.detach(), beta.detach()
+    rows, dots = bank[idx], torch.einsum("bkd,bd->bk", bank[idx], q.detach())
+    absent = idx.clone()
+    absent[0, 0] = -1  # row 0: no positive
+    absent[1] = 8      # row 1: nothing present
+    absent[2, 1:] = 8  # row 2: only the positive
+    got = _outputs(q, bank, absent, s, beta, "infonce", None)
+    # No positive: loss = LSE over the negatives, gradients without the -row_0, -d_0 terms.
+    lse0 = torch.logsumexp(s * dots[0, 1:] + beta, 0)
+    p = torch.softmax(s * dots[0, 1:], 0)
+    torch.testing.assert_close(got[0][0], lse0)
+    torch.testing.assert_close(got[1][0], lse0)
+    torch.testing.assert_close(got[2][0], s * (p[:, None] * rows[0, 1:]).sum(0))
+    torch.testing.assert_close(got[3][0, 0], (p * dots[0, 1:]).sum())
+    # Nothing present: LSE and InfoNCE loss -inf, zero gradients.
+    assert got[0][1] == -math.inf and got[1][1] == -math.inf
+    assert not got[2][1].any() and not got[3][:, 1].any()
+    # Only the positive: loss 0, LSE = l_0, zero gradients.
+    torch.testing.assert_close(got[0][2], torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(got[1][2], s * dots[2, 0] + beta)
+    torch.testing.assert_close(got[2][2], torch.zeros_like(got[2][2]))
+    # NCE: an absent column removes its term and its slope, the positive's included.
+    nce_full = _outputs(q, bank, idx, s, beta, "nce", 0.7)
+    nce = _outputs(q, bank, absent, s, beta, "nce", 0.7)
+    c = 5 / 8
+    x0 = s * dots[0, 0] + beta - 0.7 - math.log(c + 1e-7)
+    torch.testing.assert_close(nce[0][0], nce_full[0][0] - torch.nn.functional.softplus(-x0))
+    torch.testing.assert_close(nce[2][0], nce_full[2][0] + s * torch.sigmoid(-x0) * rows[0, 0])
+    assert nce[0][1] == 0 and nce[1][1] == -math.inf and not nce[2][1].any() and not nce[3][:, 1].any()
+
+
 def test_dual_kl_is_kl_of_softmaxes():
     q, bank, idx, s, _ = _gradcheck_inputs(4)
     qt, bank_t = torch.randn_like(q), torch.randn_like(bank)

@@ -189,6 +189,31 @@ def test_sampled_contrast_skips_out_of_range_rows():
     _check_sampled(out, anchor, bank, kept, "infonce", None, None, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss_type", [0, 1], ids=LOSSES.get)
+def test_sampled_contrast_absent_columns(loss_type, dtype):
+    """The absent-column convention of csrc/KERNELS.md against the oracle: absent negatives (far
+    out of range too), an absent positive, a row with no present column, a row with only its
+    positive; NCE with an explicit noise size (c = K / noise_rows)."""
+    B, K, D, N = 4, 9, 8, 30
+    anchor, bank, index, _ = _sampled_inputs(B, K, D, N, dtype, "plain")
+    index[0, 1::3] = torch.tensor([-1, N, 2**40], device=DEVICE)
+    index[1, 0] = N + 3
+    index[2] = -1
+    index[3, 1:] = N
+    s, bias, log_z = (torch.tensor(v, device=DEVICE) for v in (SCALE, 0.3, 2.0))
+    out = sampled_contrast(anchor, bank, index, s, bias, log_z if loss_type else None, loss_type, 0, 0, 0, True, 3 * N,
+                           num_chunks=3, block_k=2)
+    want = reference.sampled_contrast_outputs(anchor.double(), bank.double(), index, logit_scale=s.double(),
+                                              bias=bias.double(), loss=LOSSES[loss_type], log_z=log_z.double(),
+                                              noise_rows=3 * N)
+    for name, got, expected in zip(("loss", "lse", "grad_anchor", "grad_scalars"), out, want):
+        close(got, expected, torch.float32, name)  # the same rounded inputs on both sides
+    loss, lse, grad_anchor, grad_scalars = out
+    assert lse[2] == -float("inf") and loss[2] == (0.0 if loss_type else -float("inf"))
+    assert not grad_anchor[2].any() and not grad_scalars[:, 2].any()
+
+
 # ----------------------------------------------------------------------------------------------
 # dual_sampled_contrast
 # ----------------------------------------------------------------------------------------------

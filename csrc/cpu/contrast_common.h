@@ -50,10 +50,27 @@ struct Columns {
       out[j] = k == 0 ? index[b] : sample_index(key, offset, b, k, cols - 1, n_rows);
     }
   }
+
+  // The present columns among k0 .. k0+n-1 of anchor b (csrc/KERNELS.md: a column whose row lies
+  // outside [0, n_rows) is absent and never read): out[0..m) = their rows in column order, m
+  // returned. `positive` tells whether out[0] is column 0.
+  DCD_INLINE int64_t present(int64_t b, int64_t k0, int64_t n, int64_t* out, bool& positive) const {
+    get(b, k0, n, out);
+    positive = false;
+    int64_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = out[j];
+      const bool keep = r >= 0 && r < n_rows;
+      positive |= keep && k0 + j == 0;
+      out[m] = r;
+      m += keep;
+    }
+    return m;
+  }
 };
 
-// Builds the column map after checking the index against the bank (an out-of-range row is never
-// read: explicit indices are checked here, sampled ones are < N by construction).
+// Builds the column map. Rows are not checked here: sampled_contrast skips absent columns
+// (Columns::present), dual_sampled_contrast checks the index first (check_index_range).
 inline Columns make_columns(const at::Tensor& index, int64_t B, int64_t num_negatives, int64_t seed, int64_t offset,
                             int64_t n_rows) {
   TORCH_CHECK(num_negatives >= 0, "num_negatives must be >= 0, got ", num_negatives);
@@ -72,7 +89,6 @@ inline Columns make_columns(const at::Tensor& index, int64_t B, int64_t num_nega
     c.key = rng_key(static_cast<uint64_t>(seed));
     c.offset = static_cast<uint64_t>(offset);
   }
-  check_index_range(index, n_rows, "index");
   c.index = index.data_ptr<int64_t>();
   c.n_rows = n_rows;
   return c;
@@ -85,7 +101,7 @@ struct LossParams {
   A beta;
   bool nce;
   A log_z;       // NCE: v_k = l_k - log_z
-  A log_c_eps;   // NCE: log(c + eps), c = K / N
+  A log_c_eps;   // NCE: log(c + eps), c = K / N (N: the noise rows)
   A log_c_diff;  // NCE: log(c + eps) - log(c), the constant part of each negative's term
 };
 
@@ -113,15 +129,16 @@ struct DirState {
   A loss = 0;  // NCE: sum of the per-column losses
   A gd = 0;    // NCE: sum_k g_k d_k, g_k = dL/dl_k
   A gb = 0;    // NCE: sum_k g_k
-  A d0 = 0;    // dot with the positive row; set by the chunk that holds column 0
+  A d0 = 0;    // dot with the positive row; set by the chunk that holds column 0 if it is present
 };
 
-// Absorbs columns k0 .. k0+n-1 with dots d[j]. Writes the logits lg[j], the softmax weights
-// w[j] = exp(lg[j] - m_new) and, for NCE, g[j] = dL/dl. Returns exp(m_old - m_new): the factor
-// by which softmax-weighted sums accumulated so far (st.l, st.cw and the caller's vectors) must
-// be rescaled; st.l and st.cw are rescaled here. Each loop vectorises over the block.
+// Absorbs a block of n columns with dots d[j]; `positive`: the first of them is column 0. Writes
+// the logits lg[j], the softmax weights w[j] = exp(lg[j] - m_new) and, for NCE, g[j] = dL/dl.
+// Returns exp(m_old - m_new): the factor by which softmax-weighted sums accumulated so far (st.l,
+// st.cw and the caller's vectors) must be rescaled; st.l and st.cw are rescaled here. Each loop
+// vectorises over the block.
 template <typename A>
-DCD_INLINE A absorb_block(DirState<A>& st, const LossParams<A>& P, int64_t k0, const A* d, int64_t n, A* lg, A* w,
+DCD_INLINE A absorb_block(DirState<A>& st, const LossParams<A>& P, bool positive, const A* d, int64_t n, A* lg, A* w,
                           A* g) {
   A block_max = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : block_max)
@@ -129,7 +146,7 @@ DCD_INLINE A absorb_block(DirState<A>& st, const LossParams<A>& P, int64_t k0, c
     lg[j] = P.s * d[j] + P.beta;
     block_max = std::max(block_max, lg[j]);
   }
-  if (k0 == 0) st.d0 = d[0];
+  if (positive) st.d0 = d[0];
   const A m_new = std::max(st.m, block_max);
   // Equal maxima (including the first block's -inf == -inf when every logit is -inf) need no rescale.
   const A f = st.m == m_new ? A(1) : std::exp(st.m - m_new);
@@ -150,13 +167,13 @@ DCD_INLINE A absorb_block(DirState<A>& st, const LossParams<A>& P, int64_t k0, c
     A loss = 0, gd = 0, gb = 0;
 #pragma omp simd reduction(+ : loss, gd, gb)
     for (int64_t j = 0; j < n; ++j) {
-      const bool positive = k0 + j == 0;
+      const bool pos = positive && j == 0;
       const A x = lg[j] - P.log_z - P.log_c_eps;
-      const A y = positive ? -x : x;
+      const A y = pos ? -x : x;
       const A e = exp_v(-std::abs(y));
       const A sigmoid = (y >= A(0) ? A(1) : e) / (A(1) + e);
-      g[j] = positive ? -sigmoid : sigmoid;
-      loss += std::max(y, A(0)) + log1p_unit(e) + (positive ? A(0) : P.log_c_diff);
+      g[j] = pos ? -sigmoid : sigmoid;
+      loss += std::max(y, A(0)) + log1p_unit(e) + (pos ? A(0) : P.log_c_diff);
       gd += g[j] * d[j];
       gb += g[j];
     }

@@ -103,8 +103,8 @@ DCD_CPU_CLONES void scan_chunk(const DualProblem<A>& pr, RowReader<A>& bank_s, R
     bank_s.load(idx[cur], n, rows_s);
     dot_rows(zs, rows_t, n, D, ds);
     dot_rows(zt, rows_s, n, D, dt);
-    const A fs = absorb_block(st_s, pr.Ps, k, ds, n, lgs, ws, gs);
-    const A ft = absorb_block(st_t, pr.Pt, k, dt, n, lgt, wt, gt);
+    const A fs = absorb_block(st_s, pr.Ps, k == 0, ds, n, lgs, ws, gs);
+    const A ft = absorb_block(st_t, pr.Pt, k == 0, dt, n, lgt, wt, gt);
     if (pr.kl) {
       kl.wf *= ft;
       kl.h *= ft;
@@ -286,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   }
   const at::Tensor index_c = index.contiguous();
   const Columns cols = make_columns(index_c, B, num_negatives, seed, offset, N);
+  check_index_range(index_c, N, "index");  // no absent columns here: every row is read
   const double s = scalar_value(logit_scale, "logit_scale");
   const double beta = bias.has_value() ? scalar_value(*bias, "bias") : 0.0;
 

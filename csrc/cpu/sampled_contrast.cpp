@@ -7,7 +7,8 @@
 // rescaling (column_chunks in contrast_common.h).
 // Inside a chunk, columns go in blocks: resolve the next block's rows and prefetch them, take
 // the dots of this block against the anchor (which stays in L1), turn them into weights, and
-// add the weighted rows to the gradient accumulator while they are still in L1.
+// add the weighted rows to the gradient accumulator while they are still in L1. Columns whose
+// row lies outside [0, N) are absent (csrc/KERNELS.md): dropped from their block before any read.
 #include <torch/library.h>
 
 #include "cpu/contrast_common.h"
@@ -26,8 +27,8 @@ struct SampledProblem {
   int64_t block;  // columns per block
 };
 
-// Scans columns [k0, k1) of anchor b into `st` and, with grad, into `vec` (D): InfoNCE
-// sum_k exp(l_k - m) row_k (rescaled as m grows), NCE sum_k g_k row_k.
+// Scans the present columns of [k0, k1) of anchor b into `st` and, with grad, into `vec` (D):
+// InfoNCE sum_k exp(l_k - m) row_k (rescaled as m grows), NCE sum_k g_k row_k.
 template <typename A>
 DCD_CPU_CLONES void scan_chunk(const SampledProblem<A>& pr, RowReader<A>& bank, int64_t b, int64_t k0, int64_t k1,
                                DirState<A>& st, A* vec) {
@@ -38,29 +39,35 @@ DCD_CPU_CLONES void scan_chunk(const SampledProblem<A>& pr, RowReader<A>& bank, 
   A d[kMaxBlock], lg[kMaxBlock], w[kMaxBlock], g[kMaxBlock];
   st = DirState<A>();
   if (pr.grad) std::fill(vec, vec + D, A(0));
+  // Blocks of n columns, of which m are present (their rows first in idx[cur]).
   int cur = 0;
+  bool positive[2];
   int64_t n = std::min(pr.block, k1 - k0);
-  pr.cols.get(b, k0, n, idx[cur]);
+  int64_t m = pr.cols.present(b, k0, n, idx[cur], positive[cur]);
   for (int64_t k = k0; k < k1;) {
     const int64_t k_next = k + n;
     const int64_t n_next = std::min(pr.block, k1 - k_next);
+    int64_t m_next = 0;
     if (n_next > 0) {
-      pr.cols.get(b, k_next, n_next, idx[cur ^ 1]);
-      bank.prefetch(idx[cur ^ 1], n_next);
+      m_next = pr.cols.present(b, k_next, n_next, idx[cur ^ 1], positive[cur ^ 1]);
+      bank.prefetch(idx[cur ^ 1], m_next);
     }
-    bank.load(idx[cur], n, rows);
-    dot_rows(q, rows, n, D, d);
-    const A f = absorb_block(st, pr.P, k, d, n, lg, w, g);
-    if (pr.grad) {
-      if (pr.P.nce) {
-        axpy_rows(g, rows, n, D, vec);
-      } else {
-        if (f != A(1)) scale_vec(f, vec, D);
-        axpy_rows(w, rows, n, D, vec);
+    if (m > 0) {
+      bank.load(idx[cur], m, rows);
+      dot_rows(q, rows, m, D, d);
+      const A f = absorb_block(st, pr.P, positive[cur], d, m, lg, w, g);
+      if (pr.grad) {
+        if (pr.P.nce) {
+          axpy_rows(g, rows, m, D, vec);
+        } else {
+          if (f != A(1)) scale_vec(f, vec, D);
+          axpy_rows(w, rows, m, D, vec);
+        }
       }
     }
     k = k_next;
     n = n_next;
+    m = m_next;
     cur ^= 1;
   }
 }
@@ -68,7 +75,7 @@ DCD_CPU_CLONES void scan_chunk(const SampledProblem<A>& pr, RowReader<A>& bank, 
 template <typename A>
 void run(const at::Tensor& q_t, const at::Tensor& bank_t, const Columns& cols, const LossParams<A>& P, bool grad,
          at::Tensor& loss_t, at::Tensor& lse_t, at::Tensor& grad_anchor_t, at::Tensor& grad_scalars_t) {
-  const int64_t B = q_t.size(0), D = q_t.size(1);
+  const int64_t B = q_t.size(0), D = q_t.size(1), N = bank_t.size(0);
   const int64_t chunks = column_chunks(B, cols.cols);
   SampledProblem<A> pr{q_t.data_ptr<A>(), D, cols, P, grad, 0};
   pr.block = block_columns(RowReader<A>(bank_t, 0).row_bytes());
@@ -94,8 +101,10 @@ void run(const at::Tensor& q_t, const at::Tensor& bank_t, const Columns& cols, c
     std::vector<A> factor(static_cast<size_t>(chunks));
     for (int64_t b = b0; b < b1; ++b) {
       const DirState<A> st = merge_states(states.data() + b * chunks, chunks, factor.data());
-      lse[b] = st.m + std::log(st.l);
-      loss[b] = P.nce ? st.loss : lse[b] - (P.s * st.d0 + P.beta);
+      const int64_t pos = cols.sampled ? cols.index[b] : cols.index[b * cols.cols];
+      const bool has_pos = pos >= 0 && pos < N;  // an absent positive adds no -l_0, -d_0, -row_0
+      lse[b] = st.m + std::log(st.l);            // -inf when no column is present
+      loss[b] = P.nce ? st.loss : lse[b] - (has_pos ? P.s * st.d0 + P.beta : A(0));
       if (!grad) continue;
       A* g = ga + b * D;
       sum_partial_vectors(vecs.data() + b * chunks * D, D, chunks, P.nce ? nullptr : factor.data(), D, g);
@@ -106,12 +115,16 @@ void run(const at::Tensor& q_t, const at::Tensor& bank_t, const Columns& cols, c
         gs[B + b] = st.gb;
       } else {
         // grad = s (sum_k p_k row_k - row_0); d/ds = sum_k p_k d_k - d_0; d/dbeta = 0 exactly.
-        const int64_t pos = cols.sampled ? cols.index[b] : cols.index[b * cols.cols];
-        const A* row0;
-        bank.load(&pos, 1, &row0);
-        const A inv_l = A(1) / st.l;
-        for (int64_t e = 0; e < D; ++e) g[e] = P.s * (g[e] * inv_l - row0[e]);
-        gs[b] = st.cw * inv_l - st.d0;
+        // Sums over no present column are 0 (then g holds zeros and l = 0).
+        const A inv_l = st.l > A(0) ? A(1) / st.l : A(0);
+        if (has_pos) {
+          const A* row0;
+          bank.load(&pos, 1, &row0);
+          for (int64_t e = 0; e < D; ++e) g[e] = P.s * (g[e] * inv_l - row0[e]);
+        } else {
+          for (int64_t e = 0; e < D; ++e) g[e] = P.s * (g[e] * inv_l);
+        }
+        gs[b] = st.cw * inv_l - (has_pos ? st.d0 : A(0));
         gs[B + b] = 0;
       }
     }
@@ -121,7 +134,7 @@ void run(const at::Tensor& q_t, const at::Tensor& bank_t, const Columns& cols, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cpu(
     const at::Tensor& anchor, const at::Tensor& bank, const at::Tensor& index, const at::Tensor& logit_scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& log_z, int64_t loss_type,
-    int64_t num_negatives, int64_t seed, int64_t offset, bool compute_grad) {
+    int64_t num_negatives, int64_t seed, int64_t offset, bool compute_grad, int64_t noise_rows) {
   check_float_matrix(anchor, "anchor");
   const int64_t B = anchor.size(0), D = anchor.size(1);
   check_bank(bank, "bank", D);
@@ -129,6 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cpu(
   const bool nce = loss_type == 1;
   TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z");
   const int64_t N = bank.size(0);
+  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the bank's rows), got ", noise_rows);
+  const int64_t noise = noise_rows > 0 ? noise_rows : N;
   const at::Tensor index_c = index.contiguous();
   const Columns cols = make_columns(index_c, B, num_negatives, seed, offset, N);
 
@@ -146,11 +161,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cpu(
   TORCH_CHECK(N > 0, "bank has no rows");
 
   if (acc == at::kDouble) {
-    run<double>(q, bank, cols, make_loss_params<double>(s, beta, nce, lz, cols.cols - 1, N), compute_grad, loss, lse,
-                grad_anchor, grad_scalars);
+    run<double>(q, bank, cols, make_loss_params<double>(s, beta, nce, lz, cols.cols - 1, noise), compute_grad, loss,
+                lse, grad_anchor, grad_scalars);
   } else {
-    run<float>(q, bank, cols, make_loss_params<float>(s, beta, nce, lz, cols.cols - 1, N), compute_grad, loss, lse,
-               grad_anchor, grad_scalars);
+    run<float>(q, bank, cols, make_loss_params<float>(s, beta, nce, lz, cols.cols - 1, noise), compute_grad, loss,
+               lse, grad_anchor, grad_scalars);
   }
   return {loss, lse, grad_anchor, grad_scalars};
 }

@@ -536,7 +536,8 @@ struct MergeParams {
 //   InfoNCE: loss = LSE - l_0, grad = s (sum_k p_k row_k - row_0), d/ds = sum_k p_k d_k - d_0,
 //            d/dbeta = 0; with an extra positive column, d/dpositive = s (p_0 - 1) q.
 //   NCE:     the chunk sums add up; grad = s sum_k g_k row_k, d/ds = sum g d, d/dbeta = sum g.
-// A positive row out of range makes the anchor's loss NaN (the Python layer rejects such input).
+// A positive row out of range is absent (csrc/KERNELS.md): no -l_0, -d_0, -row_0 term (the
+// partials hold only present columns); sums over no present column are 0.
 template <bool kNce>
 __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p) {
   __shared__ float scratch[kWarp];
@@ -547,9 +548,9 @@ __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p
   const float* part = p.partials + b * p.nchunks * p.stride;
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
 
-  // The positive: its dot (InfoNCE needs l_0 and row_0; NCE only its presence).
+  // The positive: its dot (InfoNCE needs l_0 and row_0; NCE nothing: the partials hold its term).
   const int64_t prow = p.pos.row(b);
-  float d0 = NAN;
+  float d0 = 0.f;
   if (!kNce && prow >= 0) {
     float acc = 0.f;
     for (int e = threadIdx.x; e < D; e += blockDim.x) acc = fmaf(p.anchor.at(b, e), p.pos.rows.at(prow, e), acc);
@@ -567,17 +568,18 @@ __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p
 
   const float p0_raw = p.pos.extra_column ? rescale(l0, m) : 0.f;  // exp(l_0 - m) of the extra column
   const float l = tot[kL] + p0_raw;
-  const float lse = m + __logf(l);
+  const float lse = m + __logf(l);  // -inf when no column is present
+  const float inv_l = l > 0.f ? 1.f / l : 0.f;
   if (threadIdx.x == 0) {
     p.lse[b] = lse;
     if (!kNce) {
-      p.loss[b] = lse - l0;
+      p.loss[b] = prow >= 0 ? lse - l0 : lse;
       if (p.compute_grad) {
-        p.grad_scalars[b] = (tot[kC] + p0_raw * d0) / l - d0;
+        p.grad_scalars[b] = (tot[kC] + p0_raw * d0) * inv_l - d0;
         p.grad_scalars[p.B + b] = 0.f;  // exactly: a shared shift cancels in the softmax
       }
     } else {
-      p.loss[b] = prow >= 0 ? tot[kLoss] : NAN;
+      p.loss[b] = tot[kLoss];
       if (p.compute_grad) {
         p.grad_scalars[b] = tot[kC];
         p.grad_scalars[p.B + b] = tot[kGb];
@@ -586,13 +588,12 @@ __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p
   }
   if (!p.compute_grad) return;
 
-  const float inv_l = 1.f / l;
   const float p0 = p0_raw * inv_l;  // probability of the extra positive column
   for (int e = threadIdx.x; e < D; e += blockDim.x) {
     float a = 0.f;
     for (int c = 0; c < p.nchunks; ++c) a = fmaf(slot_factor(kScalars, kNce, factor[c]), part[c * p.stride + kScalars + e], a);
     if (!kNce) {
-      const float r0 = prow >= 0 ? p.pos.rows.at(prow, e) : NAN;
+      const float r0 = prow >= 0 ? p.pos.rows.at(prow, e) : 0.f;
       a = a * inv_l + (p0 - 1.f) * r0;
     }
     p.grad_anchor[b * D + e] = s * a;

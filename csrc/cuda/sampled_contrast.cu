@@ -11,7 +11,8 @@
 //      block merge in shared memory and the block writes one partial.
 //   2. merge_partials_kernel (cuda_utils.cuh): one block per anchor merges its chunks and
 //      writes loss, lse, grad_anchor and grad_scalars.
-// Rows out of range are never read and count as absent.
+// Rows out of range are never read: their columns are absent (csrc/KERNELS.md), and an absent
+// positive adds no -l_0 / -row_0 term in the merge.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -227,7 +228,7 @@ void launch_partials(const SampledParams& p, const RowLayout& lay, int64_t B, cu
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda(
     const at::Tensor& anchor, const at::Tensor& bank, const at::Tensor& index, const at::Tensor& logit_scale,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& log_z, int64_t loss_type,
-    int64_t num_negatives, int64_t seed, int64_t offset, bool compute_grad) {
+    int64_t num_negatives, int64_t seed, int64_t offset, bool compute_grad, int64_t noise_rows) {
   TORCH_CHECK(anchor.is_cuda(), "anchor must be a CUDA tensor, got ", anchor.device());
   const c10::cuda::CUDAGuard guard(anchor.device());
   const Matrix q = matrix_of(anchor, "anchor");
@@ -241,6 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
   const bool nce = loss_type == 1;
   TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z");
   const int64_t N = bank.size(0);
+  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the bank's rows), got ", noise_rows);
   int64_t cols = 0;
   const ColumnRows columns = column_rows(index, B, num_negatives, seed, offset, N, cols);
 
@@ -262,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
   p.bias = bias.has_value() ? device_scalar(*bias, anchor, "bias") : nullptr;
   p.log_z = nce ? device_scalar(*log_z, anchor, "log_z") : nullptr;
   p.nce = nce;
-  p.nc = nce_consts(cols - 1, N);
+  p.nc = nce_consts(cols - 1, noise_rows > 0 ? noise_rows : N);
   p.compute_grad = compute_grad;
   p.stride = kScalars + (compute_grad ? D : 0);
 

@@ -73,8 +73,8 @@ class MemoryBank(nn.Module):
         mode: "local", "replicated" (every rank has the whole bank; updates all-gathered) or
             "sharded" (rank r owns ~N/W contiguous rows; see ``dcdkernels.memory.distributed``).
         process_group: the torch.distributed group (default: the world).
-        backend: backend of the fused ops ("auto", "eager", "cpu", "cuda", "triton"). Sharded
-            scoring computes its partial statistics with torch ops on the owned rows.
+        backend: backend of the fused ops ("auto", "eager", "cpu", "cuda", "triton"), also the
+            one sharded scoring runs its partial statistics on.
         seed, offset: initial state of the negative stream.
         shard_chunk: bound on anchor-columns processed at once by sharded scoring.
 
@@ -334,7 +334,7 @@ class MemoryBank(nn.Module):
         def run(loss_, need_grad, need_lse):
             p = Dist.shard_partials(q_all, index_fn, self.bank, self.row_start, n_rows, n_cols, logit_scale=s, bias=b,
                                     loss=loss_, log_z=self.log_z if loss_ == "nce" else None, need_grad=need_grad,
-                                    need_lse=need_lse, chunk=self.shard_chunk)
+                                    need_lse=need_lse, backend=self.backend, chunk=self.shard_chunk)
             p = Dist.all_reduce_partials(p, group)
             return Dist.finalize(p, loss=loss_, logit_scale=s, bias=b, need_grad=need_grad, need_lse=need_lse, D=D)
 

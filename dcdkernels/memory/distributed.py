@@ -13,9 +13,13 @@ column's logit and row) or the additive NCE terms of §1b; the partials merge wi
 one SUM all-reduce; each rank then forms the loss and gradient of its own anchors. Updates go to
 the owning rank.
 
-The partial statistics are plain torch ops over the locally owned rows only (the fused kernels
-have no "absent column" convention yet). Temporaries are bounded by ``chunk`` (anchor-columns
-per step): at most ``chunk / W`` gathered rows of D fp32 at a time, never the (B, K+1, D) gather.
+The partial statistics come from the fused ``sampled_contrast`` kernel run on the local shard
+with local indices ``idx - row_start``: a column owned by another rank falls outside the shard
+and is absent (csrc/KERNELS.md), so the kernel reads the owned rows in place and returns the
+owned columns' LSE, loss and gradients, from which ``shard_partials`` recovers the partials
+(plain torch reads only the owned positive rows, one per anchor). Temporaries are bounded by
+``chunk`` (anchor-columns per step): the chunk's (B_chunk, K+1) index and the kernel's
+per-anchor outputs; no gathered rows, never the (B, K+1, D) gather.
 
 This module also holds the DDP helpers: DistributedDataParallel broadcasts every buffer from
 rank 0 at construction and (``broadcast_buffers=True``) at every forward, which copies a whole
@@ -29,7 +33,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..reference.sampled_contrast import NCE_EPS
+from ..ops.sampled_contrast import sampled_contrast_outputs
 
 MODES = ("local", "replicated", "sharded")
 
@@ -122,10 +126,11 @@ def combine_lse_stats(stats: torch.Tensor) -> torch.Tensor:
 class Partials:
     """Per-anchor partial statistics of one shard, for all B anchors of the gathered batch.
 
-    ``m`` (B,): local max of the logits over owned columns (-inf where none is owned); ``None``
-    when no softmax statistics were requested. ``scaled`` (B, P): sums weighted by
-    ``exp(l - m)`` (rescaled by ``exp(m - M)`` when merged); ``plain`` (B, Q): additive sums.
-    Column layout (``fields``) is fixed by the loss type and flags, see ``shard_partials``.
+    ``m`` (B,): reference max of the softmax-weighted sums, here the LSE of the owned columns'
+    logits (-inf where none is owned); ``None`` when no softmax statistics were requested.
+    ``scaled`` (B, P): sums weighted by ``exp(l - m)`` (rescaled by ``exp(m - M)`` when merged);
+    ``plain`` (B, Q): additive sums. Column layout (``fields``) is fixed by the loss type and
+    flags, see ``shard_partials``.
     """
     m: Optional[torch.Tensor]
     scaled: torch.Tensor
@@ -133,7 +138,12 @@ class Partials:
 
 
 def _layout(loss: str, need_grad: bool, need_lse: bool, D: int):
-    """(scaled fields, plain fields) as lists of (name, width)."""
+    """(scaled fields, plain fields) as lists of (name, width).
+
+    InfoNCE: ``l = sum_k exp(l_k - m)``, ``c = sum_k exp(l_k - m) d_k``,
+    ``a = s sum_k exp(l_k - m) row_k`` over the owned columns; ``d0``, ``row0``: the positive's
+    dot and row (zeros unless owned). NCE: ``l`` as above (for the LSE only); ``loss``, ``gs``,
+    ``gb``, ``ga``: the owned columns' share of the loss, dL/ds, dL/dbeta, dL/dq."""
     if loss == "infonce":
         scaled = [("l", 1)] + ([("c", 1), ("a", D)] if need_grad else [])
         plain = [("d0", 1)] + ([("row0", D)] if need_grad else [])
@@ -154,73 +164,69 @@ def _split(t: torch.Tensor, fields):
 @torch.no_grad()
 def shard_partials(anchor: torch.Tensor, index_fn: Callable[[int, int], torch.Tensor], shard: torch.Tensor,
                    row_start: int, n_rows: int, n_cols: int, *, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                   loss: str, log_z: Optional[torch.Tensor], need_grad: bool, need_lse: bool,
+                   loss: str, log_z: Optional[torch.Tensor], need_grad: bool, need_lse: bool, backend: str = "auto",
                    chunk: int = 1 << 20) -> Partials:
-    """Partial statistics of the columns whose rows this shard owns.
+    """Partial statistics of the columns whose rows this shard owns, from the fused kernel.
 
     anchor (B, D) all-gathered anchors; ``index_fn(b0, b1)`` returns the (b1-b0, K+1) global
     index of anchors b0..b1-1 (explicit or drawn from the counter RNG); ``shard`` (R, D) the
     owned rows ``[row_start, row_start + R)`` of a bank of ``n_rows`` rows; ``n_cols = K + 1``.
-    Everything accumulates in fp32 (fp64 for fp64 inputs). Anchors are processed in chunks of
-    about ``chunk / n_cols`` so that temporaries stay bounded; each anchor lies in one chunk.
+
+    The kernel (``backend`` resolved as for ``sampled_contrast``) reads the shard in place with
+    the local index ``idx - row_start``: columns owned elsewhere fall outside [0, R) and are
+    absent (csrc/KERNELS.md); NCE's ``c = K / n_rows`` uses the global K and N. Its outputs are
+    the owned columns' statistics: per anchor, ``lse`` is their LSE, so with ``m = lse`` the
+    softmax sum is 1 (0 when nothing is owned) and the softmax-weighted dot and row means come
+    from ``grad_scalars[0]`` and ``grad_anchor`` once the owned positive's ``-d_0``, ``-s row_0``
+    are added back (the positive's row is read here, one row per anchor). NCE terms are additive:
+    the kernel's loss and gradients are the partials. Everything is fp32 (fp64 for fp64 inputs).
+    Anchors go in chunks of about ``chunk / n_cols`` (each anchor in one chunk): temporaries are
+    the chunk's index and the kernel's per-anchor outputs, never gathered rows (except on the
+    "eager" backend, whose oracle gathers up to ``chunk`` rows at a time).
     """
     B, D = anchor.shape
     acc = torch.float64 if torch.float64 in (anchor.dtype, shard.dtype) else torch.float32
     dev = anchor.device
     q = anchor.to(acc)
-    s = logit_scale.to(acc)
-    beta = None if bias is None else bias.to(acc)
+    s = logit_scale.detach().to(acc)
     row_end = row_start + shard.shape[0]
     with_m = loss == "infonce" or need_lse
     sfields, pfields = _layout(loss, need_grad, need_lse, D)
     m = torch.full((B,), -math.inf, dtype=acc, device=dev) if with_m else None
     scaled = torch.zeros((B, sum(w for _, w in sfields)), dtype=acc, device=dev)
     plain = torch.zeros((B, sum(w for _, w in pfields)), dtype=acc, device=dev)
-    if loss == "nce":
-        K = n_cols - 1
-        c = K / n_rows
-        log_c_eps, log_c = math.log(c + NCE_EPS), math.log(c)
-        lz = log_z.to(acc)
+    S, P = _split(scaled, sfields), _split(plain, pfields)
+    if shard.shape[0] == 0:  # a trailing rank past the last row owns nothing
+        return Partials(m, scaled, plain)
     step = max(1, chunk // n_cols)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         idx = index_fn(b0, b1)
-        owned = (idx >= row_start) & (idx < row_end)
-        bi, ki = owned.nonzero(as_tuple=True)
-        if bi.numel() == 0:
-            continue
-        rows = shard.index_select(0, idx[bi, ki] - row_start).to(acc)  # (n, D): owned rows only
-        d = torch.einsum("nd,nd->n", rows, q[b0:b1].index_select(0, bi))
-        logit = d * s
-        if beta is not None:
-            logit = logit + beta
-        bglob = bi + b0
-        S = _split(scaled, sfields)
-        P = _split(plain, pfields)
+        per_row, lse, ga, gsc = sampled_contrast_outputs(
+            anchor[b0:b1], shard, idx - row_start, logit_scale=s, bias=bias, loss=loss, log_z=log_z,
+            noise_rows=n_rows, compute_grad=need_grad, backend=backend)
         if with_m:
-            m_chunk = m[b0:b1].scatter_reduce(0, bi, logit, reduce="amax", include_self=True)
-            m[b0:b1] = m_chunk
-            w = torch.exp(logit - m_chunk[bi])
-            S["l"].index_add_(0, bglob, w)
-            if loss == "infonce" and need_grad:
-                S["c"].index_add_(0, bglob, w * d)
-                S["a"].index_add_(0, bglob, rows * w[:, None])
+            m[b0:b1] = lse
+            S["l"][b0:b1] = torch.isfinite(lse).to(acc)  # sum_k exp(l_k - lse) over the owned columns
         if loss == "infonce":
-            pos = ki == 0
-            P["d0"].index_copy_(0, bglob[pos], d[pos])
+            pos = idx[:, 0]
+            owned = ((pos >= row_start) & (pos < row_end)).nonzero().squeeze(1)
+            row0 = shard.index_select(0, pos[owned] - row_start).to(acc)
+            d0 = (row0 * q[b0:b1].index_select(0, owned)).sum(1)
+            mine = owned + b0
+            P["d0"][mine] = d0
             if need_grad:
-                P["row0"].index_copy_(0, bglob[pos], rows[pos])
+                P["row0"][mine] = row0
+                S["c"][b0:b1] = gsc[0]
+                S["c"][mine] += d0
+                S["a"][b0:b1] = ga
+                S["a"][mine] += s * row0
         else:
-            v = logit - lz
-            pos = ki == 0
-            term = torch.where(pos, torch.nn.functional.softplus(log_c_eps - v),
-                               torch.logaddexp(torch.full_like(v, log_c_eps), v) - log_c)
-            P["loss"].index_add_(0, bglob, term)
+            P["loss"][b0:b1] = per_row
             if need_grad:
-                g = torch.where(pos, -torch.sigmoid(log_c_eps - v), torch.sigmoid(v - log_c_eps))
-                P["gs"].index_add_(0, bglob, g * d)
-                P["gb"].index_add_(0, bglob, g)
-                P["ga"].index_add_(0, bglob, rows * g[:, None])
+                P["gs"][b0:b1] = gsc[0]
+                P["gb"][b0:b1] = gsc[1]
+                P["ga"][b0:b1] = ga
     return Partials(m, scaled, plain)
 
 
@@ -270,13 +276,13 @@ def finalize(p: Partials, *, loss: str, logit_scale: torch.Tensor, bias: Optiona
         per_row = lse - l0
         if need_grad:
             inv = 1.0 / S["l"]
-            ga = s * (S["a"] * inv[:, None] - P["row0"])
+            ga = S["a"] * inv[:, None] - s * P["row0"]
             gs = S["c"] * inv - P["d0"]
             gb = torch.zeros_like(gs)  # a shared shift cancels in the softmax: exactly 0
     else:
         per_row = P["loss"]
         if need_grad:
-            ga, gs, gb = s * P["ga"], P["gs"], P["gb"]
+            ga, gs, gb = P["ga"], P["gs"], P["gb"]
     return per_row, lse, ga, gs, gb
 
 

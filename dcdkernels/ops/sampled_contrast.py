@@ -17,13 +17,15 @@ LOSS_TYPES = {"infonce": 0, "nce": 1}
 @torch.library.custom_op("dcdkernels::sampled_contrast", mutates_args=())
 def sampled_contrast_op(anchor: Tensor, bank: Tensor, index: Tensor, logit_scale: Tensor, bias: Optional[Tensor],
                         log_z: Optional[Tensor], loss_type: int, num_negatives: int, seed: int, offset: int,
-                        compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                        compute_grad: bool, noise_rows: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = backends.kernel("sampled_contrast", backend)
-    return tuple(fn(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset, compute_grad))
+    return tuple(fn(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset, compute_grad,
+                    noise_rows))
 
 
 @sampled_contrast_op.register_fake
-def _(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset, compute_grad, backend):
+def _(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset, compute_grad, noise_rows,
+      backend):
     B, D = anchor.shape
     acc = V.accumulation_dtype(anchor, bank)
     rows = anchor.new_empty((B,), dtype=acc)
@@ -51,7 +53,7 @@ def _backward(ctx, g_loss, g_lse, g_anchor_out, g_scalars_out):
     d_bias = (grad_scalars[1] * g).sum() if ctx.has_bias else None
     # v = l - log Z, so dL/dlog_z = -dL/dbeta.
     d_log_z = -(grad_scalars[1] * g).sum() if ctx.has_log_z else None
-    return d_anchor, None, None, d_scale, d_bias, d_log_z, None, None, None, None, None, None
+    return d_anchor, None, None, d_scale, d_bias, d_log_z, None, None, None, None, None, None, None
 
 
 sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)
@@ -114,5 +116,24 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
     else:
         per_row, lse, _, _ = sampled_contrast_op(
             anchor.contiguous(), bank.detach(), index, s, b, lz, LOSS_TYPES[loss], int(num_negatives or 0), int(seed), int(offset),
-            _needs_grad(anchor, s, b, lz), backend)
+            _needs_grad(anchor, s, b, lz), 0, backend)
     return (per_row, lse) if return_lse else per_row
+
+
+def sampled_contrast_outputs(anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None, noise_rows=0,
+                             compute_grad=True, backend="auto"):
+    """The kernels' four outputs ``(loss, lse, grad_anchor, grad_scalars)`` (csrc/KERNELS.md) for an
+    explicit (B, K+1) ``index`` in which entries outside [0, bank rows) mark absent columns; NCE's
+    ``c = K / noise_rows`` (0: the bank's rows). For callers that combine the results over slices
+    of a bank (the sharded ``MemoryBank``): no validation (the caller has checked the global index),
+    no autograd. ``logit_scale``, ``bias``, ``log_z``: 0-d tensors. The backend is chosen as in
+    ``sampled_contrast``; "eager" is ``reference.sampled_contrast_outputs``.
+    """
+    acc = V.accumulation_dtype(anchor, bank)
+    backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc)
+    s, b, lz = (None if t is None else t.detach().to(acc) for t in (logit_scale, bias, log_z))
+    if backend == "eager":
+        return reference.sampled_contrast_outputs(anchor, bank, index, logit_scale=s, bias=b, loss=loss, log_z=lz,
+                                                  noise_rows=noise_rows, compute_grad=compute_grad)
+    return sampled_contrast_op(anchor.contiguous(), bank.detach(), index, s, b, lz, LOSS_TYPES[loss], 0, 0, 0,
+                               compute_grad, noise_rows, backend)

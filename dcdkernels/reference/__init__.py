@@ -7,7 +7,7 @@ from .bank_update import bank_momentum_update_, queue_enqueue_
 from .dense_contrast import dense_contrast
 from .dual_sampled_contrast import dual_sampled_contrast
 from .rng import sample_negatives
-from .sampled_contrast import nce_loss_from_logits, sampled_contrast
+from .sampled_contrast import nce_loss_from_logits, sampled_contrast, sampled_contrast_outputs
 
 __all__ = [
     "bank_momentum_update_",
@@ -17,4 +17,5 @@ __all__ = [
     "queue_enqueue_",
     "sample_negatives",
     "sampled_contrast",
+    "sampled_contrast_outputs",
 ]

@@ -15,7 +15,9 @@ columns are split into chunks, and two kernels run:
    global max and writes loss, lse, grad_anchor (its D slice) and grad_scalars.
 
 Every gathered row is read once, and the gradient is complete after that read: the autograd
-backward only scales it by grad_output.
+backward only scales it by grad_output. A column whose row lies outside [0, N) is absent
+(csrc/KERNELS.md): never read, it adds nothing to any sum, and an absent positive adds no
+``-l_0`` / ``-row_0`` term.
 """
 import torch
 import triton
@@ -30,7 +32,7 @@ from .rng import rng_key
 STAT_M = tl.constexpr(0)          # running max of the logits
 STAT_L = tl.constexpr(1)          # sum e^(l_k - m)
 STAT_C = tl.constexpr(2)          # InfoNCE: sum e^(l_k - m) d_k; NCE: sum dL/dl_k d_k
-STAT_D0 = tl.constexpr(3)         # d_0 = <q, positive row> (chunk 0; 0 elsewhere)
+STAT_D0 = tl.constexpr(3)         # d_0 = <q, positive row> (chunk 0, positive present; 0 elsewhere)
 STAT_NCE_LOSS = tl.constexpr(4)   # NCE: sum of the per-column losses
 STAT_NCE_SLOPE = tl.constexpr(5)  # NCE: sum dL/dl_k (= dL/dbeta)
 NUM_STATS = tl.constexpr(6)
@@ -128,12 +130,15 @@ def _sampled_contrast_merge_kernel(
     # Chunk statistics, rescaled to the global max: scale_c = e^(m_c - m).
     stats, c_mask, m_ref, scale_c = chunk_scales(stats_ptr, b, num_chunks, STAT_M, NUM_STATS, BLOCK_C)
     l = tl.sum(tl.load(stats + STAT_L, mask=c_mask, other=0.0) * scale_c, axis=0)
-    lse = m_ref + tl.log(l)
+    lse = m_ref + tl.log(l)  # -inf when no column is present
+    inv_l = 1.0 / tl.where(l > 0.0, l, float("inf"))  # 0 when no column is present: empty sums are 0
     c_c = tl.load(stats + STAT_C, mask=c_mask, other=0.0)
     d0 = tl.sum(tl.load(stats + STAT_D0, mask=c_mask, other=0.0), axis=0)
+    row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
+    has_pos = (row0 >= 0) & (row0 < N)  # an absent positive adds no -l_0 (d_0 is 0 then)
     if LOSS_TYPE == 0:
-        loss = lse - (s * d0 + beta)
-        grad_scale = tl.sum(c_c * scale_c, axis=0) / l - d0
+        loss = lse - tl.where(has_pos, s * d0 + beta, 0.0)
+        grad_scale = tl.sum(c_c * scale_c, axis=0) * inv_l - d0
         grad_bias = 0.0  # a shift shared by every column cancels in the softmax
     else:
         loss = tl.sum(tl.load(stats + STAT_NCE_LOSS, mask=c_mask, other=0.0), axis=0)
@@ -150,18 +155,19 @@ def _sampled_contrast_merge_kernel(
         acc = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, 0, 1, STAT_M, NUM_STATS, m_ref, offs_d, d_mask, D,
                                   LOSS_TYPE == 0, BLOCK_D)
         if LOSS_TYPE == 0:
-            # dL/dq = s (sum_k p_k row_k - row_0): gather the positive row's slice once more.
-            row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
-            grad = s * (acc / l - load_row_slice(bank_ptr, stride_bn, N, row0, offs_d, d_mask))
+            # dL/dq = s (sum_k p_k row_k - row_0): gather the positive row's slice once more
+            # (zeros when it is absent).
+            grad = s * (acc * inv_l - load_row_slice(bank_ptr, stride_bn, N, row0, offs_d, d_mask))
         else:
             grad = s * acc
         tl.store(grad_anchor_ptr + b.to(tl.int64) * D + offs_d, grad, mask=d_mask)
 
 
 def sampled_contrast(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset,
-                     compute_grad, *, num_chunks=None, block_k=None):
+                     compute_grad, noise_rows=0, *, num_chunks=None, block_k=None):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::sampled_contrast``:
     ``(loss (B,), lse (B,), grad_anchor (B, D) or (0,), grad_scalars (2, B) or (0,))``, fp32.
+    ``noise_rows``: NCE's N in ``c = K / N`` (0: the bank's rows).
 
     ``num_chunks`` and ``block_k`` override the split of the K+1 columns (tests, tuning).
     """
@@ -179,7 +185,9 @@ def sampled_contrast(anchor, bank, index, logit_scale, bias, log_z, loss_type, n
     chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
     stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
     vec = torch.empty((B, chunks, 1, D), **f32) if compute_grad else stats
-    log_c_eps, log1p_eps_c = nce_constants(K, N) if loss_type == 1 else (0.0, 0.0)
+    if noise_rows < 0:
+        raise ValueError(f"noise_rows must be >= 0 (0: the bank's rows), got {noise_rows}")
+    log_c_eps, log1p_eps_c = nce_constants(K, noise_rows or N) if loss_type == 1 else (0.0, 0.0)
     loss = torch.empty((B,), **f32)
     lse = torch.empty((B,), **f32)
     grad_anchor = torch.empty((B, D) if compute_grad else (0,), **f32)
