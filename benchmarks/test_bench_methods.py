@@ -24,9 +24,9 @@ CASES = ["crd", "crd-sampler", "dcd", "icd", "dcd-memory", "cocord", "pckd"]
 _TABLE = {"crd": "crd", "crd-sampler": "crd", "dcd": "inbatch", "icd": "inbatch", "dcd-memory": "crd",
           "cocord": "cocord", "pckd": "pckd"}
 _OPS = {"crd": ["dual_sampled_contrast", "bank_momentum_update_"],
-        "dcd": ["dense_contrast", "dense_contrast_backward_keys"],
-        "cocord": ["dense_contrast"],
-        "pckd": ["dense_contrast", "dense_contrast_backward_keys"]}
+        "dcd": ["dense_contrast_reduced"],
+        "cocord": ["dense_contrast_reduced"],
+        "pckd": ["dense_contrast_reduced"]}
 _OPS["crd-sampler"] = _OPS["dcd-memory"] = _OPS["crd"]
 _OPS["icd"] = _OPS["dcd"]
 _NAMES = {"crd": "CRDLoss", "crd-sampler": "CRDLoss", "dcd": "DCDLoss", "icd": "ICDLoss", "dcd-memory": "DCDLoss",

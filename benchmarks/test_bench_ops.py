@@ -8,7 +8,8 @@
 * ``dual_sampled_contrast``: ``nce`` (both CRD directions) and ``infonce-kl`` (DCD memory form:
   CE + 0.5 KL).
 * ``dense_contrast``: ``queue`` (MoCo: positive key + queue; also lightly's NTXent memory bank as
-  ``eager-lightly``) and ``keys-grad`` (target column, keys require grad: DCD in-batch, PCKD).
+  ``eager-lightly``) and ``keys-grad`` (target column, keys require grad: DCD in-batch, PCKD; the
+  fused call is ``reduction="mean"``, which computes every gradient in its forward pass).
 * ``bank_momentum_update_``: RepDistiller's index_select/mul/add/normalise/index_copy_ (no
   backward: it is an in-place buffer update).
 
@@ -153,7 +154,7 @@ def _dense_providers(case):
 
 
 def _dense_ops(case):
-    return ["dense_contrast"] + (["dense_contrast_backward_keys"] if case == "keys-grad" else [])
+    return ["dense_contrast_reduced"] if case == "keys-grad" else ["dense_contrast"]
 
 
 @pytest.mark.bench(table={k: _dense_sizes for k in S.SIZE_SETS}, ops=_dense_ops, cases=["queue", "keys-grad"],
@@ -193,7 +194,8 @@ def test_dense_contrast(bench, case, size, dtype, provider):
         eager_lightly = None
 
         def fused():
-            return dcdkernels.dense_contrast(q, keys, target, logit_scale=s, bias=b, backend=provider).mean()
+            return dcdkernels.dense_contrast(q, keys, target, logit_scale=s, bias=b, reduction="mean",
+                                             backend=provider)
         leaves = [q, keys, s, b]
         grads = (size.B + size.M) * size.D * 4
         analytic = {"eager": (3 * size.B * size.M * 4 + grads, "~3 (B, M) fp32 logits buffers + fp32 grads of q and keys")}

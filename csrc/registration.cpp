@@ -17,5 +17,8 @@ TORCH_LIBRARY(dcdkernels_C, m) {
   m.def(
       "dense_contrast_backward_keys(Tensor anchor, Tensor keys, Tensor? target, Tensor? positive, "
       "Tensor logit_scale, Tensor? bias, Tensor lse, Tensor grad_rows) -> Tensor");
+  m.def(
+      "dense_contrast_reduced(Tensor anchor, Tensor keys, Tensor? target, Tensor? positive, Tensor logit_scale, "
+      "Tensor? bias, Tensor row_weight, bool keys_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("bank_momentum_update_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()");
 }

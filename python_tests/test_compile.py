@@ -12,7 +12,8 @@ def _loss(q, qt, bank_s, bank_t, keys, idx, target, s, backend):
     dual = dcdkernels.dual_sampled_contrast(q, qt, bank_s, bank_t, idx, logit_scale=s, consistency=0.5,
                                             backend=backend)
     dense = dcdkernels.dense_contrast(q, keys, target, logit_scale=s, backend=backend).mean()
-    return single + dual.loss_s.mean() + dual.loss_t.mean() + dual.consistency.mean() + dense
+    dense_reduced = dcdkernels.dense_contrast(qt, keys, positive=q, logit_scale=s, reduction="sum", backend=backend)
+    return single + dual.loss_s.mean() + dual.loss_t.mean() + dual.consistency.mean() + dense + dense_reduced
 
 
 @pytest.mark.parametrize("device, backend", backend_params() + [pytest.param("cpu", "eager", id="cpu-eager")])

@@ -382,6 +382,79 @@ def test_dense_is_accurate_when_the_positive_dominates(mode):
     close(gsc, e_gsc, torch.float32, atol=1e-7, rtol=1e-3)
     if positive is not None:
         close(gp, e_gp, torch.float32, atol=1e-7, rtol=1e-3)
+    # The reduced op keeps the positive apart too, and its key gradient gets 1 - p+ from the same sums.
+    c = torch.ones(B)
+    _, rows, _, r_ga, r_gp, r_gk, r_gsc = ops.dense_contrast_reduced(anchor, keys, target, positive, torch.tensor(s),
+                                                                     None, c, True)
+    _, e_rows, _, e_ga, e_gk, e_gsc, e_gp = oracle_reduced(anchor, keys, target, positive, s, None, c)
+    close(rows, e_rows, torch.float32, atol=1e-8, rtol=1e-4)
+    close(r_ga, e_ga, torch.float32, atol=1e-6, rtol=1e-3)
+    close(r_gk, e_gk, torch.float32, atol=1e-7, rtol=1e-3)
+    close(r_gsc[0], e_gsc[0], torch.float32, atol=1e-7, rtol=1e-3)
+    if positive is not None:
+        close(r_gp, e_gp, torch.float32, atol=1e-7, rtol=1e-3)
+
+
+# dense_contrast_reduced: a strip of dots holds max(1, 2**20 // (M * element size)) anchors.
+REDUCED_SHAPES = [  # (B, M, D)
+    (1, 1, 3),
+    (5, 1030, 130),
+    (3, 300, 2048),
+    (300, 1030, 8),  # several strips: 254 anchors per fp32 strip, 127 per fp64 strip
+    (40, 9000, 8),  # strips of 29 (fp32) or 14 (fp64) anchors would be too thin: the per-row kernels
+]
+
+
+def oracle_reduced(anchor, keys, target, positive, s, bias, c):
+    """float64 loss sum_b c_b L_b, per-row losses, LSE and the gradients of the loss."""
+    q, k = anchor.detach().double().requires_grad_(), keys.detach().double().requires_grad_()
+    p = None if positive is None else positive.detach().double().requires_grad_()
+    s_t = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    b_t = torch.tensor(0.0 if bias is None else bias, dtype=torch.float64, requires_grad=True)
+    per_row, lse = R.dense_contrast(q, k, target, positive=p, logit_scale=s_t, bias=b_t)
+    total = (per_row * c.double()).sum()
+    gq, gk, gs, gb, *gp = grads(total, (q, k, s_t, b_t) + (() if p is None else (p,)))
+    return total.detach(), per_row.detach(), lse, gq, gk, torch.stack([gs, gb]), gp[0] if gp else None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["target", "positive"])
+@pytest.mark.parametrize("shape", REDUCED_SHAPES)
+def test_dense_reduced_matches_oracle(dtype, mode, shape):
+    B, M, D = shape
+    gen = torch.Generator().manual_seed(B + M + D + 1)
+    anchor = unit_rows(B, 2 * D, dtype, gen)[:, ::2]  # non-contiguous
+    keys = unit_rows(M, D, dtype, gen)
+    target = torch.randint(0, M, (B,), generator=gen) if mode == "target" else None  # duplicates when B > M
+    positive = unit_rows(B, D, dtype, gen) if mode == "positive" else None
+    s, bias = 1 / 0.1, (0.5 if B % 2 else None)
+    acc = acc_of(anchor, keys)
+    c = (torch.rand(B, generator=gen, dtype=torch.float64) + 0.5).to(acc)
+    t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
+    loss, rows, lse, ga, gp, gk, gsc = ops.dense_contrast_reduced(anchor, keys, target, positive, t(s), t(bias), c,
+                                                                  True)
+    e_loss, e_rows, e_lse, e_ga, e_gk, e_gsc, e_gp = oracle_reduced(anchor, keys, target, positive, s, bias, c)
+    assert loss.shape == () and gsc.shape == (2,) and gk.shape == (M, D) and gk.dtype == acc
+    close(loss, e_loss, dtype)
+    close(rows, e_rows, dtype)
+    close(lse, e_lse, dtype)
+    close(ga, e_ga, dtype)
+    close(gk, e_gk, dtype)
+    close(gsc[0], e_gsc[0], dtype)
+    assert gsc[1] == 0
+    if positive is None:
+        assert gp.shape == (0,)
+    else:
+        close(gp, e_gp, dtype)
+    # Without a key gradient: the per-row kernel, its gradients times c.
+    loss, rows, lse, ga, gp, gk, gsc = ops.dense_contrast_reduced(anchor, keys, target, positive, t(s), t(bias), c,
+                                                                  False)
+    assert gk.shape == (0,)
+    for actual, expected in [(loss, e_loss), (rows, e_rows), (lse, e_lse), (ga, e_ga), (gsc[0], e_gsc[0])]:
+        close(actual, expected, dtype)
+    assert gsc[1] == 0
+    if positive is not None:
+        close(gp, e_gp, dtype)
 
 
 def test_dense_rejects_bad_target():

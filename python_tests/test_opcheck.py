@@ -5,7 +5,7 @@ import torch
 
 import dcdkernels
 from dcdkernels.ops.bank_update import bank_momentum_update_op
-from dcdkernels.ops.dense_contrast import dense_contrast_backward_keys_op, dense_contrast_op
+from dcdkernels.ops.dense_contrast import dense_contrast_backward_keys_op, dense_contrast_op, dense_contrast_reduced_op
 from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_op
 from dcdkernels.ops.sampled_contrast import sampled_contrast_op
 
@@ -70,6 +70,18 @@ def test_opcheck_dense_contrast(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", backend_params())
+def test_opcheck_dense_contrast_reduced(device, backend):
+    q, keys, _, s, beta, _ = _sampled_args(device, _dtype_for(backend))
+    keys.requires_grad_()
+    target = torch.tensor([0, 10, 4], device=device)
+    pos = torch.randn_like(q).requires_grad_()
+    c = torch.rand(B, dtype=q.dtype, device=device).requires_grad_()
+    torch.library.opcheck(dense_contrast_reduced_op, (q, keys, target, None, s, beta, c, True, backend))
+    torch.library.opcheck(dense_contrast_reduced_op, (q, keys, None, pos, s, beta, c, True, backend))
+    torch.library.opcheck(dense_contrast_reduced_op, (q, keys.detach(), None, pos, s, beta, c, False, backend))
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
 def test_opcheck_bank_update(device, backend):
     bank = torch.nn.functional.normalize(torch.randn(N, D, device=device), dim=1)
     torch.library.opcheck(bank_momentum_update_op, (bank, torch.tensor([1, 3, 1], device=device),
@@ -100,3 +112,11 @@ def test_gradcheck_fused_ops_float64(device, backend):
     pos = torch.randn_like(q).requires_grad_()
     fn = lambda q, k, p, s: dcdkernels.dense_contrast(q, k, positive=p, logit_scale=s, backend=backend)
     assert torch.autograd.gradcheck(fn, (q, keys, pos, s))
+    w.requires_grad_()
+    for reduction in ("mean", "sum"):
+        fn = lambda q, k, s, b, w: dcdkernels.dense_contrast(q, k, torch.tensor([0, 10, 4]), logit_scale=s, bias=b,
+                                                             weight=w, reduction=reduction, backend=backend)
+        assert torch.autograd.gradcheck(fn, (q, keys, s, beta, w))
+        fn = lambda q, k, p, s, w: dcdkernels.dense_contrast(q, k, positive=p, logit_scale=s, weight=w,
+                                                             reduction=reduction, backend=backend)
+        assert torch.autograd.gradcheck(fn, (q, keys, pos, s, w))

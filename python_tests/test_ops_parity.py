@@ -143,6 +143,83 @@ def test_dense_contrast_matches_oracle(device, backend, dtype, mode):
 
 @pytest.mark.parametrize("device, backend", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["target", "positive"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dense_contrast_reduced_matches_oracle(device, backend, dtype, mode, reduction):
+    """The reduced op (every gradient in the forward) against the eager oracle's reduction of the
+    per-row loss; gradients also to a learnable per-row weight. B = 1, M = 1, D = 3, M not a
+    multiple of any tile, duplicate targets."""
+    for i, (B, M, D) in enumerate([(1, 1, 3), (5, 37, 130), (6, 3, 16)]):
+        g = torch.Generator().manual_seed(40 + i)
+        unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=1)
+        q = unit(B, D).to(device=device, dtype=dtype)
+        keys = unit(M, D).to(device=device, dtype=dtype)
+        pos = unit(B, D).to(device=device, dtype=dtype)
+        target = torch.randint(0, M, (B,), generator=g).to(device)
+        w = (torch.rand(B, generator=g) + 0.5).to(device)
+        s = torch.tensor(2.5, device=device)
+        beta = torch.tensor(0.1, device=device)
+
+        def run(backend):
+            if mode == "target":
+                return lambda q, keys, s, beta, w: dcdkernels.dense_contrast(
+                    q, keys, target, logit_scale=s, bias=beta, weight=w, reduction=reduction, backend=backend)
+            return lambda q, keys, p, s, beta, w: dcdkernels.dense_contrast(
+                q, keys, positive=p, logit_scale=s, bias=beta, weight=w, reduction=reduction, backend=backend)
+
+        inputs = [q, keys, s, beta, w] if mode == "target" else [q, keys, pos, s, beta, w]
+        names = ["anchor", "keys", "scale", "bias", "weight"]
+        if mode == "positive":
+            names.insert(2, "positive")
+        _check(run(backend), run("eager"), inputs, dtype, names)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+def test_dense_contrast_reduced_grad_output_and_retained_graph(device, backend):
+    """grad_output 1 (the saved gradients returned as they are) and 3 (scaled) both match the
+    oracle, and a retained graph gives the same gradients again."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1).to(device)
+    keys = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=1).to(device)
+    target = torch.tensor([0, 8, 3, 3, 1], device=device)
+    a, b = [_leaf(t) for t in (q, keys)], [_leaf(t) for t in (q, keys)]
+    loss = dcdkernels.dense_contrast(*a, target, logit_scale=4.0, reduction="mean", backend=backend)
+    expected = torch.autograd.grad(dcdkernels.dense_contrast(*b, target, logit_scale=4.0, reduction="mean",
+                                                             backend="eager"), b)
+    once = torch.autograd.grad(loss, a, retain_graph=True)
+    tripled = torch.autograd.grad(3 * loss, a, retain_graph=True)
+    again = torch.autograd.grad(loss, a)
+    for name, x, y, z, e in zip(["anchor", "keys"], once, tripled, again, expected):
+        _assert_close(x, e, torch.float32, f"grad {name}")
+        _assert_close(y, 3 * e, torch.float32, f"grad {name} x3")
+        _assert_close(z, e, torch.float32, f"grad {name} again")
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_dense_contrast_reductions_agree(device, backend, reduction):
+    """Every reduction equals the reduced per-row output, with and without gradients (then the
+    per-row kernel runs without its gradient outputs), and the LSE comes back with each."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1).to(device)
+    keys = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=1).to(device)
+    target = torch.tensor([0, 8, 3, 3], device=device)
+    w = torch.rand(4, generator=g).to(device)
+    per_row, lse = dcdkernels.dense_contrast(q, keys, target, logit_scale=4.0, weight=w, backend="eager",
+                                             return_lse=True)
+    expected = {"none": per_row, "mean": per_row.mean(), "sum": per_row.sum()}[reduction]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, lse_f = dcdkernels.dense_contrast(q.clone().requires_grad_(grad), keys, target, logit_scale=4.0,
+                                                   weight=w, reduction=reduction, backend=backend, return_lse=True)
+        _assert_close(out, expected, torch.float32, f"loss (grad={grad})")
+        _assert_close(lse_f, lse, torch.float32, f"lse (grad={grad})")
+    with pytest.raises(ValueError, match="reduction"):
+        dcdkernels.dense_contrast(q, keys, target, logit_scale=4.0, reduction="max", backend=backend)
+
+
+@pytest.mark.parametrize("device, backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bank_update_matches_oracle_with_duplicates(device, backend, dtype):
     for N, B, D in [(7, 1, 3), (9, 12, 130), (20, 8, 16)]:
         g = torch.Generator().manual_seed(N * B)

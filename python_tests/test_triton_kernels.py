@@ -24,7 +24,7 @@ import triton.language as tl  # noqa: E402
 import dcdkernels  # noqa: E402
 from dcdkernels import reference  # noqa: E402
 from dcdkernels.triton import (bank_momentum_update_, dense_contrast, dense_contrast_backward_keys,  # noqa: E402
-                               dual_sampled_contrast, rng_key, sample_index, sampled_contrast)
+                               dense_contrast_reduced, dual_sampled_contrast, rng_key, sample_index, sampled_contrast)
 
 pytestmark = pytest.mark.triton
 
@@ -307,6 +307,42 @@ def test_dense_contrast(B, M, D, with_positive, dtype):
         assert grad_positive.shape == (0,)
     if bias is not None:
         close((grad_scalars[1] * g).sum(), d_bias, dtype, "d/dbias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_positive", [False, True], ids=["target", "positive"])
+@pytest.mark.parametrize("B,M,D", [(1, 1, 3), (3, 7, 130), (20, 70, 3)])
+def test_dense_contrast_reduced(B, M, D, with_positive, dtype):
+    gen = torch.Generator().manual_seed(8)
+    anchor = unit_rows(gen, B, D, dtype, transposed=B == 3)
+    keys = unit_rows(gen, M, D, dtype)
+    positive = unit_rows(gen, B, D, dtype) if with_positive else None
+    target = None if with_positive else torch.randint(0, M, (B,), generator=gen).to(DEVICE)
+    bias = leaf(0.3) if D != 3 else None
+    c = (torch.rand(B, generator=gen) + 0.5).to(DEVICE)
+    loss, rows, lse, grad_anchor, grad_positive, grad_keys, grad_scalars = dense_contrast_reduced(
+        anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None if bias is None else bias.detach(),
+        c, True)
+
+    s = leaf(SCALE)
+    q, k = anchor.float().detach().requires_grad_(), keys.float().detach().requires_grad_()
+    p = positive.float().detach().requires_grad_() if with_positive else None
+    per_row, expected_lse = reference.dense_contrast(q, k, target, positive=p, logit_scale=s, bias=bias)
+    d_q, d_k, d_p, d_s, d_bias = oracle_grads([(per_row, c)], [q, k, p, s, bias])
+    close(loss, (per_row * c).sum(), dtype, "loss")
+    close(rows, per_row, dtype, "rows")
+    close(lse, expected_lse, dtype, "lse")
+    close(grad_anchor, d_q, dtype, "grad_anchor")
+    close(grad_keys, d_k, dtype, "grad_keys")
+    close(grad_scalars[0], d_s, dtype, "d/ds")
+    if with_positive:
+        close(grad_positive, d_p, dtype, "grad_positive")
+    else:
+        assert grad_positive.shape == (0,)
+    if bias is not None:
+        close(grad_scalars[1], d_bias, dtype, "d/dbias")
+    assert dense_contrast_reduced(anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None, c,
+                                  False)[5].shape == (0,)
 
 
 def test_dense_contrast_without_grad():

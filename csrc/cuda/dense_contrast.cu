@@ -1,5 +1,5 @@
-// CUDA kernels of dense_contrast and dense_contrast_backward_keys (SPEC §2; contract:
-// csrc/KERNELS.md): anchors q (B, D) against keys (M, D), with the positive either key
+// CUDA kernels of dense_contrast, dense_contrast_backward_keys and dense_contrast_reduced (SPEC §2;
+// contract: csrc/KERNELS.md): anchors q (B, D) against keys (M, D), with the positive either key
 // target_b or a separate positive key (an extra softmax column).
 //
 // Flash-attention style on CUDA cores (fp32 FMA); the (B, M) logits are never written.
@@ -18,6 +18,8 @@
 //       grad_key_j = s sum_b g_b (p_bj - [target_b == j]) q_b   in registers.
 // Dimensions beyond kThreads * kMaxDpt = 2048 go to further slices (grid.z / grid.y), which
 // recompute the dots: only the accumulators are sliced.
+// dense_contrast_reduced (loss = sum_b c_b L_b) runs both kernels in its forward, the second one
+// with grad_rows = c, and scales the per-row gradients by c.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -292,11 +294,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
   const DenseInputs in = check_inputs(anchor, keys, target, positive, logit_scale, bias);
   const int64_t B = in.B, M = in.M, D = in.D;
   const auto opts = anchor.options().dtype(at::kFloat);
-  const at::Tensor empty = at::empty({0}, opts);
   at::Tensor loss = at::empty({B}, opts), lse = at::empty({B}, opts);
-  at::Tensor grad_anchor = compute_grad ? at::empty({B, D}, opts) : empty;
-  at::Tensor grad_positive = compute_grad && positive.has_value() ? at::empty({B, D}, opts) : empty;
-  at::Tensor grad_scalars = compute_grad ? at::empty({2, B}, opts) : empty;
+  // Outputs never alias (a custom op's outputs must not): a distinct empty tensor each.
+  at::Tensor grad_anchor = compute_grad ? at::empty({B, D}, opts) : at::empty({0}, opts);
+  at::Tensor grad_positive = compute_grad && positive.has_value() ? at::empty({B, D}, opts) : at::empty({0}, opts);
+  at::Tensor grad_scalars = compute_grad ? at::empty({2, B}, opts) : at::empty({0}, opts);
   if (B == 0) return {loss, lse, grad_anchor, grad_positive, grad_scalars};
 
   // Key split: about kDenseCtasPerSm blocks per SM over the anchor tiles, whole key tiles each.
@@ -393,6 +395,26 @@ at::Tensor dense_contrast_backward_keys_cuda(const at::Tensor& anchor, const at:
   return grad_keys;
 }
 
+// loss = sum_b c_b L_b and its gradients, all in the forward: the two kernels above composed,
+// the key gradient with grad_rows = c.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dense_contrast_reduced_cuda(const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
+                            const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& row_weight, bool keys_grad) {
+  auto [rows, lse, grad_anchor, grad_positive, grad_scalars] =
+      dense_contrast_cuda(anchor, keys, target, positive, logit_scale, bias, true);
+  TORCH_CHECK(row_weight.device() == anchor.device() && row_weight.dim() == 1 && row_weight.size(0) == rows.size(0),
+              "row_weight must be a (B,) tensor on ", anchor.device());
+  const at::Tensor c = row_weight.to(at::kFloat);
+  const at::Tensor grad_keys = keys_grad
+                                   ? dense_contrast_backward_keys_cuda(anchor, keys, target, positive, logit_scale,
+                                                                       bias, lse, c)
+                                   : at::empty({0}, rows.options());
+  if (positive.has_value()) grad_positive.mul_(c.unsqueeze(1));
+  return {rows.mul(c).sum(), rows, lse, grad_anchor.mul_(c.unsqueeze(1)), grad_positive, grad_keys,
+          grad_scalars.mul_(c).sum(1)};
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace dcdkernels
@@ -400,4 +422,5 @@ at::Tensor dense_contrast_backward_keys_cuda(const at::Tensor& anchor, const at:
 TORCH_LIBRARY_IMPL(dcdkernels_C, CUDA, m) {
   m.impl("dense_contrast", &dcdkernels::gpu::dense_contrast_cuda);
   m.impl("dense_contrast_backward_keys", &dcdkernels::gpu::dense_contrast_backward_keys_cuda);
+  m.impl("dense_contrast_reduced", &dcdkernels::gpu::dense_contrast_reduced_cuda);
 }

@@ -162,7 +162,7 @@ class CoCoRDLoss(nn.Module):
             keys = self.queue.clone()
             with no_autocast(q.device):
                 loss_ctr = ops.dense_contrast(q, keys, positive=k, logit_scale=1.0 / self.temperature,
-                                              backend=self.backend).mean()
+                                              reduction="mean", backend=self.backend)
             total = self.ctr_weight * loss_ctr
             loss_pred = torch.zeros((), device=q.device)
             if use_pred:

@@ -92,7 +92,7 @@ class DCDLoss(MemoryBankState):
     def _in_batch_loss(self, z_s: Tensor, z_t: Tensor, s: Tensor) -> Tensor:
         B = z_s.shape[0]
         target = torch.arange(B, device=z_s.device)
-        ce = ops.dense_contrast(z_s, z_t, target, logit_scale=s, backend=self.backend).mean()
+        ce = ops.dense_contrast(z_s, z_t, target, logit_scale=s, reduction="mean", backend=self.backend)
         logits = (z_s @ z_t.t()) * s.to(z_s.dtype)  # (B, B), rows: student anchors
         log_p_s = F.log_softmax(logits, dim=1)
         log_p_t = F.log_softmax(logits.t(), dim=1)  # = log softmax(logits, 0)^T: teacher anchors

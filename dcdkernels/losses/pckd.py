@@ -136,9 +136,10 @@ class PCKDLoss(nn.Module):
             centres_s = F.normalize(to_loss_dtype(w_s), dim=1)
             centres_t = F.normalize(to_loss_dtype(w_t), dim=1)
             scale = 1.0 / self.cc_temperature
-            l_cc = (ops.dense_contrast(z_s, centres_s, labels, logit_scale=scale, weight=weights, backend=self.backend)
-                    + ops.dense_contrast(z_t, centres_t, labels, logit_scale=scale, weight=weights,
-                                         backend=self.backend)).sum() / B
+            l_cc = (ops.dense_contrast(z_s, centres_s, labels, logit_scale=scale, weight=weights, reduction="mean",
+                                       backend=self.backend)
+                    + ops.dense_contrast(z_t, centres_t, labels, logit_scale=scale, weight=weights, reduction="mean",
+                                         backend=self.backend))
             T = self.kd_temperature
             log_p_s = F.log_softmax(logit_s32 / T, dim=1)
             log_p_t = F.log_softmax(logit_t32 / T, dim=1)

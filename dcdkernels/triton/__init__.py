@@ -6,7 +6,7 @@ interpreter, which must be switched on with ``TRITON_INTERPRET=1`` before this p
 imported (``triton.jit`` reads it when the kernels are defined).
 """
 from .bank_update import bank_momentum_update_
-from .dense_contrast import dense_contrast, dense_contrast_backward_keys
+from .dense_contrast import dense_contrast, dense_contrast_backward_keys, dense_contrast_reduced
 from .dual_sampled_contrast import dual_sampled_contrast
 from .rng import rng_key, sample_index
 from .sampled_contrast import sampled_contrast
@@ -15,6 +15,7 @@ __all__ = [
     "bank_momentum_update_",
     "dense_contrast",
     "dense_contrast_backward_keys",
+    "dense_contrast_reduced",
     "dual_sampled_contrast",
     "rng_key",
     "sample_index",

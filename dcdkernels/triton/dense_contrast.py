@@ -15,6 +15,9 @@ Backward for the keys, grid (M / BLOCK_N, D / BLOCK_DV): a program owns BLOCK_N 
 the anchors BLOCK_M at a time, recomputes ``p = e^(l - lse)`` from the forward's LSE and
 accumulates ``(g (P - onehot(target)))^T @ Q`` with tl.dot.
 
+``dense_contrast_reduced`` composes the two: the forward kernel with gradients, then the keys
+kernel with ``grad_rows`` = the row weights, both in the forward pass.
+
 Dot products run in the inputs' dtype when anchors and keys share a 16-bit dtype on a GPU
 (fp32 accumulation; P is rounded to that dtype for ``P @ K`` as in flash attention), in full
 fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32.
@@ -298,3 +301,20 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             num_warps=_num_warps(block_n, block_dv),
         )
     return grad_keys
+
+
+def dense_contrast_reduced(anchor, keys, target, positive, logit_scale, bias, row_weight, keys_grad):
+    """Same arguments and outputs as the C++ op ``dcdkernels_C::dense_contrast_reduced``:
+    ``(loss (), rows (B,), lse (B,), grad_anchor (B, D), grad_positive, grad_keys, grad_scalars (2,))``
+    of ``loss = sum_b c_b L_b``, ``c`` = ``row_weight``; grad_keys is (0,) when not ``keys_grad``."""
+    rows, lse, grad_anchor, grad_positive, grad_scalars = dense_contrast(anchor, keys, target, positive, logit_scale,
+                                                                         bias, True)
+    c = row_weight.to(torch.float32)
+    if keys_grad:
+        grad_keys = dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bias, lse, c)
+    else:
+        grad_keys = torch.empty((0,), dtype=torch.float32, device=anchor.device)
+    if positive is not None:
+        grad_positive.mul_(c[:, None])
+    return ((rows * c).sum(), rows, lse, grad_anchor.mul_(c[:, None]), grad_positive, grad_keys,
+            grad_scalars.mul_(c).sum(dim=1))
