@@ -2,7 +2,7 @@
 import torch
 from torch import Tensor
 
-from .. import backends, reference
+from .. import _ext, backends, reference
 from . import _validate as V
 
 
@@ -21,10 +21,18 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     ``index`` (B,), p the last position holding i (SPEC §4). Everything is validated before the
     bank is touched; returns ``bank``.
 
-    A per-step op on a few hundred rows, so the call itself must stay cheap: on CPU the C++
-    kernel checks the index range and finiteness itself before writing (one pass over B indices
-    and B*D values), so no extra reductions run here, and outside ``torch.compile`` the kernel is
-    called directly rather than through the custom-op wrapper (same kernel, less overhead)."""
+    A per-step op on a few hundred rows, so the call itself must stay cheap. On CPU the C++
+    kernel validates everything (shapes, dtypes, index range, finite values, momentum) before it
+    writes, so outside ``torch.compile`` it is called first, directly; only if it rejects the
+    input do the Python checks below run, to raise the error that names the argument."""
+    if (backend in ("auto", "cpu") and isinstance(bank, Tensor) and bank.device.type == "cpu"
+            and not (bank.requires_grad and torch.is_grad_enabled()) and isinstance(value, Tensor)
+            and not torch.compiler.is_compiling() and _ext.has_kernel("bank_momentum_update_", "CPU")):
+        try:
+            _ext.cpp_op("bank_momentum_update_")(bank, index, value.detach(), momentum)
+            return bank
+        except (RuntimeError, ValueError, TypeError):
+            pass  # the bank is untouched; the checks below explain (or the kernel raises again)
     V.matrix("bank", bank)
     V.matrix("value", value, device=bank.device, dim=bank.shape[1])
     if bank.requires_grad and torch.is_grad_enabled():
