@@ -43,6 +43,19 @@ DCD_CPU_CLONES bool all_finite(const T* p, int64_t n) {
   return acc == A(0);
 }
 
+// x rounded to the bank dtype. bfloat16: round to nearest even by integer arithmetic (what c10
+// does, written so that the store loop vectorises); nan stays nan.
+template <typename T, typename A>
+DCD_INLINE T to_bank(A x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<A, float>) {
+    const uint32_t u = std::bit_cast<uint32_t>(x);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
 // One row, in place: x = m * row + (1 - m) * v, row = x / max(||x||, 1e-12). The norm's sum is
 // vectorised (reassociated): a serial sum is bound by the add latency.
 template <typename T, typename A>
@@ -55,7 +68,7 @@ DCD_CPU_CLONES void update_row(T* row, const A* v, A* x, int64_t D, A m, A one_m
   }
   const A denom = std::max(std::sqrt(sq), A(1e-12));
 #pragma omp simd
-  for (int64_t e = 0; e < D; ++e) row[e] = static_cast<T>(x[e] / denom);
+  for (int64_t e = 0; e < D; ++e) row[e] = to_bank<T>(x[e] / denom);
 }
 
 #ifndef DCD_BANK_PREFETCH_ROWS
