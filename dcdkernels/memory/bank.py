@@ -185,22 +185,21 @@ class MemoryBank(nn.Module):
         ``Z = N * mean(exp(u))`` over the B(K+1) scores, without exponentiating)."""
         return total_lse + (math.log(self.n_rows) - math.log(count * n_cols))
 
-    def _set_log_z(self, value: torch.Tensor) -> None:
-        checks, self._z_checks = getattr(self, "_z_checks", None), None
+    def _set_log_z(self, value: torch.Tensor, checks: Optional[V.ValueChecks] = None) -> None:
         value = value.detach()
         if checks is not None:  # a call that fails its deferred checks leaves log Z as it was
             value = checks.guard_rows(value.to(self.log_z.dtype), lambda: self.log_z)
         self.log_z.copy_(value)
         self._log_z_set = True
 
-    def _ema_log_z(self, batch_log_z: torch.Tensor) -> None:
+    def _ema_log_z(self, batch_log_z: torch.Tensor, checks: Optional[V.ValueChecks] = None) -> None:
         """Z <- m Z + (1 - m) Z_batch, in log space (Z itself overflows fp16 for tau = 0.07)."""
         m = self.z_momentum
         old = self.log_z.to(torch.float64)
         if m == 0.0:
-            self._set_log_z(batch_log_z)
+            self._set_log_z(batch_log_z, checks)
             return
-        self._set_log_z(torch.logaddexp(old + math.log(m), batch_log_z + math.log1p(-m)))
+        self._set_log_z(torch.logaddexp(old + math.log(m), batch_log_z + math.log1p(-m)), checks)
 
     # ---------------------------------------------------------------- negatives
     def _validate_positives(self, positives):
@@ -301,17 +300,16 @@ class MemoryBank(nn.Module):
                                        bool(meta[:, 4].any()), bool(meta[:, 5].any()), want_grad, return_lse)
         kw = dict(num_negatives=num_negatives if sampled else None, seed=self._seed,
                   offset=self._offset + start * (n_cols - 1), backend=self.backend, return_lse=True)
-        self._z_checks = checks  # deferred checks of this call guard the log Z update
         was_set = self._log_z_set
         if loss == "nce" and not was_set:
             with torch.no_grad():
                 _, lse0 = ops.sampled_contrast(anchor.detach(), self.bank, index, logit_scale=s.detach(),
                                                bias=None if b is None else b.detach(), loss="infonce", **kw)
-            self._set_log_z(self._batch_log_z(self._global_lse(lse0), sum(sizes), n_cols))
+            self._set_log_z(self._batch_log_z(self._global_lse(lse0), sum(sizes), n_cols), checks)
         per_row, lse = ops.sampled_contrast(anchor, self.bank, index, logit_scale=logit_scale, bias=bias, loss=loss,
                                             log_z=self.log_z if loss == "nce" else None, **kw)
         if loss == "nce" and was_set and self.z_mode == "ema":
-            self._ema_log_z(self._batch_log_z(self._global_lse(lse), sum(sizes), n_cols))
+            self._ema_log_z(self._batch_log_z(self._global_lse(lse), sum(sizes), n_cols), checks)
         if sampled:
             self._advance(sum(sizes) * (n_cols - 1))
         return (per_row, lse) if return_lse else per_row

@@ -43,10 +43,6 @@ def set_value_checks(mode) -> None:
     _MODE = mode
 
 
-def value_checks_mode() -> str:
-    return _MODE
-
-
 def value_checks_enabled() -> bool:
     return _MODE != "off" and not torch.compiler.is_compiling()
 
