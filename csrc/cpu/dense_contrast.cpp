@@ -24,6 +24,7 @@
 // would be thin (see kMinStripRows), it is the per-row kernels above, their gradients times c.
 #include <torch/library.h>
 
+#include "common/reduced.h"
 #include "cpu/cpu_utils.h"
 
 namespace dcdkernels {
@@ -354,15 +355,12 @@ dense_contrast_reduced_cpu(const at::Tensor& anchor, const at::Tensor& keys, con
   if (!keys_grad || bt_max < std::min(B, kMinStripRows)) {
     // The per-row kernels, their gradients times c. Without a key gradient they do the same two
     // matmuls as the strips (dots, a += W K), with each key tile still in cache for the second.
-    auto [rows, lse, grad_anchor, grad_positive, grad_scalars] =
-        dense_contrast_cpu(q_in, k_in, target, pos, logit_scale, bias, true);
-    const at::Tensor c = row_weight.detach().to(acc).contiguous();
-    const at::Tensor grad_keys = keys_grad ? dense_contrast_backward_keys_cpu(q_in, k_in, target, pos, logit_scale,
-                                                                              bias, lse, c)
-                                           : at::empty({0}, rows.options());
-    if (pos.has_value()) grad_positive.mul_(c.unsqueeze(1));
-    return {(rows * c).sum(), rows, lse, grad_anchor.mul_(c.unsqueeze(1)), grad_positive, grad_keys,
-            grad_scalars.mul_(c).sum(1)};
+    return compose_reduced(
+        [&] { return dense_contrast_cpu(q_in, k_in, target, pos, logit_scale, bias, true); },
+        [&](const at::Tensor& lse, const at::Tensor& c) {
+          return dense_contrast_backward_keys_cpu(q_in, k_in, target, pos, logit_scale, bias, lse, c);
+        },
+        row_weight.detach().to(acc).contiguous(), keys_grad, pos.has_value());
   }
   const DenseInputs in = prepare(q_in, k_in, target, pos, logit_scale, bias);
   const int64_t D = in.D;

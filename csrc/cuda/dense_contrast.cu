@@ -26,6 +26,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include "common/reduced.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace dcdkernels {
@@ -401,18 +402,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 dense_contrast_reduced_cuda(const at::Tensor& anchor, const at::Tensor& keys, const c10::optional<at::Tensor>& target,
                             const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& row_weight, bool keys_grad) {
-  auto [rows, lse, grad_anchor, grad_positive, grad_scalars] =
-      dense_contrast_cuda(anchor, keys, target, positive, logit_scale, bias, true);
-  TORCH_CHECK(row_weight.device() == anchor.device() && row_weight.dim() == 1 && row_weight.size(0) == rows.size(0),
+  TORCH_CHECK(row_weight.device() == anchor.device() && row_weight.dim() == 1 && row_weight.size(0) == anchor.size(0),
               "row_weight must be a (B,) tensor on ", anchor.device());
-  const at::Tensor c = row_weight.to(at::kFloat);
-  const at::Tensor grad_keys = keys_grad
-                                   ? dense_contrast_backward_keys_cuda(anchor, keys, target, positive, logit_scale,
-                                                                       bias, lse, c)
-                                   : at::empty({0}, rows.options());
-  if (positive.has_value()) grad_positive.mul_(c.unsqueeze(1));
-  return {rows.mul(c).sum(), rows, lse, grad_anchor.mul_(c.unsqueeze(1)), grad_positive, grad_keys,
-          grad_scalars.mul_(c).sum(1)};
+  return compose_reduced(
+      [&] { return dense_contrast_cuda(anchor, keys, target, positive, logit_scale, bias, true); },
+      [&](const at::Tensor& lse, const at::Tensor& c) {
+        return dense_contrast_backward_keys_cuda(anchor, keys, target, positive, logit_scale, bias, lse, c);
+      },
+      row_weight.to(at::kFloat), keys_grad, positive.has_value());
 }
 
 }  // namespace
