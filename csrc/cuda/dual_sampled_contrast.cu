@@ -483,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
     const at::Tensor& anchor_s, const at::Tensor& anchor_t, const at::Tensor& bank_s, const at::Tensor& bank_t,
     const at::Tensor& index, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
-    int64_t offset, bool compute_grad) {
+    int64_t offset, bool compute_grad, int64_t noise_rows) {
   TORCH_CHECK(anchor_s.is_cuda(), "anchor_s must be a CUDA tensor, got ", anchor_s.device());
   const c10::cuda::CUDAGuard guard(anchor_s.device());
   const Matrix zs = matrix_of(anchor_s, "anchor_s"), zt = matrix_of(anchor_t, "anchor_t");
@@ -530,7 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   p.nce = nce;
   p.kl = compute_kl;
   p.compute_grad = compute_grad;
-  p.nc = nce_consts(cols - 1, N);
+  p.nc = nce_consts(cols - 1, noise_rows > 0 ? noise_rows : N);
   p.vs = VectorSlots(compute_grad, nce, compute_kl);
   p.stride = kDualScalars + static_cast<int64_t>(p.vs.count) * D;
 
