@@ -171,6 +171,22 @@ def test_gradcheck_oracle_float64_with_absent_columns(loss):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("loss_type", [0, 1])
+def test_gradcheck_cpu_op_float64_with_absent_columns(loss_type):
+    """The registered autograd formula over the CPU kernel's gradients, absent columns included."""
+    if "cpu" not in fused_backends("cpu"):
+        pytest.skip("CPU kernels not built")
+    B, K, N, D = 3, 5, 11, 7
+    zs, zt, bs, bt, idx = _inputs(B, K, N, D, F64, seed=6)
+    idx = _absent(idx, N, "some")
+    idx[1, 0] = -1
+    s, b, lz = (t.clone().requires_grad_() for t in _scalars(F64))
+    lz = lz if loss_type == 1 else None
+    fn = lambda zs, zt, s, b, *lz: dual_sampled_contrast_op(  # noqa: E731
+        zs, zt, bs, bt, idx, s, b, lz[0] if lz else None, loss_type, True, 0, 0, 0, True, 2 * N, "cpu")[0]
+    assert torch.autograd.gradcheck(fn, (zs.requires_grad_(), zt.requires_grad_(), s, b) + ((lz,) if lz is not None else ()))
+
+
 # ------------------------------------------------------------------------------------------------
 # Every backend against the oracle
 # ------------------------------------------------------------------------------------------------
@@ -363,26 +379,30 @@ def test_public_dual_op_resolves_with_its_dim(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Defect 7: the Triton dual merge addresses its output planes in int64
 # ------------------------------------------------------------------------------------------------
-def test_triton_dual_plane_offsets_are_int64():
-    pytest.importorskip("triton")
-    if not backends.availability()["triton"][0]:
-        pytest.skip("triton cannot run here")
+try:
     import triton
     import triton.language as tl
 
     from dcdkernels.triton.dual_sampled_contrast import plane_offset
 
     @triton.jit
-    def probe(out_ptr, B, D, PLANE: tl.constexpr):
+    def _plane_offset_probe(out_ptr, B, D, PLANE: tl.constexpr):
         tl.store(out_ptr, plane_offset(PLANE, B, D))
+except ImportError:  # triton is optional
+    _plane_offset_probe = None
 
-    # 3 * B * D = 3 * 2^32 overflows int32 (the product the launcher formed before).
-    B, D = 2**20, 2**12
+
+def test_triton_dual_plane_offsets_are_int64():
+    if _plane_offset_probe is None or not backends.availability()["triton"][0]:
+        pytest.skip("triton cannot run here")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = torch.zeros(1, dtype=torch.int64, device=device)
-    for plane in (1, 2, 3):
-        probe[(1,)](out, B, D, PLANE=plane)
-        assert out.item() == plane * B * D
+    # 3 * B * D = 3 * 2^32 overflows int32 (the product the launcher formed before); B = 1 is a
+    # specialised constant.
+    for B, D in ((2**20, 2**12), (1, 2**31 - 1)):
+        for plane in (1, 2, 3):
+            _plane_offset_probe[(1,)](out, B, D, PLANE=plane)
+            assert out.item() == plane * B * D
 
 
 # ------------------------------------------------------------------------------------------------
