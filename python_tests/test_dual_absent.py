@@ -18,13 +18,13 @@ from dcdkernels import backends, reference
 dual_ops = importlib.import_module("dcdkernels.ops.dual_sampled_contrast")
 from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_op, dual_sampled_contrast_outputs
 
-from conftest import TOL, fused_backends
+from conftest import TOL, devices, fused_backends
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 
 
-def _inputs(B, K, N, D, dtype=torch.float32, bank_dtype=None, seed=0):
+def _inputs(B, K, N, D, dtype=torch.float32, bank_dtype=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     zs = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=F64), dim=1)
     zt = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=F64), dim=1)
@@ -32,7 +32,8 @@ def _inputs(B, K, N, D, dtype=torch.float32, bank_dtype=None, seed=0):
     bt = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=F64), dim=1)
     idx = torch.randint(0, N, (B, K + 1), generator=g)
     bank_dtype = bank_dtype or dtype
-    return zs.to(dtype), zt.to(dtype), bs.to(bank_dtype), bt.to(bank_dtype), idx
+    return (zs.to(device, dtype), zt.to(device, dtype), bs.to(device, bank_dtype), bt.to(device, bank_dtype),
+            idx.to(device))
 
 
 def _absent(idx, N, pattern):
@@ -51,16 +52,16 @@ def _absent(idx, N, pattern):
     return idx
 
 
-def _scalars(dtype=torch.float32, bias=True):
+def _scalars(dtype=torch.float32, bias=True, device="cpu"):
     acc = F64 if dtype == F64 else torch.float32
-    s = torch.tensor(7.3, dtype=acc)
-    b = torch.tensor(0.3, dtype=acc) if bias else None
-    lz = torch.tensor([1.2, -0.4], dtype=acc)
+    s = torch.tensor(7.3, dtype=acc, device=device)
+    b = torch.tensor(0.3, dtype=acc, device=device) if bias else None
+    lz = torch.tensor([1.2, -0.4], dtype=acc, device=device)
     return s, b, lz
 
 
 def _call(backend, zs, zt, bs, bt, idx, loss, kl, noise_rows=0, bias=True, compute_grad=True):
-    s, b, lz = _scalars(zs.dtype, bias)
+    s, b, lz = _scalars(zs.dtype, bias, zs.device)
     if backend == "oracle":
         return reference.dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz,
                                                        compute_kl=kl, noise_rows=noise_rows, compute_grad=compute_grad)
@@ -191,12 +192,13 @@ def test_gradcheck_cpu_op_float64_with_absent_columns(loss_type):
 # Every backend against the oracle
 # ------------------------------------------------------------------------------------------------
 def _backends():
-    return ["eager"] + fused_backends("cpu")
+    """(device, backend) pairs: the oracle's eager path and every fused backend here."""
+    return [pytest.param(dev, be, id=f"{dev}-{be}") for dev in devices() for be in ["eager"] + fused_backends(dev)]
 
 
-def _dtypes(backend):
+def _dtypes(device, backend):
     out = [torch.float32, torch.bfloat16, torch.float16]
-    return out + ([F64] if backend in ("cpu", "eager") else [])
+    return out + ([F64] if device == "cpu" and backend in ("cpu", "eager") else [])
 
 
 CASES = [  # (B, K, N, D, pattern)
@@ -209,12 +211,12 @@ CASES = [  # (B, K, N, D, pattern)
 ]
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("device, backend", _backends())
 @pytest.mark.parametrize("B, K, N, D, pattern", CASES)
 @pytest.mark.parametrize("loss, kl", [("infonce", True), ("nce", False), ("nce", True)])
-def test_backend_matches_oracle_with_absent_columns(backend, B, K, N, D, pattern, loss, kl):
-    for dtype in _dtypes(backend):
-        zs, zt, bs, bt, idx = _inputs(B, K, N, D, dtype, seed=B * 100 + D)
+def test_backend_matches_oracle_with_absent_columns(device, backend, B, K, N, D, pattern, loss, kl):
+    for dtype in _dtypes(device, backend):
+        zs, zt, bs, bt, idx = _inputs(B, K, N, D, dtype, seed=B * 100 + D, device=device)
         idx = _absent(idx, N, pattern)
         want = _call("oracle", zs, zt, bs, bt, idx, loss, kl, noise_rows=5 * N)
         got = _call(backend, zs, zt, bs, bt, idx, loss, kl, noise_rows=5 * N)
@@ -223,9 +225,9 @@ def test_backend_matches_oracle_with_absent_columns(backend, B, K, N, D, pattern
             assert torch.all(got[0][2] == 0) and torch.all(got[2][2:] == 0) and torch.all(got[3][:, 2] == 0)
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_backend_noise_rows_and_no_grad(backend):
-    zs, zt, bs, bt, idx = _inputs(3, 4, 10, 6, seed=9)
+@pytest.mark.parametrize("device, backend", _backends())
+def test_backend_noise_rows_and_no_grad(device, backend):
+    zs, zt, bs, bt, idx = _inputs(3, 4, 10, 6, seed=9, device=device)
     idx = _absent(idx, 10, "some")
     default = _call(backend, zs, zt, bs, bt, idx, "nce", True)
     same = _call(backend, zs, zt, bs, bt, idx, "nce", True, noise_rows=10)
@@ -239,25 +241,25 @@ def test_backend_noise_rows_and_no_grad(backend):
     torch.testing.assert_close(lse, default[1], **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_non_contiguous_anchors_and_strided_banks(backend):
-    zs, zt, bs, bt, idx = _inputs(4, 5, 12, 9, seed=11)
+@pytest.mark.parametrize("device, backend", _backends())
+def test_non_contiguous_anchors_and_strided_banks(device, backend):
+    zs, zt, bs, bt, idx = _inputs(4, 5, 12, 9, seed=11, device=device)
     idx = _absent(idx, 12, "mixed")
     want = _call("oracle", zs, zt, bs, bt, idx, "infonce", True)
-    wide_s = torch.zeros(12, 16)
+    wide_s = torch.zeros(12, 16, device=device)
     wide_s[:, :9] = bs
-    wide_t = torch.zeros(12, 16)
+    wide_t = torch.zeros(12, 16, device=device)
     wide_t[:, 3:12] = bt
     got = _call(backend, zs.t().contiguous().t(), zt.t().contiguous().t(), wide_s[:, :9], wide_t[:, 3:12], idx,
                 "infonce", True)
     _assert_outputs_close(got, want, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("device, backend", _backends())
 @pytest.mark.parametrize("loss", ["infonce", "nce"])
-def test_all_present_index_gives_exactly_the_public_op(backend, loss):
-    zs, zt, bs, bt, idx = _inputs(4, 6, 15, 7, seed=12)
-    s, b, lz = _scalars()
+def test_all_present_index_gives_exactly_the_public_op(device, backend, loss):
+    zs, zt, bs, bt, idx = _inputs(4, 6, 15, 7, seed=12, device=device)
+    s, b, lz = _scalars(device=device)
     losses, lse, ga, gs = dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss,
                                                         log_z=lz, compute_kl=True, backend=backend)
     leaves = [t.clone().requires_grad_() for t in (zs, zt, s, b)]
@@ -289,12 +291,12 @@ def test_public_op_still_rejects_out_of_range_indices():
 # ------------------------------------------------------------------------------------------------
 # Sharded banks: per-shard outputs with local indices merge to the full-bank outputs
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("device, backend", _backends())
 @pytest.mark.parametrize("bounds", [(0, 7, 19), (0, 5, 12, 19), (0, 1, 18, 19)], ids=["2", "3", "3-thin"])
-def test_shard_merge(backend, bounds):
+def test_shard_merge(device, backend, bounds):
     B, K, N, D = 5, 12, 19, 6
-    zs, zt, bs, bt, idx = _inputs(B, K, N, D, seed=13)
-    s, b, lz = _scalars()
+    zs, zt, bs, bt, idx = _inputs(B, K, N, D, seed=13, device=device)
+    s, b, lz = _scalars(device=device)
     full = {loss: dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz,
                                                 compute_kl=True, backend=backend) for loss in ("infonce", "nce")}
     parts = {loss: [dual_sampled_contrast_outputs(zs, zt, bs[lo:hi], bt[lo:hi], idx - lo, logit_scale=s, bias=b,
@@ -408,18 +410,18 @@ def test_triton_dual_plane_offsets_are_int64():
 # ------------------------------------------------------------------------------------------------
 # Several column chunks per anchor, one of them with no present column
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("device, backend", _backends())
 @pytest.mark.parametrize("loss", ["infonce", "nce"])
-def test_absent_columns_across_chunks(backend, loss):
+def test_absent_columns_across_chunks(device, backend, loss):
     B, K, N, D = 2, 767, 40, 5  # 768 columns: the CPU kernel splits them into chunks at small B
-    zs, zt, bs, bt, idx = _inputs(B, K, N, D, seed=21)
+    zs, zt, bs, bt, idx = _inputs(B, K, N, D, seed=21, device=device)
     idx[0, 300:] = N + 3      # the last chunk(s) of row 0 entirely
     idx[1, ::3] = -7          # the positive and every third column of row 1
     kwargs = dict(num_chunks=3) if backend == "triton" else {}
     want = _call("oracle", zs, zt, bs, bt, idx, loss, True)
     if kwargs:  # the Triton launcher takes the split explicitly
         from dcdkernels.triton.dual_sampled_contrast import dual_sampled_contrast as triton_dual
-        s, b, lz = _scalars()
+        s, b, lz = _scalars(device=device)
         got = triton_dual(zs, zt, bs, bt, idx, s, b, lz, 0 if loss == "infonce" else 1, True, 0, 0, 0, True, 0,
                           **kwargs)
     else:
