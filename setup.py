@@ -181,7 +181,8 @@ def _build_ext_class(BuildExtension, fallback, why_no_cuda, cuda_home):
                 "  backend='auto' on CUDA tensors uses Triton (python -m dcdkernels.info says why).",
                 "  Fix the toolchain (e.g. CUDA_HOME=/path/to/cuda) and rebuild; DCDKERNELS_CUDA=1 makes this an",
                 "  error, DCDKERNELS_CUDA=0 skips the CUDA sources.")
-            self.extensions = [fallback]
+            for ext in self.extensions:  # the same object setuptools has finalised, now CPU-only
+                vars(ext).update({k: v for k, v in vars(fallback).items() if not k.startswith("_")})
             try:
                 super().build_extensions()
             except Exception as exc:
@@ -247,7 +248,7 @@ def _extensions():
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
         ext = CUDAExtension(
             "dcdkernels._C",
-            cpp + cuda,
+            cuda + cpp,  # the .cu files first: a CUDA failure stops the build before the C++ is compiled
             include_dirs=inc + nv_inc,
             library_dirs=nv_lib,
             extra_compile_args=extra,
