@@ -248,7 +248,7 @@ def _extensions():
         extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
         ext = CUDAExtension(
             "dcdkernels._C",
-            cuda + cpp,  # the .cu files first: a CUDA failure stops the build before the C++ is compiled
+            cpp + cuda,
             include_dirs=inc + nv_inc,
             library_dirs=nv_lib,
             extra_compile_args=extra,
@@ -259,9 +259,8 @@ def _extensions():
             "dcdkernels._C", cpp, include_dirs=inc, extra_compile_args=extra, extra_link_args=["-fopenmp"]
         )
     # The CPU-only extension that replaces the CUDA one if that fails to build (same C++ flags).
-    fallback = CppExtension(
-        "dcdkernels._C", cpp, include_dirs=inc, extra_compile_args={"cxx": list(extra["cxx"])}, extra_link_args=["-fopenmp"]
-    ) if use_cuda else None
+    fallback = CppExtension("dcdkernels._C", cpp, include_dirs=inc, extra_compile_args={"cxx": list(extra["cxx"])},
+                            extra_link_args=["-fopenmp"]) if use_cuda else None
     cmd = _build_ext_class(BuildExtension, fallback, why, cuda_home)
     return [ext], {"build_ext": cmd.with_options(use_ninja=True)}
 

@@ -23,7 +23,8 @@ assert _ext.has_kernel("sampled_contrast", "CPU") and not _ext.has_kernel("sampl
 ok, why = dcdkernels.availability()["cuda"]
 assert not ok and "the CUDA sources failed to build" in why, why
 g = torch.Generator().manual_seed(0)
-q, bank, idx = torch.randn(3, 16, generator=g), torch.randn(40, 16, generator=g), torch.randint(0, 40, (3, 9), generator=g)
+q, bank = torch.randn(3, 16, generator=g), torch.randn(40, 16, generator=g)
+idx = torch.randint(0, 40, (3, 9), generator=g)
 loss = {b: dcdkernels.sampled_contrast(q, bank, idx, logit_scale=2.0, backend=b) for b in ("cpu", "eager")}
 torch.testing.assert_close(loss["cpu"], loss["eager"])
 print(info.report())
