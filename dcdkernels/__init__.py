@@ -11,18 +11,14 @@ from .ops import (ClassConditionalSampler, DualContrastOutput, bank_momentum_upd
                   dual_sampled_contrast, sample_negatives, sampled_contrast)
 from .ops._validate import check_errors, set_value_checks
 
-__version__ = "0.1.0"
+from .losses import CoCoRDLoss, CRDLoss, DCDLoss, ICDLoss, PCKDLoss
+from .memory import MemoryBank, MomentumQueue
+
+__version__ = "0.1.0"  # the one definition of the package version (pyproject.toml reads it here)
 
 __all__ = [
-    "ClassConditionalSampler", "DualContrastOutput", "availability", "backends", "bank_momentum_update_",
+    "ClassConditionalSampler", "CRDLoss", "CoCoRDLoss", "DCDLoss", "DualContrastOutput", "ICDLoss", "MemoryBank",
+    "MomentumQueue", "PCKDLoss", "availability", "backends", "bank_momentum_update_", "check_errors",
     "dense_contrast", "dual_sampled_contrast", "reference", "sample_negatives", "sampled_contrast",
-    "check_errors", "set_value_checks",
+    "set_value_checks",
 ]
-
-try:  # modules land as their issues do; the ops above never depend on them
-    from .losses import CoCoRDLoss, CRDLoss, DCDLoss, ICDLoss, PCKDLoss  # noqa: F401
-    from .memory import MemoryBank, MomentumQueue  # noqa: F401
-
-    __all__ += ["CRDLoss", "CoCoRDLoss", "DCDLoss", "ICDLoss", "MemoryBank", "MomentumQueue", "PCKDLoss"]
-except ImportError:
-    pass

@@ -1,6 +1,8 @@
 """Loads the compiled extension ``dcdkernels._C`` if it was built, and says why if not."""
 import functools
 import importlib
+import json
+import os
 
 import torch
 
@@ -10,6 +12,27 @@ try:
     _C = importlib.import_module("dcdkernels._C")
 except Exception as exc:  # built without a compiler, or an ABI mismatch with this torch
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _read_build_note():
+    """What setup.py wrote next to _C when it built it: whether the CUDA kernels were built and,
+    if not, why (skipped, no toolkit, or a failed CUDA compile with the CPU-only fallback)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_build.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # built by CMake or an older setup.py, or never built
+
+
+BUILD_NOTE = _read_build_note()
+if _C is None and BUILD_NOTE.get("why_no_ext"):
+    LOAD_ERROR = f"{LOAD_ERROR} ({BUILD_NOTE['why_no_ext']})"
+
+
+def why_no_cuda_kernels() -> str:
+    """Why dcdkernels._C has no CUDA kernels, as recorded by the build (or the usual reasons)."""
+    return BUILD_NOTE.get("why_no_cuda") or "torch without CUDA, nvcc missing, or DCDKERNELS_CUDA=0"
 
 
 @functools.lru_cache(maxsize=None)  # registrations are fixed once _C has loaded

@@ -58,7 +58,7 @@ def availability():
     else:
         out["cpu"] = (_ext.has_kernel("sampled_contrast", "CPU"), "C++ kernels" if _ext.has_kernel("sampled_contrast", "CPU") else "dcdkernels._C has no CPU kernels")
         if not _ext.has_kernel("sampled_contrast", "CUDA"):
-            out["cuda"] = (False, "dcdkernels._C was built without CUDA kernels (torch without CUDA, nvcc missing, or DCDKERNELS_CUDA=0)")
+            out["cuda"] = (False, f"dcdkernels._C was built without CUDA kernels: {_ext.why_no_cuda_kernels()}")
         elif not torch.cuda.is_available():
             out["cuda"] = (False, "CUDA kernels are compiled, but no CUDA device is visible")
         else:
@@ -109,9 +109,12 @@ def kernel(op: str, backend: str):
     """The function implementing ``op`` on a resolved, non-eager backend."""
     if backend in ("cpu", "cuda"):
         return _ext.cpp_op(op)
-    module_name = "dense_contrast" if op.startswith("dense_contrast") else op.rstrip("_").replace("bank_momentum_update", "bank_update")
     try:
-        module = importlib.import_module(f"dcdkernels.triton.{module_name}")
-        return getattr(module, op)
-    except (ImportError, AttributeError) as exc:
-        raise NotImplementedError(f"{op}: backend 'triton' has no kernel ({exc})") from exc
+        kernels = importlib.import_module("dcdkernels.triton")
+    except ModuleNotFoundError as exc:  # triton itself missing; any other broken import propagates
+        if exc.name != "triton":
+            raise
+        raise NotImplementedError(f"{op}: backend 'triton' is not available ({type(exc).__name__}: {exc})") from exc
+    if op not in kernels.__all__:
+        raise NotImplementedError(f"{op}: backend 'triton' has no kernel (dcdkernels.triton exports {kernels.__all__})")
+    return getattr(kernels, op)

@@ -27,6 +27,9 @@ def report() -> str:
         lines.append(f"device: CPU only ({platform.processor() or platform.machine()}, "
                      f"{torch.get_num_threads()} torch threads); torch.cuda.is_available() is False")
     lines.append(f"extension dcdkernels._C: {'loaded from ' + _ext._C.__file__ if _ext._C else 'not loaded: ' + str(_ext.LOAD_ERROR)}")
+    if _ext.BUILD_NOTE:
+        lines.append("  built with CUDA kernels" if _ext.BUILD_NOTE.get("cuda_kernels")
+                     else f"  built without CUDA kernels: {_ext.why_no_cuda_kernels()}")
     lines.append("backends:")
     for name, (ok, why) in backends.availability().items():
         lines.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {why}")
