@@ -122,7 +122,10 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "expecttest", "scikit-learn", "pyyaml", "matplotlib"],
-        "train": ["scikit-learn", "pyyaml", "matplotlib"],
+        "train": ["scikit-learn", "pyyaml", "matplotlib", "torchvision"],
+        "torchdistill": ["torchdistill>=1.1", "torchvision"],
+        "lightly": ["lightly"],
+        "pytorch-metric-learning": ["pytorch-metric-learning"],
     },
     entry_points={"console_scripts": ["dcdkernels-train=dcdkernels.train.__main__:main"]},
     zip_safe=False,
