@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TOL
+from conftest import close_fp32 as _close
 
 pytest.importorskip("torchdistill")
 pytest.importorskip("torchvision")
@@ -20,16 +20,7 @@ from dcdkernels.integrations import torchdistill as dcdk_td  # noqa: E402
 N, D, K, B = 40, 16, 9, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _close(a, b, msg):
-    torch.testing.assert_close(a, b, **TOL[torch.float32], msg=msg)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_keys_registered():
