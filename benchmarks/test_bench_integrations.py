@@ -10,6 +10,8 @@ step each (forward, backward to the embeddings, the memory write), with the memo
 A provider is skipped when its library is not installed. The tests in
 ``python_tests/test_integration_memory_losses.py`` check that both compute the same thing.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,19 @@ def _full_memory(size):
             torch.randint(0, size.M, (size.M,), generator=g).to(CFG.device))
 
 
+def _skip_if_pml_ntxent_too_big(size, batch_labels, memory_labels):
+    """pytorch-metric-learning's NTXentLoss forms a (positive pairs x negative pairs) float mask
+    (``n_per_p``) and masked copies of it: skip (with the figure) where that exceeds the RAM."""
+    pos = int((batch_labels[:, None] == memory_labels[None, :]).sum()) + size.B  # + the batch's own pairs
+    neg = size.B * size.M - pos
+    need = 3 * 4 * pos * neg  # n_per_p, neg_pairs * n_per_p, exp(...): float32 each
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > ram // 2:
+        pytest.skip(f"eager: pytorch-metric-learning's NTXentLoss in CrossBatchMemory builds (positive pairs x "
+                    f"negative pairs) = ({pos} x {neg}) float32 masks, ~{need / 2**30:.0f} GiB; this machine has "
+                    f"{ram / 2**30:.0f} GiB")
+
+
 @pytest.mark.bench(table=S.INTEGRATIONS, ops=["dense_contrast"], cases=CASES,
                    dtypes=["fp32"], providers=["eager", "cpu", "triton", "cuda"])
 def test_integration(bench, case, size, dtype, provider):
@@ -59,6 +74,8 @@ def test_integration(bench, case, size, dtype, provider):
         inner_name = "NTXentLoss" if case == "pml-ntxent" else "SupConLoss"
         if provider == "eager":
             pml = _library(case)
+            if case == "pml-ntxent":
+                _skip_if_pml_ntxent_too_big(size, y, labels)
             loss = pml.CrossBatchMemory(getattr(pml, inner_name)(temperature=T), size.D, memory_size=size.M)
             loss.embedding_memory, loss.label_memory = mem.clone(), labels.clone()
             loss.has_been_filled = True
