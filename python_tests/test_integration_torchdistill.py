@@ -100,6 +100,62 @@ def test_dcd_adapter_equals_the_loss():
     torch.testing.assert_close(got, ref(f_s, f_t), rtol=0, atol=0)
 
 
+def test_cocord_adapter_equals_the_loss():
+    from dcdkernels.losses import CoCoRDLoss
+    kw = dict(s_dim=12, t_dim=20, embed_dim=16, hidden_dim=16, pred_dim=8, queue_size=32, pred_weight=0.0)
+    torch.manual_seed(0)
+    ref = CoCoRDLoss(**kw)
+    torch.manual_seed(0)
+    ours = get_mid_level_loss({"key": "DCDKCoCoRDLoss", "kwargs": dict(
+        student_module_path="model.avgpool", teacher_module_path="model.avgpool", **kw)})
+    for _ in range(2):  # the queue moves identically
+        f_s, f_t = torch.randn(B, 12), torch.randn(B, 20)
+        got = ours({"model.avgpool": {"output": f_s}}, {"model.avgpool": {"output": f_t}}, None)
+        torch.testing.assert_close(got, ref(f_s, f_t), rtol=0, atol=0)
+    assert torch.equal(ours.queue, ref.queue)
+
+
+def test_pckd_adapter_and_bind():
+    """DCDKPCKDLoss reads features and logits from the classifiers' hooks and the weights from
+    the bound models; bind_distillation_box also puts the loss's heads into the optimizer."""
+    from types import SimpleNamespace
+
+    from dcdkernels.losses import PCKDLoss
+    student, teacher = nn.Linear(12, 5), nn.Linear(20, 5)
+    student_model, teacher_model = nn.Sequential(), nn.Sequential()
+    student_model.fc, teacher_model.fc = student, teacher
+    torch.manual_seed(0)
+    ref = PCKDLoss(12, 20)
+    torch.manual_seed(0)
+    ours = get_mid_level_loss({"key": "DCDKPCKDLoss", "kwargs": dict(s_dim=12, t_dim=20)})
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    criterion = nn.Module()
+    criterion.term_dict = {"pckd": (ours, 1.0)}  # as torchdistill's WeightedSumLoss keeps its terms
+    box = SimpleNamespace(criterion=criterion, optimizer=opt, device=torch.device("cpu"), student_model=student_model,
+                          teacher_model=teacher_model)
+    with pytest.raises(RuntimeError, match="bind_distillation_box"):
+        ours({}, {}, torch.zeros(B, dtype=torch.int64))
+    assert dcdk_td.bind_distillation_box(box) == [ours]
+    assert len(opt.param_groups) == 2 and len(opt.param_groups[1]["params"]) == len(list(ours.parameters()))
+    assert len(dcdk_td.bind_distillation_box(box)) == 1 and len(opt.param_groups) == 2  # idempotent
+    f_s, f_t = torch.randn(B, 12), torch.randn(B, 20)
+    y = torch.randint(0, 5, (B,))
+    s_io = {"fc": {"input": (f_s,), "output": student(f_s)}}
+    t_io = {"fc": {"input": (f_t,), "output": teacher(f_t)}}
+    got = ours(s_io, t_io, y)
+    want = ref(f_s, f_t, student(f_s), teacher(f_t), y, student, teacher)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_crd_in_kernel_negatives_without_contrast_idx():
+    """Without contrast_idx (torchdistill's own draw() path) the negatives come from the kernel's
+    stream, which advances by B*K per training step."""
+    loss = dcdk_td.DCDKCRDLoss(**_crd_kwargs())
+    z = torch.nn.functional.normalize(torch.randn(B, D), dim=1)
+    out = loss(*_io(z, z.flip(0), torch.arange(B), None))
+    assert torch.isfinite(out) and int(loss.rng_state[1]) == B * K
+
+
 # ------------------------------------------------------------------ one epoch of a YAML config
 _IMAGES_PER_CLASS, _CLASSES = 8, 2
 
