@@ -269,11 +269,13 @@ class CrossBatchMemory(nn.Module):
             return torch.full((q.shape[0],), _NEG, dtype=q.dtype, device=q.device)
         return torch.stack(out).logsumexp(0) if len(out) > 1 else out[0]
 
-    def _label_buckets(self, labels: Tensor, old):
-        """Unique batch labels, each anchor's bucket, and per bucket the old rows' sum and count."""
+    def _label_buckets(self, labels: Tensor, old, want_sums: bool):
+        """Unique batch labels, each anchor's bucket, per bucket the old rows' count (and sum of
+        rows if ``want_sums``), and the old rows of a batch label with their buckets."""
         uniq, inv = torch.unique(labels, return_inverse=True)
         U = uniq.shape[0]
-        sums = torch.zeros((U + 1, self.embedding_size), dtype=self.memory.queue.dtype, device=labels.device)
+        sums = torch.zeros((U + 1, self.embedding_size), dtype=self.memory.queue.dtype, device=labels.device) \
+            if want_sums else None
         counts = torch.zeros(U + 1, dtype=torch.int64, device=labels.device)
         hits = []
         for a, b in old:
@@ -281,11 +283,12 @@ class CrossBatchMemory(nn.Module):
             pos = torch.searchsorted(uniq, lab).clamp_max(U - 1)
             hit = uniq[pos] == lab
             bucket = torch.where(hit, pos, torch.full_like(pos, U))
-            sums.index_add_(0, bucket, self.memory.queue[a:b])
-            counts.index_add_(0, bucket, torch.ones_like(bucket))
+            if want_sums:
+                sums.index_add_(0, bucket, self.memory.queue[a:b])
+            counts += torch.bincount(bucket, minlength=U + 1)
             where = hit.nonzero().squeeze(1)
             hits.append((a + where, pos[where]))
-        return inv, sums[:U], counts[:U], hits
+        return inv, None if sums is None else sums[:U], counts[:U], hits
 
     def _batch_part(self, q: Tensor, labels: Tensor):
         """(B, B) in-batch logits (keys detached, self on the diagonal), same-label mask (no self)."""
@@ -299,7 +302,7 @@ class CrossBatchMemory(nn.Module):
 
     def _supcon(self, q, labels, old):
         lse_old = self._old_lse(q, old)
-        inv, sums, counts, _ = self._label_buckets(labels, old)
+        inv, sums, counts, _ = self._label_buckets(labels, old, want_sums=True)
         logits_bb, same, eye = self._batch_part(q, labels)
         lse_bb = logits_bb.masked_fill(eye, _NEG).logsumexp(1)
         den = torch.logaddexp(lse_old, lse_bb)
@@ -316,7 +319,7 @@ class CrossBatchMemory(nn.Module):
     def _ntxent(self, q, labels, old):
         scale = self._scale()
         lse_old = self._old_lse(q, old)
-        inv, _, counts, hits = self._label_buckets(labels, old)
+        inv, _, counts, hits = self._label_buckets(labels, old, want_sums=False)
         logits_bb, same, eye = self._batch_part(q, labels)
         lse_all = torch.logaddexp(lse_old, logits_bb.masked_fill(eye, _NEG).logsumexp(1))
         # Positive pairs: old rows of the anchor's label, and same-label batch rows.

@@ -24,7 +24,7 @@ replays exactly the batches of an uninterrupted run.
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
