@@ -101,22 +101,29 @@ def test_cross_batch_memory_equal_over_three_steps(backend, loss_name, labels_ki
         assert ours.queue_idx == ref.queue_idx and ours.has_been_filled == ref.has_been_filled, step
 
 
-def test_ntxent_exact_path_when_positives_dominate():
-    """All memory rows of one label and near-identical embeddings: the LSE subtraction would
-    cancel; the masked recomputation keeps the loss equal to the original's."""
+def test_ntxent_exact_path_when_positives_dominate(monkeypatch):
+    """Rows of one label nearly identical (logit 1/T = 20 between them), one far positive
+    (logit ~0) and one negative at logit ~6: the negatives hold ~1e-6 of an anchor's mass, so
+    log(exp(LSE_all) - exp(LSE_same)) cancels, while the far pair's loss (~6) depends on them.
+    Those anchors take the exact path (masked rows), and the loss equals the original's."""
     pml = pytest.importorskip("pytorch_metric_learning.losses")
-    ref = pml.CrossBatchMemory(pml.NTXentLoss(temperature=0.05), D, memory_size=M)
-    ours = CrossBatchMemory(PMLNTXentLoss(temperature=0.05), D, memory_size=M)
+    from dcdkernels.integrations import memory_losses
+    calls = []
+    exact = memory_losses.CrossBatchMemory._masked_neg_lse
+    monkeypatch.setattr(memory_losses.CrossBatchMemory, "_masked_neg_lse",
+                        lambda self, q_sub, *a: calls.append(q_sub.shape[0]) or exact(self, q_sub, *a))
+    ref = pml.CrossBatchMemory(pml.NTXentLoss(temperature=0.05), D, memory_size=2 * M)
+    ours = CrossBatchMemory(PMLNTXentLoss(temperature=0.05), D, memory_size=2 * M)
     gen = torch.Generator().manual_seed(3)
-    base = torch.randn(1, D, generator=gen)
+    u, v, w = torch.linalg.qr(torch.randn(D, 3, generator=gen))[0].t()  # orthonormal directions
+    lab = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1])
     for step in range(3):
-        emb = base + 0.01 * torch.randn(B, D, generator=gen)
-        lab = torch.zeros(B, dtype=torch.int64)
-        lab[0] = 1  # one other-label row: a tiny negative mass
+        emb = torch.stack([u] * 6 + [v, 0.3 * u + 0.954 * w]) + 1e-3 * torch.randn(B, D, generator=gen)
         l_ref, (g_ref,) = _step(ref, emb, lab)
         l_our, (g_our,) = _step(ours, emb, lab)
         _close(l_our, l_ref, f"loss, step {step}")
         _close(g_our, g_ref, f"grad, step {step}")
+    assert calls  # the exact path ran
 
 
 def test_cross_batch_memory_rejects_unsupported():
