@@ -500,6 +500,8 @@ def _save_checkpoint(cfg, phase, module, optimizer, epoch, step, history, train_
 # ----------------------------------------------------------------------------------------------
 def _teacher_key(cfg):
     sub = f"_n{cfg.train_subset}" if cfg.train_subset else ""
+    if cfg.dataset == "imagefolder":  # which folder, at which crop size
+        sub += f"_{os.path.basename(os.path.abspath(cfg.data_dir or ''))}_i{cfg.image_size}"
     return (f"{cfg.dataset}{sub}_{canonical_name(cfg.teacher)}_e{cfg.teacher_epochs}_lr{cfg.teacher_lr}"
             f"_d{'-'.join(map(str, cfg.teacher_lr_decay_epochs or []))}_b{cfg.batch_size}"
             f"_aug{int(bool(cfg.augment))}_s{cfg.seed}_w{os.environ.get('WORLD_SIZE', '1')}.pt")
