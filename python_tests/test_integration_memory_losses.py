@@ -126,6 +126,18 @@ def test_ntxent_exact_path_when_positives_dominate(monkeypatch):
     assert calls  # the exact path ran
 
 
+def test_cross_batch_memory_state_dict_and_reset():
+    a = CrossBatchMemory(PMLSupConLoss(), D, memory_size=M)
+    for _ in range(3):
+        a(torch.randn(B, D), torch.randint(0, 3, (B,)))
+    b = CrossBatchMemory(PMLSupConLoss(), D, memory_size=M)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.embedding_memory, b.embedding_memory) and torch.equal(a.label_memory, b.label_memory)
+    assert (b.queue_idx, b.has_been_filled) == (a.queue_idx, a.has_been_filled) == (4, True)
+    b.reset_queue()
+    assert b.queue_idx == 0 and not b.has_been_filled and not b.embedding_memory.any()
+
+
 def test_cross_batch_memory_rejects_unsupported():
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     with pytest.raises(ValueError, match="supports NTXentLoss and SupConLoss"):
@@ -138,4 +150,9 @@ def test_cross_batch_memory_rejects_unsupported():
         ours(torch.randn(B, D), torch.zeros(B, dtype=torch.int64), enqueue_mask=torch.ones(B, dtype=torch.bool))
     with pytest.raises(ValueError, match="larger than memory_size"):
         ours(torch.randn(M + 1, D), torch.zeros(M + 1, dtype=torch.int64))
-    assert ours.queue_idx == 0 and not ours.has_been_filled
+    bad = torch.randn(B, D)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        ours(bad, torch.ones(B, dtype=torch.int64))
+    assert ours.queue_idx == 0 and not ours.has_been_filled and not ours.label_memory.any()
+    assert not ours.embedding_memory.any()

@@ -213,10 +213,10 @@ class CrossBatchMemory(nn.Module):
         return bool(self.filled)
 
     def reset_queue(self) -> None:
+        """An empty memory, as the original's ``reset_queue``."""
+        device = self.label_memory.device
+        self.memory = MomentumQueue(self.memory_size, self.embedding_size, init="zeros", device=device)
         with torch.no_grad():
-            self.memory.queue.zero_()
-            self.memory.queue_ptr.zero_()
-            self.memory._ptr = 0
             self.label_memory.zero_()
             self.filled.fill_(False)
 
