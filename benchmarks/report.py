@@ -269,7 +269,9 @@ def markdown(benches, skipped, machine, meta, plots: List[str]) -> str:
           "(CUDA: `max_memory_allocated` delta; CPU: torch.profiler allocator events), `analytic` = the",
           "dominant buffers by formula. `GB/s` = the bytes a fused pass must read (B(K+1)D x elem per bank)",
           "per second; `roofline` = that over the session's copy bandwidth (meaningful on GPU).", ""]
-    for fam, title in (("ops", "Ops (forward + backward)"), ("methods", "Methods (one full loss step)")):
+    for fam, title in (("ops", "Ops (forward + backward)"), ("methods", "Methods (one full loss step)"),
+                       ("integrations", "Integrations (drop-ins vs the libraries' own classes; eager = the "
+                                        "library's class; one forward + backward step with the memory update)")):
         groups = grouped([r for r in records if r.get("family") == fam])
         if not groups:
             continue

@@ -123,6 +123,14 @@ DENSE_KEYS_GRAD = {
     "gpu": [Dense("inbatch-4096", B=4_096, M=4_096, D=128), Dense("imagenet-centres", B=256, M=1_000, D=512)],
 }
 
+# Drop-ins for lightly / pytorch-metric-learning (benchmarks/test_bench_integrations.py): MoCo's
+# queue size on every set but smoke (the figure is B=256, memory 65,536, D=128 on CPU).
+INTEGRATIONS = {
+    "smoke": [Dense("smoke", B=8, M=64, D=32)],
+    "cpu": [Dense("moco-queue", B=256, M=65_536, D=128)],
+    "gpu": [Dense("moco-queue", B=256, M=65_536, D=128)],
+}
+
 UPDATE = {
     "smoke": [Update("smoke", N=512, B=16, D=32)],
     "cpu": [Update("cifar100-cpu", N=50_000, B=256, D=128)],

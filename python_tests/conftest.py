@@ -42,3 +42,17 @@ def backend_params():
         out.append(pytest.param("cpu", "none", id="no-fused-backend",
                                 marks=pytest.mark.skip(reason="no fused backend available here")))
     return out
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny shapes: intra-op threads only add spin-wait overhead on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def close_fp32(a, b, msg):
+    """``assert_close`` at the float32 row of ``TOL``, with a message."""
+    torch.testing.assert_close(a, b, **TOL[torch.float32], msg=msg)

@@ -130,8 +130,8 @@ def test_digits_split_and_batches():
     ds = D.load_digits()
     assert len(ds.train) + len(ds.test) == 1797 and len(ds.test) == 359
     again = D.load_digits()
-    assert torch.equal(ds.train.labels, again.train.labels)  # fixed split
-    loader = D.EpochLoader(ds, batch_size=64, nce_k=32, two_views=True, augment=True, seed=3)
+    assert torch.equal(ds.train_labels, again.train_labels)  # fixed split
+    loader = D.TrainLoader(ds, batch_size=64, nce_k=32, two_views=True, augment=True, seed=3)
     loader.set_epoch(2)
     b1 = next(iter(loader))
     b2 = next(iter(loader))
@@ -139,21 +139,32 @@ def test_digits_split_and_batches():
         assert torch.equal(b1[k], b2[k]), k  # an epoch depends only on (seed, epoch)
     ci = b1["contrast_idx"]
     assert ci.shape == (64, 33) and torch.equal(ci[:, 0], b1["idx"])
-    assert not (ds.train.labels[ci[:, 1:]] == b1["y"][:, None]).any()  # class-conditional negatives
+    assert not (ds.train_labels[ci[:, 1:]] == b1["y"][:, None]).any()  # class-conditional negatives
+    assert torch.equal(ds.train_labels[b1["idx"]], b1["y"])  # the dataset index of each sample
     assert not torch.equal(b1["x"], b1["x2"])
+    # Starting 3 batches in (mid-epoch resume) gives the same batches 3, 4, ... and negatives.
+    full = [b for _, b in loader.batches()]
+    part = [b for _, b in loader.batches(skip=3)]
+    assert len(part) == len(full) - 3
+    for a, b in zip(full[3:], part):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    loader.set_epoch(3)
+    assert not torch.equal(next(iter(loader))["idx"], b1["idx"])
 
 
 def test_fake_cifar100_and_missing_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="data-dir"):
         D.load_cifar100(str(tmp_path / "nothing"))
     arc = D.write_fake_cifar100(str(tmp_path / "a"), n_train=64, n_test=32, as_archive=True)
-    ds = D.load_cifar100(arc)
-    assert ds.train.images.shape == (64, 3, 32, 32) and ds.num_classes == 100
+    ds = D.load_cifar100(arc)  # extracted next to the archive, then torchvision's CIFAR100
+    assert len(ds.train) == 64 and ds.num_classes == 100 and ds.train_labels.shape == (64,)
     root = D.write_fake_cifar100(str(tmp_path / "b"), n_train=64, n_test=32)
     for where in (root, os.path.dirname(root)):
         assert len(D.load_cifar100(where).test) == 32
-    x = D.random_crop_flip(ds.train.images[:8], 4, torch.Generator().manual_seed(0))
-    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.uint8
+    x = ds.augment_transform(ds.train[0][0])  # RandomCrop(32, 4) + flip + normalise, torchvision
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert ds.probe(2).shape == (2, 3, 32, 32)
 
 
 def test_cifar100_end_to_end(tmp_path):
@@ -183,6 +194,16 @@ def test_model_zoo_interface():
     assert {"resnet32x4", "wrn_40_2", "resnet56", "vgg13", "digits_teacher"} <= set(model_names())
     sizes = {n: sum(p.numel() for p in build_model(n, 100).parameters()) for n in ("resnet8x4", "resnet32x4", "wrn_40_2")}
     assert sizes == {"resnet8x4": 1233540, "resnet32x4": 7433860, "wrn_40_2": 2255156}  # RepDistiller's counts
+    import torchvision
+    for name in ("resnet18", "resnet34"):  # torchvision's networks, parameter names and all
+        m = build_model(name, 10).eval()
+        ref = getattr(torchvision.models, name)(num_classes=10)
+        assert m.state_dict().keys() == ref.state_dict().keys()
+        m.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        feats, logits = m(x, is_feat=True)
+        torch.testing.assert_close(logits, ref.eval()(x))
+        assert feats[-1].shape == (2, 512) and get_classifier(m) is m.fc
 
 
 def test_yaml_config_and_precedence(tmp_path):

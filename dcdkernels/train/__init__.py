@@ -2,7 +2,10 @@
 
 ``python -m dcdkernels.train`` / ``dcdkernels-train`` (see ``--help``). Default: CRD + CE with
 RepDistiller's weights on scikit-learn's digits (embedded, CPU-sized); ``--dataset cifar100
---data-dir DIR`` runs RepDistiller's CIFAR-100 recipe from a local copy of the python archive.
+--data-dir DIR`` runs RepDistiller's CIFAR-100 recipe from a local copy of the python archive
+(torchvision's CIFAR100); ``--dataset imagefolder --data-dir DIR`` an ImageNet-style folder with
+torchvision's ResNets (``configs/imagenet_crd.yaml``). Data come from ``torch.utils.data``
+DataLoaders (``--num-workers``, ``--pin-memory``) over a DistributedSampler under torchrun.
 
 From Python::
 

@@ -27,6 +27,9 @@ class Config:
     train_subset: Optional[int] = None  # first N training rows only (smoke tests)
     test_subset: Optional[int] = None
     augment: Optional[bool] = None  # dataset default: off for digits (CoCoRD: 1-px crops), crop+flip for CIFAR-100
+    image_size: Optional[int] = None  # imagefolder: the training crop (224); evaluation resizes to 256/224 of it
+    num_workers: Optional[int] = None  # DataLoader workers (dataset default: 0 digits, 4 CIFAR-100, 8 imagefolder)
+    pin_memory: Optional[bool] = None  # DataLoader pin_memory (default: on for CUDA)
     # models
     teacher: Optional[str] = None
     student: Optional[str] = None
@@ -80,13 +83,21 @@ class Config:
 DATASET_DEFAULTS = {
     "cifar100": dict(teacher="resnet32x4", student="resnet8x4", epochs=240, teacher_epochs=240, batch_size=64,
                      lr=0.05, teacher_lr=0.05, lr_decay_epochs=[150, 180, 210],
-                     teacher_lr_decay_epochs=[150, 180, 210], nce_k=16384, augment=True),
+                     teacher_lr_decay_epochs=[150, 180, 210], nce_k=16384, augment=True, num_workers=4),
     # digits: 1,438 training rows. nce_k = 512 negatives per anchor: K must stay well below the
     # ~1,290 rows of the other classes an anchor can draw from (sampling with replacement only in
     # the degenerate case) and K/N = 0.36 keeps the NCE noise prior meaningful.
     "digits": dict(teacher="digits_teacher", student="digits_student", epochs=20, teacher_epochs=20, batch_size=64,
                    lr=0.05, teacher_lr=0.05, lr_decay_epochs=[12, 15, 18], teacher_lr_decay_epochs=[12, 15, 18],
-                   nce_k=512, augment=False, threads=1),
+                   nce_k=512, augment=False, threads=1, num_workers=0),
+    # An ImageNet-style folder (DIR/train, DIR/val): torchvision resnet34 -> resnet18 and the schedule
+    # of torchdistill's ILSVRC-2012 CRD config (configs/sample/ilsvrc2012/crd/resnet18_from_resnet50.yaml:
+    # 20 epochs, SGD lr 1e-4 momentum 0.9 wd 5e-4, x0.1 at epochs 5 and 15, K = 16,384), see
+    # configs/imagenet_crd.yaml. Pass the teacher with --teacher-ckpt (torchvision's weights load); without
+    # one it is trained first with the PyTorch ImageNet example's recipe (90 epochs, lr 0.1, x0.1 every 30).
+    "imagefolder": dict(teacher="resnet34", student="resnet18", epochs=20, teacher_epochs=90, batch_size=256,
+                        lr=1e-4, teacher_lr=0.1, lr_decay_epochs=[5, 15], teacher_lr_decay_epochs=[30, 60],
+                        nce_k=16384, augment=True, image_size=224, num_workers=8),
 }
 # threads=1 on digits: the 8x8 models are far too small to gain from intra-op parallelism, and on a
 # shared CPU a 2-thread torch pool loses up to 10x waiting at its barriers for a descheduled core.
@@ -126,8 +137,13 @@ def build_parser():
           "nce_t 0.07, nce_m 0.5, weight_decay 5e-4, momentum 0.9, lr_decay_rate 0.1, backend auto.",
         argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS), help="digits (embedded) or cifar100 (--data-dir)")
-    g.add_argument("--data-dir", help="CIFAR-100 python version: cifar-100-python/ folder, its parent, or the .tar.gz")
+    g.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS),
+                   help="digits (embedded), cifar100 or imagefolder (both need --data-dir)")
+    g.add_argument("--data-dir", help="cifar100: the python version (cifar-100-python/ folder, its parent, or the "
+                                      ".tar.gz); imagefolder: a folder with train/ and val/ class sub-folders")
+    g.add_argument("--image-size", type=int, help="imagefolder: training crop size (224)")
+    g.add_argument("--num-workers", type=int, help="DataLoader worker processes (0: load in the main process)")
+    g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, help="DataLoader pin_memory (default: CUDA)")
     g.add_argument("--train-subset", type=int, help="use only the first N training rows")
     g.add_argument("--test-subset", type=int, help="use only the first N test rows")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop + horizontal flip")

@@ -1,73 +1,85 @@
-"""Datasets of the reference trainers: scikit-learn's digits (embedded, the default) and CIFAR-100
-from a local copy of the python-version archive. Nothing is ever downloaded.
+"""Datasets and loaders of the reference trainers, on torchvision and ``torch.utils.data``.
 
-Both live in memory as tensors (digits: 1,797 images of 1x8x8; CIFAR-100: 60,000 of 3x32x32
-uint8, 184 MB), so a "loader" is a sampler plus tensor indexing: every batch carries the dataset
-row ids (``idx``, the memory-bank rows of CRD and friends), and the contrastive negatives are
-drawn per batch with :class:`dcdkernels.ClassConditionalSampler` (RepDistiller's ``mode='exact'``
-negatives: uniform over rows of other classes) instead of a per-sample ``np.random.choice`` in
-a DataLoader worker.
+* ``digits`` (the default): scikit-learn's 8x8 digits, embedded, in memory as tensors;
+* ``cifar100``: ``torchvision.datasets.CIFAR100(root, download=False)`` with RepDistiller's
+  transforms (RandomCrop 32 padding 4, horizontal flip, its mean and std);
+* ``imagefolder``: ``torchvision.datasets.ImageFolder`` over ``DIR/train`` and ``DIR/val`` (the
+  ImageNet layout) with the standard ImageNet transforms (RandomResizedCrop, flip, normalise;
+  Resize 256/224 of the crop, CenterCrop for evaluation).
 
-Determinism: the data order of epoch ``e`` comes from ``DistributedSampler(seed, epoch=e)``; the
-augmentation and negative-sampling generators are re-seeded from ``(seed, epoch, rank)`` at the
-start of every epoch. An epoch therefore depends only on the seed and its number, and a run
-resumed at an epoch boundary replays exactly the batches of an uninterrupted run.
+Nothing is ever downloaded. Training batches come from a ``torch.utils.data.DataLoader``
+(``num_workers``, ``pin_memory``, persistent workers) over a ``DistributedSampler`` (also for one
+process); each sample carries its dataset index (``idx``, the memory-bank row of CRD and friends)
+and the contrastive negatives of a batch are drawn with
+:class:`dcdkernels.ClassConditionalSampler` (RepDistiller's ``mode='exact'``: uniform over the rows
+of other classes) in the main process.
+
+Determinism: the order of epoch ``e`` is ``DistributedSampler(seed, epoch=e)``; the random
+augmentation of sample ``i`` in epoch ``e`` is drawn from torch's RNG seeded with
+``(seed, epoch, i)`` (inside whichever worker loads it; restored after it in the main process), and the negatives from a generator
+seeded with ``(seed, epoch, rank)``. An epoch therefore depends only on the seed and its number,
+whatever the number of workers, and a run resumed at a checkpoint (epoch boundary or mid-epoch)
+replays exactly the batches of an uninterrupted run.
 """
-import io
 import os
-import pickle
 import tarfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from ..ops.sampling import ClassConditionalSampler
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # RepDistiller dataset/cifar100.py
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision / PyTorch ImageNet example
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass
-class Split:
-    """Images as stored (uint8 or float), labels int64, and how to turn a batch into network input."""
-    images: torch.Tensor
-    labels: torch.Tensor
-    scale: float  # raw value -> [0, 1]
-    mean: torch.Tensor  # (C,)
-    std: torch.Tensor  # (C,)
-
-    def __len__(self):
-        return int(self.labels.numel())
-
-    def subset(self, n: Optional[int]):
-        if not n or n >= len(self):
-            return self
-        return Split(self.images[:n], self.labels[:n], self.scale, self.mean, self.std)
-
-    def normalize(self, raw):
-        x = raw.to(torch.float32) * self.scale
-        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+def _tv():
+    try:
+        import torchvision
+        from torchvision import transforms
+    except ImportError as exc:  # pragma: no cover - a hard requirement of the trainer
+        raise ImportError("the trainer needs torchvision: pip install torchvision (or dcdkernels[train])") from exc
+    return torchvision, transforms
 
 
 @dataclass
 class Dataset:
+    """A train and a test split (torch Datasets of ``(raw image, label)``, no transform), the
+    transforms that turn a raw image into network input, and the training labels."""
     name: str
-    train: Split
-    test: Split
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
     num_classes: int
     in_channels: int
     image_size: int
-    crop_padding: int  # random-crop padding of the standard augmentation (0: no augmentation)
-    flip: bool = True  # random horizontal flip in the augmentation (never for digits: it changes the class)
+    train_labels: torch.Tensor  # (n_train,) int64
+    augment_transform: Callable  # random augmentation + normalisation
+    eval_transform: Callable  # deterministic (evaluation, and training without augmentation)
     class_names: list = field(default_factory=list)
 
     @property
     def n_train(self):
         return len(self.train)
+
+    def probe(self, n=2):
+        """``n`` training images as evaluation input (to size the loss heads)."""
+        return torch.stack([self.eval_transform(self.train[i][0]) for i in range(n)])
+
+
+def _subset(ds, n):
+    return ds if not n or n >= len(ds) else Subset(ds, range(n))
+
+
+def _targets(ds):
+    if isinstance(ds, Subset):
+        return torch.as_tensor(_targets(ds.dataset))[list(ds.indices)]
+    return torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,17 +88,34 @@ class Dataset:
 DIGITS_TEST_FRACTION = 0.2
 
 
+class TensorImages(torch.utils.data.Dataset):
+    """In-memory images (N, C, H, W) in [0, 1] and labels: ``(image, label)``."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+        self.targets = labels.tolist()
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
 def load_digits(train_subset=None, test_subset=None):
     """scikit-learn's digits: 1,797 8x8 grey images (values 0..16), 10 classes, shipped with
     scikit-learn. Fixed stratified split (independent of the run's seed): 20% of each class is the
-    test set (359 images), the rest the training set (1,438 images), both in a fixed shuffled order."""
+    test set (359 images), the rest the training set (1,438 images), both in a fixed shuffled order.
+    Augmentation (off by default for digits): RandomCrop 8 with padding 1, no flip (it changes
+    the class)."""
+    _, T = _tv()
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as exc:  # pragma: no cover - sklearn is a train extra
         raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn "
                           "(or pip install dcdkernels[train])") from exc
     bunch = _load()
-    x = np.asarray(bunch.images, dtype=np.float32)  # (1797, 8, 8)
+    x = np.asarray(bunch.images, dtype=np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     y = np.asarray(bunch.target, dtype=np.int64)
     rng = np.random.RandomState(0)
     train_rows, test_rows = [], []
@@ -95,22 +124,19 @@ def load_digits(train_subset=None, test_subset=None):
         n_test = int(round(len(rows) * DIGITS_TEST_FRACTION))
         test_rows.append(rows[:n_test])
         train_rows.append(rows[n_test:])
-    train_rows = rng.permutation(np.concatenate(train_rows))
-    test_rows = rng.permutation(np.concatenate(test_rows))
-    images = torch.from_numpy(x).unsqueeze(1)  # (N, 1, 8, 8)
-    labels = torch.from_numpy(y)
-    scale = 1.0 / 16.0
-    tr = images[torch.from_numpy(train_rows)]
-    mean = (tr * scale).mean().reshape(1)
-    std = (tr * scale).std().reshape(1)
-    train = Split(tr, labels[torch.from_numpy(train_rows)], scale, mean, std).subset(train_subset)
-    test = Split(images[torch.from_numpy(test_rows)], labels[torch.from_numpy(test_rows)], scale, mean, std).subset(test_subset)
-    return Dataset("digits", train, test, 10, 1, 8, crop_padding=1, flip=False,
-                   class_names=[str(i) for i in range(10)])
+    train_rows = torch.from_numpy(rng.permutation(np.concatenate(train_rows)))
+    test_rows = torch.from_numpy(rng.permutation(np.concatenate(test_rows)))
+    images, labels = torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
+    tr = images[train_rows]
+    norm = T.Normalize([float(tr.mean())], [float(tr.std())])
+    train = _subset(TensorImages(tr, labels[train_rows]), train_subset)
+    test = _subset(TensorImages(images[test_rows], labels[test_rows]), test_subset)
+    return Dataset("digits", train, test, 10, 1, 8, _targets(train), T.Compose([T.RandomCrop(8, padding=1), norm]),
+                   norm, class_names=[str(i) for i in range(10)])
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR-100 (python version)
+# CIFAR-100 (torchvision)
 # ----------------------------------------------------------------------------------------------
 def _missing_cifar(data_dir):
     where = os.path.abspath(data_dir) if data_dir else "<not given>"
@@ -121,160 +147,248 @@ def _missing_cifar(data_dir):
         f"its 'train', 'test' and 'meta' pickles), or the folder that contains cifar-100-python/.")
 
 
-def _cifar_reader(data_dir):
-    """A function name -> bytes reading 'train' / 'test' / 'meta' from wherever they are."""
+def _cifar_root(data_dir):
+    """The root torchvision's CIFAR100 expects (the folder holding ``cifar-100-python/``);
+    an archive is extracted next to itself (once)."""
     if not data_dir:
         raise _missing_cifar(data_dir)
-    candidates_dirs = [os.path.join(data_dir, "cifar-100-python"), data_dir]
-    for d in candidates_dirs:
-        if all(os.path.isfile(os.path.join(d, n)) for n in ("train", "test")):
-            def read(name, d=d):
-                with open(os.path.join(d, name), "rb") as fh:
-                    return fh.read()
-            return read, d
-    archives = [data_dir] if os.path.isfile(data_dir) else [
-        os.path.join(data_dir, n) for n in ("cifar-100-python.tar.gz", "cifar-100-python.tgz", "cifar-100-python.tar")]
+    d = os.path.abspath(data_dir)
+    if os.path.isdir(os.path.join(d, "cifar-100-python")):
+        return d
+    if os.path.isdir(d) and os.path.basename(d) == "cifar-100-python":
+        return os.path.dirname(d)
+    archives = [d] if os.path.isfile(d) else [os.path.join(d, n) for n in
+                                              ("cifar-100-python.tar.gz", "cifar-100-python.tgz", "cifar-100-python.tar")]
     for arc in archives:
         if os.path.isfile(arc) and tarfile.is_tarfile(arc):
-            with tarfile.open(arc) as tf:
-                members = {os.path.basename(m.name): m for m in tf.getmembers() if m.isfile()}
-                if "train" not in members or "test" not in members:
-                    raise FileNotFoundError(f"{arc} holds no cifar-100-python/train and test files")
-                blobs = {n: tf.extractfile(members[n]).read() for n in ("train", "test", "meta") if n in members}
-
-            def read(name, blobs=blobs, arc=arc):
-                if name not in blobs:
-                    raise FileNotFoundError(f"{arc} has no {name!r} member")
-                return blobs[name]
-            return read, arc
+            root = os.path.dirname(arc)
+            if not os.path.isdir(os.path.join(root, "cifar-100-python")):
+                with tarfile.open(arc) as tf:
+                    tf.extractall(root, filter="data") if hasattr(tarfile, "data_filter") else tf.extractall(root)
+            if os.path.isdir(os.path.join(root, "cifar-100-python")):
+                return root
     raise _missing_cifar(data_dir)
 
 
-def _unpickle(blob):
-    obj = pickle.load(io.BytesIO(blob), encoding="bytes")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+def _cifar100_class():
+    torchvision, _ = _tv()
+
+    class LocalCIFAR100(torchvision.datasets.CIFAR100):
+        """torchvision's CIFAR100 with a presence check instead of its md5s: nothing is downloaded,
+        so the checksums would only reject the tests' small CIFAR-format archives."""
+        train_list = [["train", None]]
+        test_list = [["test", None]]
+        meta = {"filename": "meta", "key": "fine_label_names", "md5": None}
+
+    return LocalCIFAR100
 
 
 def load_cifar100(data_dir, train_subset=None, test_subset=None):
-    """CIFAR-100 (fine labels) from the python-version pickles: 50,000 train, 10,000 test images
-    kept as uint8 (N, 3, 32, 32); normalised per batch with RepDistiller's mean and std."""
-    read, where = _cifar_reader(data_dir)
-    splits = {}
-    for name in ("train", "test"):
-        d = _unpickle(read(name))
-        if "data" not in d or "fine_labels" not in d:
-            raise ValueError(f"{where}: {name!r} is not a CIFAR-100 python pickle (keys {sorted(d)})")
-        data = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d["fine_labels"], dtype=np.int64)
-        splits[name] = Split(torch.from_numpy(data.copy()), torch.from_numpy(labels), 1.0 / 255.0,
-                             torch.tensor(CIFAR100_MEAN), torch.tensor(CIFAR100_STD))
+    """CIFAR-100 (fine labels), 50,000 train / 10,000 test images, via
+    ``torchvision.datasets.CIFAR100(root, download=False)``."""
+    _, T = _tv()
+    root = _cifar_root(data_dir)
+    cls = _cifar100_class()
     try:
-        names = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(read("meta"))["fine_label_names"]]
-    except Exception:
-        names = [str(i) for i in range(100)]
-    return Dataset("cifar100", splits["train"].subset(train_subset), splits["test"].subset(test_subset), 100, 3, 32,
-                   crop_padding=4, class_names=names)
+        train, test = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    except RuntimeError as exc:
+        raise _missing_cifar(data_dir) from exc
+    norm = [T.ToTensor(), T.Normalize(CIFAR100_MEAN, CIFAR100_STD)]
+    names = list(train.classes)
+    train, test = _subset(train, train_subset), _subset(test, test_subset)
+    return Dataset("cifar100", train, test, 100, 3, 32, _targets(train),
+                   T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] + norm), T.Compose(norm),
+                   class_names=names)
 
 
-def load_dataset(name, data_dir=None, train_subset=None, test_subset=None):
+# ----------------------------------------------------------------------------------------------
+# ImageFolder (ImageNet layout)
+# ----------------------------------------------------------------------------------------------
+def load_imagefolder(data_dir, train_subset=None, test_subset=None, image_size=224):
+    """``ImageFolder(DIR/train)`` and ``ImageFolder(DIR/val)`` (or ``DIR/test``), the standard
+    ImageNet transforms: RandomResizedCrop(image_size) + RandomHorizontalFlip for training,
+    Resize(image_size * 256 / 224) + CenterCrop(image_size) for evaluation, ImageNet mean/std."""
+    torchvision, T = _tv()
+    if not data_dir or not os.path.isdir(os.path.join(data_dir, "train")):
+        raise FileNotFoundError(f"--dataset imagefolder: --data-dir {data_dir!r} must hold a train/ folder of class "
+                                "sub-folders (and val/ or test/), the ImageNet layout")
+    val = next((os.path.join(data_dir, n) for n in ("val", "test") if os.path.isdir(os.path.join(data_dir, n))), None)
+    if val is None:
+        raise FileNotFoundError(f"--dataset imagefolder: {data_dir} has train/ but no val/ (or test/) folder")
+    train = torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"))
+    test = torchvision.datasets.ImageFolder(val)
+    if test.classes != train.classes:
+        raise ValueError(f"{val} has classes {test.classes[:5]}... but train/ has {train.classes[:5]}...")
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    size = int(image_size)
+    names = list(train.classes)
+    train, test = _subset(train, train_subset), _subset(test, test_subset)
+    return Dataset("imagefolder", train, test, len(names), 3, size, _targets(train),
+                   T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + norm),
+                   T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)] + norm), class_names=names)
+
+
+def load_dataset(name, data_dir=None, train_subset=None, test_subset=None, image_size=None):
     if name == "digits":
         return load_digits(train_subset, test_subset)
     if name == "cifar100":
         return load_cifar100(data_dir, train_subset, test_subset)
-    raise ValueError(f"unknown dataset {name!r} (digits or cifar100)")
+    if name == "imagefolder":
+        return load_imagefolder(data_dir, train_subset, test_subset, image_size or 224)
+    raise ValueError(f"unknown dataset {name!r} (digits, cifar100 or imagefolder)")
 
 
 # ----------------------------------------------------------------------------------------------
-# augmentation and batches
+# loaders
 # ----------------------------------------------------------------------------------------------
-def random_crop_flip(raw, padding, generator, flip=True):
-    """torchvision's RandomCrop(size, padding) + RandomHorizontalFlip() for a whole batch of raw
-    (un-normalised) images: zero padding, one uniform offset per image, flip with p = 0.5 (the
-    draws are made whether or not ``flip``, so the stream does not depend on it)."""
-    if padding <= 0:
-        return raw
-    B, C, H, W = raw.shape
-    padded = torch.nn.functional.pad(raw, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    ox = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    flip = (torch.rand(B, generator=generator) < 0.5) & flip
-    rows = (oy[:, None] + torch.arange(H)[None, :])  # (B, H)
-    cols = (ox[:, None] + torch.arange(W)[None, :])  # (B, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    b = torch.arange(B)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
 def epoch_seed(seed, epoch, rank, stream):
-    """A 63-bit seed for one (run seed, epoch, rank, stream) tuple."""
+    """A 63-bit seed for one (run seed, epoch, rank or sample, stream) tuple."""
     h = np.random.SeedSequence([int(seed), int(epoch), int(rank), int(stream)])
     return int(h.generate_state(1, dtype=np.uint64)[0] & ((1 << 63) - 1))
 
 
-class EpochLoader:
-    """Batches of one epoch over an in-memory split: ``dict(x, y, idx[, contrast_idx][, x2])``.
+class _EpochIndices(Sampler):
+    """A ``DistributedSampler`` that yields ``(index, epoch)`` (the epoch reaches the dataset even
+    in persistent workers) and can start ``start`` samples into the epoch (mid-epoch resume)."""
 
-    ``x`` is normalised (and augmented if ``augment``); ``idx`` holds the dataset rows; with
-    ``nce_k`` the batch also carries ``contrast_idx`` (B, K+1) from the class-conditional sampler
-    (column 0 = ``idx``); with ``two_views`` a second independently augmented view ``x2``.
-    Sharded with ``DistributedSampler`` (also for one process: it is deterministic per epoch).
-    """
+    def __init__(self, n, rank, world_size, shuffle, seed):
+        self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                        drop_last=False)
+        self.epoch, self.start = 0, 0
 
-    def __init__(self, dataset: Dataset, split="train", batch_size=64, shuffle=True, augment=True, seed=0,
-                 rank=0, world_size=1, nce_k=0, two_views=False, device="cpu", drop_last=False):
-        self.ds, self.split = dataset, getattr(dataset, split)
-        self.batch_size, self.augment, self.seed = batch_size, augment, seed
-        self.rank, self.world_size, self.nce_k, self.two_views = rank, world_size, nce_k, two_views
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        self.inner.set_epoch(self.epoch)
+
+    def order(self):
+        return list(iter(self.inner))
+
+    def __iter__(self):
+        for i in self.order()[self.start:]:
+            yield i, self.epoch
+
+    def __len__(self):
+        return len(self.inner) - self.start
+
+
+class _TrainView(torch.utils.data.Dataset):
+    """``dict(x, y, idx[, x2])`` of sample ``(index, epoch)``; random transforms draw from torch's
+    RNG seeded with (seed, epoch, index), so the result does not depend on the worker."""
+
+    def __init__(self, base, transform, second, seed, random):
+        self.base, self.transform, self.second, self.seed, self.random = base, transform, second, seed, random
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        raw, y = self.base[i]
+        if not self.random:
+            out = {"x": self.transform(raw)}
+        else:  # in the main process (num_workers=0) the caller's RNG state is put back afterwards
+            state = torch.get_rng_state() if torch.utils.data.get_worker_info() is None else None
+            try:
+                torch.default_generator.manual_seed(epoch_seed(self.seed, epoch, i, 1))  # CPU RNG only: cheap
+                out = {"x": self.transform(raw)}
+                if self.second is not None:
+                    out["x2"] = self.second(raw)
+            finally:
+                if state is not None:
+                    torch.set_rng_state(state)
+        out["y"], out["idx"] = int(y), int(i)
+        return out
+
+
+def _seed_worker(worker_id):
+    """numpy / random in a worker from torch's per-worker seed (nothing here draws from them)."""
+    import random
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+class TrainLoader:
+    """Batches of one epoch: ``dict(x, y, idx[, contrast_idx][, x2])`` on ``device``.
+
+    ``x`` is the augmented (``augment``) or plain view; ``idx`` the dataset rows; with ``nce_k``
+    also ``contrast_idx`` (B, K+1) from the class-conditional sampler (column 0 = ``idx``); with
+    ``two_views`` a second, always augmented view ``x2``. ``batches(skip)`` starts ``skip``
+    batches into the epoch without loading them (their negatives are still drawn, so the stream
+    continues exactly)."""
+
+    def __init__(self, dataset: Dataset, batch_size=64, shuffle=True, augment=True, seed=0, rank=0, world_size=1,
+                 nce_k=0, two_views=False, device="cpu", num_workers=0, pin_memory=False):
+        self.batch_size, self.seed, self.rank, self.nce_k = batch_size, seed, rank, nce_k
         self.device = torch.device(device)
-        self.drop_last = drop_last
-        self.sampler = DistributedSampler(range(len(self.split)), num_replicas=world_size, rank=rank,
-                                          shuffle=shuffle, seed=seed, drop_last=False)
-        self.negatives = ClassConditionalSampler(self.split.labels, dataset.num_classes) if nce_k else None
+        transform = dataset.augment_transform if augment else dataset.eval_transform
+        view = _TrainView(dataset.train, transform, dataset.augment_transform if two_views else None, seed,
+                          random=augment or two_views)
+        self.sampler = _EpochIndices(len(dataset.train), rank, world_size, shuffle, seed)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(view, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=self.generator,
+                                 worker_init_fn=_seed_worker if num_workers > 0 else None, drop_last=False)
+        self.negatives = ClassConditionalSampler(dataset.train_labels, dataset.num_classes) if nce_k else None
         self.epoch = 0
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
         self.sampler.set_epoch(self.epoch)
+        self.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank, 3))
 
     def __len__(self):
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _view(self, raw, gen, augment=None):
-        if self.augment if augment is None else augment:
-            raw = random_crop_flip(raw, self.ds.crop_padding, gen, self.ds.flip) if self.ds.crop_padding else raw
-        return self.split.normalize(raw)
+        return -(-len(self.sampler.inner) // self.batch_size)
 
     def __iter__(self):
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.int64)
-        g_aug = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank, 1))
+        return (b for _, b in self.batches())
+
+    def batches(self, skip=0):
+        """``(i, batch)`` for batches ``skip, skip + 1, ...`` of the current epoch."""
         g_neg = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank, 2))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            if self.drop_last and len(idx) < self.batch_size:
-                break
-            raw = self.split.images[idx]
-            batch = {"x": self._view(raw, g_aug), "y": self.split.labels[idx], "idx": idx}
-            if self.two_views:  # the second view always differs from the first: augmented even
-                batch["x2"] = self._view(raw, g_aug, augment=True)  # when the dataset trains without
-            if self.negatives is not None:
-                batch["contrast_idx"] = self.negatives(idx, self.nce_k, generator=g_neg)
-            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        order = self.sampler.order()
+        if self.negatives is not None:  # the skipped batches' negatives: the stream advances as before
+            for s in range(skip):
+                idx = torch.tensor(order[s * self.batch_size:(s + 1) * self.batch_size], dtype=torch.int64)
+                self.negatives(idx, self.nce_k, generator=g_neg)
+        self.sampler.start = skip * self.batch_size
+        try:
+            for i, batch in enumerate(self.loader, start=skip):
+                if self.negatives is not None:
+                    batch["contrast_idx"] = self.negatives(batch["idx"], self.nce_k, generator=g_neg)
+                yield i, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        finally:
+            self.sampler.start = 0
 
 
-def eval_batches(dataset: Dataset, batch_size=256, rank=0, world_size=1, device="cpu"):
-    """Deterministic, un-augmented batches of this rank's share of the test split."""
-    split = dataset.test
-    rows = torch.arange(rank, len(split), world_size)
-    for start in range(0, len(rows), batch_size):
-        idx = rows[start:start + batch_size]
-        yield split.normalize(split.images[idx]).to(device), split.labels[idx].to(device)
+class _EvalView(torch.utils.data.Dataset):
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        raw, y = self.base[i]
+        return self.transform(raw), int(y)
 
 
+def eval_batches(dataset: Dataset, batch_size=256, rank=0, world_size=1, device="cpu", num_workers=0,
+                 pin_memory=False):
+    """Deterministic, un-augmented batches ``(x, y)`` of this rank's share of the test split."""
+    view = Subset(_EvalView(dataset.test, dataset.eval_transform), range(rank, len(dataset.test), world_size))
+    loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# test helpers
+# ----------------------------------------------------------------------------------------------
 def write_fake_cifar100(folder, n_train=200, n_test=100, seed=0, as_archive=False):
     """Writes a tiny CIFAR-100-format ``cifar-100-python/`` (or its .tar.gz) under ``folder``:
     random uint8 images whose class shifts their mean colour, for tests and smoke runs."""
+    import pickle
     rng = np.random.RandomState(seed)
     root = os.path.join(folder, "cifar-100-python")
     os.makedirs(root, exist_ok=True)
@@ -283,11 +397,11 @@ def write_fake_cifar100(folder, n_train=200, n_test=100, seed=0, as_archive=Fals
         base = (labels[:, None] * 2.5).astype(np.int64)
         data = np.clip(rng.randint(0, 64, size=(n, 3072)) + base, 0, 255).astype(np.uint8)
         with open(os.path.join(root, name), "wb") as fh:
-            pickle.dump({b"data": data, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(),
-                         b"filenames": [f"img{i}.png".encode() for i in range(n)]}, fh)
+            pickle.dump({"data": data, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                         "filenames": [f"img{i}.png" for i in range(n)]}, fh)
     with open(os.path.join(root, "meta"), "wb") as fh:
-        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
-                     b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}, fh)
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, fh)
     if as_archive:
         arc = os.path.join(folder, "cifar-100-python.tar.gz")
         with tarfile.open(arc, "w:gz") as tf:
@@ -296,3 +410,18 @@ def write_fake_cifar100(folder, n_train=200, n_test=100, seed=0, as_archive=Fals
         shutil.rmtree(root)
         return arc
     return root
+
+
+def write_image_folder(folder, classes=3, per_class=12, size=32, seed=0, splits=("train", "val")):
+    """Writes a tiny ImageFolder (``folder/<split>/class<c>/<i>.png``, RGB ``size`` px) whose class
+    shifts the mean colour, for tests and smoke runs. Returns ``folder``."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    for split in splits:
+        for c in range(classes):
+            d = os.path.join(folder, split, f"class{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class):
+                px = np.clip(rng.randint(0, 96, size=(size, size, 3)) + 60 * c, 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(os.path.join(d, f"{i}.png"))
+    return folder

@@ -14,7 +14,8 @@ RepDistiller: resnet.py, wrn.py, vgg.py (the ``_bn`` variants, as its ``model_di
 ``vgg8``/``vgg13`` to them), mobilenetv2.py (``mobile_half``: expansion 6, width 0.5),
 ShuffleNetv1.py, ShuffleNetv2.py (net_size 1)), so layer shapes, parameter counts and the feature
 list match; they are re-implemented here, not copied. Two small CNNs (``digits_teacher``,
-``digits_student``) serve the embedded 8x8 digits dataset and train on a CPU in seconds.
+``digits_student``) serve the embedded 8x8 digits dataset and train on a CPU in seconds;
+``resnet18`` / ``resnet34`` are torchvision's (ImageNet-style inputs, ``--dataset imagefolder``).
 """
 import math
 
@@ -459,7 +460,40 @@ def digits_student(num_classes=10, in_channels=1):
     return DigitsCNN((8, 16), num_classes, in_channels, pool_after=(0,))
 
 
+# ----------------------------------------------------------------------------------------------
+# torchvision ResNets (ImageNet-style inputs): torchvision's own modules and parameter names, so
+# its checkpoints (e.g. ``ResNet34_Weights.IMAGENET1K_V1``, a bare state_dict) load as teachers
+# ----------------------------------------------------------------------------------------------
+def _torchvision_resnet(blocks):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    class TorchvisionResNet(ResNet):
+        """``torchvision.models.resnet18/34`` with the zoo's ``forward(x, is_feat)``: ``feats`` =
+        the four stage outputs and the pooled 512-d vector (the input of ``fc``)."""
+
+        def __init__(self, num_classes=1000, in_channels=3):
+            super().__init__(BasicBlock, blocks, num_classes=num_classes)
+            if in_channels != 3:
+                self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+                nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.feat_dim = 512
+
+        def forward(self, x, is_feat=False, preact=False):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            feats = []
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = layer(x)
+                feats.append(x)
+            f = torch.flatten(self.avgpool(x), 1)
+            feats.append(f)
+            return _out(feats, self.fc(f), is_feat)
+
+    return TorchvisionResNet
+
+
 MODELS = {
+    "resnet18": lambda **kw: _torchvision_resnet([2, 2, 2, 2])(**kw),
+    "resnet34": lambda **kw: _torchvision_resnet([3, 4, 6, 3])(**kw),
     "resnet8": lambda **kw: CifarResNet(8, [16, 16, 32, 64], **kw),
     "resnet14": lambda **kw: CifarResNet(14, [16, 16, 32, 64], **kw),
     "resnet20": lambda **kw: CifarResNet(20, [16, 16, 32, 64], **kw),

@@ -203,12 +203,13 @@ def read_json(path):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, rt, batch_size=512):
+def evaluate(model, dataset, rt, batch_size=512, cfg=None):
     """Top-1 test accuracy (%) and mean CE, over all ranks."""
     was = model.training
     model.eval()
     correct = total = loss = 0.0
-    for x, y in data_mod.eval_batches(dataset, batch_size, rt.rank, rt.world_size, rt.device):
+    workers, pin = loader_options(cfg, rt)
+    for x, y in data_mod.eval_batches(dataset, batch_size, rt.rank, rt.world_size, rt.device, workers, pin):
         logits = model(x)
         correct += float((logits.argmax(1) == y).sum())
         loss += float(F.cross_entropy(logits.float(), y, reduction="sum"))
@@ -216,6 +217,15 @@ def evaluate(model, dataset, rt, batch_size=512):
     correct, total, loss = rt.all_sum([correct, total, loss])
     model.train(was)
     return 100.0 * correct / max(total, 1), loss / max(total, 1)
+
+
+def loader_options(cfg, rt):
+    """(num_workers, pin_memory) of the DataLoaders: ``--num-workers`` (dataset default) and
+    ``--pin-memory`` (default: on for CUDA)."""
+    if cfg is None:
+        return 0, False
+    pin = cfg.pin_memory if cfg.pin_memory is not None else rt.device.type == "cuda"
+    return int(cfg.num_workers or 0), bool(pin)
 
 
 def contrast_op(cfg, method):
@@ -253,7 +263,7 @@ def _build(cfg, phase, dataset, rt):
     teacher = phase.teacher
     if distill_mod.split_method(method)[0] not in ("ce", "kd"):
         with torch.no_grad():
-            probe = dataset.train.normalize(dataset.train.images[:2])
+            probe = dataset.probe(2)
             fs, _ = model.eval()(probe, is_feat=True)
             ft, _ = teacher.eval()(probe, is_feat=True)
         model.train()
@@ -299,10 +309,11 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
         log(rt, f"[{phase.name}] resuming at epoch {start_epoch + 1}/{phase.epochs}{where} from {ckpt_path}")
 
     base = distill_mod.split_method(phase.method)[0]
-    loader = data_mod.EpochLoader(
-        dataset, "train", batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, rank=rt.rank,
+    workers, pin = loader_options(cfg, rt)
+    loader = data_mod.TrainLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, rank=rt.rank,
         world_size=rt.world_size, nce_k=cfg.nce_k if distill_mod.uses_memory(cfg, base) and not _in_kernel_negatives(cfg) else 0,
-        two_views=base in distill_mod.TWO_VIEWS, device=rt.device)
+        two_views=base in distill_mod.TWO_VIEWS, device=rt.device, num_workers=workers, pin_memory=pin)
 
     net = module
     if rt.distributed:
@@ -337,10 +348,8 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
             if mid is not None and mid["epoch"] == epoch:  # resume inside this epoch
                 sums, part_sums, seen, skip = mid["sums"].clone(), dict(mid["part_sums"]), mid["seen"], mid["batches_done"]
                 t0 -= mid["elapsed"]
-            for i, batch in enumerate(loader):
-                if i < skip:  # batches already trained before the checkpoint: drawn (the loader's
-                    continue  # own generators advance), not trained
-                if i == skip and mid is not None:
+            for i, batch in loader.batches(skip):  # from the first batch not trained before the checkpoint
+                if mid is not None:
                     set_rng_state(ck["rng"])  # torch/numpy/python RNG exactly as at the checkpoint
                     mid = None
                 loss, logits, parts = net(batch)
@@ -379,7 +388,7 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
             tot = rt.all_sum(sums.tolist() + [part_sums[k] for k in sorted(part_sums)])
             loss_avg, train_acc = tot[0] / tot[2], 100.0 * tot[1] / tot[2]
             parts_avg = {k: v / tot[2] for k, v in zip(sorted(part_sums), tot[3:])}
-            test_acc, test_loss = evaluate(module.student, dataset, rt)
+            test_acc, test_loss = evaluate(module.student, dataset, rt, cfg=cfg)
             history.append(dict(epoch=epoch, lr=lr, loss=loss_avg, train_acc=train_acc, test_acc=test_acc,
                                 test_loss=test_loss, parts=parts_avg, epoch_time=epoch_time, step=step,
                                 samples=int(tot[2])))
@@ -491,6 +500,8 @@ def _save_checkpoint(cfg, phase, module, optimizer, epoch, step, history, train_
 # ----------------------------------------------------------------------------------------------
 def _teacher_key(cfg):
     sub = f"_n{cfg.train_subset}" if cfg.train_subset else ""
+    if cfg.dataset == "imagefolder":  # which folder, at which crop size
+        sub += f"_{os.path.basename(os.path.abspath(cfg.data_dir or ''))}_i{cfg.image_size}"
     return (f"{cfg.dataset}{sub}_{canonical_name(cfg.teacher)}_e{cfg.teacher_epochs}_lr{cfg.teacher_lr}"
             f"_d{'-'.join(map(str, cfg.teacher_lr_decay_epochs or []))}_b{cfg.batch_size}"
             f"_aug{int(bool(cfg.augment))}_s{cfg.seed}_w{os.environ.get('WORLD_SIZE', '1')}.pt")
@@ -525,7 +536,7 @@ def get_teacher(cfg, dataset, rt, out_dir, resume):
         if canonical_name(arch) != canonical_name(cfg.teacher):
             log(rt, f"note: the checkpoint holds a {arch}, not {cfg.teacher}: using {arch}")
             cfg.teacher = arch
-        acc, _ = evaluate(teacher, dataset, rt)
+        acc, _ = evaluate(teacher, dataset, rt, cfg=cfg)
         log(rt, f"[teacher] {arch} loaded from {source[0]} ({source[1]}): test acc {acc:.2f}%")
         earlier = os.path.join(out_dir, "teacher", "result.json")
         if source[1] == "run folder" and os.path.isfile(earlier):  # trained by this run before a resume
@@ -591,7 +602,7 @@ def _train(cfg, rt):
         os.makedirs(out_dir, exist_ok=True)
         config_mod.dump(cfg, os.path.join(out_dir, "config.json"))
     rt.barrier()
-    dataset = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset)
+    dataset = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.image_size)
     base, plus_kd = distill_mod.split_method(cfg.method)
     log(rt, f"dcdkernels-train: {cfg.dataset} ({len(dataset.train)} train / {len(dataset.test)} test, "
             f"{dataset.num_classes} classes), teacher {cfg.teacher}, student {cfg.student}, method {cfg.method} "
