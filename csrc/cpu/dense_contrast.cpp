@@ -194,6 +194,8 @@ void key_gradient_tiles(const DenseInputs& in, const at::Tensor& keys, const at:
   const A s = static_cast<A>(in.s), beta = static_cast<A>(in.beta);
   const A* lse_p = lse.data_ptr<A>();
   const A* g_p = g.data_ptr<A>();
+  const int64_t* target = in.target.defined() ? in.target.data_ptr<int64_t>() : nullptr;
+  const A* d_pos = in.d_pos.data_ptr<A>();
   const int64_t KT = key_tile(D);
   for (int64_t j0 = 0; j0 < M; j0 += KT) {
     const int64_t mt = std::min(KT, M - j0);
@@ -205,7 +207,14 @@ void key_gradient_tiles(const DenseInputs& in, const at::Tensor& keys, const at:
       at::Tensor block = at::mm(qb, k.t());
       A* w = block.data_ptr<A>();
       at::parallel_for(0, bt, 8, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) probabilities_row(w + r * mt, mt, s, beta - lse_p[b0 + r], g_p[b0 + r]);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = b0 + r;
+          // The target column takes the forward's own positive dot (kept apart there), so that
+          // p_target and the saved LSE come from one value: a lone column gives p = 1 exactly
+          // and a zero key gradient, as autograd of the oracle does, not an ulp of the logit.
+          if (target != nullptr && target[b] >= j0 && target[b] < j0 + mt) w[r * mt + target[b] - j0] = d_pos[b];
+          probabilities_row(w + r * mt, mt, s, beta - lse_p[b], g_p[b]);
+        }
       });
       gk.addmm_(block.t(), qb, /*beta=*/1, /*alpha=*/in.s);
     }
