@@ -11,7 +11,8 @@ import torch
 import dcdkernels
 from dcdkernels import reference as R
 from dcdkernels.memory import MemoryBank, MomentumQueue, init_rows, memory_buffer_names, shard_bounds
-from dcdkernels.memory import distributed as Dist
+from dcdkernels.memory import comm
+from dcdkernels.memory import sharded as Dist
 
 # Backends that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1).
 CPU_BACKENDS = [b for b, (ok, _) in dcdkernels.availability().items() if ok and b in ("eager", "cpu", "triton")]
@@ -40,9 +41,9 @@ def unit(*shape, gen=None, dtype=torch.float32):
 
 # ------------------------------------------------------------------------------------- init / buffers
 def test_init_is_independent_of_the_shard_layout(monkeypatch):
-    from dcdkernels.memory import bank as bank_module
+    from dcdkernels.memory import state as state_module
 
-    monkeypatch.setattr(bank_module, "_INIT_BLOCK", 16)  # small blocks: the same logic, cheaper
+    monkeypatch.setattr(state_module, "_INIT_BLOCK", 16)  # small blocks: the same logic, cheaper
     N, D = 100, 3  # spans seven init blocks
     for init in ("uniform", "normal"):
         full = init_rows(N, D, 0, N, init=init, seed=7, dtype=torch.float32, device="cpu")
@@ -317,8 +318,11 @@ def test_sharded_partials_merge_to_the_reference(loss, N, W, backend):
 
 def test_lse_stats_combine():
     x = torch.randn(17) * 30
-    parts = [Dist.lse_stats(x[:5]), Dist.lse_stats(x[5:]), Dist.lse_stats(x[:0])]
-    torch.testing.assert_close(Dist.combine_lse_stats(torch.cat(parts)).float(), torch.logsumexp(x, 0))
+    parts = [comm.lse_stats(x[:5]), comm.lse_stats(x[5:]), comm.lse_stats(x[:0])]
+    torch.testing.assert_close(comm.combine_lse_stats(torch.cat(parts)).float(), torch.logsumexp(x, 0))
+    # the one log Z formula: RepDistiller's log(N mean(exp(u))) over B (K+1) scores
+    u = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(comm.log_partition(torch.logsumexp(u, 1), 50, 6), (50 * u.exp().mean()).log())
 
 
 # ------------------------------------------------------------------------------------- queue
@@ -376,8 +380,11 @@ def test_memory_buffer_names_for_ddp():
     model.queue = MomentumQueue(4, 4)
     model.bn = torch.nn.BatchNorm1d(4)
     names = memory_buffer_names(model)
-    assert names == ["student.memory.bank", "student.memory.log_z", "student.memory.rng_seed",
-                     "student.memory.rng_offset", "student.memory.shard_layout", "queue.queue", "queue.queue_ptr"]
+    assert names == ["student.memory.shard_layout", "student.memory.bank", "student.memory.log_z",
+                     "student.memory.rng_seed", "student.memory.rng_offset", "queue.shard_layout", "queue.queue",
+                     "queue.queue_ptr"]
+    # memory state is in the state dict but not a buffer: DDP's broadcasts never see it
+    assert set(names) <= set(model.state_dict()) and not set(names) & {n for n, _ in model.named_buffers()}
     model._ddp_params_and_buffers_to_ignore = ["bn.running_mean"]
     ignored = ddp_ignore_memory_buffers(model)
     assert ignored == ["bn.running_mean"] + names

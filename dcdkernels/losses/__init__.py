@@ -5,7 +5,8 @@
 partition estimates, sampler stream, epoch) in buffers, runs on every backend
 (``backend="auto"|"eager"|"cpu"|"cuda"|"triton"``) and under autocast (loss math in fp32).
 """
-from ._common import Embed, ema_, log_partition_from_lse
+from ..memory.comm import log_partition as log_partition_from_lse
+from ._common import Embed, ema_
 from .cocord import CoCoRDLoss, byol_loss
 from .crd import CRDLoss
 from .dcd import DCDLoss, ICDLoss
