@@ -10,7 +10,7 @@ TORCH_LIBRARY(dcdkernels_C, m) {
   m.def(
       "dual_sampled_contrast(Tensor anchor_s, Tensor anchor_t, Tensor bank_s, Tensor bank_t, Tensor index, "
       "Tensor logit_scale, Tensor? bias, Tensor? log_z, int loss_type, bool compute_kl, int num_negatives, "
-      "int seed, int offset, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int seed, int offset, bool compute_grad, int noise_rows=0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "dense_contrast(Tensor anchor, Tensor keys, Tensor? target, Tensor? positive, Tensor logit_scale, "
       "Tensor? bias, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -15,6 +15,28 @@ from . import _ext
 
 BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
 
+# Largest feature dimension D a GPU kernel takes, where it has a limit (the CPU kernels and the
+# oracle have none). CUDA: a row group of at most kMaxGroup = 256 threads (cuda_utils.cuh) holds
+# kMaxFloatsPerThread floats per thread (8 in dual_sampled_contrast.cu, 32 in sampled_contrast.cu).
+# Triton: the sampled kernels hold a row in registers, D <= triton/_common.py's MAX_D.
+_CUDA_MAX_DIM = {"sampled_contrast": 256 * 32, "dual_sampled_contrast": 256 * 8}
+_TRITON_MAX_DIM_OPS = ("sampled_contrast", "dual_sampled_contrast")
+
+
+def max_dim(op: str, backend: str):
+    """The largest D that ``backend`` runs ``op`` at, or None for no limit."""
+    if backend == "cuda":
+        return _CUDA_MAX_DIM.get(op)
+    if backend == "triton" and op in _TRITON_MAX_DIM_OPS:
+        from .triton._common import MAX_D  # only reached when triton is importable
+        return MAX_D
+    return None
+
+
+def _fits(op: str, backend: str, dim) -> bool:
+    limit = None if dim is None else max_dim(op, backend)
+    return limit is None or dim <= limit
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_status():
@@ -46,9 +68,12 @@ def availability():
 
 
 @torch.compiler.assume_constant_result  # decided once at trace time under torch.compile
-def resolve(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32) -> str:
-    """The concrete backend for ``op`` on ``device`` with accumulation ``dtype``. Raises for
-    impossible explicit choices. float64 runs on the CPU kernels and the oracle only."""
+def resolve(backend: str, device: torch.device, op: str, dtype: torch.dtype = torch.float32, dim=None) -> str:
+    """The concrete backend for ``op`` on ``device`` with accumulation ``dtype`` and feature
+    dimension ``dim`` (None: not checked). Raises for impossible explicit choices. float64 runs on
+    the CPU kernels and the oracle only. "auto" picks a backend that can run the call: on CUDA
+    devices the CUDA kernels, else Triton, else the oracle, skipping those whose D limit
+    (``max_dim``) ``dim`` exceeds."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if dtype == torch.float64 and backend in ("cuda", "triton"):
@@ -57,9 +82,9 @@ def resolve(backend: str, device: torch.device, op: str, dtype: torch.dtype = to
         if device.type == "cuda":
             if dtype == torch.float64:
                 return "eager"
-            if _ext.has_kernel(op, "CUDA"):
+            if _ext.has_kernel(op, "CUDA") and _fits(op, "cuda", dim):
                 return "cuda"
-            return "triton" if _triton_status()[0] else "eager"
+            return "triton" if _triton_status()[0] and _fits(op, "triton", dim) else "eager"
         return "cpu" if _ext.has_kernel(op, "CPU") else "eager"
     if backend == "eager":
         return backend

@@ -50,9 +50,14 @@ def test_opcheck_dual_sampled_contrast(device, backend):
     q, bank, idx, s, beta, _ = _sampled_args(device, _dtype_for(backend))
     qt = torch.randn_like(q).requires_grad_()
     log_z = torch.tensor([0.2, -0.3], dtype=q.dtype, device=device)
+    absent = idx.clone()  # absent columns (rows outside [0, N), a positive among them), every column of row 2
+    absent[0, 0], absent[1, 2], absent[2] = -1, N, N + 5
     for loss_type in (0, 1):
         torch.library.opcheck(dual_sampled_contrast_op, (q, qt, bank, bank * 0.5, idx, s, beta, log_z, loss_type,
-                                                         True, 0, 0, 0, True, backend))
+                                                         True, 0, 0, 0, True, 0, backend))
+        # Absent columns with an explicit NCE noise size.
+        torch.library.opcheck(dual_sampled_contrast_op, (q, qt, bank, bank * 0.5, absent, s, beta, log_z, loss_type,
+                                                         True, 0, 0, 0, True, 4 * N, backend))
 
 
 @pytest.mark.parametrize("device, backend", backend_params())

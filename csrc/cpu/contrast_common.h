@@ -69,8 +69,8 @@ struct Columns {
   }
 };
 
-// Builds the column map. Rows are not checked here: sampled_contrast skips absent columns
-// (Columns::present), dual_sampled_contrast checks the index first (check_index_range).
+// Builds the column map. Rows are not checked here: both gather kernels skip absent columns
+// (Columns::present).
 inline Columns make_columns(const at::Tensor& index, int64_t B, int64_t num_negatives, int64_t seed, int64_t offset,
                             int64_t n_rows) {
   TORCH_CHECK(num_negatives >= 0, "num_negatives must be >= 0, got ", num_negatives);

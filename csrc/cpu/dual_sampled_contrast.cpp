@@ -14,6 +14,8 @@
 // where As = sum w^s bank_t_k, At = sum w^t bank_s_k, Bt = sum w^t bank_t_k,
 // E = sum w^t f_k bank_s_k, H = sum w^t d^s_k, U = sum w^t f_k d^t_k (all rescaled with m_t,
 // except As with m_s). dKL/dbeta = 0 exactly.
+// Columns whose row lies outside [0, N) are absent in both directions (csrc/KERNELS.md): dropped
+// from their block before any read; every sum above runs over the present columns only.
 #include <torch/library.h>
 
 #include "cpu/contrast_common.h"
@@ -88,59 +90,65 @@ DCD_CPU_CLONES void scan_chunk(const DualProblem<A>& pr, RowReader<A>& bank_s, R
   kl = KlState<A>();
   if (pr.grad) std::fill(vec, vec + sl.count * D, A(0));
   auto slot = [&](int64_t s) { return vec + s * D; };
+  // Blocks of n columns, of which m are present (their rows first in idx[cur]).
   int cur = 0;
+  bool positive[2];
   int64_t n = std::min(pr.block, k1 - k0);
-  pr.cols.get(b, k0, n, idx[cur]);
+  int64_t m = pr.cols.present(b, k0, n, idx[cur], positive[cur]);
   for (int64_t k = k0; k < k1;) {
     const int64_t k_next = k + n;
     const int64_t n_next = std::min(pr.block, k1 - k_next);
+    int64_t m_next = 0;
     if (n_next > 0) {
-      pr.cols.get(b, k_next, n_next, idx[cur ^ 1]);
-      bank_t.prefetch(idx[cur ^ 1], n_next);
-      bank_s.prefetch(idx[cur ^ 1], n_next);
+      m_next = pr.cols.present(b, k_next, n_next, idx[cur ^ 1], positive[cur ^ 1]);
+      bank_t.prefetch(idx[cur ^ 1], m_next);
+      bank_s.prefetch(idx[cur ^ 1], m_next);
     }
-    bank_t.load(idx[cur], n, rows_t);
-    bank_s.load(idx[cur], n, rows_s);
-    dot_rows(zs, rows_t, n, D, ds);
-    dot_rows(zt, rows_s, n, D, dt);
-    const A fs = absorb_block(st_s, pr.Ps, k == 0, ds, n, lgs, ws, gs);
-    const A ft = absorb_block(st_t, pr.Pt, k == 0, dt, n, lgt, wt, gt);
-    if (pr.kl) {
-      kl.wf *= ft;
-      kl.h *= ft;
-      kl.u *= ft;
-      for (int64_t j = 0; j < n; ++j) {
-        const A f = lgt[j] - lgs[j];
-        wtf[j] = wt[j] * f;
-        kl.wf += wtf[j];
-        if (pr.grad) {
-          kl.h += wt[j] * ds[j];
-          kl.u += wtf[j] * dt[j];
+    if (m > 0) {
+      bank_t.load(idx[cur], m, rows_t);
+      bank_s.load(idx[cur], m, rows_s);
+      dot_rows(zs, rows_t, m, D, ds);
+      dot_rows(zt, rows_s, m, D, dt);
+      const A fs = absorb_block(st_s, pr.Ps, positive[cur], ds, m, lgs, ws, gs);
+      const A ft = absorb_block(st_t, pr.Pt, positive[cur], dt, m, lgt, wt, gt);
+      if (pr.kl) {
+        kl.wf *= ft;
+        kl.h *= ft;
+        kl.u *= ft;
+        for (int64_t j = 0; j < m; ++j) {
+          const A f = lgt[j] - lgs[j];
+          wtf[j] = wt[j] * f;
+          kl.wf += wtf[j];
+          if (pr.grad) {
+            kl.h += wt[j] * ds[j];
+            kl.u += wtf[j] * dt[j];
+          }
         }
       }
-    }
-    if (pr.grad) {
-      if (sl.As >= 0) {
-        if (fs != A(1)) scale_vec(fs, slot(sl.As), D);
-        axpy_rows(ws, rows_t, n, D, slot(sl.As));
-        if (ft != A(1)) scale_vec(ft, slot(sl.At), D);
-        axpy_rows(wt, rows_s, n, D, slot(sl.At));
-      }
-      if (sl.Gs >= 0) {
-        axpy_rows(gs, rows_t, n, D, slot(sl.Gs));
-        axpy_rows(gt, rows_s, n, D, slot(sl.Gt));
-      }
-      if (sl.Bt >= 0) {
-        if (ft != A(1)) {
-          scale_vec(ft, slot(sl.Bt), D);
-          scale_vec(ft, slot(sl.E), D);
+      if (pr.grad) {
+        if (sl.As >= 0) {
+          if (fs != A(1)) scale_vec(fs, slot(sl.As), D);
+          axpy_rows(ws, rows_t, m, D, slot(sl.As));
+          if (ft != A(1)) scale_vec(ft, slot(sl.At), D);
+          axpy_rows(wt, rows_s, m, D, slot(sl.At));
         }
-        axpy_rows(wt, rows_t, n, D, slot(sl.Bt));
-        axpy_rows(wtf, rows_s, n, D, slot(sl.E));
+        if (sl.Gs >= 0) {
+          axpy_rows(gs, rows_t, m, D, slot(sl.Gs));
+          axpy_rows(gt, rows_s, m, D, slot(sl.Gt));
+        }
+        if (sl.Bt >= 0) {
+          if (ft != A(1)) {
+            scale_vec(ft, slot(sl.Bt), D);
+            scale_vec(ft, slot(sl.E), D);
+          }
+          axpy_rows(wt, rows_t, m, D, slot(sl.Bt));
+          axpy_rows(wtf, rows_s, m, D, slot(sl.E));
+        }
       }
     }
     k = k_next;
     n = n_next;
+    m = m_next;
     cur ^= 1;
   }
 }
@@ -189,13 +197,18 @@ void run(const at::Tensor& zs_t, const at::Tensor& zt_t, const at::Tensor& bank_
         K.h += st_kl[t + c].h * ft[c];
         K.u += st_kl[t + c].u * ft[c];
       }
+      const int64_t pos = cols.sampled ? cols.index[b] : cols.index[b * cols.cols];
+      const bool has_pos = pos >= 0 && pos < cols.n_rows;  // an absent positive adds no -l_0, -d_0, -row_0
+      // No present column: l = 0, lse = -inf; every sum over the columns is 0 (inv_l = 0).
+      const bool empty = S.l == A(0);
+      const A inv_ls = empty ? A(0) : A(1) / S.l, inv_lt = empty ? A(0) : A(1) / T.l;
       const A lse_s = S.m + std::log(S.l), lse_t = T.m + std::log(T.l);
-      const A F = K.wf / T.l;
+      const A F = K.wf * inv_lt;
       lse[b] = lse_s;
       lse[B + b] = lse_t;
-      losses[b] = Ps.nce ? S.loss : lse_s - (Ps.s * S.d0 + Ps.beta);
-      losses[B + b] = Pt.nce ? T.loss : lse_t - (Pt.s * T.d0 + Pt.beta);
-      losses[2 * B + b] = compute_kl ? F - lse_t + lse_s : A(0);
+      losses[b] = Ps.nce ? S.loss : lse_s - (has_pos ? Ps.s * S.d0 + Ps.beta : A(0));
+      losses[B + b] = Pt.nce ? T.loss : lse_t - (has_pos ? Pt.s * T.d0 + Pt.beta : A(0));
+      losses[2 * B + b] = compute_kl && !empty ? F - lse_t + lse_s : A(0);
       if (!grad) continue;
 
       // Merge the chunk vectors: softmax sums rescale with their direction's max, NCE sums add.
@@ -226,28 +239,35 @@ void run(const at::Tensor& zs_t, const at::Tensor& zt_t, const at::Tensor& bank_
         scal(0, 1) = T.gd;
         scal(1, 1) = T.gb;
       } else {
-        // grad = s (sum_k p_k row_k - row_0); d/ds = sum_k p_k d_k - d_0; d/dbeta = 0 exactly.
-        const int64_t pos = cols.sampled ? cols.index[b] : cols.index[b * cols.cols];
-        const A *row_t0, *row_s0;
-        bank_t.load(&pos, 1, &row_t0);
-        bank_s.load(&pos, 1, &row_s0);
+        // grad = s (sum_k p_k row_k - row_0); d/ds = sum_k p_k d_k - d_0 (no row_0, d_0 if absent).
         for (int64_t e = 0; e < D; ++e) {
-          g_ls[e] = s * (As[e] / S.l - row_t0[e]);
-          g_lt[e] = s * (At[e] / T.l - row_s0[e]);
+          g_ls[e] = s * As[e] * inv_ls;
+          g_lt[e] = s * At[e] * inv_lt;
         }
-        scal(0, 0) = S.cw / S.l - S.d0;
-        scal(1, 0) = 0;
-        scal(0, 1) = T.cw / T.l - T.d0;
-        scal(1, 1) = 0;
+        if (has_pos) {
+          const A *row_t0, *row_s0;
+          bank_t.load(&pos, 1, &row_t0);
+          bank_s.load(&pos, 1, &row_s0);
+          for (int64_t e = 0; e < D; ++e) {
+            g_ls[e] -= s * row_t0[e];
+            g_lt[e] -= s * row_s0[e];
+          }
+        }
+        // d/dbeta = sum_P p_k - [0 in P]: 0, or 1 when the positive alone is absent.
+        const A gbias = !empty && !has_pos ? A(1) : A(0);
+        scal(0, 0) = S.cw * inv_ls - (has_pos ? S.d0 : A(0));
+        scal(1, 0) = gbias;
+        scal(0, 1) = T.cw * inv_lt - (has_pos ? T.d0 : A(0));
+        scal(1, 1) = gbias;
       }
       if (compute_kl) {
         const A* Bt = merged(sl.Bt, ft.data());
         const A* E = merged(sl.E, ft.data());
         for (int64_t e = 0; e < D; ++e) {
-          g_kls[e] = s * (As[e] / S.l - Bt[e] / T.l);
-          g_klt[e] = s * (E[e] - F * At[e]) / T.l;
+          g_kls[e] = s * (As[e] * inv_ls - Bt[e] * inv_lt);
+          g_klt[e] = s * (E[e] - F * At[e]) * inv_lt;
         }
-        scal(0, 2) = S.cw / S.l - K.h / T.l + (K.u - F * T.cw) / T.l;
+        scal(0, 2) = S.cw * inv_ls - K.h * inv_lt + (K.u - F * T.cw) * inv_lt;
       } else {
         std::fill(g_kls, g_kls + D, A(0));
         std::fill(g_klt, g_klt + D, A(0));
@@ -262,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
     const at::Tensor& anchor_s, const at::Tensor& anchor_t, const at::Tensor& bank_s, const at::Tensor& bank_t,
     const at::Tensor& index, const at::Tensor& logit_scale, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
-    int64_t offset, bool compute_grad) {
+    int64_t offset, bool compute_grad, int64_t noise_rows) {
   check_float_matrix(anchor_s, "anchor_s");
   check_float_matrix(anchor_t, "anchor_t");
   const int64_t B = anchor_s.size(0), D = anchor_s.size(1);
@@ -284,9 +304,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
     lz_s = lz.data_ptr<double>()[0];
     lz_t = lz.data_ptr<double>()[1];
   }
+  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the banks' rows), got ", noise_rows);
+  const int64_t noise = noise_rows > 0 ? noise_rows : N;
   const at::Tensor index_c = index.contiguous();
   const Columns cols = make_columns(index_c, B, num_negatives, seed, offset, N);
-  check_index_range(index_c, N, "index");  // no absent columns here: every row is read
   const double s = scalar_value(logit_scale, "logit_scale");
   const double beta = bias.has_value() ? scalar_value(*bias, "bias") : 0.0;
 
@@ -301,12 +322,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
 
   const int64_t K = cols.cols - 1;
   if (acc == at::kDouble) {
-    run<double>(zs, zt, bank_s, bank_t, cols, make_loss_params<double>(s, beta, nce, lz_s, K, N),
-                make_loss_params<double>(s, beta, nce, lz_t, K, N), compute_kl, compute_grad, losses, lse,
+    run<double>(zs, zt, bank_s, bank_t, cols, make_loss_params<double>(s, beta, nce, lz_s, K, noise),
+                make_loss_params<double>(s, beta, nce, lz_t, K, noise), compute_kl, compute_grad, losses, lse,
                 grad_anchors, grad_scalars);
   } else {
-    run<float>(zs, zt, bank_s, bank_t, cols, make_loss_params<float>(s, beta, nce, lz_s, K, N),
-               make_loss_params<float>(s, beta, nce, lz_t, K, N), compute_kl, compute_grad, losses, lse,
+    run<float>(zs, zt, bank_s, bank_t, cols, make_loss_params<float>(s, beta, nce, lz_s, K, noise),
+               make_loss_params<float>(s, beta, nce, lz_t, K, noise), compute_kl, compute_grad, losses, lse,
                grad_anchors, grad_scalars);
   }
   return {losses, lse, grad_anchors, grad_scalars};

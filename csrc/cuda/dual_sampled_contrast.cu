@@ -16,6 +16,8 @@
 // where As = sum w^s bank_t_k, At = sum w^t bank_s_k, Bt = sum w^t bank_t_k,
 // E = sum w^t f_k bank_s_k, C = sum w d, H = sum w^t d^s_k, Wf = sum w^t f_k,
 // U = sum w^t f_k d^t_k (all rescaled with m_t, except As and C_s with m_s). dKL/dbeta = 0.
+// Rows out of range are never read: their columns are absent in both directions, and every
+// sum above runs over the present columns only (csrc/KERNELS.md).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -361,7 +363,9 @@ struct DualMergeParams {
 
 // One block per anchor: merges the chunks of both directions and the KL sums, and writes the
 // outputs of the contract (formulas at the top of this file; InfoNCE and NCE as in
-// merge_partials_kernel). A positive row out of range makes the anchor's losses NaN.
+// merge_partials_kernel). Rows out of range are absent columns (csrc/KERNELS.md): the partials
+// skipped them; an absent positive adds no -l_0 / -d_0 / -row_0 here, and without a present
+// column (L = 0) every sum over the columns is 0: lse -inf, InfoNCE loss -inf, NCE loss 0, KL 0.
 __global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p) {
   __shared__ float scratch[kWarp];
   __shared__ float factor[3][kMaxChunks];  // none, student, teacher: exp(m_chunk - m)
@@ -375,7 +379,7 @@ __global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p
   int64_t prow = p.index[b * p.index_stride];
   prow = (prow >= 0 && prow < p.bank_s.rows) ? prow : -1;
   // InfoNCE: dots with the positive rows (student: bank_t row, teacher: bank_s row).
-  float d0s = NAN, d0t = NAN;
+  float d0s = 0.f, d0t = 0.f;
   if (!p.nce && prow >= 0) {
     float as = 0.f, at = 0.f;
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
@@ -403,19 +407,21 @@ __global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p
             tot);
 
   const float Ls = tot[kLs], Lt = tot[kLt];
+  const bool empty = !(Ls > 0.f);  // the directions share their present columns
   const float lse_s = ms + __logf(Ls), lse_t = mt + __logf(Lt);
-  const float F = tot[kWf] / Lt;
+  const float inv_ls = empty ? 0.f : 1.f / Ls, inv_lt = empty ? 0.f : 1.f / Lt;
+  const float F = tot[kWf] * inv_lt;
   if (threadIdx.x == 0) {
     p.lse[b] = lse_s;
     p.lse[B + b] = lse_t;
     if (p.nce) {
-      p.losses[b] = prow >= 0 ? tot[kLosss] : NAN;
-      p.losses[B + b] = prow >= 0 ? tot[kLosst] : NAN;
+      p.losses[b] = tot[kLosss];
+      p.losses[B + b] = tot[kLosst];
     } else {
-      p.losses[b] = lse_s - fmaf(s, d0s, beta);
-      p.losses[B + b] = lse_t - fmaf(s, d0t, beta);
+      p.losses[b] = prow >= 0 ? lse_s - fmaf(s, d0s, beta) : lse_s;
+      p.losses[B + b] = prow >= 0 ? lse_t - fmaf(s, d0t, beta) : lse_t;
     }
-    p.losses[2 * B + b] = p.kl ? F - lse_t + lse_s : 0.f;
+    p.losses[2 * B + b] = p.kl && !empty ? F - lse_t + lse_s : 0.f;
     if (p.compute_grad) {
       // grad_scalars[(which * 3 + term) * B + b]: which 0 = d/ds, 1 = d/dbeta; term L^s, L^t, KL.
       float* g = p.grad_scalars;
@@ -423,16 +429,17 @@ __global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p
         g[0 * B + b] = tot[kGds], g[3 * B + b] = tot[kGbs];
         g[1 * B + b] = tot[kGdt], g[4 * B + b] = tot[kGbt];
       } else {
-        g[0 * B + b] = tot[kCs] / Ls - d0s, g[3 * B + b] = 0.f;
-        g[1 * B + b] = tot[kCt] / Lt - d0t, g[4 * B + b] = 0.f;
+        // d/dbeta = sum_P p_k - [0 in P]: 1 only when the positive alone is absent.
+        const float gbias = !empty && prow < 0 ? 1.f : 0.f;
+        g[0 * B + b] = tot[kCs] * inv_ls - d0s, g[3 * B + b] = gbias;
+        g[1 * B + b] = tot[kCt] * inv_lt - d0t, g[4 * B + b] = gbias;
       }
-      g[2 * B + b] = p.kl ? tot[kCs] / Ls - tot[kH] / Lt + (tot[kU] - F * tot[kCt]) / Lt : 0.f;
+      g[2 * B + b] = p.kl ? tot[kCs] * inv_ls - tot[kH] * inv_lt + (tot[kU] - F * tot[kCt]) * inv_lt : 0.f;
       g[5 * B + b] = 0.f;
     }
   }
   if (!p.compute_grad) return;
 
-  const float inv_ls = 1.f / Ls, inv_lt = 1.f / Lt;
   float* g_ls = p.grad_anchors + b * D;             // dL^s/dz_s
   float* g_lt = p.grad_anchors + (B + b) * D;       // dL^t/dz_t
   float* g_kls = p.grad_anchors + (2 * B + b) * D;  // dKL/dz_s
@@ -451,8 +458,8 @@ __global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p
       g_ls[e] = s * merged(vs.Gs);
       g_lt[e] = s * merged(vs.Gt);
     } else {
-      const float rt0 = prow >= 0 ? p.bank_t.at(prow, e) : NAN;
-      const float rs0 = prow >= 0 ? p.bank_s.at(prow, e) : NAN;
+      const float rt0 = prow >= 0 ? p.bank_t.at(prow, e) : 0.f;
+      const float rs0 = prow >= 0 ? p.bank_s.at(prow, e) : 0.f;
       g_ls[e] = s * (As * inv_ls - rt0);
       g_lt[e] = s * (At * inv_lt - rs0);
     }
@@ -483,7 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
     const at::Tensor& anchor_s, const at::Tensor& anchor_t, const at::Tensor& bank_s, const at::Tensor& bank_t,
     const at::Tensor& index, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
-    int64_t offset, bool compute_grad) {
+    int64_t offset, bool compute_grad, int64_t noise_rows) {
+  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the banks' rows), got ", noise_rows);
   TORCH_CHECK(anchor_s.is_cuda(), "anchor_s must be a CUDA tensor, got ", anchor_s.device());
   const c10::cuda::CUDAGuard guard(anchor_s.device());
   const Matrix zs = matrix_of(anchor_s, "anchor_s"), zt = matrix_of(anchor_t, "anchor_t");
@@ -530,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   p.nce = nce;
   p.kl = compute_kl;
   p.compute_grad = compute_grad;
-  p.nc = nce_consts(cols - 1, N);
+  p.nc = nce_consts(cols - 1, noise_rows > 0 ? noise_rows : N);
   p.vs = VectorSlots(compute_grad, nce, compute_kl);
   p.stride = kDualScalars + static_cast<int64_t>(p.vs.count) * D;
 

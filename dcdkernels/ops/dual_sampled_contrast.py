@@ -25,15 +25,15 @@ class DualContrastOutput(NamedTuple):
 def dual_sampled_contrast_op(anchor_s: Tensor, anchor_t: Tensor, bank_s: Tensor, bank_t: Tensor, index: Tensor,
                              logit_scale: Tensor, bias: Optional[Tensor], log_z: Optional[Tensor], loss_type: int,
                              compute_kl: bool, num_negatives: int, seed: int, offset: int, compute_grad: bool,
-                             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                             noise_rows: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = backends.kernel("dual_sampled_contrast", backend)
     return tuple(fn(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl,
-                    num_negatives, seed, offset, compute_grad))
+                    num_negatives, seed, offset, compute_grad, noise_rows))
 
 
 @dual_sampled_contrast_op.register_fake
 def _(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl, num_negatives,
-      seed, offset, compute_grad, backend):
+      seed, offset, compute_grad, noise_rows, backend):
     B, D = anchor_s.shape
     acc = V.accumulation_dtype(anchor_s, anchor_t, bank_s, bank_t)
     losses, lse = anchor_s.new_empty((3, B), dtype=acc), anchor_s.new_empty((2, B), dtype=acc)
@@ -62,7 +62,7 @@ def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
     # v = l - log Z per direction: dL^s/dlog Z_s = -dL^s/dbeta (the KL has no log Z).
     d_log_z = -(grad_scalars[1, :2] * g[:2]).sum(dim=1) if ctx.has_log_z else None
     return (d_s.to(ctx.dtypes[0]), d_t.to(ctx.dtypes[1]), None, None, None, d_scale, d_bias, d_log_z,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 dual_sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)
@@ -100,7 +100,7 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
         if lz.shape != (2,):
             raise ValueError(f"log_z must be (log Z_s, log Z_t), got shape {tuple(lz.shape)}")
         lz = lz.to(device=device, dtype=acc)
-    backend = backends.resolve(backend, device, "dual_sampled_contrast", acc)
+    backend = backends.resolve(backend, device, "dual_sampled_contrast", acc, dim=anchor_s.shape[1])
     checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
     compute_kl = consistency > 0
     if backend == "eager":
@@ -112,7 +112,30 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
     else:
         losses, lse, _, _ = dual_sampled_contrast_op(
             anchor_s.contiguous(), anchor_t.contiguous(), bank_s.detach(), bank_t.detach(), index, s, b, lz, LOSS_TYPES[loss], compute_kl,
-            int(num_negatives or 0), int(seed), int(offset), _needs_grad(anchor_s, anchor_t, s, b, lz), backend)
+            int(num_negatives or 0), int(seed), int(offset), _needs_grad(anchor_s, anchor_t, s, b, lz), 0, backend)
         loss_s, loss_t, kl = losses.unbind(0)
         lse_s, lse_t = lse.unbind(0)
     return DualContrastOutput(loss_s, loss_t, kl * consistency, lse_s, lse_t)
+
+
+def dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
+                                  log_z=None, compute_kl=False, noise_rows=0, compute_grad=True, backend="auto"):
+    """The kernels' four outputs ``(losses (3, B), lse (2, B), grad_anchors (4, B, D),
+    grad_scalars (2, 3, B))`` (csrc/KERNELS.md) for an explicit (B, K+1) ``index`` in which
+    entries outside [0, bank rows) mark absent columns (in both directions); NCE's
+    ``c = K / noise_rows`` (0: the bank's rows). For callers that combine the results over slices
+    of the banks (sharded banks): no validation (the caller has checked the global index), no
+    autograd. ``logit_scale``, ``bias``: 0-d tensors; ``log_z``: a (2,) tensor
+    ``[log Z_s, log Z_t]``. The backend is chosen as in ``dual_sampled_contrast``; "eager" is
+    ``reference.dual_sampled_contrast_outputs``.
+    """
+    acc = V.accumulation_dtype(anchor_s, anchor_t, bank_s, bank_t)
+    backend = backends.resolve(backend, anchor_s.device, "dual_sampled_contrast", acc, dim=anchor_s.shape[1])
+    s, b, lz = (None if t is None else t.detach().to(acc) for t in (logit_scale, bias, log_z))
+    if backend == "eager":
+        return reference.dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s,
+                                                       bias=b, loss=loss, log_z=lz, compute_kl=compute_kl,
+                                                       noise_rows=noise_rows, compute_grad=compute_grad)
+    return dual_sampled_contrast_op(anchor_s.contiguous(), anchor_t.contiguous(), bank_s.detach(), bank_t.detach(),
+                                    index, s, b, lz, LOSS_TYPES[loss], compute_kl, 0, 0, 0, compute_grad, noise_rows,
+                                    backend)

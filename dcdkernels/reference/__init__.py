@@ -5,7 +5,7 @@ uses them (or the RepDistiller/MoCo-style code in ``benchmarks/``) as the baseli
 """
 from .bank_update import bank_momentum_update_, queue_enqueue_
 from .dense_contrast import dense_contrast
-from .dual_sampled_contrast import dual_sampled_contrast
+from .dual_sampled_contrast import dual_sampled_contrast, dual_sampled_contrast_outputs
 from .rng import sample_negatives
 from .sampled_contrast import nce_loss_from_logits, sampled_contrast, sampled_contrast_outputs
 
@@ -13,6 +13,7 @@ __all__ = [
     "bank_momentum_update_",
     "dense_contrast",
     "dual_sampled_contrast",
+    "dual_sampled_contrast_outputs",
     "nce_loss_from_logits",
     "queue_enqueue_",
     "sample_negatives",

@@ -53,6 +53,13 @@ NUM_VECS = tl.constexpr(6)
 
 
 @triton.jit
+def plane_offset(PLANE: tl.constexpr, B, D):
+    """Element offset of plane ``PLANE`` of a (planes, B, D) output, in int64: the int32 product
+    ``PLANE * B * D`` overflows from B * D >= 2^31 / PLANE."""
+    return PLANE * tl.cast(B, tl.int64) * D
+
+
+@triton.jit
 def _store_direction(stats, vecs, D, offs_d, d_mask, m, l, c, d0, nce_loss, nce_c, nce_slope, a, nce_a,
                      BASE: tl.constexpr, VEC_A: tl.constexpr, VEC_NCE: tl.constexpr, SOFTMAX_GRAD: tl.constexpr,
                      NCE_GRAD: tl.constexpr):
@@ -189,22 +196,26 @@ def _dual_sampled_contrast_partial_kernel(
 
 
 @triton.jit
-def _merge_direction(stats, c_mask, m_ref, scale_c, s, beta, BASE: tl.constexpr, LOSS_TYPE: tl.constexpr):
-    """Per-row scalars of one direction from its chunk statistics: (l, lse, softmax c, loss,
-    dL/ds, dL/dbeta). ``scale_c`` rescales the chunks to this direction's max ``m_ref``."""
+def _merge_direction(stats, c_mask, m_ref, scale_c, s, beta, has_pos, BASE: tl.constexpr, LOSS_TYPE: tl.constexpr):
+    """Per-row scalars of one direction from its chunk statistics: (1/l, lse, softmax c / l, loss,
+    dL/ds, dL/dbeta). ``scale_c`` rescales the chunks to this direction's max ``m_ref``. Absent
+    columns (csrc/KERNELS.md) are in no statistic; without a present column l = 0, lse = -inf and
+    1/l is taken as 0 so that every sum over the columns is 0; an absent positive (``has_pos``
+    false) adds no -l_0 (its d_0 is 0)."""
     l = tl.sum(tl.load(stats + BASE + DIR_L, mask=c_mask, other=0.0) * scale_c, axis=0)
     lse = m_ref + tl.log(l)
-    c = tl.sum(tl.load(stats + BASE + DIR_C, mask=c_mask, other=0.0) * scale_c, axis=0)
+    inv_l = 1.0 / tl.where(l > 0.0, l, float("inf"))
+    c = tl.sum(tl.load(stats + BASE + DIR_C, mask=c_mask, other=0.0) * scale_c, axis=0) * inv_l
     d0 = tl.sum(tl.load(stats + BASE + DIR_D0, mask=c_mask, other=0.0), axis=0)
     if LOSS_TYPE == 0:
-        loss = lse - (s * d0 + beta)
-        grad_scale = c / l - d0
-        grad_bias = 0.0
+        loss = lse - tl.where(has_pos, s * d0 + beta, 0.0)
+        grad_scale = c - d0
+        grad_bias = tl.where(has_pos | (inv_l == 0.0), 0.0, 1.0)  # sum_P p_k - [0 in P]
     else:
         loss = tl.sum(tl.load(stats + BASE + DIR_NCE_LOSS, mask=c_mask, other=0.0), axis=0)
         grad_scale = tl.sum(tl.load(stats + BASE + DIR_NCE_C, mask=c_mask, other=0.0), axis=0)
         grad_bias = tl.sum(tl.load(stats + BASE + DIR_NCE_SLOPE, mask=c_mask, other=0.0), axis=0)
-    return l, lse, c, loss, grad_scale, grad_bias
+    return inv_l, lse, c, loss, grad_scale, grad_bias
 
 
 @triton.jit
@@ -227,44 +238,47 @@ def _dual_sampled_contrast_merge_kernel(
 
     stats, c_mask, m_ref_s, scale_s = chunk_scales(stats_ptr, b, num_chunks, STAT_S + DIR_M, NUM_STATS, BLOCK_C)
     _, _, m_ref_t, scale_t = chunk_scales(stats_ptr, b, num_chunks, STAT_T + DIR_M, NUM_STATS, BLOCK_C)
-    l_s, lse_s, c_s, loss_s, gscale_s, gbias_s = _merge_direction(stats, c_mask, m_ref_s, scale_s, s, beta, STAT_S,
-                                                                  LOSS_TYPE)
-    l_t, lse_t, c_t, loss_t, gscale_t, gbias_t = _merge_direction(stats, c_mask, m_ref_t, scale_t, s, beta, STAT_T,
-                                                                  LOSS_TYPE)
+    row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
+    has_pos = (row0 >= 0) & (row0 < N)
+    inv_l_s, lse_s, c_s, loss_s, gscale_s, gbias_s = _merge_direction(stats, c_mask, m_ref_s, scale_s, s, beta,
+                                                                      has_pos, STAT_S, LOSS_TYPE)
+    inv_l_t, lse_t, c_t, loss_t, gscale_t, gbias_t = _merge_direction(stats, c_mask, m_ref_t, scale_t, s, beta,
+                                                                      has_pos, STAT_T, LOSS_TYPE)
     kl = 0.0
     gscale_kl = 0.0
     F = 0.0
     if COMPUTE_KL:
-        F = tl.sum(tl.load(stats + STAT_KL_F, mask=c_mask, other=0.0) * scale_t, axis=0) / l_t
-        kl = F - lse_t + lse_s
-        kl_ds = tl.sum(tl.load(stats + STAT_KL_DS, mask=c_mask, other=0.0) * scale_t, axis=0)
-        kl_fdt = tl.sum(tl.load(stats + STAT_KL_FDT, mask=c_mask, other=0.0) * scale_t, axis=0)
+        F = tl.sum(tl.load(stats + STAT_KL_F, mask=c_mask, other=0.0) * scale_t, axis=0) * inv_l_t
+        kl = tl.where(inv_l_t > 0.0, F - lse_t + lse_s, 0.0)  # 0 without a present column
+        kl_ds = tl.sum(tl.load(stats + STAT_KL_DS, mask=c_mask, other=0.0) * scale_t, axis=0) * inv_l_t
+        kl_fdt = tl.sum(tl.load(stats + STAT_KL_FDT, mask=c_mask, other=0.0) * scale_t, axis=0) * inv_l_t
         # through l^s: sum (p^s - p^t) d^s; through l^t: sum p^t (f - F) d^t
-        gscale_kl = (c_s / l_s - kl_ds / l_t) + (kl_fdt / l_t - F * c_t / l_t)
+        gscale_kl = (c_s - kl_ds) + (kl_fdt - F * c_t)
+    # Plane offsets of the (3, B), (2, B), (2, 3, B) and (4, B, D) outputs in int64.
     tl.store(losses_ptr + b, loss_s, mask=first)
-    tl.store(losses_ptr + B + b, loss_t, mask=first)
-    tl.store(losses_ptr + 2 * B + b, kl, mask=first)
+    tl.store(losses_ptr + plane_offset(1, B, 1) + b, loss_t, mask=first)
+    tl.store(losses_ptr + plane_offset(2, B, 1) + b, kl, mask=first)
     tl.store(lse_ptr + b, lse_s, mask=first)
-    tl.store(lse_ptr + B + b, lse_t, mask=first)
+    tl.store(lse_ptr + plane_offset(1, B, 1) + b, lse_t, mask=first)
 
     if COMPUTE_GRAD:
         # grad_scalars (2, 3, B): [d/ds, d/dbeta] x [L^s, L^t, KL]; dKL/dbeta = 0.
         tl.store(grad_scalars_ptr + b, gscale_s, mask=first)
-        tl.store(grad_scalars_ptr + B + b, gscale_t, mask=first)
-        tl.store(grad_scalars_ptr + 2 * B + b, gscale_kl, mask=first)
-        tl.store(grad_scalars_ptr + 3 * B + b, gbias_s, mask=first)
-        tl.store(grad_scalars_ptr + 4 * B + b, gbias_t, mask=first)
-        tl.store(grad_scalars_ptr + 5 * B + b, 0.0, mask=first)
+        tl.store(grad_scalars_ptr + plane_offset(1, B, 1) + b, gscale_t, mask=first)
+        tl.store(grad_scalars_ptr + plane_offset(2, B, 1) + b, gscale_kl, mask=first)
+        tl.store(grad_scalars_ptr + plane_offset(3, B, 1) + b, gbias_s, mask=first)
+        tl.store(grad_scalars_ptr + plane_offset(4, B, 1) + b, gbias_t, mask=first)
+        tl.store(grad_scalars_ptr + plane_offset(5, B, 1) + b, 0.0, mask=first)
 
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         if LOSS_TYPE == 0 or COMPUTE_KL:
             p_s_rt = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_A_S, NUM_VECS, STAT_S + DIR_M,
-                                         NUM_STATS, m_ref_s, offs_d, d_mask, D, True, BLOCK_D) / l_s
+                                         NUM_STATS, m_ref_s, offs_d, d_mask, D, True, BLOCK_D) * inv_l_s
             p_t_rs = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_A_T, NUM_VECS, STAT_T + DIR_M,
-                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) / l_t
+                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) * inv_l_t
         if LOSS_TYPE == 0:
-            row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
+            # zeros for an absent positive's row (load_row_slice)
             grad_s = s * (p_s_rt - load_row_slice(bank_t_ptr, stride_btn, N, row0, offs_d, d_mask))
             grad_t = s * (p_t_rs - load_row_slice(bank_s_ptr, stride_bsn, N, row0, offs_d, d_mask))
         else:
@@ -276,20 +290,20 @@ def _dual_sampled_contrast_merge_kernel(
         kl_grad_t = tl.zeros([BLOCK_D], dtype=tl.float32)
         if COMPUTE_KL:
             p_t_rt = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_KL_RT, NUM_VECS, STAT_T + DIR_M,
-                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) / l_t
+                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) * inv_l_t
             p_t_f_rs = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_KL_FRS, NUM_VECS, STAT_T + DIR_M,
-                                           NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) / l_t
+                                           NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) * inv_l_t
             kl_grad_s = s * (p_s_rt - p_t_rt)
             kl_grad_t = s * (p_t_f_rs - F * p_t_rs)
         out = grad_anchors_ptr + b.to(tl.int64) * D + offs_d
         tl.store(out, grad_s, mask=d_mask)
-        tl.store(out + B * D, grad_t, mask=d_mask)
-        tl.store(out + 2 * B * D, kl_grad_s, mask=d_mask)
-        tl.store(out + 3 * B * D, kl_grad_t, mask=d_mask)
+        tl.store(out + plane_offset(1, B, D), grad_t, mask=d_mask)
+        tl.store(out + plane_offset(2, B, D), kl_grad_s, mask=d_mask)
+        tl.store(out + plane_offset(3, B, D), kl_grad_t, mask=d_mask)
 
 
 def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl,
-                          num_negatives, seed, offset, compute_grad, *, num_chunks=None, block_k=None):
+                          num_negatives, seed, offset, compute_grad, noise_rows=0, *, num_chunks=None, block_k=None):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::dual_sampled_contrast``:
     ``(losses (3, B), lse (2, B), grad_anchors (4, B, D) or (0,), grad_scalars (2, 3, B) or (0,))``,
     fp32. ``num_chunks`` and ``block_k`` override the split of the K+1 columns (tests, tuning).
@@ -314,7 +328,9 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale
     chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
     stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
     vec = torch.empty((B, chunks, NUM_VECS.value, D), **f32) if compute_grad else stats
-    log_c_eps, log1p_eps_c = nce_constants(K, N) if loss_type == 1 else (0.0, 0.0)
+    if noise_rows < 0:
+        raise ValueError(f"noise_rows must be >= 0 (0: the banks' rows), got {noise_rows}")
+    log_c_eps, log1p_eps_c = nce_constants(K, noise_rows or N) if loss_type == 1 else (0.0, 0.0)
     losses = torch.empty((3, B), **f32)
     lse = torch.empty((2, B), **f32)
     grad_anchors = torch.empty((4, B, D) if compute_grad else (0,), **f32)
