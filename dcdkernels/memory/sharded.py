@@ -26,7 +26,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..ops import dual_sampled_contrast as _dual_op
+from ..ops.dual_sampled_contrast import dual_sampled_contrast_outputs
 from ..ops.sampled_contrast import sampled_contrast_outputs
 
 
@@ -245,7 +245,9 @@ def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn
     ``F = KL + lse_t - lse_s``, ``pt_bt = as - dKL/dz_s``, ``ptf_bs = dKL/dz_t + F at``.
     All are softmax-weighted sums, rescaled by ``exp(m - M)`` in the merge. NCE terms add up."""
     B, D = anchor_s.shape
-    acc = torch.float64 if torch.float64 in (anchor_s.dtype, anchor_t.dtype, shard_s.dtype) else torch.float32
+    # The partials are formed and merged in fp64 from the kernel's fp32 outputs: recovering
+    # ``ptf_bs`` and the KL gradients adds and removes ``F at``, exact in fp64.
+    acc = torch.float64
     qs, qt = anchor_s.to(acc), anchor_t.to(acc)
     s = logit_scale.detach().to(acc)
     with_m = loss == "infonce" or need_lse
@@ -258,11 +260,13 @@ def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn
     kernel_grad = need_grad or (loss == "infonce" and need_kl)
     for b0, b1 in _chunks(B, n_cols, chunk):
         idx = index_fn(b0, b1)
-        losses, lse, ga, gsc = _dual_op.dual_sampled_contrast_outputs(
+        losses, lse, ga, gsc = dual_sampled_contrast_outputs(
             anchor_s[b0:b1], anchor_t[b0:b1], shard_s, shard_t, idx - row_start, logit_scale=s, bias=bias, loss=loss,
             log_z=log_z, compute_kl=need_kl and loss == "infonce", noise_rows=n_rows, compute_grad=kernel_grad,
             backend=backend)
         present = torch.isfinite(lse[0])  # both directions read the same columns
+        if loss != "infonce" and need_grad:
+            ga, gsc = ga.to(acc), gsc.to(acc)
         if with_m:
             out.m[b0:b1, 0], out.m[b0:b1, 1] = lse[0], lse[1]
             Ss["ls"][b0:b1] = present.to(acc)
@@ -273,6 +277,7 @@ def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn
                 P["ga_s"][b0:b1], P["ga_t"][b0:b1] = ga[0], ga[1]
                 P["gb_s"][b0:b1], P["gb_t"][b0:b1] = gsc[1, 0], gsc[1, 1]
             continue
+        losses, lse, ga = losses.to(acc), lse.to(acc), ga.to(acc) if kernel_grad else ga
         owned, local = _owned_positives(idx, row_start, row_start + R)
         row0t = shard_t.index_select(0, local).to(acc)  # the student direction's positive row
         row0s = shard_s.index_select(0, local).to(acc)
@@ -302,7 +307,8 @@ def finalize_dual(p: Partials, anchor_s: torch.Tensor, anchor_t: torch.Tensor, *
                   need_kl: bool):
     """The four outputs of ``dual_sampled_contrast`` for the gathered anchors from merged partials:
     ``losses`` (3, B) [L^s, L^t, KL], ``lse`` (2, B) (or None), ``grad_anchors`` (4, B, D),
-    ``grad_scalars`` (2, 3, B) (both None unless ``need_grad``)."""
+    ``grad_scalars`` (2, 3, B) (both None unless ``need_grad``); in the op's accumulation dtype
+    (fp32, fp64 for fp64 anchors), computed in fp64."""
     D = anchor_s.shape[1]
     sf, tf, pf = _dual_layout(loss, need_grad, need_lse, need_kl, D)
     Ss, St, P = _split(p.scaled[0], sf), _split(p.scaled[1], tf), _split(p.plain, pf)
@@ -338,7 +344,8 @@ def finalize_dual(p: Partials, anchor_s: torch.Tensor, anchor_t: torch.Tensor, *
         qs, qt = anchor_s.to(acc), anchor_t.to(acc)
         gs = torch.stack([(qs * ga[0]).sum(1), (qt * ga[1]).sum(1), (qs * ga[2]).sum(1) + (qt * ga[3]).sum(1)]) / s
         gsc = torch.stack([gs, gb])
-    return losses, lse, ga, gsc
+    out = torch.float64 if anchor_s.dtype == torch.float64 else torch.float32
+    return tuple(None if t is None else t.to(out) for t in (losses, lse, ga, gsc))
 
 
 # --------------------------------------------------------------------------------------------
