@@ -141,23 +141,19 @@ class PairedMemoryLoss(nn.Module):
         self.memory.reset_partition()
 
     def _check_memory_inputs(self, f_s, f_t, idx, contrast_idx, num_negatives: int):
-        """Every input check, before any head runs or state changes, agreed on by every rank:
-        returns (idx (B,), scoring index, num_negatives or None)."""
+        """The structural input checks (no device sync), before any head runs, agreed on by every
+        rank: returns (idx (B,), scoring index, num_negatives or None). The value checks (index
+        ranges, finite anchors) run inside ``memory.score`` (``update_index=idx``) before its
+        first state change, and guard it when checks are deferred."""
         err, out = None, (None, None, None)
         try:
             B = check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
             idx = V.index_tensor("idx", check_batch_index(idx, B), device=f_s.device, rows=B, dims=(1,))
-            checks = V.ValueChecks()
-            checks.index_in_range("idx", idx, self.n_data)
-            checks.finite("f_s", f_s)
-            checks.finite("f_t", f_t)
             if contrast_idx is not None:
-                if not isinstance(contrast_idx, Tensor) or contrast_idx.dim() != 2 or contrast_idx.shape[0] != B:
-                    raise ValueError(f"contrast_idx must be (B, K+1) = ({B}, K+1) with column 0 the positive, got "
+                if not isinstance(contrast_idx, Tensor) or contrast_idx.dim() != 2:
+                    raise ValueError(f"contrast_idx must be (B, K+1) with column 0 the positive, got "
                                      f"{tuple(contrast_idx.shape) if isinstance(contrast_idx, Tensor) else contrast_idx!r}")
                 contrast_idx = V.index_tensor("contrast_idx", contrast_idx, device=f_s.device, rows=B, dims=(2,))
-                checks.index_in_range("contrast_idx", contrast_idx, self.n_data)
-            checks.run()
             out = (idx, idx, num_negatives) if contrast_idx is None else (idx, contrast_idx, None)
         except (ValueError, TypeError) as exc:
             err = exc

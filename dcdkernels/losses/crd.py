@@ -128,7 +128,7 @@ class CRDLoss(PairedMemoryLoss):
             # First training batch: log Z per direction from a no-grad InfoNCE pass of the same
             # batch (inside the memory); EMA mode: moved after scoring. Eval: nothing changes.
             out = self.memory.score(z_s, z_t, index, logit_scale=1.0 / self.nce_t, loss="nce",
-                                    num_negatives=num_negatives, update_state=self.training)
+                                    num_negatives=num_negatives, update_state=self.training, update_index=idx)
             loss = out.loss_s.mean() + out.loss_t.mean()
         if self.training:  # after scoring: the banks (Z and the stream moved inside score)
             self.memory.update_(idx, z_s.detach(), z_t.detach(), self.nce_m)

@@ -113,7 +113,7 @@ class DCDLoss(PairedMemoryLoss):
 
     def _memory_loss(self, z_s, z_t, s, idx, index, num_negatives) -> Tensor:
         out = self.memory.score(z_s, z_t, index, logit_scale=s, loss="infonce", consistency=self.alpha,
-                                num_negatives=num_negatives, update_state=self.training)
+                                num_negatives=num_negatives, update_state=self.training, update_index=idx)
         loss = out.loss_s.mean() + out.consistency.mean()
         if self.training:
             self.memory.update_(idx, z_s.detach(), z_t.detach(), self.bank_momentum)

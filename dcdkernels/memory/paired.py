@@ -89,7 +89,7 @@ class PairedMemoryBank(StreamAndPartition):
         return self.score(*args, **kwargs)
 
     def _check_score_args(self, anchor_s, anchor_t, index, num_negatives, loss, logit_scale, bias, consistency,
-                          update_state):
+                          update_state, update_index):
         V.matrix("anchor_s", anchor_s, dim=self.dim)
         V.matrix("anchor_t", anchor_t, dim=self.dim, device=anchor_s.device)
         if anchor_t.shape != anchor_s.shape:
@@ -121,11 +121,16 @@ class PairedMemoryBank(StreamAndPartition):
         # Every check before any state changes. Distributed: here, so that every rank raises
         # together. Locally the op checks its inputs; the call that sets log Z (and its host-side
         # flag) is checked here, never deferred; other deferred (CUDA) checks guard the log Z EMA.
+        if update_index is not None:
+            update_index = V.index_tensor("update_index", update_index, device=anchor_s.device,
+                                          rows=anchor_s.shape[0], dims=(1,))
         checks = None
         sets_z = loss == "nce" and not self._log_z_set
-        if self.mode != "local" or sets_z or V.ValueChecks.deferred(anchor_s.device):
+        if self.mode != "local" or sets_z or update_index is not None or V.ValueChecks.deferred(anchor_s.device):
             checks = V.ValueChecks()
             checks.index_in_range("index", index, self.n_rows)
+            if update_index is not None:
+                checks.index_in_range("idx", update_index, self.n_rows)
             checks.finite("anchor_s", anchor_s)
             checks.finite("anchor_t", anchor_t)
             checks.run(deferrable=self.mode == "local" and not sets_z)
@@ -133,7 +138,7 @@ class PairedMemoryBank(StreamAndPartition):
 
     def score(self, anchor_s: torch.Tensor, anchor_t: torch.Tensor, index: torch.Tensor, *, logit_scale, bias=None,
               loss: str = "infonce", consistency: float = 0.0, num_negatives: Optional[int] = None,
-              update_state: bool = True) -> DualContrastOutput:
+              update_state: bool = True, update_index: Optional[torch.Tensor] = None) -> DualContrastOutput:
         """Both CRD directions at the same indices: ``anchor_s`` (B, D) against ``bank_t`` rows,
         ``anchor_t`` against ``bank_s`` rows, and ``consistency * KL(p^t || p^s)`` per row
         (``dcdkernels.dual_sampled_contrast``). Returns a ``DualContrastOutput`` of per-row tensors.
@@ -143,12 +148,14 @@ class PairedMemoryBank(StreamAndPartition):
         ``loss="nce"``: the first batch sets ``log_z`` per direction from a no-grad InfoNCE pass
         (``comm.log_partition`` over the global batch); ``z_mode="ema"`` moves it after each later
         batch (scored with the previous estimate). ``update_state=False`` (evaluation) changes
-        nothing: no log Z estimate, no stream advance. Gradients reach both anchors, a learnable
-        ``logit_scale`` and ``bias``."""
+        nothing: no log Z estimate, no stream advance. ``update_index``: the rows a following
+        ``update_`` will write, range-checked with the scoring inputs (before log Z changes).
+        Gradients reach both anchors, a learnable ``logit_scale`` and ``bias``."""
         err, index_dim, n_cols, s, b, checks = None, 0, 0, None, None, None
         try:
             index, n_cols, s, b, checks = self._check_score_args(anchor_s, anchor_t, index, num_negatives, loss,
-                                                                 logit_scale, bias, consistency, update_state)
+                                                                 logit_scale, bias, consistency, update_state,
+                                                                 update_index)
             index_dim = index.dim()
         except (ValueError, TypeError, RuntimeError) as exc:
             err = exc
