@@ -361,6 +361,7 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                                      phase_dir, mid_epoch=dict(epoch=epoch, batches_done=i + 1, sums=sums.clone(),
                                                                part_sums=dict(part_sums), seen=seen,
                                                                elapsed=time.perf_counter() - t0))
+                    rt.barrier()  # a checkpoint exists once every rank has written its file
                     _test_kill_hook(step)
                 if bar is not None:
                     el = time.perf_counter() - t0
