@@ -37,3 +37,9 @@ def test_ddp_crd_example_replicated_and_sharded(tmp_path):
             torch.testing.assert_close(shard[1][key], t, atol=1e-6, rtol=1e-6, msg=key)
     torch.testing.assert_close(shard[0]["criterion.memory.log_z"], rep[0]["criterion.memory.log_z"], atol=1e-6, rtol=1e-6)
     assert int(shard[1]["criterion.memory.rng_offset"]) == int(rep[0]["criterion.memory.rng_offset"]) == 3 * 12 * 16
+
+
+def test_readme_shows_the_example_verbatim():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    script = open(os.path.join(REPO, "examples", "ddp_crd.py")).read()
+    assert "<!-- examples/ddp_crd.py -->\n```python\n" + script + "```" in readme
