@@ -13,11 +13,9 @@ moved by ``.to()``, but not ``named_buffers()``, so DistributedDataParallel neve
 Host-side copies of the seed, offset and "log Z is set" flag avoid a device sync per step; they
 are refreshed whenever a state dict is loaded (use ``set_rng_state`` to move the stream).
 """
-import math
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .. import ops
 from ..ops import _validate as V
