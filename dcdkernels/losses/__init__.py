@@ -2,8 +2,9 @@
 
 ``CRDLoss`` (RepDistiller), ``DCDLoss`` / ``ICDLoss`` (Giakoumoglou & Stathaki), ``CoCoRDLoss``
 (Fu et al.), ``PCKDLoss`` (Ding et al.). Every module keeps its state (banks, queues, pointers,
-partition estimates, sampler stream, epoch) in buffers, runs on every backend
-(``backend="auto"|"eager"|"cpu"|"cuda"|"triton"``) and under autocast (loss math in fp32).
+partition estimates, sampler stream, epoch) in ``state_dict()`` (banks and queues in
+``dcdkernels.memory`` modules, ``memory_mode="local"|"replicated"|"sharded"``), runs on every
+backend (``backend="auto"|"eager"|"cpu"|"cuda"|"triton"``) and under autocast (loss math in fp32).
 """
 from ..memory.comm import log_partition as log_partition_from_lse
 from ._common import Embed, ema_

@@ -52,7 +52,7 @@ class PairedMemoryBank(StreamAndPartition):
 
     def __init__(self, n_rows: int, dim: int, *, dtype=torch.float32, init: str = "uniform", init_seed: int = 0,
                  z_mode: str = "frozen", z_momentum: float = 0.99, mode: str = "local", process_group=None,
-                 backend: str = "auto", seed: int = 0, offset: int = 0, device=None, shard_chunk: int = 1 << 20):
+                 backend: str = "auto", seed: int = 0, offset: int = 0, device=None, shard_chunk: int = 1 << 18):
         super().__init__()
         if not isinstance(n_rows, int) or not isinstance(dim, int) or n_rows < 1 or dim < 1:
             raise ValueError(f"n_rows and dim must be positive ints, got {n_rows!r}, {dim!r}")

@@ -125,7 +125,7 @@ def _layout(loss: str, need_grad: bool, need_lse: bool, D: int):
 def shard_partials(anchor: torch.Tensor, index_fn: Callable[[int, int], torch.Tensor], shard: torch.Tensor,
                    row_start: int, n_rows: int, n_cols: int, *, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
                    loss: str, log_z: Optional[torch.Tensor], need_grad: bool, need_lse: bool, backend: str = "auto",
-                   chunk: int = 1 << 20) -> Partials:
+                   chunk: int = 1 << 18) -> Partials:
     """Partial statistics of the columns whose rows this shard owns, from the fused kernel.
 
     anchor (B, D) all-gathered anchors; ``index_fn(b0, b1)`` returns the (b1-b0, K+1) global
@@ -233,7 +233,7 @@ def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn
                         shard_s: torch.Tensor, shard_t: torch.Tensor, row_start: int, n_rows: int, n_cols: int, *,
                         logit_scale: torch.Tensor, bias: Optional[torch.Tensor], loss: str,
                         log_z: Optional[torch.Tensor], need_grad: bool, need_lse: bool, need_kl: bool,
-                        backend: str = "auto", chunk: int = 1 << 20) -> Partials:
+                        backend: str = "auto", chunk: int = 1 << 18) -> Partials:
     """Partials of the owned columns of both directions, from ``dual_sampled_contrast_outputs``
     run on this rank's rows of both banks with local indices (absent columns elsewhere).
 
