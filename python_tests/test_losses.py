@@ -190,7 +190,7 @@ def test_crd_loads_a_repdistiller_state_and_continues_identically():
     # An unset RepDistiller Z (-1) loads as "unset".
     fresh = CRDLoss.from_opt(OPT, backend="eager")
     fresh.load_repdistiller_state_dict(RDCRDLoss(OPT).state_dict())
-    assert torch.isnan(fresh.log_z).all() and not fresh._log_z_set
+    assert torch.isnan(fresh.log_z).all() and not fresh.memory.log_z_is_set
 
 
 def test_crd_from_opt_and_attributes():
@@ -200,7 +200,8 @@ def test_crd_from_opt_and_attributes():
     assert (crd.nce_k, crd.nce_t, crd.nce_m, crd.z_momentum) == (9, 0.07, 0.5, 0.99)
     stdv = 1 / math.sqrt(OPT.feat_dim / 3)
     assert crd.bank_s.abs().max() <= stdv and torch.isnan(crd.log_z).all()
-    assert {"bank_s", "bank_t", "log_z", "rng_state"} <= set(crd.state_dict())
+    assert {"memory.bank_s", "memory.bank_t", "memory.log_z", "memory.rng_seed", "memory.rng_offset"} <= set(crd.state_dict())
+    assert crd.memory_mode == "local" and not list(crd.buffers())  # all state in crd.memory, none a DDP buffer
     assert crd.bank_s.dtype == torch.float32
     assert CRDLoss.from_opt(OPT, bank_dtype=torch.bfloat16).bank_t.dtype == torch.bfloat16
 

@@ -11,7 +11,8 @@ import torch
 import dcdkernels
 from dcdkernels import reference as R
 from dcdkernels.memory import MemoryBank, MomentumQueue, init_rows, memory_buffer_names, shard_bounds
-from dcdkernels.memory import distributed as Dist
+from dcdkernels.memory import comm
+from dcdkernels.memory import sharded as Dist
 
 # Backends that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1).
 CPU_BACKENDS = [b for b, (ok, _) in dcdkernels.availability().items() if ok and b in ("eager", "cpu", "triton")]
@@ -40,9 +41,9 @@ def unit(*shape, gen=None, dtype=torch.float32):
 
 # ------------------------------------------------------------------------------------- init / buffers
 def test_init_is_independent_of_the_shard_layout(monkeypatch):
-    from dcdkernels.memory import bank as bank_module
+    from dcdkernels.memory import state as state_module
 
-    monkeypatch.setattr(bank_module, "_INIT_BLOCK", 16)  # small blocks: the same logic, cheaper
+    monkeypatch.setattr(state_module, "_INIT_BLOCK", 16)  # small blocks: the same logic, cheaper
     N, D = 100, 3  # spans seven init blocks
     for init in ("uniform", "normal"):
         full = init_rows(N, D, 0, N, init=init, seed=7, dtype=torch.float32, device="cpu")
@@ -315,10 +316,85 @@ def test_sharded_partials_merge_to_the_reference(loss, N, W, backend):
     assert theta.grad is not None and beta.grad is not None
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("loss", ["infonce", "nce"])
+@pytest.mark.parametrize("N,W", [(23, 1), (23, 3), (9, 4)])  # (9, 4): the last shard is empty
+def test_dual_sharded_partials_merge_to_the_reference(loss, N, W, backend):
+    """The paired banks' shards: both directions and the consistency KL (loss, LSE, gradients to
+    both anchors, the scale and the bias) merge to the unsharded dual op's."""
+    g = torch.Generator().manual_seed(8)
+    D, B, K = 8, 6, 7
+    bank_s, bank_t = unit(N, D, gen=g), unit(N, D, gen=g)
+    zs, zt = unit(B, D, gen=g).requires_grad_(), unit(B, D, gen=g).requires_grad_()
+    theta = torch.tensor(1.3, requires_grad=True)
+    beta = torch.tensor(0.2, requires_grad=True)
+    idx = torch.randint(0, N, (B, K + 1), generator=g)
+    idx[0, 3] = idx[0, 0]
+    idx[1] = torch.randint(0, 3, (K + 1,), generator=g)  # every column in the first shard
+    idx[2, 0] = N - 1
+    log_z = torch.tensor([2.5, 1.5])
+    s = theta.exp()
+    kl_on = loss == "infonce"
+    ls, lt, kl, lse_s, lse_t = R.dual_sampled_contrast(zs, zt, bank_s, bank_t, idx, logit_scale=s, bias=beta, loss=loss,
+                                                       log_z=log_z if loss == "nce" else None, compute_kl=kl_on)
+    want = torch.stack([ls, lt, kl])
+    parts = []
+    for r in range(W):
+        a, e = shard_bounds(N, W, r)
+        with skip_missing_kernels():
+            parts.append(Dist.dual_shard_partials(
+                zs.detach(), zt.detach(), lambda b0, b1: idx[b0:b1], bank_s[a:e], bank_t[a:e], a, N, K + 1,
+                logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
+                need_grad=True, need_lse=True, need_kl=kl_on, backend=backend, chunk=3 * (K + 1)))
+    losses, lse, ga, gsc = Dist.finalize_dual(Dist.merge_partials(parts), zs.detach(), zt.detach(), loss=loss,
+                                              logit_scale=s, bias=beta, need_grad=True, need_lse=True, need_kl=kl_on)
+    # Against the unsharded kernel (the local and replicated paths): fp32 to 1e-6.
+    from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_outputs
+    with skip_missing_kernels():
+        full = dual_sampled_contrast_outputs(zs.detach(), zt.detach(), bank_s, bank_t, idx, logit_scale=s.detach(),
+                                             bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
+                                             compute_kl=kl_on, backend=backend)
+    # Each carries about 1e-6 of fp32 rounding against the fp64 values (measured: the sharded
+    # merge is no less accurate than the fused kernel), so they agree to 2e-6.
+    for got, ref in zip((losses, lse, ga, gsc), full):
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-6)
+    # Against autograd of the oracle.
+    tol = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(losses, want.detach(), **tol)
+    torch.testing.assert_close(lse, torch.stack([lse_s, lse_t]), **tol)
+    for term in range(3):
+        if term == 2 and not kl_on:
+            continue
+        gs_, gt_, gth, gb = torch.autograd.grad(want[term].sum(), [zs, zt, theta, beta], allow_unused=True,
+                                                retain_graph=True)
+        zero = torch.zeros_like(zs)
+        ga_s = ga[0] if term == 0 else ga[2] if term == 2 else zero
+        ga_t = ga[1] if term == 1 else ga[3] if term == 2 else zero
+        torch.testing.assert_close(ga_s, gs_ if gs_ is not None else zero, **tol)
+        torch.testing.assert_close(ga_t, gt_ if gt_ is not None else zero, **tol)
+        torch.testing.assert_close(gsc[0, term].sum() * s.detach(), gth, **tol)
+        if loss == "infonce":  # exactly 0 (autograd gives rounding noise)
+            assert torch.equal(gsc[1, term], torch.zeros_like(gsc[1, term])) and abs(float(gb)) < 1e-5
+        else:
+            torch.testing.assert_close(gsc[1, term].sum(), gb, **tol)
+    # Through the autograd wrapper: gradients reach both anchors, theta and beta.
+    zs2, zt2 = zs.detach().clone().requires_grad_(), zt.detach().clone().requires_grad_()
+    th2 = theta.detach().clone().requires_grad_()
+    out = Dist.PrecomputedDualContrast.apply(zs2, zt2, th2.exp(), beta, losses, ga, gsc)
+    out.sum().backward()
+    gzs, gzt, gth = torch.autograd.grad(want.sum(), [zs, zt, theta])
+    torch.testing.assert_close(zs2.grad, gzs, **tol)
+    torch.testing.assert_close(zt2.grad, gzt, **tol)
+    torch.testing.assert_close(th2.grad, gth, **tol)
+
+
 def test_lse_stats_combine():
     x = torch.randn(17) * 30
-    parts = [Dist.lse_stats(x[:5]), Dist.lse_stats(x[5:]), Dist.lse_stats(x[:0])]
-    torch.testing.assert_close(Dist.combine_lse_stats(torch.cat(parts)).float(), torch.logsumexp(x, 0))
+    parts = [comm.lse_stats(x[:5]), comm.lse_stats(x[5:]), comm.lse_stats(x[:0])]
+    torch.testing.assert_close(comm.combine_lse_stats(torch.cat(parts)).float(), torch.logsumexp(x, 0))
+    # the one log Z formula: RepDistiller's log(N mean(exp(u))) over B (K+1) scores
+    u = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(comm.log_partition(torch.logsumexp(u, 1), 50, 6), (50 * u.exp().mean()).log())
 
 
 # ------------------------------------------------------------------------------------- queue
@@ -376,8 +452,11 @@ def test_memory_buffer_names_for_ddp():
     model.queue = MomentumQueue(4, 4)
     model.bn = torch.nn.BatchNorm1d(4)
     names = memory_buffer_names(model)
-    assert names == ["student.memory.bank", "student.memory.log_z", "student.memory.rng_seed",
-                     "student.memory.rng_offset", "student.memory.shard_layout", "queue.queue", "queue.queue_ptr"]
+    assert names == ["student.memory.shard_layout", "student.memory.bank", "student.memory.log_z",
+                     "student.memory.rng_seed", "student.memory.rng_offset", "queue.shard_layout", "queue.queue",
+                     "queue.queue_ptr"]
+    # memory state is in the state dict but not a buffer: DDP's broadcasts never see it
+    assert set(names) <= set(model.state_dict()) and not set(names) & {n for n, _ in model.named_buffers()}
     model._ddp_params_and_buffers_to_ignore = ["bn.running_mean"]
     ignored = ddp_ignore_memory_buffers(model)
     assert ignored == ["bn.running_mean"] + names

@@ -263,3 +263,42 @@ def test_killed_mid_epoch_resumes_identically(tmp_path, teacher_ckpt):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     strip = lambda h: [{k: v for k, v in e.items() if k != "epoch_time"} for e in h]
     assert strip(a["history"]) == strip(b["history"])
+
+
+@pytest.mark.distributed
+def test_torchrun_sharded_killed_mid_epoch_resumes_identically(tmp_path, teacher_ckpt):
+    """``--memory-mode sharded`` under torchrun (gloo, 2 ranks): each rank holds half of each bank;
+    SIGKILL after the mid-epoch checkpoint of step 3 (epoch 2), then --resume: every rank's
+    checkpoint equals the uninterrupted run's."""
+    args = ["--method", "crd", "--epochs", "2", "--memory-mode", "sharded", "--save-every-steps", "1",
+            "--teacher-ckpt", teacher_ckpt, "--teacher-cache", ""] + TINY
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+    def torchrun(name, *extra, kill=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "dcdkernels.train", "--out-dir", str(tmp_path / name), *args, *extra]
+        e = dict(env, DCDKERNELS_TEST_KILL_AFTER_STEP=str(kill)) if kill else env
+        return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=180)
+
+    proc = torchrun("straight")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun("killed", kill=3)
+    assert proc.returncode != 0  # both ranks killed after their checkpoint of step 3
+    for rank, f in enumerate(("checkpoint.pt", "checkpoint.rank1.pt")):
+        ck = torch.load(tmp_path / "killed" / "student" / f, weights_only=False)
+        assert ck["step"] == 3 and ck["mid_epoch"]["epoch"] == 2, rank
+    proc = torchrun("killed", "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = []
+    for f in ("checkpoint.pt", "checkpoint.rank1.pt"):
+        a = torch.load(tmp_path / "straight" / "student" / f, weights_only=False)
+        b = torch.load(tmp_path / "killed" / "student" / f, weights_only=False)
+        assert a["step"] == b["step"] == 4 and b["mid_epoch"] is None
+        for k in a["module"]:
+            assert torch.equal(torch.nan_to_num(a["module"][k]), torch.nan_to_num(b["module"][k])), (f, k)
+        shards.append(a["module"])
+    key = "criterion.memory.bank_s"
+    assert shards[0][key].shape == shards[1][key].shape == (128, 128)  # 256 rows: half of each bank per rank
+    assert shards[0]["criterion.memory.shard_layout"].tolist() == [256, 2, 0]
+    assert shards[1]["criterion.memory.shard_layout"].tolist() == [256, 2, 1]
+    assert torch.equal(shards[0]["criterion.memory.log_z"], shards[1]["criterion.memory.log_z"])

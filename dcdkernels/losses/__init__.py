@@ -2,10 +2,12 @@
 
 ``CRDLoss`` (RepDistiller), ``DCDLoss`` / ``ICDLoss`` (Giakoumoglou & Stathaki), ``CoCoRDLoss``
 (Fu et al.), ``PCKDLoss`` (Ding et al.). Every module keeps its state (banks, queues, pointers,
-partition estimates, sampler stream, epoch) in buffers, runs on every backend
-(``backend="auto"|"eager"|"cpu"|"cuda"|"triton"``) and under autocast (loss math in fp32).
+partition estimates, sampler stream, epoch) in ``state_dict()`` (banks and queues in
+``dcdkernels.memory`` modules, ``memory_mode="local"|"replicated"|"sharded"``), runs on every
+backend (``backend="auto"|"eager"|"cpu"|"cuda"|"triton"``) and under autocast (loss math in fp32).
 """
-from ._common import Embed, ema_, log_partition_from_lse
+from ..memory.comm import log_partition as log_partition_from_lse
+from ._common import Embed, ema_
 from .cocord import CoCoRDLoss, byol_loss
 from .crd import CRDLoss
 from .dcd import DCDLoss, ICDLoss

@@ -1,24 +1,27 @@
-"""Pieces shared by the method losses: the embedding head, EMA of parameter lists, the
-partition estimate, memory-bank state (banks, log Z, sampler stream) and state-dict remapping.
+"""Pieces shared by the method losses: the embedding head, EMA of parameter lists, input checks,
+the paired-bank base (its state lives in ``dcdkernels.memory``) and state-dict remapping.
 
 Conventions every loss module follows:
 
-* All state (banks, queues, pointers, log Z, the sampler's seed/offset, the epoch) lives in
-  buffers, so ``state_dict()`` captures it and a resumed run continues bit-identically.
+* All state (banks, queues, pointers, log Z, the sampler's seed/offset, the epoch) is in
+  ``state_dict()``, so a resumed run continues bit-identically; memory state lives in
+  ``dcdkernels.memory`` modules (``memory_mode="local"|"replicated"|"sharded"``).
+* Every input is validated before the first state change (and, in distributed modes, agreed on
+  by every rank first: a bad input on one rank raises on all of them).
 * Heads may run under ``torch.autocast``; their outputs are cast to float32 (float64 stays
   float64) and the contrast ops run with autocast disabled, so every loss is accumulated in fp32.
 * State changes (bank/queue writes, Z estimation, EMA) happen only in training mode and always
   AFTER the batch has been scored (EMA of heads: before, as in the official CoCoRD code).
 """
 import contextlib
-import math
 from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from ..memory import PairedMemoryBank
+from ..ops import _validate as V
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -69,20 +72,6 @@ def ema_(targets: Sequence[Tensor], sources: Sequence[Tensor], momentum: float) 
     torch._foreach_lerp_(targets, sources, 1.0 - momentum)
 
 
-def log_partition_from_lse(lse: Tensor, n_rows: int, n_cols: int) -> Tensor:
-    """RepDistiller's ``Z = N * mean(exp(u))`` over the batch's B*(K+1) scores, in log space:
-    ``log Z = log N + logsumexp_b(lse_b) - log(B*(K+1))`` (``lse_b`` = per-row LSE of ``u``)."""
-    lse = lse.double()
-    return math.log(n_rows) + torch.logsumexp(lse, dim=0) - math.log(lse.shape[0] * n_cols)
-
-
-def uniform_bank(n_rows: int, dim: int, dtype=torch.float32) -> Tensor:
-    """RepDistiller's memory init, drawn exactly as ``ContrastMemory`` does (same RNG calls):
-    ``rand(N, D) * 2 stdv - stdv``, ``stdv = 1/sqrt(D/3)``."""
-    stdv = 1.0 / math.sqrt(dim / 3)
-    return torch.rand(n_rows, dim).mul_(2 * stdv).add_(-stdv).to(dtype)
-
-
 def rename_keys(state_dict, prefix: str, mapping) -> None:
     """In place: ``prefix + old`` -> ``prefix + new`` for each (old, new) in ``mapping``."""
     for old, new in mapping:
@@ -90,62 +79,104 @@ def rename_keys(state_dict, prefix: str, mapping) -> None:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
-class MemoryBankState(nn.Module):
-    """Base of the bank-based losses (CRD, DCD memory form): two banks, the sampler stream.
+MEMORY_MODES = ("local", "replicated", "sharded")
 
-    Buffers: ``bank_s`` (student embeddings, RepDistiller ``memory_v1``), ``bank_t`` (teacher
-    embeddings, ``memory_v2``), ``rng_state`` = (seed, offset) of the in-kernel negative sampler.
-    A Python mirror of ``rng_state`` avoids a device sync per step; it is refreshed on load.
-    """
 
-    def _init_banks(self, n_data: int, feat_dim: int, bank_dtype, seed: Optional[int]) -> None:
+def resolve_seed(seed: Optional[int], memory_mode: str) -> int:
+    """The negative stream's seed: ``seed``, or drawn from torch's RNG (local mode, after the banks,
+    as before), or 0 in distributed modes (every rank must agree without communication)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64)) if memory_mode == "local" else 0
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return seed
+
+
+class PairedMemoryLoss(nn.Module):
+    """Base of the losses that score a ``PairedMemoryBank`` (CRD, the DCD memory form). All the
+    state is in ``self.memory``; this class builds it, loads the older state-dict layouts and
+    exposes the former attribute names (``bank_s``, ``bank_t``, ``log_z``, ``rng_state``)."""
+
+    def _init_memory(self, n_data, feat_dim, *, bank_dtype, seed, memory_mode, process_group, backend, bank_init,
+                     z_momentum: Optional[float] = None) -> None:
         if not isinstance(n_data, int) or n_data < 2:
             raise ValueError(f"n_data must be an int >= 2, got {n_data!r}")
-        # Same RNG calls and order as RepDistiller's ContrastMemory (memory_v1 then memory_v2).
-        self.register_buffer("bank_s", uniform_bank(n_data, feat_dim, bank_dtype))
-        self.register_buffer("bank_t", uniform_bank(n_data, feat_dim, bank_dtype))
-        if seed is None:  # drawn after the banks, so the bank init matches RepDistiller's
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        if seed < 0:
-            raise ValueError("seed must be >= 0")
-        self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
-        self._rng = [int(seed), 0]
-        self.register_load_state_dict_post_hook(_refresh_after_load)
+        if memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+        if bank_init is None:  # RepDistiller's RNG calls locally; seeded blocks shared by every rank otherwise
+            bank_init = "torch_rng" if memory_mode == "local" else "uniform"
+        self.memory = PairedMemoryBank(
+            n_data, feat_dim, dtype=bank_dtype, init=bank_init, init_seed=0 if seed is None else int(seed),
+            z_mode="frozen" if z_momentum is None else "ema", z_momentum=0.0 if z_momentum is None else z_momentum,
+            mode=memory_mode, process_group=process_group, backend=backend)
+        self.memory.set_rng_state(resolve_seed(seed, memory_mode), 0)  # drawn after the banks (RepDistiller order)
 
-    def _refresh_mirrors(self) -> None:
-        self._rng = [int(v) for v in self.rng_state.tolist()]
+    @property
+    def memory_mode(self) -> str:
+        return self.memory.mode
 
     @property
     def n_data(self) -> int:
-        return self.bank_s.shape[0]
+        return self.memory.n_rows
 
-    def index_args(self, idx: Tensor, contrast_idx: Optional[Tensor], num_negatives: int):
-        """(index, kwargs, K) for the sampled ops: an explicit (B, K+1) ``contrast_idx`` (column 0
-        the positive), or the positives ``idx`` with in-kernel sampling from (seed, offset)."""
-        if contrast_idx is not None:
-            if contrast_idx.dim() != 2:
-                raise ValueError(f"contrast_idx must be (B, K+1) with column 0 the positive, "
-                                 f"got shape {tuple(contrast_idx.shape)}")
-            return contrast_idx, {}, contrast_idx.shape[1] - 1
-        if idx is None:
-            raise ValueError("idx (the dataset rows of the batch) is required")
-        seed, offset = self._rng
-        return idx.reshape(-1), dict(num_negatives=num_negatives, seed=seed, offset=offset), num_negatives
+    @property
+    def bank_s(self) -> Tensor:
+        return self.memory.bank_s
 
-    @torch.no_grad()
-    def advance_rng(self, batch: int, num_negatives: int) -> None:
-        self._rng[1] += batch * num_negatives
-        self.rng_state[1] = self._rng[1]
+    @property
+    def bank_t(self) -> Tensor:
+        return self.memory.bank_t
 
-    @torch.no_grad()
-    def update_banks(self, idx: Tensor, z_s: Tensor, z_t: Tensor, momentum: float, backend: str) -> None:
-        idx = idx.reshape(-1)
-        ops.bank_momentum_update_(self.bank_s, idx, z_s.detach(), momentum, backend=backend)
-        ops.bank_momentum_update_(self.bank_t, idx, z_t.detach(), momentum, backend=backend)
+    @property
+    def log_z(self) -> Tensor:
+        return self.memory.log_z
+
+    @property
+    def rng_state(self) -> Tensor:
+        """(seed, offset) of the negative stream, as the former ``rng_state`` buffer (a copy)."""
+        return torch.tensor(list(self.memory.rng_state()), dtype=torch.int64)
+
+    def reset_partition(self) -> None:
+        """Forget Z: the next training batch estimates it again."""
+        self.memory.reset_partition()
+
+    def _check_memory_inputs(self, f_s, f_t, idx, contrast_idx, num_negatives: int):
+        """The structural input checks (no device sync), before any head runs, agreed on by every
+        rank: returns (idx (B,), scoring index, num_negatives or None). The value checks (index
+        ranges, finite anchors) run inside ``memory.score`` (``update_index=idx``) before its
+        first state change, and guard it when checks are deferred."""
+        err, out = None, (None, None, None)
+        try:
+            B = check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
+            idx = V.index_tensor("idx", check_batch_index(idx, B), device=f_s.device, rows=B, dims=(1,))
+            if contrast_idx is not None:
+                if not isinstance(contrast_idx, Tensor) or contrast_idx.dim() != 2:
+                    raise ValueError(f"contrast_idx must be (B, K+1) with column 0 the positive, got "
+                                     f"{tuple(contrast_idx.shape) if isinstance(contrast_idx, Tensor) else contrast_idx!r}")
+                contrast_idx = V.index_tensor("contrast_idx", contrast_idx, device=f_s.device, rows=B, dims=(2,))
+            out = (idx, idx, num_negatives) if contrast_idx is None else (idx, contrast_idx, None)
+        except (ValueError, TypeError) as exc:
+            err = exc
+        self.memory.agree(err, self.memory.bank_s.device)
+        return out
 
 
-def _refresh_after_load(module, incompatible_keys) -> None:
-    module._refresh_mirrors()
+def remap_paired_memory_keys(module: PairedMemoryLoss, state_dict, prefix: str) -> None:
+    """This library's former keys (``bank_s``, ``bank_t``, ``log_z``, ``rng_state`` (seed, offset))
+    and RepDistiller's banks (``contrast.memory_v1``/``memory_v2``) -> ``memory.*``; state the
+    old layouts lack (the stream, the shard layout) keeps its current value. In place."""
+    mem = prefix + "memory."
+    rename_keys(state_dict, prefix, [("contrast.memory_v1", "memory.bank_s"), ("contrast.memory_v2", "memory.bank_t"),
+                                     ("bank_s", "memory.bank_s"), ("bank_t", "memory.bank_t"),
+                                     ("log_z", "memory.log_z")])
+    rng = state_dict.pop(prefix + "rng_state", None)
+    if rng is not None:
+        rng = torch.as_tensor(rng).reshape(-1)
+        state_dict.setdefault(mem + "rng_seed", rng[0].clone())
+        state_dict.setdefault(mem + "rng_offset", rng[1].clone())
+    if mem + "bank_s" in state_dict or mem + "bank_t" in state_dict:
+        for name, t in module.memory.state_tensors().items():
+            state_dict.setdefault(mem + name, t.detach().clone())
 
 
 def first_linear_in_features(module: nn.Module) -> int:

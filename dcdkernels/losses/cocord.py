@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops, reference
-from ._common import (check_features, ema_, first_linear_in_features, freeze_, make_projector, no_autocast,
-                      parameter_pairs, to_loss_dtype)
+from .. import ops
+from ..memory import MomentumQueue, check_loadable
+from ..ops import _validate as V
+from ._common import (MEMORY_MODES, check_features, ema_, first_linear_in_features, freeze_, make_projector,
+                      no_autocast, parameter_pairs, rename_keys, to_loss_dtype)
 
 
 def make_predictor(dim: int, pred_dim: int) -> nn.Sequential:
@@ -54,6 +56,16 @@ class CoCoRDLoss(nn.Module):
         feature_fn: ``feature_fn(encoder, x) -> (B, s_dim)`` features of the slow encoder
             (default ``encoder(x)``; e.g. ``lambda m, x: m(x, is_feat=True)[0][-1]`` for RepDistiller).
         backend: backend of the contrast op. queue_dtype: storage dtype of the queue.
+        memory_mode: "local" (default) or "replicated": every rank all-gathers its keys in rank
+            order before the enqueue (MoCo's ``concat_all_gather``), so every rank holds the queue
+            one process would hold on the concatenated batch. "sharded" means the same as
+            "replicated" here: the queue holds K keys whatever the dataset size and is scored
+            densely, so there is nothing to shard by dataset row. BatchNorm in the heads stays
+            per rank (convert them with ``SyncBatchNorm`` on GPUs for global statistics).
+        process_group: the group of the distributed modes (default: the world).
+        queue_init: "torch_rng" (unit rows from torch's global RNG, as before; the local default)
+            or "normal" (the same distribution in seeded blocks, ``queue_seed``; the default of the
+            distributed modes, so that every rank starts from the same queue).
 
     ``forward(f_s, f_t, f_s2=None, f_slow=None, f_slow2=None, *, x_s=None, x_s2=None)``:
         ``f_s``/``f_s2`` student features of views 1 / 2 (view 1 is the query), ``f_t`` teacher
@@ -70,8 +82,11 @@ class CoCoRDLoss(nn.Module):
     init and EMA'd from the student projector exactly as officially. With equal dims all
     parameters are EMA'd, as in the official code.
 
-    Buffers: ``queue`` (K, embed_dim) unit rows (the official layout is (embed_dim, K)),
-    ``queue_ptr``. In eval mode nothing is updated (no EMA, no enqueue).
+    State: ``self.memory``, a :class:`dcdkernels.memory.MomentumQueue` (``memory.queue`` (K,
+    embed_dim) unit rows (the official layout is (embed_dim, K)), ``memory.queue_ptr``);
+    ``queue`` and ``queue_ptr`` remain as attributes and the former keys load. In eval mode
+    nothing is updated (no EMA, no enqueue). Every input is checked (finite features, batch
+    against the queue, on every rank) before any EMA, BatchNorm statistics or enqueue.
     ``last_terms`` holds the detached ``{"ctr", "pred"}`` terms of the last call.
     """
 
@@ -79,7 +94,8 @@ class CoCoRDLoss(nn.Module):
                  queue_size: int = 2048, temperature: float = 0.1, teacher_momentum: float = 0.999,
                  slow_momentum: float = 0.9, ctr_weight: float = 1.0, pred_weight: float = 4.0, *,
                  student_encoder: Optional[nn.Module] = None, feature_fn: Optional[Callable] = None,
-                 backend: str = "auto", queue_dtype: torch.dtype = torch.float32):
+                 backend: str = "auto", queue_dtype: torch.dtype = torch.float32, memory_mode: str = "local",
+                 process_group=None, queue_init: Optional[str] = None, queue_seed: int = 0):
         super().__init__()
         if queue_size < 1 or temperature <= 0:
             raise ValueError(f"need queue_size >= 1 and temperature > 0, got {queue_size}, {temperature}")
@@ -104,10 +120,33 @@ class CoCoRDLoss(nn.Module):
             freeze_(self.slow_encoder.parameters())
             self._online_encoder = (student_encoder,)
         self.feature_fn = feature_fn or _call_encoder
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, embed_dim), dim=1).to(queue_dtype))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.int64))
+        if memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+        if queue_init is None:
+            queue_init = "torch_rng" if memory_mode == "local" else "normal"
+        if queue_init not in ("torch_rng", "normal"):
+            raise ValueError(f"queue_init must be 'torch_rng' or 'normal', got {queue_init!r}")
+        self.memory = MomentumQueue(queue_size, embed_dim, dtype=queue_dtype,
+                                    init="empty" if queue_init == "torch_rng" else "normal", init_seed=queue_seed,
+                                    mode=memory_mode, process_group=process_group)
+        if queue_init == "torch_rng":
+            with torch.no_grad():
+                self.memory.queue.copy_(F.normalize(torch.randn(queue_size, embed_dim), dim=1))
+        self.register_load_state_dict_pre_hook(_remap_queue_keys)
         self._updated_this_step = False
         self.last_terms = {}
+
+    @property
+    def queue(self) -> Tensor:
+        return self.memory.queue
+
+    @property
+    def queue_ptr(self) -> Tensor:
+        return self.memory.queue_ptr
+
+    @property
+    def memory_mode(self) -> str:
+        return self.memory.mode
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -136,21 +175,36 @@ class CoCoRDLoss(nn.Module):
                 f_slow2: Optional[Tensor] = None, *, x_s: Optional[Tensor] = None,
                 x_s2: Optional[Tensor] = None) -> Tensor:
         s_dim, t_dim = first_linear_in_features(self.projector), first_linear_in_features(self.teacher_projector)
-        B = check_features(f_s=(f_s, s_dim), f_t=(f_t, t_dim), f_s2=(f_s2, s_dim), f_slow=(f_slow, s_dim),
-                           f_slow2=(f_slow2, s_dim))
-        if B > self.queue.shape[0]:
-            raise ValueError(f"batch of {B} keys is larger than the queue ({self.queue.shape[0]} rows)")
         use_pred = self.pred_weight != 0
+        err, B = None, 0
+        try:  # every check before any EMA, BatchNorm statistics or enqueue, agreed on by every rank
+            B = check_features(f_s=(f_s, s_dim), f_t=(f_t, t_dim), f_s2=(f_s2, s_dim), f_slow=(f_slow, s_dim),
+                               f_slow2=(f_slow2, s_dim))
+            checks = V.ValueChecks()
+            for name, t in (("f_s", f_s), ("f_t", f_t), ("f_s2", f_s2), ("f_slow", f_slow), ("f_slow2", f_slow2),
+                            ("x_s", x_s), ("x_s2", x_s2)):
+                if t is not None:
+                    checks.finite(name, t)
+            checks.run()
+            if use_pred:
+                if f_s2 is None:
+                    raise ValueError("CoCoRD's prediction term needs the student features of the second view (f_s2)")
+                if (f_slow is None and x_s2 is None) or (f_slow2 is None and x_s is None):
+                    raise ValueError("CoCoRD's prediction term needs the slow student's features (f_slow of view 2, "
+                                     "f_slow2 of view 1) or the views x_s, x_s2 with student_encoder set")
+                if (f_slow is None or f_slow2 is None) and self.slow_encoder is None:
+                    raise ValueError("no slow encoder: build CoCoRDLoss with student_encoder=... or pass f_slow")
+        except (ValueError, TypeError) as exc:
+            err = exc
+        sizes = self.memory.agree_sizes(B, err, self.queue.device)
+        if sum(sizes) > self.queue.shape[0]:
+            raise ValueError(f"batch of {sum(sizes)} keys ({sizes} per rank) is larger than the queue "
+                             f"({self.queue.shape[0]} rows)")
         if use_pred:
-            if f_s2 is None:
-                raise ValueError("CoCoRD's prediction term needs the student features of the second view (f_s2)")
-            if f_slow is None and x_s2 is not None:
+            if f_slow is None:
                 f_slow = self.slow_features(x_s2)
-            if f_slow2 is None and x_s is not None:
+            if f_slow2 is None:
                 f_slow2 = self.slow_features(x_s)
-            if f_slow is None or f_slow2 is None:
-                raise ValueError("CoCoRD's prediction term needs the slow student's features (f_slow of view 2, "
-                                 "f_slow2 of view 1) or the views x_s, x_s2 with student_encoder set")
         try:
             if self.training:
                 self.momentum_update()
@@ -174,9 +228,20 @@ class CoCoRDLoss(nn.Module):
                 loss_pred = (byol_loss(p1, t1) + byol_loss(p2, t2)).mean()
                 total = total + self.pred_weight * loss_pred
             if self.training:  # after scoring
-                with torch.no_grad():
-                    self.queue_ptr.copy_(reference.queue_enqueue_(self.queue, self.queue_ptr, k))
+                self.memory.enqueue_(k)
         finally:
             self._updated_this_step = False
         self.last_terms = {"ctr": loss_ctr.detach(), "pred": loss_pred.detach()}
         return total
+
+
+def _remap_queue_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                      error_msgs) -> None:
+    """The former keys ``queue`` and ``queue_ptr`` ((1,) int64) -> ``memory.*``; then the whole state
+    dict is validated (shapes, pointer range) before anything loads."""
+    rename_keys(state_dict, prefix, [("queue", "memory.queue")])
+    if prefix + "queue_ptr" in state_dict and prefix + "memory.queue_ptr" not in state_dict:
+        state_dict[prefix + "memory.queue_ptr"] = torch.as_tensor(state_dict.pop(prefix + "queue_ptr")).reshape(())
+    if prefix + "memory.queue" in state_dict:
+        state_dict.setdefault(prefix + "memory.shard_layout", module.memory.shard_layout.clone())
+    check_loadable(module, state_dict, prefix)

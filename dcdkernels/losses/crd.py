@@ -17,18 +17,16 @@ LSE of a first no-grad InfoNCE pass (no fp32/fp16 ``exp(1/T)`` overflow); the op
 in-kernel uniform negatives from a counter-based stream instead of the AliasMethod sampler; state
 changes only in training mode.
 """
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from ._common import (Embed, MemoryBankState, check_batch_index, check_features, log_partition_from_lse,
-                      no_autocast, rename_keys)
+from ..memory import check_loadable
+from ._common import Embed, PairedMemoryLoss, no_autocast, remap_paired_memory_keys, rename_keys
 
 
-class CRDLoss(MemoryBankState):
+class CRDLoss(PairedMemoryLoss):
     """Contrastive Representation Distillation loss over two memory banks.
 
     Args (RepDistiller's names and defaults):
@@ -41,7 +39,17 @@ class CRDLoss(MemoryBankState):
             later batch, after scoring it (the batch is always scored with the previous Z).
         backend: backend of every op ("auto", "eager", "cpu", "cuda", "triton").
         bank_dtype: storage dtype of the banks (fp32 default; bf16 halves the memory).
-        seed: seed of the in-kernel negative sampler (drawn from torch's RNG when None).
+        seed: seed of the in-kernel negative sampler (drawn from torch's RNG when None; 0 in the
+            distributed modes). It also seeds ``bank_init="uniform"``.
+        memory_mode: "local" (default), "replicated" (every rank holds both banks; updates
+            all-gathered in rank order, so the banks, Z and the stream equal one process on the
+            concatenated batch) or "sharded" (rank r holds ceil(N/W) rows of each bank; scoring
+            merges the fused kernel's partials across ranks). Distributed modes need
+            ``torch.distributed`` initialised first; every rank calls ``forward`` each step.
+        process_group: the group of the distributed modes (default: the world).
+        bank_init: "torch_rng" (RepDistiller's exact RNG calls; the local default) or "uniform"
+            (the same distribution in seeded blocks, identical whatever the world size; the
+            default of the distributed modes).
 
     ``forward(f_s, f_t, idx, contrast_idx=None)``: ``idx`` (B,) the dataset rows of the batch;
     ``contrast_idx`` (B, K+1) with column 0 the positive (RepDistiller's CIFAR dataset), or None to
@@ -49,8 +57,11 @@ class CRDLoss(MemoryBankState):
     ``rng_state`` buffer (the offset advances by B*K per training step, so a resumed run continues
     the same stream; ``dcdkernels.sample_negatives`` reproduces the indices).
 
-    Buffers: ``bank_s``, ``bank_t``, ``log_z`` = (log Z_s, log Z_t) (NaN until the first training
-    batch; Z_s belongs to the student direction, RepDistiller's ``Z_v1``), ``rng_state``.
+    State: ``self.memory``, a :class:`dcdkernels.memory.PairedMemoryBank` (``memory.bank_s``,
+    ``memory.bank_t``, ``memory.log_z`` = (log Z_s, log Z_t), NaN until the first training batch,
+    Z_s the student direction's (RepDistiller's ``Z_v1``), ``memory.rng_seed``/``rng_offset``).
+    ``bank_s``, ``bank_t``, ``log_z``, ``rng_state`` remain as read-only attributes. A plain
+    ``DistributedDataParallel`` leaves the memory alone (it is not made of buffers).
 
     First batch: the NCE loss needs Z before scoring, so a no-grad InfoNCE pass of the same batch
     (same indices, same banks, logit scale 1/T, no bias) returns the per-row LSE of ``u``, and
@@ -69,21 +80,32 @@ class CRDLoss(MemoryBankState):
 
     def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
                  nce_t: float = 0.07, nce_m: float = 0.5, *, z_momentum: Optional[float] = None,
-                 backend: str = "auto", bank_dtype: torch.dtype = torch.float32, seed: Optional[int] = None):
+                 backend: str = "auto", bank_dtype: torch.dtype = torch.float32, seed: Optional[int] = None,
+                 memory_mode: str = "local", process_group=None, bank_init: Optional[str] = None):
         super().__init__()
         if nce_k < 1 or nce_t <= 0 or not 0.0 <= nce_m <= 1.0:
             raise ValueError(f"need nce_k >= 1, nce_t > 0, 0 <= nce_m <= 1; got {nce_k}, {nce_t}, {nce_m}")
         if z_momentum is not None and not 0.0 <= z_momentum < 1.0:
             raise ValueError(f"z_momentum must be None or in [0, 1), got {z_momentum}")
         self.feat_dim, self.nce_k, self.nce_t, self.nce_m = feat_dim, int(nce_k), float(nce_t), float(nce_m)
-        self.z_momentum, self.backend = z_momentum, backend
+        self.backend = backend
         # Same construction order as RepDistiller: embed_s, embed_t, memory_v1, memory_v2.
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
-        self._init_banks(n_data, feat_dim, bank_dtype, seed)
-        self.register_buffer("log_z", torch.full((2,), float("nan")))
-        self._log_z_set = False
+        self._init_memory(n_data, feat_dim, bank_dtype=bank_dtype, seed=seed, memory_mode=memory_mode,
+                          process_group=process_group, backend=backend, bank_init=bank_init, z_momentum=z_momentum)
         self.register_load_state_dict_pre_hook(_remap_repdistiller_keys)
+
+    @property
+    def z_momentum(self) -> Optional[float]:
+        """None (Z frozen after the first batch) or the EMA momentum m (held by ``self.memory``)."""
+        return None if self.memory.z_mode == "frozen" else self.memory.z_momentum
+
+    @z_momentum.setter
+    def z_momentum(self, m: Optional[float]) -> None:
+        if m is not None and not 0.0 <= m < 1.0:
+            raise ValueError(f"z_momentum must be None or in [0, 1), got {m}")
+        self.memory.z_mode, self.memory.z_momentum = ("frozen", 0.0) if m is None else ("ema", float(m))
 
     @classmethod
     def from_opt(cls, opt, **kwargs) -> "CRDLoss":
@@ -95,77 +117,39 @@ class CRDLoss(MemoryBankState):
         args.update(kwargs)
         return cls(**args)
 
-    def _refresh_mirrors(self) -> None:
-        super()._refresh_mirrors()
-        self._log_z_set = bool(torch.isfinite(self.log_z).all())
-
-    def reset_partition(self) -> None:
-        """Forget Z: the next training batch estimates it again."""
-        self.log_z.fill_(float("nan"))
-        self._log_z_set = False
-
     def load_repdistiller_state_dict(self, state_dict, strict: bool = True):
         """Load a state dict of RepDistiller's ``CRDLoss`` (keys remapped, see the class doc)."""
         return self.load_state_dict(state_dict, strict=strict)
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Optional[Tensor] = None) -> Tensor:
-        check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
+        idx, index, num_negatives = self._check_memory_inputs(f_s, f_t, idx, contrast_idx, self.nce_k)
         z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)  # fp32 (fp64 stays fp64), unit rows
-        idx = check_batch_index(idx, z_s.shape[0])
-        index, sample_kw, K = self.index_args(idx, contrast_idx, self.nce_k)
-        scale = 1.0 / self.nce_t
-        first = not self._log_z_set
         with no_autocast(z_s.device):
-            if first:
-                if not self.training:
-                    raise RuntimeError("CRDLoss: Z is not set yet; run a training batch or load a state first")
-                with torch.no_grad():
-                    est = ops.dual_sampled_contrast(z_s.detach(), z_t.detach(), self.bank_s, self.bank_t, index,
-                                                    logit_scale=scale, loss="infonce", backend=self.backend,
-                                                    **sample_kw)
-                    self._set_log_z(est.lse_s, est.lse_t, K)
-            out = ops.dual_sampled_contrast(z_s, z_t, self.bank_s, self.bank_t, index, logit_scale=scale, loss="nce",
-                                            log_z=self.log_z, backend=self.backend, **sample_kw)
+            # First training batch: log Z per direction from a no-grad InfoNCE pass of the same
+            # batch (inside the memory); EMA mode: moved after scoring. Eval: nothing changes.
+            out = self.memory.score(z_s, z_t, index, logit_scale=1.0 / self.nce_t, loss="nce",
+                                    num_negatives=num_negatives, update_state=self.training, update_index=idx)
             loss = out.loss_s.mean() + out.loss_t.mean()
-        if self.training:  # after scoring: Z (EMA mode), the banks, the sampler stream
-            with torch.no_grad():
-                if self.z_momentum is not None and not first:
-                    self._ema_log_z(out.lse_s, out.lse_t, K)
-                self.update_banks(idx, z_s, z_t, self.nce_m, self.backend)
-                if sample_kw:
-                    self.advance_rng(z_s.shape[0], K)
+        if self.training:  # after scoring: the banks (Z and the stream moved inside score)
+            self.memory.update_(idx, z_s.detach(), z_t.detach(), self.nce_m)
         return loss
-
-    def _batch_log_z(self, lse_s: Tensor, lse_t: Tensor, K: int) -> Tensor:
-        N = self.n_data
-        return torch.stack([log_partition_from_lse(lse_s, N, K + 1), log_partition_from_lse(lse_t, N, K + 1)])
-
-    def _set_log_z(self, lse_s, lse_t, K) -> None:
-        self.log_z.copy_(self._batch_log_z(lse_s, lse_t, K))
-        self._log_z_set = True
-
-    def _ema_log_z(self, lse_s, lse_t, K) -> None:
-        m = self.z_momentum
-        batch = self._batch_log_z(lse_s, lse_t, K)
-        lz = self.log_z.double()
-        new = torch.logaddexp(lz + math.log(m), batch + math.log1p(-m)) if m > 0 else batch
-        self.log_z.copy_(new)
 
     def extra_repr(self) -> str:
         return (f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t}, "
-                f"nce_m={self.nce_m}, z_momentum={self.z_momentum}, backend={self.backend!r}")
+                f"nce_m={self.nce_m}, z_momentum={self.z_momentum}, backend={self.backend!r}, "
+                f"memory_mode={self.memory_mode!r}")
 
 
 def _remap_repdistiller_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                              error_msgs) -> None:
-    """RepDistiller ``CRDLoss.state_dict()`` keys -> ours (in place, before loading)."""
+    """RepDistiller's and this library's former ``CRDLoss`` keys -> ours (in place), then the
+    whole state dict is validated before anything loads."""
     rename_keys(state_dict, prefix, [("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
-                                     ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias"),
-                                     ("contrast.memory_v1", "bank_s"), ("contrast.memory_v2", "bank_t")])
+                                     ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
     params = state_dict.pop(prefix + "contrast.params", None)
-    if params is not None and prefix + "log_z" not in state_dict:
-        z = params[2:4].detach().double().cpu()
+    if params is not None and prefix + "log_z" not in state_dict and prefix + "memory.log_z" not in state_dict:
+        z = torch.as_tensor(params)[2:4].detach().double().cpu()
         log_z = torch.where(z > 0, z.clamp_min(1e-300).log(), torch.full_like(z, float("nan")))
-        state_dict[prefix + "log_z"] = log_z.to(module.log_z.dtype)
-    if prefix + "rng_state" not in state_dict and prefix + "bank_s" in state_dict:
-        state_dict[prefix + "rng_state"] = module.rng_state.clone()
+        state_dict[prefix + "memory.log_z"] = log_z.to(module.log_z.dtype)
+    remap_paired_memory_keys(module, state_dict, prefix)
+    check_loadable(module, state_dict, prefix)

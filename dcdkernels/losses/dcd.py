@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from ._common import Embed, MemoryBankState, check_batch_index, check_features, no_autocast, rename_keys
+from ..memory import check_loadable
+from ._common import Embed, PairedMemoryLoss, check_features, no_autocast, remap_paired_memory_keys, rename_keys
 
 
-class DCDLoss(MemoryBankState):
+class DCDLoss(PairedMemoryLoss):
     """Discriminative and Consistent Distillation loss.
 
     Args:
@@ -29,7 +29,9 @@ class DCDLoss(MemoryBankState):
             form, which keeps ``bank_s``/``bank_t`` (as CRD) and draws ``nce_k`` negatives per row.
         nce_k: negatives per row in the memory form (default 16384, or pass ``contrast_idx``).
         bank_momentum: momentum of the bank update in the memory form (0.5, as CRD).
-        backend: backend of every op. bank_dtype, seed: as :class:`CRDLoss`.
+        backend: backend of every op. bank_dtype, seed, memory_mode, process_group, bank_init: as
+            :class:`CRDLoss` (memory form only; the in-batch form holds no memory and accepts only
+            ``memory_mode="local"``).
 
     Parameters: ``log_scale`` (theta, official ``params.tau``) and ``bias`` (official ``params.b``).
     A shared shift of all logits cancels in both softmaxes, so the loss does not depend on the
@@ -59,7 +61,8 @@ class DCDLoss(MemoryBankState):
     def __init__(self, s_dim: int, t_dim: int, feat_dim: int = 128, alpha: float = 0.5, init_log_scale: float = 1.0,
                  max_scale: float = 10.0, *, n_data: Optional[int] = None, nce_k: Optional[int] = None,
                  bank_momentum: float = 0.5, backend: str = "auto", bank_dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, memory_mode: str = "local", process_group=None,
+                 bank_init: Optional[str] = None):
         super().__init__()
         if alpha < 0 or max_scale <= 0:
             raise ValueError(f"need alpha >= 0 and max_scale > 0, got {alpha}, {max_scale}")
@@ -68,11 +71,14 @@ class DCDLoss(MemoryBankState):
         self.embed_t = Embed(t_dim, feat_dim)
         self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
         self.bias = nn.Parameter(torch.tensor(0.0))
-        self.memory = n_data is not None
+        self.memory = None
         self.nce_k = int(nce_k if nce_k is not None else 16384)
         self.bank_momentum = float(bank_momentum)
-        if self.memory:
-            self._init_banks(int(n_data), feat_dim, bank_dtype, seed)
+        if n_data is not None:
+            self._init_memory(n_data, feat_dim, bank_dtype=bank_dtype, seed=seed, memory_mode=memory_mode,
+                              process_group=process_group, backend=backend, bank_init=bank_init)
+        elif memory_mode != "local" or process_group is not None:
+            raise ValueError("the in-batch DCD loss holds no memory: memory_mode and process_group need n_data")
         self.register_load_state_dict_pre_hook(_remap_official_keys)
 
     def logit_scale(self) -> Tensor:
@@ -82,12 +88,15 @@ class DCDLoss(MemoryBankState):
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Optional[Tensor] = None,
                 contrast_idx: Optional[Tensor] = None) -> Tensor:
-        check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
+        if self.memory is not None:
+            idx, index, num_negatives = self._check_memory_inputs(f_s, f_t, idx, contrast_idx, self.nce_k)
+        else:
+            check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
         z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)
         with no_autocast(z_s.device):
             s = self.logit_scale()
-            if self.memory:
-                loss = self._memory_loss(z_s, z_t, s, idx, contrast_idx)
+            if self.memory is not None:
+                loss = self._memory_loss(z_s, z_t, s, idx, index, num_negatives)
             else:
                 loss = self._in_batch_loss(z_s, z_t, s)
         return loss + 0.0 * self.bias  # the bias cancels in every softmax: exact zero gradient
@@ -102,20 +111,17 @@ class DCDLoss(MemoryBankState):
         kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum() / B  # kl_div(log_p_s, p_t, "batchmean")
         return ce + self.alpha * kl
 
-    def _memory_loss(self, z_s, z_t, s, idx, contrast_idx) -> Tensor:
-        idx = check_batch_index(idx, z_s.shape[0])
-        index, sample_kw, K = self.index_args(idx, contrast_idx, self.nce_k)
-        out = ops.dual_sampled_contrast(z_s, z_t, self.bank_s, self.bank_t, index, logit_scale=s, loss="infonce",
-                                        consistency=self.alpha, backend=self.backend, **sample_kw)
+    def _memory_loss(self, z_s, z_t, s, idx, index, num_negatives) -> Tensor:
+        out = self.memory.score(z_s, z_t, index, logit_scale=s, loss="infonce", consistency=self.alpha,
+                                num_negatives=num_negatives, update_state=self.training, update_index=idx)
         loss = out.loss_s.mean() + out.consistency.mean()
         if self.training:
-            self.update_banks(idx, z_s, z_t, self.bank_momentum, self.backend)
-            if sample_kw:
-                self.advance_rng(z_s.shape[0], K)
+            self.memory.update_(idx, z_s.detach(), z_t.detach(), self.bank_momentum)
         return loss
 
     def extra_repr(self) -> str:
-        mem = f", n_data={self.n_data}, nce_k={self.nce_k}, bank_momentum={self.bank_momentum}" if self.memory else ""
+        mem = (f", n_data={self.n_data}, nce_k={self.nce_k}, bank_momentum={self.bank_momentum}, "
+               f"memory_mode={self.memory_mode!r}") if self.memory is not None else ""
         return f"alpha={self.alpha}, max_scale={self.max_scale}{mem}, backend={self.backend!r}"
 
 
@@ -135,5 +141,6 @@ def _remap_official_keys(module, state_dict, prefix, local_metadata, strict, mis
     rename_keys(state_dict, prefix, [("params.tau", "log_scale"), ("params.b", "bias"),
                                      ("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
                                      ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
-    if module.memory and prefix + "rng_state" not in state_dict and prefix + "bank_s" in state_dict:
-        state_dict[prefix + "rng_state"] = module.rng_state.clone()
+    if module.memory is not None:
+        remap_paired_memory_keys(module, state_dict, prefix)
+    check_loadable(module, state_dict, prefix)

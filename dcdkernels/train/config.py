@@ -46,6 +46,8 @@ class Config:
     nce_t: float = 0.07
     nce_m: float = 0.5
     loss_kwargs: dict = field(default_factory=dict)
+    # memory of the bank/queue losses under torchrun: None = "replicated" when WORLD_SIZE > 1
+    memory_mode: Optional[str] = None
     # optimisation (student)
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
@@ -164,6 +166,9 @@ def build_parser():
     g.add_argument("--nce-k", type=int, help="negatives per anchor (CRD; memory-form DCD/ICD)")
     g.add_argument("--nce-t", type=float, help="NCE temperature (0.07)")
     g.add_argument("--nce-m", type=float, help="memory momentum (0.5)")
+    g.add_argument("--memory-mode", choices=("local", "replicated", "sharded"),
+                   help="memory of CRD / memory-form DCD / CoCoRD under torchrun: replicated (the default with "
+                        "WORLD_SIZE > 1: every rank holds the banks) or sharded (rank r holds ceil(N/W) rows)")
     g.add_argument("--loss-arg", dest="loss_args", action="append", type=_kv, metavar="KEY=VALUE",
                    help="extra keyword argument of the loss module's constructor (repeatable)")
     g = p.add_argument_group("optimisation")

@@ -113,6 +113,17 @@ def uses_memory(cfg, base):
     return base == "crd" or (base in ("dcd", "icd") and bool((cfg.loss_kwargs or {}).get("memory", False)))
 
 
+def memory_mode(cfg) -> str:
+    """``cfg.memory_mode``, defaulting to "replicated" under torch.distributed with several ranks
+    (every rank the same banks / queue, as one process on the concatenated batch), else "local"."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        return "local"
+    return cfg.memory_mode or "replicated"
+
+
 def build_criterion(cfg, method: str, s_dim: int, t_dim: int, n_data: int, num_classes: int, backend: str,
                     student: nn.Module, teacher: nn.Module):
     """The loss module of ``method`` (None for ce/kd)."""
@@ -121,19 +132,20 @@ def build_criterion(cfg, method: str, s_dim: int, t_dim: int, n_data: int, num_c
         return None
     from .. import losses
     kw = criterion_kwargs(cfg, base)
+    mem = dict(memory_mode=memory_mode(cfg))
     if base == "crd":
-        args = dict(feat_dim=cfg.feat_dim, nce_k=cfg.nce_k, nce_t=cfg.nce_t, nce_m=cfg.nce_m, backend=backend)
+        args = dict(feat_dim=cfg.feat_dim, nce_k=cfg.nce_k, nce_t=cfg.nce_t, nce_m=cfg.nce_m, backend=backend, **mem)
         args.update(kw)
         return losses.CRDLoss(s_dim, t_dim, n_data, **args)
     if base in ("dcd", "icd"):
         cls = losses.DCDLoss if base == "dcd" else losses.ICDLoss
         args = dict(feat_dim=cfg.feat_dim, backend=backend)
         if kw.pop("memory", False):  # the library's memory form: banks of N rows, K negatives
-            args.update(n_data=n_data, nce_k=cfg.nce_k, bank_momentum=cfg.nce_m)
+            args.update(n_data=n_data, nce_k=cfg.nce_k, bank_momentum=cfg.nce_m, **mem)
         args.update(kw)
         return cls(s_dim, t_dim, **args)
     if base == "cocord":
-        args = dict(backend=backend, student_encoder=student, feature_fn=_penultimate)
+        args = dict(backend=backend, student_encoder=student, feature_fn=_penultimate, **mem)
         args.update(kw)
         return losses.CoCoRDLoss(s_dim, t_dim, **args)
     if base == "pckd":

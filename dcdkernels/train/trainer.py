@@ -317,10 +317,11 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
 
     net = module
     if rt.distributed:
-        replicate_memory_updates(module.criterion)
+        # The loss modules' memory (banks, queues, log Z, streams) is distributed-correct by itself
+        # (memory_mode, see dcdkernels.memory) and not made of buffers: DDP never touches it.
         net = nn.parallel.DistributedDataParallel(
             module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-            broadcast_buffers=False,  # banks / queues are per-rank state, never overwritten from rank 0
+            broadcast_buffers=False,  # BatchNorm statistics: per rank, broadcast from rank 0 at epoch ends
             find_unused_parameters=base in ("cocord", "pckd") or (module.criterion is not None and not module.beta))
 
     steps_per_epoch = len(loader)
@@ -356,8 +357,6 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                if rt.distributed:
-                    sync_partition_estimates(module.criterion)
                 step += 1
                 n = batch["y"].numel()
                 seen += n
@@ -371,6 +370,7 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                                      phase_dir, mid_epoch=dict(epoch=epoch, batches_done=i + 1, sums=sums.clone(),
                                                                part_sums=dict(part_sums), seen=seen,
                                                                elapsed=time.perf_counter() - t0))
+                    rt.barrier()  # a checkpoint exists once every rank has written its file
                     _test_kill_hook(step)
                 if bar is not None:
                     el = time.perf_counter() - t0
@@ -422,46 +422,8 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.distributed: DDP runs with broadcast_buffers=False (banks and queues are never
-# overwritten by rank 0's); these keep the replicated state identical on every rank instead.
+# torch.distributed
 # ----------------------------------------------------------------------------------------------
-def replicate_memory_updates(criterion):
-    """Make the loss module's bank update replicated: every rank all-gathers (idx, z_s, z_t) in rank
-    order and applies the same update, so the banks stay bit-identical across ranks (as if one
-    process had seen the concatenated batch; SPEC §5 replicated mode). Modules without an
-    ``update_banks`` method (CoCoRD's queue, PCKD) are left alone: their state is per rank."""
-    fn = getattr(criterion, "update_banks", None)
-    if fn is None or getattr(criterion, "_replicated_updates", False):
-        return
-    from ..memory.distributed import all_gather_rows
-
-    def update_banks(idx, z_s, z_t, momentum, backend):
-        idx = idx.reshape(-1)
-        local = torch.tensor([idx.numel()], device=idx.device)
-        sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, local)
-        sizes = [int(v) for v in sizes]
-        return fn(all_gather_rows(idx, sizes, None), all_gather_rows(z_s.detach().contiguous(), sizes, None),
-                  all_gather_rows(z_t.detach().contiguous(), sizes, None), momentum, backend)
-
-    criterion.update_banks = update_banks
-    criterion._replicated_updates = True
-
-
-@torch.no_grad()
-def sync_partition_estimates(criterion):
-    """NCE partition estimates (``log_z`` buffers) from rank 0, so every rank scores with the same Z."""
-    if criterion is None:
-        return
-    synced = False
-    for name, buf in criterion.named_buffers():
-        if name.split(".")[-1] == "log_z":
-            dist.broadcast(buf, 0)
-            synced = True
-    if synced and hasattr(criterion, "_refresh_mirrors"):
-        criterion._refresh_mirrors()  # the loss modules' Python mirror of "Z is set"
-
-
 @torch.no_grad()
 def broadcast_bn_buffers(model):
     """BatchNorm running statistics from rank 0 (once per epoch, before evaluation and saving)."""
