@@ -370,3 +370,26 @@ def test_probes_aliasing_and_repeated_calls_are_consistent(backend):
     for step in range(3):
         ops.bank_momentum_update_(b2, torch.tensor([step, step + 1]), bank[step:step + 2], 0.5, backend=backend)
     torch.testing.assert_close(b2.norm(dim=1), torch.ones(10), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probes_found_backend_disagreements(backend):
+    np = pytest.importorskip("numpy")
+    q, bank, index = _sampled_inputs()
+    # NumPy scalars are real numbers like Python floats (np.float32 was refused, np.float64 not).
+    ref = ops.sampled_contrast(q, bank, index, logit_scale=10.0, backend=backend)
+    for s in (np.float32(10.0), np.float64(10.0), np.int64(10)):
+        assert torch.equal(ops.sampled_contrast(q, bank, index, logit_scale=s, backend=backend), ref)
+    b = _unit(10, 6, 3)
+    ops.bank_momentum_update_(b, torch.tensor([1]), _unit(1, 6), np.float32(0.5), backend=backend)
+    # An inference tensor is refused outside inference mode on every backend (eager raised deep in
+    # torch, the fused kernels wrote into it).
+    with torch.inference_mode():
+        frozen = _unit(10, 6, 3)
+    with pytest.raises(ValueError, match="inference"):
+        ops.bank_momentum_update_(frozen, torch.tensor([1]), _unit(1, 6), 0.5, backend=backend)
+    # A float16 bank updated with float64 values: fp32 math on every backend (triton refused it).
+    half = _unit(10, 6, 3).half()
+    expected = R.bank_momentum_update_(half.clone(), torch.tensor([1, 4]), _unit(2, 6, 5).double(), 0.5)
+    ops.bank_momentum_update_(half, torch.tensor([1, 4]), _unit(2, 6, 5).double(), 0.5, backend=backend)
+    torch.testing.assert_close(half, expected, atol=1e-3, rtol=1e-3)

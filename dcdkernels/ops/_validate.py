@@ -29,10 +29,16 @@ others (sign and finiteness, read with them); float scalars are checked on the h
 """
 import collections
 import math
+import numbers
 import operator
 from typing import Optional
 
 import torch
+
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional
+    np_bool = bool
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MODES = ("auto", "sync", "deferred", "off")
@@ -157,7 +163,7 @@ def scalar(name: str, value, *, device, dtype, positive=False, checks: Optional[
             checks.run()
             out = checks.tie(out)
         return out
-    if isinstance(value, bool) or not isinstance(value, (float, int)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
     try:
         as_float = float(value)
@@ -167,6 +173,11 @@ def scalar(name: str, value, *, device, dtype, positive=False, checks: Optional[
     if not (math.isfinite(as_float) and abs(as_float) <= torch.finfo(dtype).max) or (positive and as_float <= 0):
         raise ValueError(f"{name} must be {need} (in {dtype}), got {value}")
     return torch.tensor(as_float, dtype=dtype, device=device)
+
+
+def is_real(value) -> bool:
+    """A real Python or NumPy scalar (``numbers.Real``), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
 
 
 def integer(name: str, value, *, lo: int = 0, hi: Optional[int] = None) -> int:

@@ -29,8 +29,13 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     input do the Python checks below run, to raise the error that names the argument."""
     # momentum: a Python float (the schema's double): a tensor, a bool or a string is refused here
     # on every backend, before the CPU fast path (whose binding would accept a 0-d tensor).
-    if isinstance(momentum, bool) or not isinstance(momentum, (float, int)):
+    if not V.is_real(momentum):
         raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if (isinstance(bank, Tensor) and not torch.compiler.is_compiling() and bank.is_inference()
+            and not torch.is_inference_mode_enabled()):
+        raise ValueError("bank is an inference tensor: it can be updated in place only under torch.inference_mode() "
+                         "(create the bank outside inference mode, or clone it)")
     if (backend in ("auto", "cpu") and isinstance(bank, Tensor) and bank.device.type == "cpu"
             and not (bank.requires_grad and torch.is_grad_enabled()) and isinstance(value, Tensor)
             and not torch.compiler.is_compiling() and _ext.has_kernel("bank_momentum_update_", "CPU")):
@@ -52,8 +57,8 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     index = V.index_tensor("index", index, device=bank.device, rows=value.shape[0], dims=(1,))
     if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
-    backend = backends.resolve(backend, bank.device, "bank_momentum_update_",
-                               V.accumulation_dtype(bank, value))
+    # The math dtype is the bank's (fp32, fp64 for an fp64 bank), whatever the values' dtype.
+    backend = backends.resolve(backend, bank.device, "bank_momentum_update_", V.accumulation_dtype(bank))
     if value.shape[0] == 0:
         return bank
     if backend != "cpu":
@@ -63,6 +68,8 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
         checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
         index = checks.guard(index, bank.shape[0])
     value = value.detach()
+    if backend in ("cuda", "triton") and value.dtype == torch.float64:
+        value = value.float()  # the fp32 math reads it so on every backend (the GPU kernels take no fp64)
     with torch.no_grad():
         if backend == "eager":
             reference.bank_momentum_update_(bank, index, value, float(momentum))

@@ -111,7 +111,7 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
     if bank_s.dtype != bank_t.dtype:
         raise TypeError(f"bank_s ({bank_s.dtype}) and bank_t ({bank_t.dtype}) must share one dtype")
     checks.finite("anchor_t", anchor_t)
-    if isinstance(consistency, (bool, Tensor)) or not isinstance(consistency, (float, int)):
+    if not V.is_real(consistency):
         raise TypeError(f"consistency must be a float >= 0, got {type(consistency).__name__}")
     if not (math.isfinite(consistency) and consistency >= 0):
         raise ValueError(f"consistency must be a finite float >= 0, got {consistency!r}")
