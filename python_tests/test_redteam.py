@@ -393,3 +393,29 @@ def test_probes_found_backend_disagreements(backend):
     expected = R.bank_momentum_update_(half.clone(), torch.tensor([1, 4]), _unit(2, 6, 5).double(), 0.5)
     ops.bank_momentum_update_(half, torch.tensor([1, 4]), _unit(2, 6, 5).double(), 0.5, backend=backend)
     torch.testing.assert_close(half, expected, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available here")
+def test_class1_tensor_scalars_are_deferred_checks_in_deferred_mode():
+    """In the deferred mode (the CUDA default for the fused backends), a bad tensor scalar is
+    queued like the other value checks: no host read in the call, the error at the next call or
+    at check_errors()."""
+    from dcdkernels.ops import _validate as V
+    dcdkernels.check_errors()
+    dcdkernels.set_value_checks("deferred")
+    try:
+        q, bank, index = _sampled_inputs()
+        ops.sampled_contrast(q, bank, index, logit_scale=torch.tensor(math.nan), backend="triton")
+        assert len(V._PENDING) == 1
+        with pytest.raises(ValueError, match="earlier call.*logit_scale must be finite and > 0"):
+            dcdkernels.check_errors()
+    finally:
+        dcdkernels.set_value_checks(True)
+        V._PENDING.clear()
+
+
+def test_value_checks_op_passes_opcheck():
+    from dcdkernels.ops._validate import value_checks_op
+    torch.library.opcheck(value_checks_op, (torch.tensor([False, False]), "a\x1fb", False))
+    with pytest.raises(ValueError, match="^b$"):
+        value_checks_op(torch.tensor([False, True]), "a\x1fb", False)

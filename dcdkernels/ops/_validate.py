@@ -143,7 +143,8 @@ def scalar(name: str, value, *, device, dtype, positive=False, checks: Optional[
     """A float or 0-d tensor as a 0-d tensor of the accumulation dtype on ``device``, finite (and
     > 0 with ``positive``) in that dtype. Learnable tensors keep their autograd graph (the cast is
     differentiable). A tensor's value is a data check of ``checks`` (read with the call's other
-    checks: deferred on CUDA under "auto"); without ``checks`` it is read here, at once."""
+    checks: deferred on CUDA under "auto"); without ``checks`` it is read here, as a read-only
+    call's check (at once on CPU, deferred on CUDA under "auto")."""
     need = "finite" + (" and > 0" if positive else "")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -159,8 +160,8 @@ def scalar(name: str, value, *, device, dtype, positive=False, checks: Optional[
             v = out.detach()
             bad = ~torch.isfinite(v) | (v <= 0) if positive else ~torch.isfinite(v)
             checks._add(bad, f"{name} must be {need}")
-        if own:
-            checks.run()
+        if own:  # a read-only use: deferrable (a deferred failure invalidates the caller's outputs only)
+            checks.run(deferrable=True)
             out = checks.tie(out)
         return out
     if not is_real(value):
