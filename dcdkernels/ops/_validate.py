@@ -157,9 +157,13 @@ def scalar(name: str, value, *, device, dtype, positive=False, checks: Optional[
         own = checks is None
         checks = ValueChecks() if own else checks
         if checks._enabled:
-            v = out.detach()
-            bad = ~torch.isfinite(v) | (v <= 0) if positive else ~torch.isfinite(v)
-            checks._add(bad, f"{name} must be {need}")
+            if value.device.type == "cpu" and _MODE != "deferred" and not torch.compiler.is_compiling():
+                x = value.item()  # one host read of a CPU scalar: cheaper than a tensor condition
+                if not (abs(x) <= torch.finfo(dtype).max and (x > 0 or not positive)):  # False for nan
+                    checks._failed.append(f"{name} must be {need}")
+            else:
+                v = out.detach()
+                checks._add(~torch.isfinite(v) | (v <= 0) if positive else ~torch.isfinite(v), f"{name} must be {need}")
         if own:  # a read-only use: deferrable (a deferred failure invalidates the caller's outputs only)
             checks.run(deferrable=True)
             out = checks.tie(out)
