@@ -75,18 +75,25 @@ DCD_INLINE A pow2_scale_for(A amax) {
 
 template <typename T, typename A>
 DCD_CPU_CLONES void update_row(T* row, const A* v, A* x, int64_t D, A m, A one_minus_m) {
-  A amax = 0;
-#pragma omp simd reduction(max : amax)
-  for (int64_t e = 0; e < D; ++e) {
-    x[e] = m * to_acc<A>(row[e]) + one_minus_m * v[e];
-    amax = std::max(amax, std::abs(x[e]));
-  }
-  const A scale = pow2_scale_for(amax);
   A sq = 0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t e = 0; e < D; ++e) {
-    x[e] *= scale;
+    x[e] = m * to_acc<A>(row[e]) + one_minus_m * v[e];
     sq += x[e] * x[e];
+  }
+  // The common case, 2^-80 <= ||x||^2 <= 2^80: no square overflowed, and any that underflowed
+  // is negligible, so the unscaled quotient is the scaled one (scaling by 2^-e is exact).
+  A scale = 1;
+  if (!(sq >= A(0x1p-80) && sq <= A(0x1p80))) {
+    A amax = 0;
+    for (int64_t e = 0; e < D; ++e) amax = std::max(amax, std::abs(x[e]));
+    scale = pow2_scale_for(amax);
+    sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t e = 0; e < D; ++e) {
+      x[e] *= scale;
+      sq += x[e] * x[e];
+    }
   }
   const A denom = std::max(std::sqrt(sq), A(1e-12) * scale);
 #pragma omp simd

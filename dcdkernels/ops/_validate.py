@@ -182,7 +182,7 @@ def scalar(name: str, value, *, device, dtype, positive=False, checks: Optional[
 
 def is_real(value) -> bool:
     """A real Python or NumPy scalar (``numbers.Real``), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
+    return type(value) is float or (isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool)))
 
 
 def integer(name: str, value, *, lo: int = 0, hi: Optional[int] = None) -> int:
