@@ -151,6 +151,26 @@ def test_class3_compiled_graph_keeps_value_checks(backend):
     with pytest.raises(ValueError, match="logit_scale"):
         compiled(q, bank, index, torch.tensor(-1.0))
 
+    def dense(q, keys, target, s):
+        return ops.dense_contrast(q, keys, target, logit_scale=s, reduction="mean", backend=backend)
+
+    cdense = torch.compile(dense, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(cdense(q, bank, torch.tensor([1, 2, 3]), s), dense(q, bank, torch.tensor([1, 2, 3]), s))
+    with pytest.raises(ValueError, match="target has entries out of range"):
+        cdense(q, bank, torch.tensor([1, 2, 10]), s)
+
+    def dual(qs, qt, bank, index, lz):
+        return ops.dual_sampled_contrast(qs, qt, bank, bank, index, logit_scale=10.0, loss="nce", log_z=lz,
+                                         consistency=0.5, backend=backend).loss_s.sum()
+
+    cdual = torch.compile(dual, backend="aot_eager", fullgraph=True)
+    lz = torch.tensor([1.0, 2.0])
+    torch.testing.assert_close(cdual(q, q, bank, index, lz), dual(q, q, bank, index, lz))
+    with pytest.raises(ValueError, match="anchor_t has non-finite"):
+        cdual(q, nan_q, bank, index, lz)
+    with pytest.raises(ValueError, match="log_z"):
+        cdual(q, q, bank, index, torch.tensor([1.0, math.inf]))
+
     def upd(bank, index, value):
         ops.bank_momentum_update_(bank, index, value, 0.5, backend=backend)
         return bank
