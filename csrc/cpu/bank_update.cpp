@@ -5,11 +5,14 @@
 // from its pre-update value) are then updated in parallel. fp32 math (fp64 for fp64 banks),
 // rounded once to the bank dtype. Every check (shapes, index range, finite values) runs before
 // the bank is touched, so on CPU the Python layer needs no data-dependent check of its own.
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <numeric>
 
+#include "common/layout.h"
 #include "cpu/cpu_utils.h"
 
 namespace dcdkernels {
@@ -56,8 +59,20 @@ DCD_INLINE T to_bank(A x) {
   }
 }
 
-// One row, in place: x = m * row + (1 - m) * v, row = x / max(||x||, 1e-12). The norm's sum is
-// vectorised (reassociated): a serial sum is bound by the add latency.
+// One row, in place: x = m * row + (1 - m) * v, row = x / max(||x||, 1e-12), with a scaled norm
+// (contract: csrc/KERNELS.md): y = x * 2^-e for a power of two near max|x| (exact), then
+// row = y / max(||y||, 1e-12 * 2^-e). The same quotient as unscaled, to the bit, wherever ||x||
+// does not overflow or underflow, and a unit row where it would (finite values near 1e30 in
+// fp32). The norm's sum is vectorised (reassociated): a serial sum is bound by the add latency.
+template <typename A>
+DCD_INLINE A pow2_scale_for(A amax) {
+  int e = 0;
+  std::frexp(amax, &e);  // amax = f * 2^e, f in [0.5, 1) (e = 0 for 0)
+  // Keep 2^-e and 1e-12 * 2^-e normal numbers (the scale itself is then exact).
+  e = std::clamp(e, std::numeric_limits<A>::min_exponent - 1, std::numeric_limits<A>::max_exponent - 2);
+  return std::ldexp(A(1), -e);
+}
+
 template <typename T, typename A>
 DCD_CPU_CLONES void update_row(T* row, const A* v, A* x, int64_t D, A m, A one_minus_m) {
   A sq = 0;
@@ -66,7 +81,21 @@ DCD_CPU_CLONES void update_row(T* row, const A* v, A* x, int64_t D, A m, A one_m
     x[e] = m * to_acc<A>(row[e]) + one_minus_m * v[e];
     sq += x[e] * x[e];
   }
-  const A denom = std::max(std::sqrt(sq), A(1e-12));
+  // The common case, 2^-80 <= ||x||^2 <= 2^80: no square overflowed, and any that underflowed
+  // is negligible, so the unscaled quotient is the scaled one (scaling by 2^-e is exact).
+  A scale = 1;
+  if (!(sq >= A(0x1p-80) && sq <= A(0x1p80))) {
+    A amax = 0;
+    for (int64_t e = 0; e < D; ++e) amax = std::max(amax, std::abs(x[e]));
+    scale = pow2_scale_for(amax);
+    sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t e = 0; e < D; ++e) {
+      x[e] *= scale;
+      sq += x[e] * x[e];
+    }
+  }
+  const A denom = std::max(std::sqrt(sq), A(1e-12) * scale);
 #pragma omp simd
   for (int64_t e = 0; e < D; ++e) row[e] = to_bank<T>(x[e] / denom);
 }
@@ -122,7 +151,7 @@ void bank_momentum_update_cpu(const at::Tensor& bank_in, const at::Tensor& index
   bool in_range = true;
   for (int64_t i = 0; i < index_c.numel(); ++i) in_range &= idx[i] >= 0 && idx[i] < n_rows;
   TORCH_CHECK_VALUE(in_range, "index has entries out of range [0, ", n_rows, ")");
-  at::assert_no_overlap(bank, value);  // rows are written while other rows' values are read
+  check_bank_layout(bank, value);  // before the first write
   const at::Tensor value_c = value.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_c.scalar_type(), "bank_momentum_update_check",
                                   [&] {

@@ -7,11 +7,11 @@
 // one, does nothing. So each row is written by exactly one block, the one of its last
 // occurrence, from its pre-update value (no other block reads or writes that row): the result
 // is deterministic. fp32 math, one rounding to the bank dtype. Rows out of range are skipped.
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/layout.h"
 #include "cuda/cuda_utils.cuh"
 
 namespace dcdkernels {
@@ -19,6 +19,14 @@ namespace gpu {
 namespace {
 
 constexpr int kThreads = 128;
+
+// 2^-e for amax = f * 2^e (f in [0.5, 1)), e clamped to [-126, 126] so that 2^-e and
+// 1e-12 * 2^-e are normal floats. Read from the exponent bits: exact, no libm.
+__device__ __forceinline__ float pow2_scale_for(float amax) {
+  int e = static_cast<int>((__float_as_uint(amax) >> 23) & 0xFFu) - 126;  // frexp's exponent (normal amax)
+  e = max(-126, min(126, e));
+  return __uint_as_float(static_cast<unsigned>(127 - e) << 23);
+}
 
 struct BankUpdateParams {
   void* bank;
@@ -44,17 +52,27 @@ __global__ void __launch_bounds__(kThreads) bank_update_kernel(const BankUpdateP
   if (__syncthreads_or(later)) return;
 
   const int64_t base = row * p.stride;
-  auto mixed = [&](int e) {  // m * bank[row] + (1 - m) * value[pos], element e, in fp32
-    return p.m * load_as_float(p.bank, base + e, p.bank_type) + p.one_minus_m * p.value.at(pos, e);
+  // IEEE round-to-nearest intrinsics throughout: the build may use --use_fast_math, and these
+  // are never approximated or contracted, so each element gets the same roundings as on the CPU
+  // and in Triton (csrc/KERNELS.md): x = fl(fl(m * old) + fl((1 - m) * v)).
+  auto mixed = [&](int e) {
+    return __fadd_rn(__fmul_rn(p.m, load_as_float(p.bank, base + e, p.bank_type)),
+                     __fmul_rn(p.one_minus_m, p.value.at(pos, e)));
   };
+  // Scaled norm: y = x * 2^-e (exact), 2^e near max|x|, so ||y|| neither overflows nor underflows.
+  float amax = 0.f;
+  for (int e = threadIdx.x; e < p.dim; e += kThreads) amax = fmaxf(amax, fabsf(mixed(e)));
+  const float scale = pow2_scale_for(block_max(amax, scratch));
   float sq = 0.f;
   for (int e = threadIdx.x; e < p.dim; e += kThreads) {
-    const float x = mixed(e);
-    sq = fmaf(x, x, sq);
+    const float y = __fmul_rn(mixed(e), scale);
+    sq = __fmaf_rn(y, y, sq);
   }
-  const float denom = fmaxf(sqrtf(block_sum(sq, scratch)), 1e-12f);
+  const float denom = fmaxf(__fsqrt_rn(block_sum(sq, scratch)), __fmul_rn(1e-12f, scale));
   // Each thread rewrites the elements it read: element e is read again before it is written.
-  for (int e = threadIdx.x; e < p.dim; e += kThreads) store_from_float(p.bank, base + e, p.bank_type, mixed(e) / denom);
+  for (int e = threadIdx.x; e < p.dim; e += kThreads) {
+    store_from_float(p.bank, base + e, p.bank_type, __fdiv_rn(__fmul_rn(mixed(e), scale), denom));
+  }
 }
 
 void bank_momentum_update_cuda(const at::Tensor& bank, const at::Tensor& index, const at::Tensor& value,
@@ -73,7 +91,7 @@ void bank_momentum_update_cuda(const at::Tensor& bank, const at::Tensor& index, 
   TORCH_CHECK(value.device() == bank.device() && index.device() == bank.device(),
               "bank, index and value must be on one device");
   TORCH_CHECK(std::isfinite(momentum), "momentum must be finite, got ", momentum);
-  at::assert_no_overlap(bank, value);  // rows are written while other rows' values are read
+  check_bank_layout(bank, value);  // rows are written while other rows' values are read
   if (B == 0 || D == 0) return;
 
   BankUpdateParams p{};

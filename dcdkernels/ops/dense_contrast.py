@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _validate as V
-from .sampled_contrast import _needs_grad
+from .sampled_contrast import _needs_grad, refuse_double_backward
 
 
 @torch.library.custom_op("dcdkernels::dense_contrast", mutates_args=())
@@ -63,6 +63,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_lse, g_ga, g_gp, g_gs):
+    refuse_double_backward("dense_contrast")
     anchor, keys, target, positive, logit_scale, bias, lse, grad_anchor, grad_positive, grad_scalars = ctx.saved_tensors
     if grad_anchor.numel() == 0:
         raise RuntimeError("dense_contrast: backward called but the forward computed no gradients")
@@ -113,6 +114,7 @@ def _setup_context_reduced(ctx, inputs, output):
 def _backward_reduced(ctx, g_loss, g_rows, g_lse, g_ga, g_gp, g_gk, g_gs):
     if g_loss is None:  # only the rows or the LSE were used, and they carry no gradient
         return (None,) * 9
+    refuse_double_backward("dense_contrast")
     if ctx.needs_input_grad[1] and not ctx.keys_grad:
         raise RuntimeError("dense_contrast_reduced: the keys need a gradient but the forward computed none "
                            "(keys_grad=False)")
@@ -177,14 +179,15 @@ def dense_contrast(anchor, keys, target=None, *, positive=None, logit_scale, bia
         checks.finite("weight", weight)
     checks.finite("anchor", anchor)
     acc = V.accumulation_dtype(anchor, keys)
-    s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True)
-    b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
+    s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True, checks=checks)
+    b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc, checks=checks)
     needs_grad = _needs_grad(anchor, keys, positive, s, b)
     # Without other gradients a weight's gradient is the per-row loss: the per-row op serves.
     fused_reduction = reduction != "none" and needs_grad
     op = "dense_contrast_reduced" if fused_reduction else "dense_contrast"
     backend = backends.resolve(backend, anchor.device, op, acc)
     checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
+    s = checks.tie(s)
     positive = None if positive is None else positive.contiguous()
     if backend != "eager" and fused_reduction:
         # Row weights c of the scalar sum_b c_b L_b.

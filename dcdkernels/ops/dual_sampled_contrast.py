@@ -3,6 +3,7 @@
 Both CRD directions at the same indices (student anchor vs teacher bank, teacher anchor vs
 student bank) and the consistency KL(p^t || p^s), from one read of both banks' rows.
 """
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _validate as V
-from .sampled_contrast import LOSS_TYPES, _needs_grad, validate_sampled
+from .sampled_contrast import LOSS_TYPES, _needs_grad, refuse_double_backward, validate_sampled
 
 
 class DualContrastOutput(NamedTuple):
@@ -51,6 +52,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
+    refuse_double_backward("dual_sampled_contrast")
     grad_anchors, grad_scalars = ctx.saved_tensors
     if grad_anchors.numel() == 0:
         raise RuntimeError("dual_sampled_contrast: backward called but the forward computed no gradients")
@@ -68,6 +70,26 @@ def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
 dual_sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _log_z_pair(log_z, device, dtype, checks) -> Tensor:
+    """``(log Z_s, log Z_t)``: a pair of finite floats, or a (2,) float tensor whose values are
+    value checks of the call."""
+    if isinstance(log_z, Tensor):
+        if log_z.shape != (2,) or not log_z.is_floating_point():
+            raise ValueError(f"log_z must be (log Z_s, log Z_t): a float (2,) tensor or a pair of floats, got "
+                             f"{log_z.dtype} of shape {tuple(log_z.shape)}")
+        if log_z.device != device and log_z.device.type != "cpu":
+            raise ValueError(f"log_z is on {log_z.device} but the anchors are on {device}")
+        lz = log_z.to(device=device, dtype=dtype)
+        checks.finite("log_z", lz)
+        return lz
+    if not isinstance(log_z, (tuple, list)):
+        raise TypeError(f"log_z must be (log Z_s, log Z_t): a pair of floats or a (2,) tensor, got "
+                        f"{type(log_z).__name__} {log_z!r}")
+    if len(log_z) != 2:
+        raise ValueError(f"log_z must be (log Z_s, log Z_t), got {len(log_z)} values")
+    return torch.stack([V.scalar("log_z", v, device=device, dtype=dtype, checks=checks) for v in log_z])
+
+
 def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
                           log_z=None, consistency=0.0, num_negatives=None, seed=0, offset=0, backend="auto"):
     """Both directions of CRD at the same indices, plus ``consistency * KL(p^t || p^s)`` per row.
@@ -77,7 +99,8 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
     floats or a (2,) tensor). Returns a :class:`DualContrastOutput` of per-row tensors.
     """
     checks = V.ValueChecks()
-    index = validate_sampled(anchor_s, bank_t, index, loss, log_z, num_negatives, checks, "bank_t", "anchor_s")
+    index, K, seed, offset = validate_sampled(anchor_s, bank_t, index, loss, log_z, num_negatives, checks, "bank_t",
+                                              "anchor_s", seed=seed, offset=offset)
     V.matrix("anchor_t", anchor_t, device=anchor_s.device)
     if anchor_t.shape != anchor_s.shape:
         raise ValueError(f"anchor_t has shape {tuple(anchor_t.shape)} but anchor_s has {tuple(anchor_s.shape)}")
@@ -88,31 +111,29 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
     if bank_s.dtype != bank_t.dtype:
         raise TypeError(f"bank_s ({bank_s.dtype}) and bank_t ({bank_t.dtype}) must share one dtype")
     checks.finite("anchor_t", anchor_t)
-    if not isinstance(consistency, (float, int)) or consistency < 0 or consistency != consistency:
-        raise ValueError(f"consistency must be a float >= 0, got {consistency!r}")
+    if not V.is_real(consistency):
+        raise TypeError(f"consistency must be a float >= 0, got {type(consistency).__name__}")
+    if not (math.isfinite(consistency) and consistency >= 0):
+        raise ValueError(f"consistency must be a finite float >= 0, got {consistency!r}")
     device = anchor_s.device
     acc = V.accumulation_dtype(anchor_s, anchor_t, bank_s, bank_t)
-    s = V.scalar("logit_scale", logit_scale, device=device, dtype=acc, positive=True)
-    b = None if bias is None else V.scalar("bias", bias, device=device, dtype=acc)
-    lz = None
-    if log_z is not None:
-        lz = log_z if isinstance(log_z, Tensor) else torch.tensor([float(v) for v in log_z], dtype=acc, device=device)
-        if lz.shape != (2,):
-            raise ValueError(f"log_z must be (log Z_s, log Z_t), got shape {tuple(lz.shape)}")
-        lz = lz.to(device=device, dtype=acc)
+    s = V.scalar("logit_scale", logit_scale, device=device, dtype=acc, positive=True, checks=checks)
+    b = None if bias is None else V.scalar("bias", bias, device=device, dtype=acc, checks=checks)
+    lz = None if log_z is None else _log_z_pair(log_z, device, acc, checks)
     backend = backends.resolve(backend, device, "dual_sampled_contrast", acc, dim=anchor_s.shape[1])
     checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
+    s = checks.tie(s)
     compute_kl = consistency > 0
     if backend == "eager":
         if index.dim() == 1:
-            index = reference.sample_negatives(index, num_negatives, bank_s.shape[0], seed, offset)
+            index = reference.sample_negatives(index, K, bank_s.shape[0], seed, offset)
         loss_s, loss_t, kl, lse_s, lse_t = reference.dual_sampled_contrast(
             anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s, bias=b, loss=loss, log_z=lz,
             compute_kl=compute_kl)
     else:
         losses, lse, _, _ = dual_sampled_contrast_op(
             anchor_s.contiguous(), anchor_t.contiguous(), bank_s.detach(), bank_t.detach(), index, s, b, lz, LOSS_TYPES[loss], compute_kl,
-            int(num_negatives or 0), int(seed), int(offset), _needs_grad(anchor_s, anchor_t, s, b, lz), 0, backend)
+            K, seed, offset, _needs_grad(anchor_s, anchor_t, s, b, lz), 0, backend)
         loss_s, loss_t, kl = losses.unbind(0)
         lse_s, lse_t = lse.unbind(0)
     return DualContrastOutput(loss_s, loss_t, kl * consistency, lse_s, lse_t)

@@ -12,6 +12,7 @@ from .. import backends, reference
 from . import _validate as V
 
 LOSS_TYPES = {"infonce": 0, "nce": 1}
+MAX_SAMPLED_NEGATIVES = 2**31  # K of in-kernel sampling: int32 columns in the kernels
 
 
 @torch.library.custom_op("dcdkernels::sampled_contrast", mutates_args=())
@@ -44,6 +45,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_lse, g_anchor_out, g_scalars_out):
+    refuse_double_backward("sampled_contrast")
     grad_anchor, grad_scalars = ctx.saved_tensors
     if grad_anchor.numel() == 0:
         raise RuntimeError("sampled_contrast: backward called but the forward computed no gradients")
@@ -59,12 +61,23 @@ def _backward(ctx, g_loss, g_lse, g_anchor_out, g_scalars_out):
 sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def refuse_double_backward(op: str) -> None:
+    """The fused backward is first order only (the saved gradients are constants of the graph):
+    raise as soon as a second-order graph is requested (``create_graph=True`` runs the backward
+    with grad mode on), rather than return zeros for the second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the fused backends do not support double backward (create_graph=True); "
+                           f"use backend='eager' for higher-order gradients")
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, name_bank="bank", anchor_name="anchor"):
-    """Shared checks of the sampled ops. Returns the int64 index."""
+def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, name_bank="bank", anchor_name="anchor",
+                     seed=0, offset=0):
+    """Shared checks of the sampled ops. Returns the int64 index, K (0 for a 2-D index) and the
+    stream's (seed, offset) as ints."""
     V.matrix(anchor_name, anchor)
     B, D = anchor.shape
     V.matrix(name_bank, bank, device=anchor.device, dim=D)
@@ -75,19 +88,22 @@ def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, na
     if loss == "nce" and log_z is None:
         raise ValueError("loss='nce' needs log_z (the log partition estimate, e.g. from the first batch's LSE)")
     index = V.index_tensor("index", index, device=anchor.device, rows=B)
+    K = 0
     if index.dim() == 1:
-        if not num_negatives or num_negatives < 1:
+        if num_negatives is None:
             raise ValueError("a 1-D index holds only the positives: pass num_negatives=K >= 1 to sample negatives")
+        K = V.integer("num_negatives", num_negatives, lo=1, hi=MAX_SAMPLED_NEGATIVES)
         if bank.shape[0] >= 2**31:
             raise ValueError("in-kernel sampling supports banks of fewer than 2**31 rows")
+        seed, offset = V.stream(seed, offset, B * K)
     else:
-        if num_negatives:
+        if num_negatives is not None and num_negatives is not False and num_negatives != 0:
             raise ValueError("num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives")
         if index.shape[1] < 2:
             raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
     checks.index_in_range("index", index, bank.shape[0])
     checks.finite(anchor_name, anchor)
-    return index
+    return index, K, seed, offset
 
 
 def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None,
@@ -102,20 +118,22 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
     the per-row LSE of the logits (no gradient), from which the first-batch log Z is formed.
     """
     checks = V.ValueChecks()
-    index = validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks)
+    index, K, seed, offset = validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, seed=seed,
+                                              offset=offset)
     acc = V.accumulation_dtype(anchor, bank)
-    s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True)
-    b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
-    lz = None if log_z is None else V.scalar("log_z", log_z, device=anchor.device, dtype=acc)
-    backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc)
+    s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True, checks=checks)
+    b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc, checks=checks)
+    lz = None if log_z is None else V.scalar("log_z", log_z, device=anchor.device, dtype=acc, checks=checks)
+    backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc, dim=anchor.shape[1])
     checks.run(deferrable=backend in V.DEFERRABLE_BACKENDS)
+    s = checks.tie(s)
     if backend == "eager":
         if index.dim() == 1:
-            index = reference.sample_negatives(index, num_negatives, bank.shape[0], seed, offset)
+            index = reference.sample_negatives(index, K, bank.shape[0], seed, offset)
         per_row, lse = reference.sampled_contrast(anchor, bank, index, logit_scale=s, bias=b, loss=loss, log_z=lz)
     else:
         per_row, lse, _, _ = sampled_contrast_op(
-            anchor.contiguous(), bank.detach(), index, s, b, lz, LOSS_TYPES[loss], int(num_negatives or 0), int(seed), int(offset),
+            anchor.contiguous(), bank.detach(), index, s, b, lz, LOSS_TYPES[loss], K, seed, offset,
             _needs_grad(anchor, s, b, lz), 0, backend)
     return (per_row, lse) if return_lse else per_row
 
@@ -130,7 +148,7 @@ def sampled_contrast_outputs(anchor, bank, index, *, logit_scale, bias=None, los
     ``sampled_contrast``; "eager" is ``reference.sampled_contrast_outputs``.
     """
     acc = V.accumulation_dtype(anchor, bank)
-    backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc)
+    backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc, dim=anchor.shape[1])
     s, b, lz = (None if t is None else t.detach().to(acc) for t in (logit_scale, bias, log_z))
     if backend == "eager":
         return reference.sampled_contrast_outputs(anchor, bank, index, logit_scale=s, bias=b, loss=loss, log_z=lz,

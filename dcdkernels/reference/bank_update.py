@@ -1,4 +1,6 @@
 """Oracle for SPEC §4: in-place momentum update of memory rows and FIFO queue enqueue."""
+import math
+
 import torch
 
 
@@ -22,8 +24,22 @@ def bank_momentum_update_(bank, index, value, momentum):
     rows = index[keep]
     dtype = torch.float64 if bank.dtype == torch.float64 else torch.float32
     mixed = bank.index_select(0, rows).to(dtype) * momentum + value.index_select(0, keep).to(dtype) * (1 - momentum)
-    bank.index_copy_(0, rows, torch.nn.functional.normalize(mixed, dim=1, eps=1e-12).to(bank.dtype))
+    bank.index_copy_(0, rows, normalize_rows(mixed).to(bank.dtype))
     return bank
+
+
+def normalize_rows(x, eps=1e-12):
+    """``x / max(||x||, eps)`` per row through a scaled norm (csrc/KERNELS.md): ``y = x * 2^-e``
+    with ``max|x| = f * 2^e`` (f in [0.5, 1), e clamped so that 2^-e and eps * 2^-e are normal),
+    then ``y / max(||y||, eps * 2^-e)``. Scaling by a power of two is exact, so this is
+    ``F.normalize(x)`` to the bit wherever ||x|| does not overflow or underflow, and the exact
+    result where it would (finite fp32 rows near 1e30)."""
+    info = torch.finfo(x.dtype)
+    lo, hi = round(math.log2(info.tiny)), round(math.log2(info.max)) - 2  # fp32: -126, 126
+    _, e = torch.frexp(x.abs().amax(dim=1, keepdim=True))
+    scale = torch.ldexp(torch.ones_like(x[:, :1]), -e.clamp(lo, hi))
+    y = x * scale
+    return y / torch.maximum(torch.linalg.vector_norm(y, dim=1, keepdim=True), eps * scale)
 
 
 @torch.no_grad()

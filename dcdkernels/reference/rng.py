@@ -34,9 +34,12 @@ def sample_negatives(positive: torch.Tensor, num_negatives: int, n_rows: int, se
     """(B, K+1) int64 index: column 0 = ``positive``, columns 1..K uniform over [0, n_rows)."""
     if not 0 < n_rows < 2**31:
         raise ValueError(f"n_rows must be in [1, 2**31), got {n_rows}")
-    if seed < 0 or offset < 0:
-        raise ValueError("seed and offset must be non-negative")
     B, K = positive.shape[0], int(num_negatives)
+    # The stream's domain (checked for users in dcdkernels/ops/_validate.py::stream): the int64
+    # counters below must not wrap.
+    if not (0 <= seed < 2**63 and 0 <= offset <= 2**63 - B * K):
+        raise ValueError(f"seed and offset must lie in the negative stream's domain (0 <= seed < 2**63, "
+                         f"0 <= offset <= 2**63 - B*K), got seed={seed}, offset={offset}")
     key = rng_key(seed)
     ctr = offset + torch.arange(B * K, dtype=torch.int64, device=positive.device)
     lo, hi = ctr & _MASK32, ctr >> 32

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._validate import bank_layout
 from ._common import check_kernel_dtype, device_guard
 
 MAX_BLOCK_D = 1024
@@ -25,6 +26,15 @@ def _round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits += 0x7FFF + ((bits >> 16) & 1)
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _pow2_scale_for(amax):
+    """2^-e for ``amax = f * 2^e`` (f in [0.5, 1)), e clamped to [-126, 126] so that 2^-e and
+    1e-12 * 2^-e are normal floats; built from the exponent bits (exact)."""
+    e = ((amax.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 126
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    return ((127 - e) << 23).to(tl.uint32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -42,25 +52,36 @@ def _bank_momentum_update_kernel(
     bank_row = bank_ptr + row * stride_bn
     value_row = value_ptr + source * stride_vb
 
-    # Pass 1: squared norm of the mixed row. Pass 2: mix again (the rows are cached) and store.
+    # Pass 1: max |x| of the mixed row x, for a scaled norm (y = x * 2^-e exact, 2^e near max|x|:
+    # ||y|| neither overflows nor underflows). Pass 2: ||y||. Pass 3: mix again (the rows are
+    # cached) and store y / max(||y||, 1e-12 * 2^-e).
+    amax = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x, _ = _mixed(bank_row, value_row, stride_vd, d0, D, write, momentum, one_minus_momentum, BLOCK_D)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = _pow2_scale_for(tl.max(amax, axis=0))
     sq = tl.zeros([BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = (offs_d < D) & write
-        old = tl.load(bank_row + offs_d, mask=mask, other=0.0).to(tl.float32)
-        new = tl.load(value_row + offs_d * stride_vd, mask=mask, other=0.0).to(tl.float32)
-        mixed = old * momentum + new * one_minus_momentum
-        sq += mixed * mixed
-    norm = tl.maximum(tl.sqrt_rn(tl.sum(sq, axis=0)), 1e-12)
+        x, _ = _mixed(bank_row, value_row, stride_vd, d0, D, write, momentum, one_minus_momentum, BLOCK_D)
+        sq += (x * scale) * (x * scale)
+    norm = tl.maximum(tl.sqrt_rn(tl.sum(sq, axis=0)), 1e-12 * scale)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = (offs_d < D) & write
-        old = tl.load(bank_row + offs_d, mask=mask, other=0.0).to(tl.float32)
-        new = tl.load(value_row + offs_d * stride_vd, mask=mask, other=0.0).to(tl.float32)
-        out = tl.div_rn(old * momentum + new * one_minus_momentum, norm)
+        x, mask = _mixed(bank_row, value_row, stride_vd, d0, D, write, momentum, one_minus_momentum, BLOCK_D)
+        out = tl.div_rn(x * scale, norm)
         if BANK_IS_BF16:
             out = _round_to_bf16(out)
-        tl.store(bank_row + offs_d, out.to(bank_ptr.dtype.element_ty), mask=mask)
+        tl.store(bank_row + d0 + tl.arange(0, BLOCK_D), out.to(bank_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mixed(bank_row, value_row, stride_vd, d0, D, write, momentum, one_minus_momentum, BLOCK_D: tl.constexpr):
+    """Elements d0 .. d0 + BLOCK_D of ``m * bank_row + (1 - m) * value_row`` in fp32 (0 outside
+    the row, or when the row is not written), and their mask."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask = (offs_d < D) & write
+    old = tl.load(bank_row + offs_d, mask=mask, other=0.0).to(tl.float32)
+    new = tl.load(value_row + offs_d * stride_vd, mask=mask, other=0.0).to(tl.float32)
+    return old * momentum + new * one_minus_momentum, mask
 
 
 def bank_momentum_update_(bank, index, value, momentum):
@@ -74,6 +95,7 @@ def bank_momentum_update_(bank, index, value, momentum):
         raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} of shape {tuple(index.shape)}")
     if value.dim() != 2 or value.shape != (index.shape[0], bank.shape[1]):
         raise ValueError(f"value must be (B, D) = ({index.shape[0]}, {bank.shape[1]}), got {tuple(value.shape)}")
+    bank_layout(bank, value)  # before the first write
     B = index.shape[0]
     if B == 0:
         return
@@ -85,4 +107,5 @@ def bank_momentum_update_(bank, index, value, momentum):
             bank, bank.stride(0), value, value.stride(0), value.stride(1), sorted_index, order,
             B, N, D, m, 1.0 - m,
             BANK_IS_BF16=bank.dtype == torch.bfloat16, BLOCK_D=min(triton.next_power_of_2(D), MAX_BLOCK_D),
+            enable_fp_fusion=False,  # m * x + (1 - m) * v rounded as on the CPU: no FMA contraction
         )
