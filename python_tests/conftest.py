@@ -42,3 +42,12 @@ def backend_params():
         out.append(pytest.param("cpu", "none", id="no-fused-backend",
                                 marks=pytest.mark.skip(reason="no fused backend available here")))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: intra-op threads only add spin-wait overhead on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -141,6 +141,15 @@ def scalar(name: str, value, *, device, dtype, positive=False) -> torch.Tensor:
     return torch.tensor(float(value), dtype=dtype, device=device)
 
 
+def row_weight(weight, rows: int, device, checks: "ValueChecks", name: str = "weight") -> None:
+    """A per-row weight: a floating (rows,) tensor on ``device``, finite (queued on ``checks``)."""
+    if not isinstance(weight, torch.Tensor) or weight.shape != (rows,) or not weight.is_floating_point():
+        raise ValueError(f"{name} must be a floating (B,) = ({rows},) tensor")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but the anchors are on {device}")
+    checks.finite(name, weight)
+
+
 def accumulation_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
