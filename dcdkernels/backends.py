@@ -84,7 +84,8 @@ def kernel(op: str, backend: str):
     """The function implementing ``op`` on a resolved, non-eager backend."""
     if backend in ("cpu", "cuda"):
         return _ext.cpp_op(op)
-    module_name = "dense_contrast" if op.startswith("dense_contrast") else op.rstrip("_").replace("bank_momentum_update", "bank_update")
+    family = next((f for f in ("dense_contrast", "supcon_contrast") if op.startswith(f)), None)
+    module_name = family or op.rstrip("_").replace("bank_momentum_update", "bank_update")
     try:
         module = importlib.import_module(f"dcdkernels.triton.{module_name}")
         return getattr(module, op)

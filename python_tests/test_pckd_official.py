@@ -286,3 +286,20 @@ def test_rejected_call_names_the_argument_and_leaves_no_trace():
             assert torch.equal(v, after[k]), f"{match}: {k} changed"
     assert torch.isfinite(loss(**kw))
     assert not torch.equal(before["align_mlp.1.running_mean"], loss.state_dict()["align_mlp.1.running_mean"])
+
+
+def test_trainer_views_are_the_official_four_rotations():
+    from dcdkernels.train.distill import build_criterion, pckd_views
+    x = torch.randn(3, 2, 5, 5)
+    v = pckd_views(x)
+    assert v.shape == (12, 2, 5, 5)
+    for b in range(3):
+        assert torch.equal(v[4 * b], x[b])  # row 4b: the normal view (the official nor_index)
+        for k in range(1, 4):
+            assert torch.equal(v[4 * b + k], torch.rot90(x[b], k, (1, 2)))
+    with pytest.raises(ValueError, match="square"):
+        pckd_views(torch.randn(2, 1, 4, 5))
+    cfg = SimpleNamespace(dataset="digits", loss_kwargs={}, kd_T=4.0)
+    c = build_criterion(cfg, "pckd", 6, 8, 100, 10, "eager", None, None)
+    assert (c.num_views, c.n_cls, c.ce_weight, c.ca_weight, c.cc_weight, c.fa_weight, c.kd_weight) == \
+        (4, 10, 0.0, 1.0, 0.05, 20.0, 0.0)

@@ -195,6 +195,12 @@ class ValueChecks:
                 return
             self._add(~torch.isfinite(t.detach()).all(), f"{name} has non-finite values (nan or inf)")
 
+    def finite_positive(self, name, t):
+        """A tensor scalar that must be finite and > 0 (a float one is checked by :func:`scalar`)."""
+        if self._enabled:
+            t = t.detach()
+            self._add(~(torch.isfinite(t) & (t > 0)).all(), f"{name} must be finite and > 0")
+
     def run(self, deferrable: bool = False):
         """Raise now, or, for a ``deferrable`` call in a deferred mode, queue the flags for a lazy
         report; then :meth:`guard` makes a mutation conditional on them, on the device. Only

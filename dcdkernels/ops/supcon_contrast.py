@@ -3,6 +3,7 @@
 positive: ``reference/supcon_contrast.py``; kernel contract: csrc/KERNELS.md.
 """
 import math
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -12,6 +13,62 @@ from ..reference.supcon_contrast import EPS
 from . import _validate as V
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+@torch.library.custom_op("dcdkernels::supcon_contrast", mutates_args=())
+def supcon_contrast_op(anchors: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor, logit_scale: Tensor,
+                       eps: float, exclude_self: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """Per-row loss (R,) and the backward's stats (3, R) = [row max, S + eps, positives]."""
+    fn = backends.kernel("supcon_contrast", backend)
+    return tuple(fn(anchors, labels, keys, key_labels, logit_scale, eps, exclude_self))
+
+
+@supcon_contrast_op.register_fake
+def _(anchors, labels, keys, key_labels, logit_scale, eps, exclude_self, backend):
+    acc = V.accumulation_dtype(anchors, keys)
+    R = anchors.shape[0]
+    return anchors.new_empty((R,), dtype=acc), anchors.new_empty((3, R), dtype=acc)
+
+
+@torch.library.custom_op("dcdkernels::supcon_contrast_backward", mutates_args=())
+def supcon_contrast_backward_op(anchors: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor,
+                                logit_scale: Tensor, stats: Tensor, grad_rows: Tensor, exclude_self: bool,
+                                keys_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_anchors (R, D), grad_keys (N, D) or (0,), d/d logit_scale (0-d)) for ``grad_rows``."""
+    fn = backends.kernel("supcon_contrast_backward", backend)
+    return tuple(fn(anchors, labels, keys, key_labels, logit_scale, stats, grad_rows, exclude_self, keys_grad))
+
+
+@supcon_contrast_backward_op.register_fake
+def _(anchors, labels, keys, key_labels, logit_scale, stats, grad_rows, exclude_self, keys_grad, backend):
+    acc = V.accumulation_dtype(anchors, keys)
+    grad_keys = keys.new_empty(keys.shape, dtype=acc) if keys_grad else keys.new_empty((0,), dtype=acc)
+    return anchors.new_empty(anchors.shape, dtype=acc), grad_keys, anchors.new_empty((), dtype=acc)
+
+
+def _setup_context(ctx, inputs, output):
+    anchors, labels, keys, key_labels, logit_scale, _, exclude_self, backend = inputs
+    ctx.exclude_self, ctx.backend = exclude_self, backend
+    ctx.dtypes = (anchors.dtype, keys.dtype)
+    ctx.save_for_backward(anchors, labels, keys, key_labels, logit_scale, output[1])
+
+
+def _backward(ctx, g_loss, g_stats):
+    anchors, labels, keys, key_labels, logit_scale, stats = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
+        raise RuntimeError("supcon_contrast: double backward (create_graph=True) is not supported; use "
+                           "backend='eager' for higher-order gradients")
+    keys_grad = ctx.needs_input_grad[2]
+    ga, gk, gs = supcon_contrast_backward_op(anchors, labels, keys, key_labels, logit_scale, stats,
+                                             g_loss.to(stats.dtype).contiguous(), ctx.exclude_self, keys_grad,
+                                             ctx.backend)
+    d_anchors = ga.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+    d_keys = gk.to(ctx.dtypes[1]) if keys_grad else None
+    d_scale = gs.to(logit_scale.dtype) if ctx.needs_input_grad[4] else None
+    return d_anchors, None, d_keys, None, d_scale, None, None, None
+
+
+supcon_contrast_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _labels(name, t, device, rows):
@@ -57,15 +114,16 @@ def supcon_contrast(anchors, labels, keys=None, key_labels=None, *, logit_scale,
     acc = V.accumulation_dtype(anchors, *(() if keys is None else (keys,)))
     s = V.scalar("logit_scale", logit_scale, device=anchors.device, dtype=acc, positive=True)
     if isinstance(logit_scale, Tensor):
-        checks.finite("logit_scale", s)
-        checks._add(s.detach() <= 0, "logit_scale must be > 0")
+        checks.finite_positive("logit_scale", s)
     backend = backends.resolve(backend, anchors.device, "supcon_contrast", acc)
     checks.run()
     if backend == "eager":
         per_row = reference.supcon_contrast(anchors, labels, keys, key_labels, logit_scale=s, eps=float(eps),
                                             exclude_self=exclude_self)
     else:
-        raise NotImplementedError(f"supcon_contrast: backend {backend!r} has no kernel yet")
+        a = anchors.contiguous()
+        k, lk = (a, labels) if keys is None else (keys.contiguous(), key_labels)
+        per_row, _ = supcon_contrast_op(a, labels, k, lk, s, float(eps), exclude_self, backend)
     if weight is not None:
         per_row = per_row * weight.to(per_row.dtype)
     return per_row.mean() if reduction == "mean" else per_row.sum() if reduction == "sum" else per_row
