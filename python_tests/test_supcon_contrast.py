@@ -197,6 +197,6 @@ def test_bad_input_names_the_argument():
         "reduction must be": dict(reduction="max"),
     }
     for match, override in bad.items():
-        kw = dict(anchors=a, labels=y, logit_scale=1.0, **override)
+        kw = {**dict(anchors=a, labels=y, logit_scale=1.0), **override}
         with pytest.raises((ValueError, TypeError), match=match):
             ops.supcon_contrast(**kw)
