@@ -19,6 +19,52 @@ namespace dcdkernels {
 namespace cpu {
 namespace {
 
+// max_j s d_j over a block of dots (the self column included, as the official row max).
+template <typename A>
+DCD_CPU_CLONES A block_max(const A* d, int64_t n, A s) {
+  A mx = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s * d[j]);
+  return mx;
+}
+
+// One row's block in the forward, branch-free so that it vectorises: sum of exp(l_j - m) over
+// the columns j != self, and the positives' raw logit sum and count.
+template <typename A>
+DCD_CPU_CLONES void absorb_supcon_row(const A* d, const int64_t* lk, int64_t yi, int64_t n, int64_t self, A s,
+                                      A m, A& sum_out, A& psum_out, int64_t& np_out) {
+  A sum = 0, psum = 0, np = 0;  // the count in A: one reduction type, so the loop vectorises
+#pragma omp simd reduction(+ : sum, psum, np)
+  for (int64_t j = 0; j < n; ++j) {
+    const A l = s * d[j];
+    const bool other = j != self;
+    const bool pos = other && lk[j] == yi;
+    sum += other ? exp_v(l - m) : A(0);
+    psum += pos ? l : A(0);
+    np += pos ? A(1) : A(0);
+  }
+  sum_out = sum;
+  psum_out = psum;
+  np_out = static_cast<int64_t>(np);
+}
+
+// One row's block in the backward, in place over its dots: G_j = g (p_j - [pos_j] / npos), 0 at
+// the self column; returns sum_j G_j d_j (the row's share of d/ds).
+template <typename A>
+DCD_CPU_CLONES A coefficients_row(A* row, const int64_t* lk, int64_t yi, int64_t n, int64_t self, A s, A m,
+                                  A inv_den, A inv_np, A g) {
+  A acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    const A d = row[j];
+    const A p = exp_v(s * d - m) * inv_den - (lk[j] == yi ? inv_np : A(0));
+    const A G = j == self ? A(0) : p * g;
+    acc += G * d;
+    row[j] = G;
+  }
+  return acc;
+}
+
 struct SupconInputs {
   int64_t R, N, D;
   at::ScalarType acc;
@@ -70,21 +116,11 @@ void forward_impl(const SupconInputs& in, double eps, bool exclude_self, at::Ten
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = b0 + r;
           const A* d = w + r * kt;
-          A bmax = -std::numeric_limits<A>::infinity();
-          for (int64_t j = 0; j < kt; ++j) bmax = std::max(bmax, s * d[j]);
-          const A m_new = std::max(m[i], bmax);
-          A sum = 0, psum = 0;
-          int64_t np = 0;
           const int64_t self = exclude_self ? i - j0 : -1;  // column of the self pair in this tile
-          for (int64_t j = 0; j < kt; ++j) {
-            if (j == self) continue;
-            const A l = s * d[j];
-            sum += exp_v(l - m_new);
-            if (lk[j0 + j] == la[i]) {
-              psum += l;
-              ++np;
-            }
-          }
+          const A m_new = std::max(m[i], block_max(d, kt, s));
+          A sum, psum;
+          int64_t np;
+          absorb_supcon_row(d, lk + j0, la[i], kt, self, s, m_new, sum, psum, np);
           S[i] = (m[i] == m_new ? S[i] : S[i] * std::exp(m[i] - m_new)) + sum;
           m[i] = m_new;
           pos_sum[i] += psum;
@@ -144,18 +180,7 @@ void backward_impl(const SupconInputs& in, const at::Tensor& stats, const at::Te
           }
           const A m = st[i], inv_den = A(1) / st[R + i], inv_np = A(1) / np, gi = gp[i];
           const int64_t self = exclude_self ? i - j0 : -1;
-          A acc_s = 0;
-          for (int64_t j = 0; j < kt; ++j) {
-            const A d = row[j];
-            A G = 0;
-            if (j != self) {
-              G = exp_v(s * d - m) * inv_den;
-              if (lk[j0 + j] == la[i]) G -= inv_np;
-            }
-            G *= gi;
-            acc_s += G * d;
-            row[j] = G;
-          }
+          const A acc_s = coefficients_row(row, lk + j0, la[i], kt, self, s, m, inv_den, inv_np, gi);
           gs[i] += acc_s;
         }
       });
