@@ -254,8 +254,8 @@ def _weight_bias(name, fc):
 
 def _remap_official_keys(module, state_dict, prefix, *args) -> None:
     """The official ``CategoryConLoss`` / ``AlignLoss`` keys (Embed wraps a Linear) -> ours."""
-    rename_keys(state_dict, prefix, [("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
-                                     ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
+    rename_keys(state_dict, prefix, [(f"{head}.linear.{p}", f"{head}.{p}") for head in ("embed_s", "embed_t")
+                                     for p in ("weight", "bias")])
 
 
 def _refresh_epoch(module, incompatible_keys) -> None:
