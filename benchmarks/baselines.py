@@ -12,11 +12,14 @@ Op-level functions (forward only; the benchmarks call ``backward`` on their resu
 * lightly ``NTXentLoss`` with a memory bank: normalise both outputs, einsum against
   ``bank.clone().detach()`` ((D, M) layout), ``cat``, ``/ T``, cross-entropy.
 * Plain ``logits = s * q @ keys.T + b`` + cross-entropy (DCD in-batch, PCKD class centres).
+* SupContrast ``SupConLoss`` (HobbitLong/SupContrast ``losses.py``, ``contrast_mode="all"``):
+  the (bsz * n_views)^2 logits, masks, ``log_prob``, mean over positives (:func:`supcontrast_supcon`;
+  pytorch-metric-learning's ``SupConLoss`` is the other eager SupCon baseline, used as installed).
 * Gather + ``bmm`` + cross-entropy for InfoNCE over sampled rows, and the DCD memory form
   (InfoNCE + ``kl_div(..., "batchmean")``) as a user would extend RepDistiller's memory with it.
 
 Method-level modules (one full loss step): :class:`RepDistillerCRD`, :class:`OfficialDCD`,
-:class:`DCDMemoryEager`, :class:`OfficialCoCoRD`, :class:`EagerPCKD`.
+:class:`DCDMemoryEager`, :class:`OfficialCoCoRD`, :class:`EagerPCKD` (the authors' PCKD).
 
 Only change made to the original code paths: banks may be stored in bf16, and ``bmm``/einsum need
 both operands in one dtype, so the gathered bf16 rows are cast to the anchors' dtype (fp32),
@@ -35,6 +38,27 @@ NCE_EPS = 1e-7  # RepDistiller crd/criterion.py
 def _match(weight, v):
     """The bf16-bank fix: cast gathered rows to the anchor dtype (no-op for fp32 banks)."""
     return weight if weight.dtype == v.dtype else weight.to(v.dtype)
+
+
+def supcontrast_supcon(features, labels, temperature=0.07, base_temperature=0.07):
+    """SupContrast's ``SupConLoss.forward`` (contrast_mode "all"): features (bsz, n_views, D),
+    labels (bsz,); the mean over the bsz * n_views anchors."""
+    bsz, n_views = features.shape[:2]
+    labels = labels.contiguous().view(-1, 1)
+    mask = torch.eq(labels, labels.T).float()
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    anchor_dot_contrast = torch.div(torch.matmul(contrast_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(n_views, n_views)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1,
+                                torch.arange(bsz * n_views, device=features.device).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(n_views, bsz).mean()
 
 
 # =============================================================================================
@@ -420,43 +444,56 @@ class OfficialCoCoRD(nn.Module):
 
 
 class EagerPCKD(nn.Module):
-    """PCKD written as a user would without fused ops (there is no official code): the same terms
-    and preview weights as ``dcdkernels.PCKDLoss`` (same submodule names, so states load across),
-    with the category contrast as plain ``(B, C)`` logits + cross-entropy against the L2-normalised
-    classifier rows of the student and of the teacher. ``forward(f_s, f_t, logit_s, logit_t,
-    labels, fc_s, fc_t)``."""
+    """PCKD as the authors' code computes it (MuHeDing/PCKD at 610b3e8, ``helper/losses.py``
+    ``CategoryConLoss``/``AlignLoss``, the ``pckd`` branch of ``helper/loops.py``; defaults of the
+    README command ``-a 1 -b 0.05 -f 20``, ``-d`` 0): the category contrast materialises the
+    (2BV, 2BV) SupCon logits. Submodule names as ``dcdkernels.PCKDLoss`` (states load across).
+    ``forward(f_s, f_t, logit_s, logit_t, labels, fc_s, fc_t)``: all B * 4 view rows, labels (B,)."""
 
-    def __init__(self, s_dim, t_dim, cc_temperature=0.1, kd_temperature=4.0, fa_hidden_dim=None,
-                 preview_base=1.005, min_weight=1e-6):
+    def __init__(self, s_dim, t_dim, alpha=1.0, beta=0.05, ff=20.0, delta=0.0, kd_T=4.0, temperature=4.0,
+                 base_temperature=0.07):
         super().__init__()
         self.embed_s = nn.Linear(s_dim, s_dim)
         self.embed_t = nn.Linear(s_dim, t_dim)
-        self.align_mlp = _mlp(s_dim, fa_hidden_dim or 16 * t_dim, t_dim)
-        self.ca_proj = nn.Identity() if s_dim == t_dim else nn.Linear(s_dim, t_dim, bias=False)
-        self.register_buffer("epoch", torch.zeros((), dtype=torch.int64))
-        self.cc_T, self.kd_T, self.preview_base, self.min_weight = cc_temperature, kd_temperature, preview_base, min_weight
+        self.align_mlp = _mlp(s_dim, 16 * t_dim, t_dim)
+        self.register_buffer("epoch", torch.ones((), dtype=torch.int64))
+        self.alpha, self.beta, self.ff, self.delta, self.kd_T = alpha, beta, ff, delta, kd_T
+        self.T, self.base_T = temperature, base_temperature
+
+    def _category_con(self, f_s, fcl_s, fcl_t, labels):
+        n = f_s.shape[0]
+        lab = labels.view(-1, 1)
+        mask = torch.eq(lab, lab.t()).float().repeat(2, 2)
+        fu_s = F.normalize(self.embed_s(f_s), dim=1) @ fcl_s
+        fu_t = F.normalize(self.embed_t(f_s), dim=1) @ fcl_t
+        anchor = torch.cat([fu_s, fu_t], 0)
+        adc = anchor @ anchor.t() / self.T
+        logits = adc - adc.max(dim=1, keepdim=True)[0].detach()
+        logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(2 * n, device=f_s.device).view(-1, 1), 0)
+        mask = mask * logits_mask
+        log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True) + NCE_EPS)
+        loss = (-(self.T / self.base_T) * (mask * log_prob).sum(1) / mask.sum(1)).view(2, n)
+        return loss[0] + loss[1]
 
     def forward(self, f_s, f_t, logit_s, logit_t, labels, fc_s, fc_t):
-        B = f_s.shape[0]
-        w_s, b_s = fc_s.weight, fc_s.bias
-        w_t, b_t = fc_t.weight.detach(), fc_t.bias.detach()
-        logit_t, f_t = logit_t.detach(), f_t.detach()
-        with torch.no_grad():  # preview weights (authors' helper/loops.py), floored
-            g = F.cross_entropy(logit_s.detach(), labels, reduction="none")
-            a = g / g.mean()
-            t = self.preview_base ** int(self.epoch)
-            weights = torch.where(a <= t, torch.ones_like(a), torch.exp(-a * a).clamp_min(self.min_weight))
-        z_s = F.normalize(self.embed_s(f_s), dim=1)
-        z_t = F.normalize(self.embed_t(f_s), dim=1)
-        c_s, c_t = F.normalize(w_s, dim=1), F.normalize(w_t, dim=1)
-        l_cc = ((F.cross_entropy(torch.mm(z_s, c_s.t()) / self.cc_T, labels, reduction="none")
-                 + F.cross_entropy(torch.mm(z_t, c_t.t()) / self.cc_T, labels, reduction="none")) * weights).sum() / B
+        bs = labels.shape[0]
+        nor = torch.arange(4 * bs, device=f_s.device) % 4 == 0
+        f_t, logit_t = f_t.detach(), logit_t.detach()
+        loss_cls = F.cross_entropy(logit_s[nor], labels)
+        fc_sm = torch.cat([fc_s.weight, fc_s.bias[:, None]], 1)
+        fc_tm = torch.cat([fc_t.weight, fc_t.bias[:, None]], 1).detach()
+        loss_corr = F.mse_loss(fc_sm, fc_tm) if fc_sm.shape == fc_tm.shape else 0.0
+        aug_target = labels.unsqueeze(1).expand(-1, 4).reshape(-1)
+        loss_cc = self._category_con(f_s, fc_s.weight.t(), fc_t.weight.detach().t(), aug_target)
+        fa = F.normalize(self.align_mlp(f_s), dim=-1)
+        loss_align = 2 - 2 * (fa * F.normalize(f_t, dim=-1)).sum(dim=-1).mean()
         T = self.kd_T
-        kd_rows = F.kl_div(F.log_softmax(logit_s / T, dim=1), F.log_softmax(logit_t / T, dim=1), reduction="none",
-                           log_target=True).sum(1) * T * T
-        l_kd = (weights * kd_rows).sum() / B
-        l_fa = (F.normalize(self.align_mlp(f_s), dim=1) - F.normalize(f_t, dim=1)).pow(2).sum(dim=1).mean()
-        w_proj = self.ca_proj(w_s)
-        l_ca = F.mse_loss(torch.cat([w_proj, b_s[:, None]], 1), torch.cat([w_t, b_t[:, None]], 1))
-        l_ce = F.cross_entropy(logit_s, labels)
-        return l_ce + l_fa + l_ca + l_cc + l_kd
+        loss_tem = F.kl_div(F.log_softmax(logit_s[nor] / T, 1), F.softmax(logit_t[nor] / T, 1),
+                            reduction="none").sum(1) * T * T / bs
+        alpha = F.cross_entropy(logit_s[nor], labels, reduction="none") / loss_cls
+        t = 1.005 ** int(self.epoch)
+        percent = torch.where(alpha <= t, torch.ones_like(alpha), torch.exp(-alpha.pow(2)))
+        percent2 = percent.detach().repeat_interleave(4)
+        loss1 = self.delta * torch.dot(percent, loss_tem)
+        loss2 = torch.dot(percent2, self.beta * loss_cc) / (4 * bs)
+        return loss_cls + loss1 + loss2 + self.alpha * loss_corr + self.ff * loss_align

@@ -23,9 +23,9 @@ import os
 from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional
 
-PROVIDER_ORDER = ("eager", "eager-lightly", "compile", "cpu", "triton", "cuda")
-COLORS = {"eager": "tab:blue", "eager-lightly": "tab:cyan", "compile": "tab:orange", "cpu": "tab:green",
-          "triton": "tab:purple", "cuda": "tab:red"}
+PROVIDER_ORDER = ("eager", "eager-lightly", "eager-pml", "compile", "cpu", "triton", "cuda")
+COLORS = {"eager": "tab:blue", "eager-lightly": "tab:cyan", "eager-pml": "tab:olive", "compile": "tab:orange",
+          "cpu": "tab:green", "triton": "tab:purple", "cuda": "tab:red"}
 DTYPE_ORDER = {"fp32": 0, "bf16": 1}
 FUSED = ("cpu", "triton", "cuda")
 MiB = float(1 << 20)

@@ -131,6 +131,15 @@ INTEGRATIONS = {
     "gpu": [Dense("moco-queue", B=256, M=65_536, D=128)],
 }
 
+# Supervised contrastive (SupCon, PCKD's category contrast): B anchors against themselves (M = B),
+# labels of ``SUPCON_CLASSES`` classes.
+SUPCON = {
+    "smoke": [Dense("smoke", B=16, M=16, D=32)],
+    "cpu": [Dense("supcon-1024", B=1_024, M=1_024, D=128), Dense("supcon-4096", B=4_096, M=4_096, D=128)],
+    "gpu": [Dense("supcon-1024", B=1_024, M=1_024, D=128), Dense("supcon-4096", B=4_096, M=4_096, D=128)],
+}
+SUPCON_CLASSES = 100
+
 UPDATE = {
     "smoke": [Update("smoke", N=512, B=16, D=32)],
     "cpu": [Update("cifar100-cpu", N=50_000, B=256, D=128)],

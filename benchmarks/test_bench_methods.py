@@ -26,7 +26,7 @@ _TABLE = {"crd": "crd", "crd-sampler": "crd", "dcd": "inbatch", "icd": "inbatch"
 _OPS = {"crd": ["dual_sampled_contrast", "bank_momentum_update_"],
         "dcd": ["dense_contrast_reduced"],
         "cocord": ["dense_contrast_reduced"],
-        "pckd": ["dense_contrast_reduced"]}
+        "pckd": ["supcon_contrast"]}
 _OPS["crd-sampler"] = _OPS["dcd-memory"] = _OPS["crd"]
 _OPS["icd"] = _OPS["dcd"]
 _NAMES = {"crd": "CRDLoss", "crd-sampler": "CRDLoss", "dcd": "DCDLoss", "icd": "ICDLoss", "dcd-memory": "DCDLoss",
@@ -85,7 +85,10 @@ def build(case, size, dtype, provider, device=None):
 
         def call(m):
             return m(f_s, f_t, f_s2, f_slow, f_slow2)
-    elif case == "pckd":
+    elif case == "pckd":  # B images x the official 4 views: 4B feature rows
+        f_s = torch.randn(4 * B, size.s_dim, device=dev, requires_grad=True)
+        f_t = torch.randn(4 * B, size.t_dim, device=dev)
+        extra[:] = [f_s]
         fc_s = nn.Linear(size.s_dim, size.classes).to(dev)
         fc_t = nn.Linear(size.t_dim, size.classes).to(dev).requires_grad_(False)
         labels = torch.randint(size.classes, (B,), device=dev)

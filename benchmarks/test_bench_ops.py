@@ -10,6 +10,9 @@
 * ``dense_contrast``: ``queue`` (MoCo: positive key + queue; also lightly's NTXent memory bank as
   ``eager-lightly``) and ``keys-grad`` (target column, keys require grad: DCD in-batch, PCKD; the
   fused call is ``reduction="mean"``, which computes every gradient in its forward pass).
+* ``supcon_contrast``: B anchors against themselves with labels (SupCon) vs SupContrast's
+  ``SupConLoss`` (``eager``, transcribed in ``baselines.py``) and pytorch-metric-learning's
+  ``SupConLoss`` (``eager-pml``; skipped when the optional package is not installed).
 * ``bank_momentum_update_``: RepDistiller's index_select/mul/add/normalise/index_copy_ (no
   backward: it is an in-place buffer update).
 
@@ -209,6 +212,63 @@ def test_dense_contrast(bench, case, size, dtype, provider):
     nbytes, note = analytic.get(provider, analytic_fused if provider in ("cpu", "triton", "cuda") else (None, ""))
     bench.run(grad_step(fn, leaves), family="ops", op="dense_contrast", case=case, size=size, dtype=dtype,
               provider=provider, bytes_read=bytes_read, analytic_bytes=nbytes, analytic_note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# supcon_contrast
+# ---------------------------------------------------------------------------------------------
+def _pml_supcon():
+    try:
+        from pytorch_metric_learning.losses import SupConLoss
+    except ImportError:
+        return None
+    return SupConLoss
+
+
+@pytest.mark.bench(table=S.SUPCON, ops=["supcon_contrast"], dtypes=["fp32"],
+                   providers=("eager", "eager-pml", "compile", "cpu", "triton", "cuda"))
+def test_supcon_contrast(bench, case, size, dtype, provider):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    labels = torch.randint(S.SUPCON_CLASSES, (size.B,), generator=g).to(CFG.device)
+    q = _unit(size.B, size.D, requires_grad=True)
+    if provider == "eager-pml":
+        cls = _pml_supcon()
+        if cls is None:
+            pytest.skip("pytorch-metric-learning is not installed (optional: pip install pytorch-metric-learning)")
+        pml = cls(temperature=T)
+
+        def fn():
+            return pml(q, labels)
+    else:
+        def eager():
+            return BL.supcontrast_supcon(q[:, None], labels, T, T)
+
+        def fused():
+            return dcdkernels.supcon_contrast(q, labels, logit_scale=1 / T, reduction="mean", backend=provider)
+        fn = compiled(eager) if provider == "compile" else eager if provider == "eager" else fused
+    if provider.startswith("eager"):
+        nbytes, note = 6 * size.B * size.B * 4, "~6 (B, B) fp32 buffers: logits, masks, exp, log_prob"
+    elif provider in ("cpu", "triton", "cuda"):
+        nbytes, note = size.B * size.D * 4, "fused: the (B, D) fp32 anchor gradient (+ per-row stats)"
+    else:
+        nbytes, note = None, ""
+    bench.run(grad_step(fn, [q]), family="ops", op="supcon_contrast", case=case, size=size, dtype=dtype,
+              provider=provider, bytes_read=2 * size.B * size.D * 4, analytic_bytes=nbytes, analytic_note=note)
+
+
+def test_supcon_baselines_match_oracle():
+    torch.manual_seed(0)
+    B, D = 24, 16
+    q = _unit(B, D)
+    y = torch.randint(5, (B,), device=CFG.device)
+    ours = dcdkernels.reference.supcon_contrast(q, y, logit_scale=1 / T, eps=0.0).mean()
+    torch.testing.assert_close(BL.supcontrast_supcon(q[:, None], y, T, T), ours, rtol=1e-5, atol=1e-5)
+    cls = _pml_supcon()
+    if cls is None:
+        pytest.skip("pytorch-metric-learning is not installed (optional)")
+    # PML normalises the embeddings (unit already) and averages the non-zero rows (every row has a
+    # positive here, so all of them)
+    torch.testing.assert_close(cls(temperature=T)(q, y), ours, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,5 +20,11 @@ TORCH_LIBRARY(dcdkernels_C, m) {
   m.def(
       "dense_contrast_reduced(Tensor anchor, Tensor keys, Tensor? target, Tensor? positive, Tensor logit_scale, "
       "Tensor? bias, Tensor row_weight, bool keys_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "supcon_contrast(Tensor anchors, Tensor labels, Tensor keys, Tensor key_labels, Tensor logit_scale, "
+      "float eps, bool exclude_self) -> (Tensor, Tensor)");
+  m.def(
+      "supcon_contrast_backward(Tensor anchors, Tensor labels, Tensor keys, Tensor key_labels, Tensor logit_scale, "
+      "Tensor stats, Tensor grad_rows, bool exclude_self, bool keys_grad) -> (Tensor, Tensor, Tensor)");
   m.def("bank_momentum_update_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()");
 }

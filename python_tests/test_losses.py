@@ -576,10 +576,11 @@ def test_cocord_rejects_batches_larger_than_the_queue_and_needs_slow_features():
 # PCKD
 # ----------------------------------------------------------------------------------------------
 def _pckd_batch(step, B=8, s_dim=6, t_dim=8, C=5, dtype=torch.float64):
+    """B rows = B / 4 images x 4 views (image-major), labels per image."""
     g = torch.Generator().manual_seed(700 + step)
     f_s = torch.randn(B, s_dim, generator=g, dtype=dtype).requires_grad_()
     f_t = torch.randn(B, t_dim, generator=g, dtype=dtype)
-    labels = torch.randint(0, C, (B,), generator=g)
+    labels = torch.randint(0, C, (B // 4,), generator=g)
     return f_s, f_t, labels
 
 
@@ -590,47 +591,18 @@ def _pckd_setup(s_dim=6, t_dim=8, C=5, dtype=torch.float64, **kw):
     return loss, fc_s, fc_t
 
 
-def test_pckd_terms_match_their_definitions():
-    loss_fn, fc_s, fc_t = _pckd_setup(backend="eager")
-    loss_fn.set_epoch(3)
-    f_s, f_t, y = _pckd_batch(0)
-    logit_s, logit_t = fc_s(f_s), fc_t(f_t)
-    total = loss_fn(f_s, f_t, logit_s, logit_t, y, fc_s, fc_t)
-    total.backward()
-    w = loss_fn.last_weights
-    B = f_s.shape[0]
-    with torch.no_grad():
-        ce_i = F.cross_entropy(logit_s, y, reduction="none")
-        a = ce_i / ce_i.mean()
-        expected_w = torch.where(a <= 1.005 ** 3, torch.ones_like(a), torch.exp(-a ** 2))  # authors' loops.py
-        torch.testing.assert_close(w, expected_w)
-        z1 = loss_fn.embed_s(f_s)
-        l1 = F.cross_entropy(z1 @ F.normalize(fc_s.weight, dim=1).t() / 0.1, y, reduction="none")
-        z2 = loss_fn.embed_t(f_s)
-        l2 = F.cross_entropy(z2 @ F.normalize(fc_t.weight, dim=1).t() / 0.1, y, reduction="none")
-        cc = (w * (l1 + l2)).sum() / B
-        kd = (w * F.kl_div(F.log_softmax(logit_s / 4, 1), F.softmax(logit_t / 4, 1), reduction="none").sum(1) * 16).sum() / B
-        fa = (2 - 2 * F.cosine_similarity(loss_fn.align_mlp(f_s), f_t, dim=1)).mean()
-        ca = F.mse_loss(torch.cat([loss_fn.ca_proj(fc_s.weight), fc_s.bias[:, None]], 1),
-                        torch.cat([fc_t.weight, fc_t.bias[:, None]], 1))
-        ce = ce_i.mean()
-    for name, value in dict(ce=ce, fa=fa, ca=ca, cc=cc, kd=kd).items():
-        torch.testing.assert_close(loss_fn.last_terms[name], value, msg=name)
-    torch.testing.assert_close(total.detach(), ce + fa + ca + cc + kd)
-    assert fc_s.weight.grad.abs().sum() > 0 and fc_t.weight.grad is None  # teacher detached
-    assert loss_fn.ca_proj.weight.grad is not None and loss_fn.embed_t.weight.grad is not None
-
-
-def test_pckd_preview_schedules_never_zero():
+def test_pckd_preview_schedules():
+    """The official schedule is checked against the authors' code in test_pckd_official.py;
+    here the library's variants: the quantile schedule and the optional floor."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(16, 5, generator=g) * 3
     y = torch.randint(0, 5, (16,), generator=g)
-    official = PCKDLoss(4, 4)
+    floored = PCKDLoss(4, 4, min_weight=1e-6)
     quant = PCKDLoss(4, 4, preview="quantile", start_quantile=0.5, preview_epochs=10, hard_weight=0.25)
     ce = F.cross_entropy(logits, y, reduction="none")
     for epoch in (0, 1, 5, 10, 240):
-        official.set_epoch(epoch), quant.set_epoch(epoch)
-        w_o, w_q = official.preview_weights(logits, y), quant.preview_weights(logits, y)
+        floored.set_epoch(epoch), quant.set_epoch(epoch)
+        w_o, w_q = floored.preview_weights(logits, y), quant.preview_weights(logits, y)
         assert (w_o > 0).all() and (w_o <= 1).all() and (w_q > 0).all()
         q = 0.5 + 0.5 * min(epoch / 10, 1.0)
         torch.testing.assert_close(w_q, torch.where(ce > torch.quantile(ce, q), 0.25, 1.0))
@@ -638,22 +610,18 @@ def test_pckd_preview_schedules_never_zero():
     assert (quant.preview_weights(logits, y) < 1).sum() == 8  # the harder half
     quant.set_epoch(10)
     assert (quant.preview_weights(logits, y) == 1).all()  # preview over
-    # Extreme difficulty: the authors' exp(-a^2) would be exactly 0; floored here.
-    hard = torch.zeros(16, 5)
-    hard[0, 1] = 60.0
-    assert official.preview_weights(hard, torch.zeros(16, dtype=torch.long)).min() > 0
     # The epoch is saved with the state.
-    official.set_epoch(7)
+    floored.set_epoch(7)
     fresh = PCKDLoss(4, 4)
-    fresh.load_state_dict(official.state_dict())
+    fresh.load_state_dict(floored.state_dict())
     assert fresh._epoch == 7
 
 
-def test_pckd_equal_dims_and_weight_tensors():
+def test_pckd_weight_tensors_and_pairs():
     loss_fn, fc_s, fc_t = _pckd_setup(s_dim=6, t_dim=6, backend="eager")
-    assert isinstance(loss_fn.ca_proj, nn.Identity)
     f_s, f_t, y = _pckd_batch(0, t_dim=6)
     a = loss_fn(f_s, f_t, fc_s(f_s), fc_t(f_t), y, fc_s, fc_t)
+    assert float(loss_fn.last_terms["ca"]) > 0  # equal shapes: the classifiers are aligned
     b = loss_fn(f_s, f_t, fc_s(f_s), fc_t(f_t), y, (fc_s.weight, fc_s.bias), (fc_t.weight, fc_t.bias))
     torch.testing.assert_close(a, b)
     c = loss_fn(f_s, f_t, fc_s(f_s), fc_t(f_t), y, fc_s.weight, fc_t.weight)  # no biases: L_CA on weights only

@@ -255,7 +255,7 @@ def _module_cases():
     crd = CRDLoss(S, T, n_data=64, feat_dim=8, nce_k=7)
     dcd = DCDLoss(S, T, feat_dim=8)
     coc = CoCoRDLoss(S, T, embed_dim=16, hidden_dim=16, pred_dim=8, queue_size=32)
-    pck = PCKDLoss(S, T)
+    pck = PCKDLoss(S, T, num_views=1)
     fc_s, fc_t = torch.nn.Linear(S, C), torch.nn.Linear(T, C)
     base = {
         "crd": (crd, dict(f_s=feats(S), f_t=feats(T), idx=idx)),

@@ -40,6 +40,13 @@
 namespace dcdkernels {
 namespace cpu {
 
+// Tiles of the dense kernels (dense_contrast, supcon_contrast): anchors per tile, and keys per
+// tile so that a converted key tile stays around 1 MiB of fp32 (the size of L2).
+constexpr int64_t kAnchorTile = 256;
+inline int64_t key_tile(int64_t D) {
+  return std::max<int64_t>(16, std::min<int64_t>(1024, (int64_t(1) << 18) / std::max<int64_t>(D, 1)));
+}
+
 // Accumulation dtype of an op: fp64 when any input is fp64 (so gradcheck runs), else fp32.
 inline at::ScalarType accumulation_dtype(std::initializer_list<at::Tensor> tensors) {
   for (const auto& t : tensors) {

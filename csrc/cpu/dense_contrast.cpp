@@ -31,13 +31,6 @@ namespace dcdkernels {
 namespace cpu {
 namespace {
 
-constexpr int64_t kAnchorTile = 256;
-
-// Keys per tile: a converted key tile stays around 1 MiB of fp32 (the size of L2).
-int64_t key_tile(int64_t D) {
-  return std::max<int64_t>(16, std::min<int64_t>(1024, (int64_t(1) << 18) / std::max<int64_t>(D, 1)));
-}
-
 // Online-softmax update of one anchor row with its block of dots w[0, mt) (overwritten with the
 // weights): m_new = max(m, max_j l_j), l_j = s d_j + beta; the sums so far are rescaled by
 // exp(m - m_new) (cwo and the weighted key sum ao too, when gradients are wanted), and

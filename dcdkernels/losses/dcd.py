@@ -32,6 +32,12 @@ class DCDLoss(PairedMemoryLoss):
         backend: backend of every op. bank_dtype, seed, memory_mode, process_group, bank_init: as
             :class:`CRDLoss` (memory form only; the in-batch form holds no memory and accepts only
             ``memory_mode="local"``).
+        trainable: True (default): the learnable scale above. False: the official
+            ``trainable=False``: the scale is fixed to ``nce_t`` itself (0.07; the official code sets
+            ``params.tau = nce_t`` and multiplies the logits by it, no exp and no clamp), held in
+            the buffer ``fixed_scale``, and the bias is frozen. An official ``trainable=False``
+            state dict (``params.tau`` = 0.07) loads as is into a module built with ``trainable=False``.
+        nce_t: the fixed scale when ``trainable=False`` (official ``opt.nce_t``, 0.07).
 
     Parameters: ``log_scale`` (theta, official ``params.tau``) and ``bias`` (official ``params.b``).
     A shared shift of all logits cancels in both softmaxes, so the loss does not depend on the
@@ -62,15 +68,23 @@ class DCDLoss(PairedMemoryLoss):
                  max_scale: float = 10.0, *, n_data: Optional[int] = None, nce_k: Optional[int] = None,
                  bank_momentum: float = 0.5, backend: str = "auto", bank_dtype: torch.dtype = torch.float32,
                  seed: Optional[int] = None, memory_mode: str = "local", process_group=None,
-                 bank_init: Optional[str] = None):
+                 bank_init: Optional[str] = None, trainable: bool = True, nce_t: float = 0.07):
         super().__init__()
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable must be a bool, got {type(trainable).__name__}")
+        if not trainable and not (isinstance(nce_t, (int, float)) and 0 < nce_t < float("inf")):
+            raise ValueError(f"nce_t (the fixed scale) must be a finite float > 0, got {nce_t!r}")
         if alpha < 0 or max_scale <= 0:
             raise ValueError(f"need alpha >= 0 and max_scale > 0, got {alpha}, {max_scale}")
         self.feat_dim, self.alpha, self.max_scale, self.backend = feat_dim, float(alpha), float(max_scale), backend
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
-        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
-        self.bias = nn.Parameter(torch.tensor(0.0))
+        self.trainable = trainable
+        if trainable:
+            self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+        else:
+            self.register_buffer("fixed_scale", torch.tensor(float(nce_t)))
+        self.bias = nn.Parameter(torch.tensor(0.0), requires_grad=trainable)
         self.memory = None
         self.nce_k = int(nce_k if nce_k is not None else 16384)
         self.bank_momentum = float(bank_momentum)
@@ -81,9 +95,26 @@ class DCDLoss(PairedMemoryLoss):
             raise ValueError("the in-batch DCD loss holds no memory: memory_mode and process_group need n_data")
         self.register_load_state_dict_pre_hook(_remap_official_keys)
 
+    @classmethod
+    def from_opt(cls, opt, max_tau: float = 10.0, alpha: float = 0.5, init_tau: float = 1.0, init_b: float = 0.0,
+                 trainable: bool = True, **kwargs) -> "DCDLoss":
+        """As the official ``DCDLoss(opt, max_tau, alpha, init_tau, init_b, trainable)``: ``opt.s_dim``,
+        ``opt.t_dim``, ``opt.feat_dim`` (128 if absent), ``opt.nce_t`` (0.07 if absent; the fixed
+        scale when ``trainable=False``). Keyword arguments are passed on (``backend``, ``n_data``, ...)."""
+        args = dict(s_dim=opt.s_dim, t_dim=opt.t_dim, feat_dim=getattr(opt, "feat_dim", 128), alpha=alpha,
+                    init_log_scale=init_tau, max_scale=max_tau, trainable=trainable,
+                    nce_t=getattr(opt, "nce_t", 0.07))
+        args.update(kwargs)
+        module = cls(**args)
+        with torch.no_grad():
+            module.bias.fill_(float(init_b) if trainable else 0.0)
+        return module
+
     def logit_scale(self) -> Tensor:
         """``s = min(exp(theta), max_scale)`` (zero gradient to theta once clamped, as the official
-        ``exp().clamp(0, max_tau)``)."""
+        ``exp().clamp(0, max_tau)``); with ``trainable=False`` the fixed ``nce_t`` itself."""
+        if not self.trainable:
+            return self.fixed_scale
         return self.log_scale.exp().clamp(0, self.max_scale)
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Optional[Tensor] = None,
@@ -122,7 +153,8 @@ class DCDLoss(PairedMemoryLoss):
     def extra_repr(self) -> str:
         mem = (f", n_data={self.n_data}, nce_k={self.nce_k}, bank_momentum={self.bank_momentum}, "
                f"memory_mode={self.memory_mode!r}") if self.memory is not None else ""
-        return f"alpha={self.alpha}, max_scale={self.max_scale}{mem}, backend={self.backend!r}"
+        fixed = "" if self.trainable else f", trainable=False, fixed_scale={float(self.fixed_scale)}"
+        return f"alpha={self.alpha}, max_scale={self.max_scale}{fixed}{mem}, backend={self.backend!r}"
 
 
 class ICDLoss(DCDLoss):
@@ -138,7 +170,9 @@ class ICDLoss(DCDLoss):
 
 def _remap_official_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                          error_msgs) -> None:
-    rename_keys(state_dict, prefix, [("params.tau", "log_scale"), ("params.b", "bias"),
+    # official trainable=False: params.tau holds the multiplier itself (nce_t), our fixed_scale
+    rename_keys(state_dict, prefix, [("params.tau", "log_scale" if module.trainable else "fixed_scale"),
+                                     ("params.b", "bias"),
                                      ("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
                                      ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
     if module.memory is not None:

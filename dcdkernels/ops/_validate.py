@@ -238,6 +238,15 @@ def bank_layout(bank: torch.Tensor, value: torch.Tensor) -> None:
             raise ValueError("value overlaps the bank in memory: pass a copy (value.clone())")
 
 
+def row_weight(weight, rows: int, device, checks: "ValueChecks", name: str = "weight") -> None:
+    """A per-row weight: a floating (rows,) tensor on ``device``, finite (queued on ``checks``)."""
+    if not isinstance(weight, torch.Tensor) or weight.shape != (rows,) or not weight.is_floating_point():
+        raise ValueError(f"{name} must be a floating (B,) = ({rows},) tensor")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but the anchors are on {device}")
+    checks.finite(name, weight)
+
+
 def accumulation_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -282,6 +291,12 @@ class ValueChecks:
                     and bool(torch.isfinite(t.detach().sum(dtype=torch.float32)))):
                 return
             self._add(~torch.isfinite(t.detach()).all(), f"{name} has non-finite values (nan or inf)")
+
+    def finite_positive(self, name, t):
+        """A tensor scalar that must be finite and > 0 (a float one is checked by :func:`scalar`)."""
+        if self._enabled:
+            t = t.detach()
+            self._add(~(torch.isfinite(t) & (t > 0)).all(), f"{name} must be finite and > 0")
 
     def run(self, deferrable: bool = False):
         """Raise now, or, for a ``deferrable`` call in a deferred mode, queue the flags for a lazy

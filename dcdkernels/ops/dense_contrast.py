@@ -172,11 +172,7 @@ def dense_contrast(anchor, keys, target=None, *, positive=None, logit_scale, bia
             raise ValueError(f"positive has {positive.shape[0]} rows but there are {B} anchors")
         checks.finite("positive", positive)
     if weight is not None:
-        if not isinstance(weight, Tensor) or weight.shape != (B,) or not weight.is_floating_point():
-            raise ValueError(f"weight must be a floating (B,) = ({B},) tensor")
-        if weight.device != anchor.device:
-            raise ValueError(f"weight is on {weight.device} but the anchors are on {anchor.device}")
-        checks.finite("weight", weight)
+        V.row_weight(weight, B, anchor.device, checks)
     checks.finite("anchor", anchor)
     acc = V.accumulation_dtype(anchor, keys)
     s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True, checks=checks)

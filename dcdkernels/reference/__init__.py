@@ -8,6 +8,7 @@ from .dense_contrast import dense_contrast
 from .dual_sampled_contrast import dual_sampled_contrast, dual_sampled_contrast_outputs
 from .rng import sample_negatives
 from .sampled_contrast import nce_loss_from_logits, sampled_contrast, sampled_contrast_outputs
+from .supcon_contrast import supcon_contrast
 
 __all__ = [
     "bank_momentum_update_",
@@ -19,4 +20,5 @@ __all__ = [
     "sample_negatives",
     "sampled_contrast",
     "sampled_contrast_outputs",
+    "supcon_contrast",
 ]

@@ -8,9 +8,12 @@ Default weights, from HobbitLong/RepDistiller (``train_student.py``: ``-r/--gamm
 -b 0.8``, ``CRD+KD: crd ... -a 1 -b 0.8``) and from the DCD/ICD authors' fork of it
 (giakoumoglou/distillers ``scripts/run_cifar_distill.sh``: ``icd ... -a 0 -b 1.0``, ``ICD+KD ...
 -a 1 -b 1.0``, and the same for ``dcd``). CoCoRD and PCKD have no RepDistiller script: their loss
-modules weight their own terms as their papers do (CoCoRD: contrast + 4 x BYOL; PCKD: L_FA +
-L_CA + L_CC + preview-weighted L_KD, each weight 1, its own CE switched off here because the trainer
-adds CE with ``gamma``), so ``beta`` = 1 and CE keeps weight 1. ``+kd`` sets ``alpha`` = 1
+modules weight their own terms as their papers do (CoCoRD: contrast + 4 x BYOL; PCKD: the
+authors' README command ``-a 1 -b 0.05 -f 20``, ``-d`` unset: CA 1, CC 0.05, FA 20, KD 0, its own
+CE switched off here because the trainer adds CE with ``gamma``), so ``beta`` = 1 and CE keeps
+weight 1. PCKD trains on the authors' four views of each image (:func:`pckd_views`, a batch-level
+transform: the image rotated by 0, 90, 180 and 270 degrees, image-major, view 0 the normal one);
+CE, the trainer's KD and the accuracy use the normal rows only, as the authors' loop. ``+kd`` sets ``alpha`` = 1
 (RepDistiller's CRD+KD convention) on top of the method's weights (pckd+kd would count KD twice).
 """
 import inspect
@@ -74,6 +77,19 @@ def default_weights(method: str, dataset: Optional[str] = None):
     if plus_kd:
         weights["alpha"] = 1.0
     return weights
+
+
+PCKD_VIEWS = 4
+
+
+def pckd_views(x):
+    """The authors' four views of each image (MuHeDing/PCKD ``helper/loops.py``: the loader's
+    (B, 4, C, H, W) stack is flattened with ``input.view(-1, c, h, w)``, row ``4 b`` the normal
+    view, ``4 b + 1..3`` the augmented ones; the SSKD-style stack of the image rotated by 0, 90,
+    180 and 270 degrees). (B, C, H, W) -> (4B, C, H, W), image-major."""
+    if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"pckd views need square images (B, C, H, H), got shape {tuple(x.shape)}")
+    return torch.stack([torch.rot90(x, k, (2, 3)) for k in range(PCKD_VIEWS)], dim=1).flatten(0, 1)
 
 
 def kd_loss(logits_s, logits_t, T):
@@ -149,8 +165,10 @@ def build_criterion(cfg, method: str, s_dim: int, t_dim: int, n_data: int, num_c
         args.update(kw)
         return losses.CoCoRDLoss(s_dim, t_dim, **args)
     if base == "pckd":
-        # CE stays in the trainer (gamma); the module's own KD (preview-weighted, T = kd_T) stays
-        args = dict(backend=backend, ce_weight=0.0, kd_temperature=cfg.kd_T)
+        # CE stays in the trainer (gamma, normal rows); the module's own KD (preview-weighted, T = kd_T)
+        # keeps the official weight 0 unless --loss-arg kd_weight=...; four views per image
+        args = dict(backend=backend, ce_weight=0.0, kd_temperature=cfg.kd_T, num_views=PCKD_VIEWS,
+                    n_cls=num_classes)
         args.update(kw)
         return losses.PCKDLoss(s_dim, t_dim, **args)
     raise ValueError(base)
@@ -208,20 +226,24 @@ class Distiller(nn.Module):
 
     def forward(self, batch):
         x, y = batch["x"], batch["y"]
-        feats_s, logits_s = self.student(x, is_feat=True)
+        if self.base == "pckd":
+            x = pckd_views(x)
+        feats_s, logits_all = self.student(x, is_feat=True)
+        logits_s = logits_all[::PCKD_VIEWS] if self.base == "pckd" else logits_all  # the normal rows
         parts = {}
         loss_ce = F.cross_entropy(logits_s, y)
         total = self.gamma * loss_ce
         parts["ce"] = loss_ce
         if self.base == "ce":
             return total, logits_s, parts
-        feats_t, logits_t = self._teacher(x)
+        feats_t, logits_t_all = self._teacher(x)
+        logits_t = logits_t_all[::PCKD_VIEWS] if self.base == "pckd" else logits_t_all
         if self.alpha:
             loss_kd = kd_loss(logits_s, logits_t, self.kd_T)
             total = total + self.alpha * loss_kd
             parts["kd"] = loss_kd
         if self.criterion is not None and self.beta:
-            term = self._method_term(batch, feats_s, logits_s, feats_t, logits_t)
+            term = self._method_term(batch, feats_s, logits_all, feats_t, logits_t_all)
             total = total + self.beta * term
             parts[self.base] = term
             parts.update(self.loss_terms())

@@ -10,6 +10,7 @@ from .dense_contrast import dense_contrast, dense_contrast_backward_keys, dense_
 from .dual_sampled_contrast import dual_sampled_contrast
 from .rng import rng_key, sample_index
 from .sampled_contrast import sampled_contrast
+from .supcon_contrast import supcon_contrast, supcon_contrast_backward
 
 __all__ = [
     "bank_momentum_update_",
@@ -20,4 +21,6 @@ __all__ = [
     "rng_key",
     "sample_index",
     "sampled_contrast",
+    "supcon_contrast",
+    "supcon_contrast_backward",
 ]
