@@ -125,7 +125,7 @@ def test_pckd_adapter_and_bind():
     student_model, teacher_model = nn.Sequential(), nn.Sequential()
     student_model.fc, teacher_model.fc = student, teacher
     torch.manual_seed(0)
-    ref = PCKDLoss(12, 20)
+    ref = PCKDLoss(12, 20, num_views=1)
     torch.manual_seed(0)
     ours = get_mid_level_loss({"key": "DCDKPCKDLoss", "kwargs": dict(s_dim=12, t_dim=20)})
     opt = torch.optim.SGD(student.parameters(), lr=0.1)

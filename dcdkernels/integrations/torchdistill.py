@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import CRDLoss, CoCoRDLoss, DCDLoss, PCKDLoss
+from ..losses._common import remap_paired_memory_keys
+from ..memory import check_loadable
 
 try:
     from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss
@@ -74,8 +76,9 @@ class DCDKCRDLoss(CRDLoss):
     Keyword-only extras: ``backend``, ``bank_dtype``, ``z_momentum``, ``seed`` (see
     :class:`dcdkernels.CRDLoss`).
 
-    Buffers: ``bank_s`` (torchdistill's ``memory_v1``), ``bank_t`` (``memory_v2``), ``log_z``
-    (log of ``params[2:4]``), ``rng_state``.
+    State (``memory``, a :class:`dcdkernels.memory.PairedMemoryBank`): ``memory.bank_s``
+    (torchdistill's ``memory_v1``), ``memory.bank_t`` (``memory_v2``), ``memory.log_z`` (log of
+    ``params[2:4]``), the negative stream; torchdistill's own keys load as they are.
     """
 
     def __init__(self, student_norm_module_path, student_empty_module_path, teacher_norm_module_path,
@@ -111,18 +114,19 @@ class DCDKCRDLoss(CRDLoss):
 
 def _remap_torchdistill_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                              error_msgs) -> None:
-    """torchdistill ``CRDLoss.state_dict()`` keys -> ours: ``memory_v1/v2`` -> ``bank_s/t``,
-    ``params[2:4]`` (Z_v1, Z_v2; -1 unset) -> ``log_z``; ``rng_state`` kept."""
-    for old, new in (("memory_v1", "bank_s"), ("memory_v2", "bank_t")):
+    """torchdistill ``CRDLoss.state_dict()`` keys -> ours: ``memory_v1/v2`` -> ``memory.bank_s/t``,
+    ``params[2:4]`` (Z_v1, Z_v2; -1 unset) -> ``memory.log_z``; the stream keeps its current state.
+    Runs after ``CRDLoss``'s own hook, so it finishes the remap and validates the result itself."""
+    for old, new in (("memory_v1", "memory.bank_s"), ("memory_v2", "memory.bank_t")):
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
     params = state_dict.pop(prefix + "params", None)
-    if params is not None and prefix + "log_z" not in state_dict:
-        z = params[2:4].detach().double().cpu()
+    if params is not None and prefix + "memory.log_z" not in state_dict:
+        z = torch.as_tensor(params)[2:4].detach().double().cpu()
         log_z = torch.where(z > 0, z.clamp_min(1e-300).log(), torch.full_like(z, float("nan")))
-        state_dict[prefix + "log_z"] = log_z.to(module.log_z.dtype)
-    if prefix + "rng_state" not in state_dict:
-        state_dict[prefix + "rng_state"] = module.rng_state.clone()
+        state_dict[prefix + "memory.log_z"] = log_z.to(module.log_z.dtype)
+    remap_paired_memory_keys(module, state_dict, prefix)
+    check_loadable(module, state_dict, prefix)
 
 
 class _IOPaths:
@@ -183,10 +187,12 @@ class DCDKPCKDLoss(PCKDLoss):
     """:class:`dcdkernels.PCKDLoss` on io-dict inputs: hook the classifiers (``student_fc_path``,
     ``teacher_fc_path``; default ``'fc'``, torchvision's ResNets) for input and output: the input
     is the feature, the output the logits, ``targets`` the labels. The classifier weights come from
-    the models bound by :func:`bind_distillation_box`. The other kwargs are PCKDLoss's."""
+    the models bound by :func:`bind_distillation_box`. The other kwargs are PCKDLoss's, except that
+    ``num_views`` defaults to 1: a torchdistill pipeline feeds one view per image unless its dataset
+    stacks PCKD's four rotations (then pass ``num_views=4``, rows image-major)."""
 
-    def __init__(self, student_fc_path="fc", teacher_fc_path="fc", **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, student_fc_path="fc", teacher_fc_path="fc", num_views=1, **kwargs):
+        super().__init__(num_views=num_views, **kwargs)
         self.student_fc_path, self.teacher_fc_path = student_fc_path, teacher_fc_path
         self._models = None
 
