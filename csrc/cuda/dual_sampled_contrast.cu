@@ -465,25 +465,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   at::Tensor partials;
   // Both banks share one storage dtype (checked above): 3 instantiations instead of 9 keeps the
   // build of this file within a few minutes on a 2-core CI machine.
-  dispatch_bank_type(bank_s, "bank_s", [&](auto tag_s) {
-    {
-      using TS = decltype(tag_s);
-      using TT = TS;
-      constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
-      const RowLayout lay = row_layout(D, V, kMaxFloatsPerThread / V);
-      dispatch_nv<kMaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
-        constexpr int NV = decltype(nv_tag)::value;
-        const ColumnSplit split = split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step<NV>());
-        p.tpr = lay.tpr;
-        p.chunk_cols = split.chunk_cols;
-        p.nchunks = split.nchunks;
-        p.vector_loads = D % V == 0 && rows_aligned(bank_s, V * sizeof(TS)) && rows_aligned(bank_t, V * sizeof(TT));
-        partials = at::empty({B * split.nchunks * p.stride}, opts);
-        p.partials = partials.data_ptr<float>();
-        launch_partials<TS, TT, NV>(p, lay, B, stream);
-      });
-    }
-  });
+  const auto step = [](auto nv_tag) { return rows_per_step<decltype(nv_tag)::value>(); };
+  const auto launch = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
+    using TS = decltype(tag);
+    using TT = TS;
+    constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+    p.tpr = lay.tpr;
+    p.chunk_cols = split.chunk_cols;
+    p.nchunks = split.nchunks;
+    p.vector_loads = D % V == 0 && rows_aligned(bank_s, V * sizeof(TS)) && rows_aligned(bank_t, V * sizeof(TT));
+    partials = at::empty({B * split.nchunks * p.stride}, opts);
+    p.partials = partials.data_ptr<float>();
+    launch_partials<TS, TT, decltype(nv_tag)::value>(p, lay, B, stream);
+  };
+  dispatch_gather<kMaxFloatsPerThread>(bank_s, "bank_s", B, D, cols, step, launch);
 
   DualMergeParams mp{};
   mp.partials = p.partials;

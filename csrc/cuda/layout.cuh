@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "common/rng.h"
+#include "cuda/elements.cuh"
 #include "cuda/launch.cuh"
 
 namespace dcdkernels {
@@ -127,6 +128,22 @@ inline ColumnSplit split_columns(int64_t B, int64_t cols, int64_t per_step) {
   const int64_t nchunks = ceil_div(cols, chunk);
   TORCH_CHECK(B * nchunks < (int64_t(1) << 31), "too many anchors for one launch: B = ", B);
   return ColumnSplit{chunk, static_cast<int>(nchunks)};
+}
+
+// Launch geometry of a gather kernel over `bank` (at most MaxFloatsPerThread floats of a row
+// slice per thread): calls f(T{}, std::integral_constant<int, NV>{}, layout, split) with T the
+// bank's storage type, the layout of its rows and the split of the `cols` columns of each of the
+// B anchors; a row group takes rows_per_step(NV tag) rows per step.
+template <int MaxFloatsPerThread, typename RowsPerStep, typename F>
+void dispatch_gather(const at::Tensor& bank, const char* name, int64_t B, int64_t D, int64_t cols,
+                     const RowsPerStep& rows_per_step, F&& f) {
+  dispatch_bank_type(bank, name, [&](auto tag) {
+    constexpr int V = 16 / static_cast<int>(sizeof(decltype(tag)));
+    const RowLayout lay = row_layout(D, V, MaxFloatsPerThread / V);
+    dispatch_nv<MaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
+      f(tag, nv_tag, lay, split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step(nv_tag)));
+    });
+  });
 }
 
 }  // namespace gpu

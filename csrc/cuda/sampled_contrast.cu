@@ -207,22 +207,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partials;
-  dispatch_bank_type(bank, "bank", [&](auto tag) {
+  const auto step = [](auto nv_tag) { return rows_per_step<decltype(nv_tag)::value>(); };
+  const auto launch = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
     using T = decltype(tag);
     constexpr int V = 16 / static_cast<int>(sizeof(T));
-    const RowLayout lay = row_layout(D, V, kMaxFloatsPerThread / V);
-    dispatch_nv<kMaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
-      constexpr int NV = decltype(nv_tag)::value;
-      const ColumnSplit split = split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step<NV>());
-      p.tpr = lay.tpr;
-      p.chunk_cols = split.chunk_cols;
-      p.nchunks = split.nchunks;
-      p.vector_loads = D % V == 0 && rows_aligned(bank, 16);
-      partials = at::empty({B * split.nchunks * p.stride}, opts);
-      p.partials = partials.data_ptr<float>();
-      launch_partials<T, NV>(p, lay, B, stream);
-    });
-  });
+    p.tpr = lay.tpr;
+    p.chunk_cols = split.chunk_cols;
+    p.nchunks = split.nchunks;
+    p.vector_loads = D % V == 0 && rows_aligned(bank, 16);
+    partials = at::empty({B * split.nchunks * p.stride}, opts);
+    p.partials = partials.data_ptr<float>();
+    launch_partials<T, decltype(nv_tag)::value>(p, lay, B, stream);
+  };
+  dispatch_gather<kMaxFloatsPerThread>(bank, "bank", B, D, cols, step, launch);
 
   MergeParams mp{};
   mp.partials = p.partials;
