@@ -16,7 +16,7 @@ from . import _ext
 BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
 
 # Largest feature dimension D a GPU kernel takes, where it has a limit (the CPU kernels and the
-# oracle have none). CUDA: a row group of at most kMaxGroup = 256 threads (cuda_utils.cuh) holds
+# oracle have none). CUDA: a row group of at most kMaxGroup = 256 threads (cuda/layout.cuh) holds
 # kMaxFloatsPerThread floats per thread (8 in dual_sampled_contrast.cu, 32 in sampled_contrast.cu).
 # Triton: the sampled kernels hold a row in registers, D <= triton/_common.py's MAX_D.
 _CUDA_MAX_DIM = {"sampled_contrast": 256 * 32, "dual_sampled_contrast": 256 * 8}

@@ -326,7 +326,7 @@ def test_shard_merge(device, backend, bounds):
 # Defect 6: "auto" picks a backend whose D limit admits the call
 # ------------------------------------------------------------------------------------------------
 def _cuda_limits_from_source():
-    utils = (ROOT / "csrc/cuda/cuda_utils.cuh").read_text()
+    utils = (ROOT / "csrc/cuda/layout.cuh").read_text()
     group = int(re.search(r"constexpr int kMaxGroup = (\d+);", utils).group(1))
     per_thread = {op: int(re.search(r"constexpr int kMaxFloatsPerThread = (\d+);",
                                     (ROOT / f"csrc/cuda/{op}.cu").read_text()).group(1))

@@ -93,7 +93,7 @@ def test_deterministic_mode_sizes_gpu_grids_independently_of_the_device():
 
     from dcdkernels.triton import _common
 
-    header = (pathlib.Path(__file__).parents[1] / "csrc" / "cuda" / "cuda_utils.cuh").read_text()
+    header = (pathlib.Path(__file__).parents[1] / "csrc" / "cuda" / "launch.cuh").read_text()
     assert int(re.search(r"kDeterministicSms = (\d+);", header).group(1)) == _common.DETERMINISTIC_SMS
     torch.use_deterministic_algorithms(True)
     try:

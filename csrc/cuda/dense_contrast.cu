@@ -9,7 +9,7 @@
 //     and lane + 32); each anchor's online softmax (max m, sum l, weighted dot sum c) absorbs
 //     them with warp reductions; the weighted key sum a (8 anchors x the slice's dims) lives in
 //     registers, thread t owning dims t + 256 i. Keys are split over blocks (split-K) so that a
-//     few anchor tiles still fill the GPU; merge_partials_kernel (cuda_utils.cuh) merges the
+//     few anchor tiles still fill the GPU; merge_partials_kernel (partials.cuh) merges the
 //     splits and adds the separate positive column:
 //       loss = LSE - l_pos, grad_q = s (a / l - k_pos), d/ds = c / l - d_pos, d/dbeta = 0,
 //       d/dpositive = s (p_pos - 1) q.
@@ -27,7 +27,12 @@
 #include <ATen/ops/empty.h>
 
 #include "common/reduced.h"
-#include "cuda/cuda_utils.cuh"
+#include "cuda/elements.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/layout.cuh"
+#include "cuda/partials.cuh"
+#include "cuda/reduce.cuh"
+#include "cuda/softmax.cuh"
 
 namespace dcdkernels {
 namespace gpu {

@@ -24,7 +24,12 @@
 
 #include <ATen/ops/empty.h>
 
-#include "cuda/cuda_utils.cuh"
+#include "cuda/elements.cuh"
+#include "cuda/gather.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/layout.cuh"
+#include "cuda/reduce.cuh"
+#include "cuda/softmax.cuh"
 
 namespace dcdkernels {
 namespace gpu {
@@ -108,30 +113,6 @@ struct DualParams {
   int64_t stride;
 };
 
-template <int NV, int V>
-__device__ __forceinline__ void zero(float (&v)[NV][V]) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[j][i] = 0.f;
-  }
-}
-
-// v = v * keep + sum_r w[r] x[r]  (this thread's slice)
-template <int R, int NV, int V, typename Frag>
-__device__ __forceinline__ void axpy(float (&v)[NV][V], float keep, const float (&w)[R], const Frag (&x)[R][NV]) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      float a = v[j][i] * keep;
-#pragma unroll
-      for (int r = 0; r < R; ++r) a = fmaf(w[r], x[r][j][i], a);
-      v[j][i] = a;
-    }
-  }
-}
-
 // Min 1 block per SM: ptxas takes the registers the unrolled state needs (no spills; 64-160).
 template <typename TS, typename TT, int NV>
 __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualParams p) {
@@ -139,27 +120,17 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   constexpr int R = rows_per_step<NV>();
   extern __shared__ float smem[];
   __shared__ float scratch[kWarp];
-  const int tpr = p.tpr, D = p.dim;
-  const int groups = blockDim.x / tpr;
-  const int group = threadIdx.x / tpr, t = threadIdx.x % tpr;
-  const int64_t b = blockIdx.x / p.nchunks;
-  const int64_t c0 = (blockIdx.x % p.nchunks) * p.chunk_cols;
-  const int64_t c1 = min(c0 + p.chunk_cols, p.cols);
+  const GatherPos g = gather_pos(p.tpr, p.nchunks, p.chunk_cols, p.cols);
+  const int tpr = g.tpr, groups = g.groups, t = g.t, D = p.dim;
+  const int64_t b = g.b;
   const TS* bank_s = static_cast<const TS*>(p.bank_s);
   const TT* bank_t = static_cast<const TT*>(p.bank_t);
   const VectorSlots& vs = p.vs;
   const bool soft_vecs = vs.As >= 0, nce_vecs = vs.Gs >= 0, kl_vecs = vs.Bt >= 0;
 
   float zs[NV][V], zt[NV][V];
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int e = (t + j * tpr) * V + i;
-      zs[j][i] = e < D ? p.zs.at(b, e) : 0.f;
-      zt[j][i] = e < D ? p.zt.at(b, e) : 0.f;
-    }
-  }
+  load_slice(zs, p.zs, b, t, tpr, D);
+  load_slice(zt, p.zt, b, t, tpr, D);
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
   const float log_z_s = p.nce ? p.log_z[0] : 0.f, log_z_t = p.nce ? p.log_z[1] : 0.f;
 
@@ -171,59 +142,24 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   zero(as), zero(at), zero(gs), zero(gt), zero(bt), zero(ev);
 
   int parity = 0;
-  for (int64_t base = c0; base < c1; base += groups * R, parity ^= 1) {
-    const int64_t col0 = base + group * R;
+  for (int64_t base = g.c0; base < g.c1; base += groups * R, parity ^= 1) {
+    const int64_t col0 = base + g.group * R;
     int64_t row[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) row[r] = col0 + r < c1 ? p.columns.row(b, col0 + r) : -1;
-
+    step_rows(row, p.columns, b, col0, g.c1);
     RowFrag<TS, V> xs[R][NV];  // bank_s rows: teacher direction
     RowFrag<TT, V> xt[R][NV];  // bank_t rows: student direction
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const int e0 = (t + j * tpr) * V;
-        if (row[r] >= 0 && e0 < D) {
-          const TS* src_s = bank_s + row[r] * p.stride_s + e0;
-          const TT* src_t = bank_t + row[r] * p.stride_t + e0;
-          if (p.vector_loads) {
-            xs[r][j].load_vector(src_s);
-            xt[r][j].load_vector(src_t);
-          } else {
-            xs[r][j].load_scalars(src_s, min(V, D - e0));
-            xt[r][j].load_scalars(src_t, min(V, D - e0));
-          }
-        } else {
-          xs[r][j].clear();
-          xt[r][j].clear();
-        }
-      }
-    }
+    load_frags(xs, bank_s, p.stride_s, row, t, tpr, D, p.vector_loads);
+    load_frags(xt, bank_t, p.stride_t, row, t, tpr, D, p.vector_loads);
 
     // d[r] = d^s (z_s . bank_t row), d[R + r] = d^t (z_t . bank_s row)
     float d[2 * R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float ds = 0.f, dt = 0.f;
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          ds = fmaf(zs[j][i], xt[r][j][i], ds);
-          dt = fmaf(zt[j][i], xs[r][j][i], dt);
-        }
-      }
-      d[r] = ds, d[R + r] = dt;
-    }
+    for (int r = 0; r < R; ++r) d[r] = slice_dot(zs, xt[r]), d[R + r] = slice_dot(zt, xs[r]);
     group_sum<2 * R>(d, tpr, smem, parity);
 
     float ls[R], lt[R], ws[R], wt[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      ls[r] = row[r] >= 0 ? fmaf(s, d[r], beta) : -INFINITY;
-      lt[r] = row[r] >= 0 ? fmaf(s, d[R + r], beta) : -INFINITY;
-    }
+    for (int r = 0; r < R; ++r) ls[r] = logit_of(row[r], d[r], s, beta), lt[r] = logit_of(row[r], d[R + r], s, beta);
     const float fs = online_absorb<R>(st[kMs], st[kLs], ls, ws);
     const float ft = online_absorb<R>(st[kMt], st[kLt], lt, wt);
     float gsw[R], gtw[R], wtf[R];  // NCE dL/dl per direction; KL w^t f
@@ -271,31 +207,22 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
     if (kl_vecs) axpy(bt, ft, wt, xt), axpy(ev, ft, wtf, xs);
   }
 
-  // One partial per block; a thread's vector slices by slot.
+  // One partial per block. `each_vector` calls f(slot, slice) for the D-vectors this call keeps.
   float* out = p.partials + static_cast<int64_t>(blockIdx.x) * p.stride;
-  auto vec_of = [&](int slot, int j, int i) {
-    if (slot == vs.As) return as[j][i];
-    if (slot == vs.At) return at[j][i];
-    if (slot == vs.Gs) return gs[j][i];
-    if (slot == vs.Gt) return gt[j][i];
-    if (slot == vs.Bt) return bt[j][i];
-    return ev[j][i];
+  auto each_vector = [&](auto&& f) {
+    if (vs.As >= 0) f(vs.As, as);
+    if (vs.At >= 0) f(vs.At, at);
+    if (vs.Gs >= 0) f(vs.Gs, gs);
+    if (vs.Gt >= 0) f(vs.Gt, gt);
+    if (vs.Bt >= 0) f(vs.Bt, bt);
+    if (vs.E >= 0) f(vs.E, ev);
   };
   if (groups == 1) {
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int i = 0; i < kDualScalars; ++i) out[i] = st[i];
     }
-    for (int v = 0; v < vs.count; ++v) {
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const int e = (t + j * tpr) * V + i;
-          if (e < D) out[kDualScalars + v * D + e] = vec_of(v, j, i);
-        }
-      }
-    }
+    each_vector([&](int v, const float(&slice)[NV][V]) { store_slice(out + kDualScalars + v * D, slice, t, tpr, D); });
     return;
   }
   // Several groups: stage their states in shared memory and merge them in group order.
@@ -305,15 +232,11 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   float* factor = gvec + groups * vs.count * span;    // [3][groups]: none, student, teacher
   if (t == 0) {
 #pragma unroll
-    for (int i = 0; i < kDualScalars; ++i) gst[group * kDualScalars + i] = st[i];
+    for (int i = 0; i < kDualScalars; ++i) gst[g.group * kDualScalars + i] = st[i];
   }
-  for (int v = 0; v < vs.count; ++v) {
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) gvec[(group * vs.count + v) * span + (t + j * tpr) * V + i] = vec_of(v, j, i);
-    }
-  }
+  each_vector([&](int v, const float(&slice)[NV][V]) {
+    stage_slice(gvec + (g.group * vs.count + v) * span, slice, t, tpr);
+  });
   __syncthreads();
   const bool owner = threadIdx.x < groups;
   const float* own = gst + threadIdx.x * kDualScalars;
@@ -327,18 +250,14 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   __syncthreads();
   float* tot = scratch;  // kDualScalars <= 32 floats, free again after block_max
   sum_slots(gst, groups, kDualScalars, kDualScalars,
-            [&](int i, int g) { return factor[slot_direction(i) * groups + g]; }, tot);
+            [&](int i, int k) { return factor[slot_direction(i) * groups + k]; }, tot);
   if (threadIdx.x < kDualScalars) {
     const int i = threadIdx.x;
     out[i] = i == kMs ? ms : i == kMt ? mt : tot[i];
   }
   for (int v = 0; v < vs.count; ++v) {
     const float* f = factor + vs.direction(v) * groups;
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
-      float a = 0.f;
-      for (int g = 0; g < groups; ++g) a = fmaf(f[g], gvec[(g * vs.count + v) * span + e], a);
-      out[kDualScalars + v * D + e] = a;
-    }
+    merge_staged(out + kDualScalars + v * D, gvec + v * span, vs.count * span, groups, D, [&](int k) { return f[k]; });
   }
 }
 
@@ -546,25 +465,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   at::Tensor partials;
   // Both banks share one storage dtype (checked above): 3 instantiations instead of 9 keeps the
   // build of this file within a few minutes on a 2-core CI machine.
-  dispatch_bank_type(bank_s, "bank_s", [&](auto tag_s) {
-    {
-      using TS = decltype(tag_s);
-      using TT = TS;
-      constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
-      const RowLayout lay = row_layout(D, V, kMaxFloatsPerThread / V);
-      dispatch_nv<kMaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
-        constexpr int NV = decltype(nv_tag)::value;
-        const ColumnSplit split = split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step<NV>());
-        p.tpr = lay.tpr;
-        p.chunk_cols = split.chunk_cols;
-        p.nchunks = split.nchunks;
-        p.vector_loads = D % V == 0 && rows_aligned(bank_s, V * sizeof(TS)) && rows_aligned(bank_t, V * sizeof(TT));
-        partials = at::empty({B * split.nchunks * p.stride}, opts);
-        p.partials = partials.data_ptr<float>();
-        launch_partials<TS, TT, NV>(p, lay, B, stream);
-      });
-    }
-  });
+  const auto step = [](auto nv_tag) { return rows_per_step<decltype(nv_tag)::value>(); };
+  const auto launch = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
+    using TS = decltype(tag);
+    using TT = TS;
+    constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
+    p.tpr = lay.tpr;
+    p.chunk_cols = split.chunk_cols;
+    p.nchunks = split.nchunks;
+    p.vector_loads = D % V == 0 && rows_aligned(bank_s, V * sizeof(TS)) && rows_aligned(bank_t, V * sizeof(TT));
+    partials = at::empty({B * split.nchunks * p.stride}, opts);
+    p.partials = partials.data_ptr<float>();
+    launch_partials<TS, TT, decltype(nv_tag)::value>(p, lay, B, stream);
+  };
+  dispatch_gather<kMaxFloatsPerThread>(bank_s, "bank_s", B, D, cols, step, launch);
 
   DualMergeParams mp{};
   mp.partials = p.partials;

@@ -3,13 +3,13 @@
 // One read of each gathered row gives the loss, the LSE and every gradient (split-K, flash-
 // decoding style):
 //   1. sampled_partials_kernel: block (b, chunk) scans columns [chunk * chunk_cols, ..) of
-//      anchor b. Its row groups (layout in cuda_utils.cuh) each take R rows per step: resolve
+//      anchor b. Its row groups (layout.cuh, gather.cuh) each take R rows per step: resolve
 //      the bank rows (explicit index or in-kernel sampling), load them as 16-byte fragments,
 //      reduce the dots <q, row>, and fold the logits into the group's online state (max m,
 //      sum l, weighted dot sum c, and the weighted row sum in registers: InfoNCE weights
 //      exp(l - m), rescaled as m grows; NCE weights g = dL/dl, plain sums). The groups of a
 //      block merge in shared memory and the block writes one partial.
-//   2. merge_partials_kernel (cuda_utils.cuh): one block per anchor merges its chunks and
+//   2. merge_partials_kernel (partials.cuh): one block per anchor merges its chunks and
 //      writes loss, lse, grad_anchor and grad_scalars.
 // Rows out of range are never read: their columns are absent (csrc/KERNELS.md), and an absent
 // positive adds no -l_0 / -row_0 term in the merge.
@@ -19,7 +19,13 @@
 
 #include <ATen/ops/empty.h>
 
-#include "cuda/cuda_utils.cuh"
+#include "cuda/elements.cuh"
+#include "cuda/gather.cuh"
+#include "cuda/launch.cuh"
+#include "cuda/layout.cuh"
+#include "cuda/partials.cuh"
+#include "cuda/reduce.cuh"
+#include "cuda/softmax.cuh"
 
 namespace dcdkernels {
 namespace gpu {
@@ -62,78 +68,37 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
   constexpr int R = rows_per_step<NV>();
   extern __shared__ float smem[];
   __shared__ float scratch[kWarp];
-  const int tpr = p.tpr, D = p.dim;
-  const int groups = blockDim.x / tpr;
-  const int group = threadIdx.x / tpr, t = threadIdx.x % tpr;
-  const int64_t b = blockIdx.x / p.nchunks;
-  const int64_t c0 = (blockIdx.x % p.nchunks) * p.chunk_cols;
-  const int64_t c1 = min(c0 + p.chunk_cols, p.cols);
+  const GatherPos g = gather_pos(p.tpr, p.nchunks, p.chunk_cols, p.cols);
+  const int tpr = g.tpr, groups = g.groups, t = g.t, D = p.dim;
+  const int64_t b = g.b;
   const T* bank = static_cast<const T*>(p.bank);
 
-  // This thread's elements of the anchor; zeros past D.
-  float q[NV][V];
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int e = (t + j * tpr) * V + i;
-      q[j][i] = e < D ? p.anchor.at(b, e) : 0.f;
-    }
-  }
+  float q[NV][V];  // this thread's elements of the anchor
+  load_slice(q, p.anchor, b, t, tpr, D);
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f, log_z = p.nce ? *p.log_z : 0.f;
 
   // The group's online state (identical in all its threads) and this thread's row-sum slice.
   float m = -INFINITY, l = 0.f, c = 0.f, loss = 0.f, gb = 0.f;
   float acc[NV][V];
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[j][i] = 0.f;
-  }
+  zero(acc);
 
   // Uniform trip count over the block (the block-wide group reduces with barriers).
   int parity = 0;
-  for (int64_t base = c0; base < c1; base += groups * R, parity ^= 1) {
-    const int64_t col0 = base + group * R;
+  for (int64_t base = g.c0; base < g.c1; base += groups * R, parity ^= 1) {
+    const int64_t col0 = base + g.group * R;
     int64_t row[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) row[r] = col0 + r < c1 ? p.columns.row(b, col0 + r) : -1;
-
-    // Issue every load of the step before using any.
+    step_rows(row, p.columns, b, col0, g.c1);
     RowFrag<T, V> x[R][NV];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const int e0 = (t + j * tpr) * V;
-        if (row[r] >= 0 && e0 < D) {
-          const T* src = bank + row[r] * p.bank_stride + e0;
-          if (p.vector_loads) {
-            x[r][j].load_vector(src);
-          } else {
-            x[r][j].load_scalars(src, min(V, D - e0));
-          }
-        } else {
-          x[r][j].clear();
-        }
-      }
-    }
+    load_frags(x, bank, p.bank_stride, row, t, tpr, D, p.vector_loads);
 
     float d[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      d[r] = 0.f;
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) d[r] = fmaf(q[j][i], x[r][j][i], d[r]);
-      }
-    }
+    for (int r = 0; r < R; ++r) d[r] = slice_dot(q, x[r]);
     group_sum<R>(d, tpr, smem, parity);
 
     float logit[R], w[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) logit[r] = row[r] >= 0 ? fmaf(s, d[r], beta) : -INFINITY;
+    for (int r = 0; r < R; ++r) logit[r] = logit_of(row[r], d[r], s, beta);
     // InfoNCE: w = exp(l - m), earlier sums rescale by `keep`; NCE: w = g = dL/dl, plain sums.
     float keep = online_absorb<R>(m, l, logit, w);
     if (p.nce) {
@@ -148,16 +113,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
       c *= keep;
 #pragma unroll
       for (int r = 0; r < R; ++r) c = fmaf(w[r], d[r], c);
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          float a = acc[j][i] * keep;
-#pragma unroll
-          for (int r = 0; r < R; ++r) a = fmaf(w[r], x[r][j][i], a);
-          acc[j][i] = a;
-        }
-      }
+      axpy(acc, keep, w, x);
     }
   }
 
@@ -167,16 +123,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
     if (threadIdx.x == 0) {
       out[kM] = m, out[kL] = l, out[kC] = c, out[kLoss] = loss, out[kGb] = gb;
     }
-    if (p.compute_grad) {
-#pragma unroll
-      for (int j = 0; j < NV; ++j) {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const int e = (t + j * tpr) * V + i;
-          if (e < D) out[kScalars + e] = acc[j][i];
-        }
-      }
-    }
+    if (p.compute_grad) store_slice(out + kScalars, acc, t, tpr, D);
     return;
   }
   // Several groups: stage their states in shared memory and merge them in group order.
@@ -185,31 +132,21 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
   float* gv = gs + groups * kScalars;      // [groups][span]
   float* factor = gv + groups * span;      // [groups]: exp(m_group - m_block)
   if (t == 0) {
-    float* st = gs + group * kScalars;
+    float* st = gs + g.group * kScalars;
     st[kM] = m, st[kL] = l, st[kC] = c, st[kLoss] = loss, st[kGb] = gb;
   }
-  if (p.compute_grad) {
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-#pragma unroll
-      for (int i = 0; i < V; ++i) gv[group * span + (t + j * tpr) * V + i] = acc[j][i];
-    }
-  }
+  if (p.compute_grad) stage_slice(gv + g.group * span, acc, t, tpr);
   __syncthreads();
   const float m_block = block_max(threadIdx.x < groups ? gs[threadIdx.x * kScalars + kM] : -INFINITY, scratch);
   if (threadIdx.x < groups) factor[threadIdx.x] = rescale(gs[threadIdx.x * kScalars + kM], m_block);
   __syncthreads();
   float* tot = scratch;  // free again after block_max
-  sum_slots(gs, groups, kScalars, kScalars, [&](int i, int g) { return slot_factor(i, p.nce, factor[g]); }, tot);
+  sum_slots(gs, groups, kScalars, kScalars, [&](int i, int k) { return slot_factor(i, p.nce, factor[k]); }, tot);
   if (threadIdx.x == 0) {
     out[kM] = m_block, out[kL] = tot[kL], out[kC] = tot[kC], out[kLoss] = tot[kLoss], out[kGb] = tot[kGb];
   }
   if (p.compute_grad) {
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
-      float a = 0.f;
-      for (int g = 0; g < groups; ++g) a = fmaf(slot_factor(kScalars, p.nce, factor[g]), gv[g * span + e], a);
-      out[kScalars + e] = a;
-    }
+    merge_staged(out + kScalars, gv, span, groups, D, [&](int k) { return slot_factor(kScalars, p.nce, factor[k]); });
   }
 }
 
@@ -270,22 +207,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partials;
-  dispatch_bank_type(bank, "bank", [&](auto tag) {
+  const auto step = [](auto nv_tag) { return rows_per_step<decltype(nv_tag)::value>(); };
+  const auto launch = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
     using T = decltype(tag);
     constexpr int V = 16 / static_cast<int>(sizeof(T));
-    const RowLayout lay = row_layout(D, V, kMaxFloatsPerThread / V);
-    dispatch_nv<kMaxFloatsPerThread / V>(lay.nv, [&](auto nv_tag) {
-      constexpr int NV = decltype(nv_tag)::value;
-      const ColumnSplit split = split_columns(B, cols, (lay.block / lay.tpr) * rows_per_step<NV>());
-      p.tpr = lay.tpr;
-      p.chunk_cols = split.chunk_cols;
-      p.nchunks = split.nchunks;
-      p.vector_loads = D % V == 0 && rows_aligned(bank, 16);
-      partials = at::empty({B * split.nchunks * p.stride}, opts);
-      p.partials = partials.data_ptr<float>();
-      launch_partials<T, NV>(p, lay, B, stream);
-    });
-  });
+    p.tpr = lay.tpr;
+    p.chunk_cols = split.chunk_cols;
+    p.nchunks = split.nchunks;
+    p.vector_loads = D % V == 0 && rows_aligned(bank, 16);
+    partials = at::empty({B * split.nchunks * p.stride}, opts);
+    p.partials = partials.data_ptr<float>();
+    launch_partials<T, decltype(nv_tag)::value>(p, lay, B, stream);
+  };
+  dispatch_gather<kMaxFloatsPerThread>(bank, "bank", B, D, cols, step, launch);
 
   MergeParams mp{};
   mp.partials = p.partials;

@@ -1,7 +1,8 @@
 """Pieces shared by the Triton sampled-contrast kernels (one bank and dual bank).
 
 Device functions: the column -> bank row map (explicit index or in-kernel sampling), one step of
-an online softmax, the per-column NCE terms, and the merge of per-chunk partials. Host helpers:
+an online softmax, the per-column NCE terms, one gathered tile folded into the online state of a
+direction (anchor against rows), and the merge of per-chunk partials. Host helpers:
 argument checks (the shape checks that keep every access in bounds), launch parameters, and the
 split of the K+1 columns into chunks (one program per (anchor, chunk); SPEC §1, csrc/KERNELS.md).
 """
@@ -54,8 +55,9 @@ def column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, 
 
 
 @triton.jit
-def online_softmax_step(m, logits, valid):
-    """Folds a block of logits into a running max ``m``.
+def online_softmax_step(m, logits, valid, ROWS: tl.constexpr = False):
+    """Folds a block of logits into a running max ``m``: a vector of columns of one row, or with
+    ``ROWS`` a (rows, columns) tile with ``m`` the vector of the rows' maxima.
 
     Returns ``(m_new, alpha, w)``: ``alpha = exp(m - m_new)`` rescales every accumulator built so
     far, ``w = exp(logits - m_new)`` weighs the new columns (0 where not ``valid``). While no
@@ -63,10 +65,15 @@ def online_softmax_step(m, logits, valid):
     (-inf) - (-inf) never produces a NaN.
     """
     masked = tl.where(valid, logits, float("-inf"))
-    m_new = tl.maximum(m, tl.max(masked, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if ROWS:
+        m_new = tl.maximum(m, tl.max(masked, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(masked - m_ref[:, None])
+    else:
+        m_new = tl.maximum(m, tl.max(masked, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp(masked - m_ref)
     alpha = tl.exp(m - m_ref)
-    w = tl.exp(masked - m_ref)
     return m_new, alpha, w
 
 
@@ -86,6 +93,42 @@ def nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c):
     loss = tl.where(cols == 0, softplus, softplus + log1p_eps_c)
     slope = tl.where(cols == 0, -sigmoid, sigmoid)
     return tl.where(valid, loss, 0.0), tl.where(valid, slope, 0.0)
+
+
+@triton.jit
+def direction_init(BLOCK_D: tl.constexpr):
+    """Empty online state of one direction (one anchor against gathered rows):
+    ``(m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a)``, the slots of ``direction_step``."""
+    return (float("-inf"), 0.0, 0.0, 0.0, tl.zeros([BLOCK_D], dtype=tl.float32), 0.0, 0.0, 0.0,
+            tl.zeros([BLOCK_D], dtype=tl.float32))
+
+
+@triton.jit
+def direction_step(m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, q, tile, s, beta, cols, valid, log_z, log_c_eps,
+                    log1p_eps_c, LOSS_TYPE: tl.constexpr, SOFTMAX_GRAD: tl.constexpr, NCE_GRAD: tl.constexpr):
+    """Folds one gathered tile (BLOCK_K, BLOCK_D) of columns ``cols`` into the online state of one
+    direction, anchor ``q`` against the rows of ``tile`` (logits ``s <q, row> + beta``):
+    ``m`` running max, ``l = sum w``, ``d0`` the positive's dot, with SOFTMAX_GRAD ``c = sum w d``
+    and ``a = sum w row`` (``w = e^(l - m)``, rescaled as ``m`` grows); for NCE (LOSS_TYPE 1)
+    the plain sums ``nce_loss``, and with NCE_GRAD ``nce_c = sum g d``, ``nce_slope = sum g``,
+    ``nce_a = sum g row`` (``g = dL/dl``). Returns the new state, then the tile's ``dots``,
+    ``logits``, the rescale ``alpha`` and the weights ``w`` (the dual kernel's KL sums use them)."""
+    dots = tl.sum(tile * q[None, :], axis=1)
+    logits = s * dots + beta
+    d0 += tl.sum(tl.where(cols == 0, dots, 0.0), axis=0)
+    m_new, alpha, w = online_softmax_step(m, logits, valid)
+    l = l * alpha + tl.sum(w, axis=0)
+    if SOFTMAX_GRAD:
+        c = c * alpha + tl.sum(w * dots, axis=0)
+        a = a * alpha + tl.sum(w[:, None] * tile, axis=0)
+    if LOSS_TYPE == 1:
+        loss_k, slope = nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c)
+        nce_loss += tl.sum(loss_k, axis=0)
+        if NCE_GRAD:
+            nce_c += tl.sum(slope * dots, axis=0)
+            nce_slope += tl.sum(slope, axis=0)
+            nce_a += tl.sum(slope[:, None] * tile, axis=0)
+    return m_new, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, dots, logits, alpha, w
 
 
 @triton.jit
@@ -137,7 +180,7 @@ def device_guard(tensor):
 
 # Under torch.use_deterministic_algorithms(True) grids are sized for this many SMs whatever the
 # GPU, so the split of every reduction (and so every rounding) does not depend on the device.
-# Same constant as kDeterministicSms in csrc/cuda/cuda_utils.cuh.
+# Same constant as kDeterministicSms in csrc/cuda/launch.cuh.
 DETERMINISTIC_SMS = 132
 
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_dtype, device_guard, scalar_arg, sm_count
+from ._common import check_kernel_dtype, device_guard, online_softmax_step, scalar_arg, sm_count
 
 MAX_BLOCK_M = 64
 MAX_BLOCK_N = 64
@@ -49,6 +49,23 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _qk_tile(a_rows, stride_a, a_mask, b_rows, stride_b, b_mask, D, DOT_DTYPE: tl.constexpr, BLOCK_A: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """``A B^T`` over the full D in fp32, (BLOCK_A, BLOCK_B), for the rows ``a_rows`` and
+    ``b_rows`` (row pointers; masked rows read 0), BLOCK_DK at a time with tl.dot; B is loaded
+    transposed, (BLOCK_DK, BLOCK_B)."""
+    offs_k = tl.arange(0, BLOCK_DK)
+    dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DK):
+        kd = k0 + offs_k
+        kd_mask = kd < D
+        a = tl.load(a_rows[:, None] + kd[None, :] * stride_a, mask=a_mask[:, None] & kd_mask[None, :], other=0.0)
+        bt = tl.load(b_rows[None, :] + kd[:, None] * stride_b, mask=kd_mask[:, None] & b_mask[None, :], other=0.0)
+        dots = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), dots, input_precision="ieee")
+    return dots
+
+
+@triton.jit
 def _dense_contrast_fwd_kernel(
     anchor_ptr, stride_ab, stride_ad,
     keys_ptr, stride_kn, stride_kd,
@@ -67,12 +84,12 @@ def _dense_contrast_fwd_kernel(
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_mask = offs_v < D
     mv_mask = m_mask[:, None] & v_mask[None, :]
-    offs_k = tl.arange(0, BLOCK_DK)
     s = tl.load(scale_ptr)
     beta = 0.0
     if HAS_BIAS:
         beta = tl.load(bias_ptr)
-    anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
+    anchor_row_ptrs = anchor_ptr + offs_m.to(tl.int64) * stride_ab
+    anchor_rows = anchor_row_ptrs[:, None]
 
     # The positive column: its dot product and its row's slice (subtracted from grad_anchor).
     if HAS_POSITIVE:
@@ -104,20 +121,10 @@ def _dense_contrast_fwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < M
         key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
-        # dots = Q K^T over the full D; K is loaded transposed, (BLOCK_DK, BLOCK_N).
-        dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_DK):
-            kd = k0 + offs_k
-            kd_mask = kd < D
-            q = tl.load(anchor_rows + kd[None, :] * stride_ad, mask=m_mask[:, None] & kd_mask[None, :], other=0.0)
-            kt = tl.load(key_rows[None, :] + kd[:, None] * stride_kd, mask=kd_mask[:, None] & n_mask[None, :],
-                         other=0.0)
-            dots = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), dots, input_precision="ieee")
+        dots = _qk_tile(anchor_row_ptrs, stride_ad, m_mask, key_rows, stride_kd, n_mask, D, DOT_DTYPE, BLOCK_M, BLOCK_N,
+                        BLOCK_DK)  # Q K^T
         # Every tile holds at least one real column, so m_new is finite from the first tile on.
-        logits = tl.where(n_mask[None, :], s * dots + beta, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(logits - m_new[:, None])
+        m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, n_mask[None, :], ROWS=True)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if COMPUTE_GRAD:
             c_i = c_i * alpha + tl.sum(p * dots, axis=1)
@@ -157,12 +164,11 @@ def _dense_contrast_bwd_keys_kernel(
     n_mask = offs_n < M
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_mask = offs_v < D
-    offs_k = tl.arange(0, BLOCK_DK)
     s = tl.load(scale_ptr)
     beta = 0.0
     if HAS_BIAS:
         beta = tl.load(bias_ptr)
-    key_rows = keys_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
+    key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
 
     # acc = sum_b G[b, n] q_b for this program's keys, with G = g (P - onehot(target)).
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -170,15 +176,8 @@ def _dense_contrast_bwd_keys_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < B
         anchor_rows = anchor_ptr + offs_m.to(tl.int64) * stride_ab
-        # dots^T = K Q^T over the full D; Q is loaded transposed, (BLOCK_DK, BLOCK_M).
-        dots_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_DK):
-            kd = k0 + offs_k
-            kd_mask = kd < D
-            k = tl.load(key_rows + kd[None, :] * stride_kd, mask=n_mask[:, None] & kd_mask[None, :], other=0.0)
-            qt = tl.load(anchor_rows[None, :] + kd[:, None] * stride_ad, mask=kd_mask[:, None] & m_mask[None, :],
-                         other=0.0)
-            dots_t = tl.dot(k.to(DOT_DTYPE), qt.to(DOT_DTYPE), dots_t, input_precision="ieee")
+        dots_t = _qk_tile(key_rows, stride_kd, n_mask, anchor_rows, stride_ad, m_mask, D, DOT_DTYPE, BLOCK_N,
+                          BLOCK_M, BLOCK_DK)  # K Q^T
         # Rows past B get g = 0 (and lse = 0 keeps their p finite).
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
         g = tl.load(grad_rows_ptr + offs_m, mask=m_mask, other=0.0)

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
-                      column_rows, device_guard, load_row_slice, merge_chunk_vectors, nce_column_terms, nce_constants,
-                      num_warps_for, online_softmax_step, plan_chunks, scalar_arg)
+                      column_rows, device_guard, direction_init, direction_step, load_row_slice, merge_chunk_vectors,
+                      nce_constants, num_warps_for, plan_chunks, scalar_arg)
 from .rng import rng_key
 
 # Statistics of one (anchor, chunk): a block of DIR_STATS per direction (s at 0, t at DIR_STATS),
@@ -107,24 +107,9 @@ def _dual_sampled_contrast_partial_kernel(
         log_z_t = tl.load(log_z_ptr + 1)
     key = rng_key(seed)
 
-    m_s = float("-inf")
-    l_s = 0.0
-    c_s = 0.0
-    d0_s = 0.0
-    a_s = tl.zeros([BLOCK_D], dtype=tl.float32)
-    nce_loss_s = 0.0
-    nce_c_s = 0.0
-    nce_slope_s = 0.0
-    nce_a_s = tl.zeros([BLOCK_D], dtype=tl.float32)
-    m_t = float("-inf")
-    l_t = 0.0
-    c_t = 0.0
-    d0_t = 0.0
-    a_t = tl.zeros([BLOCK_D], dtype=tl.float32)
-    nce_loss_t = 0.0
-    nce_c_t = 0.0
-    nce_slope_t = 0.0
-    nce_a_t = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # One direction's state (direction_init) per direction, then the KL sums.
+    m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s = direction_init(BLOCK_D)
+    m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t = direction_init(BLOCK_D)
     kl_f = 0.0
     kl_ds = 0.0
     kl_fdt = 0.0
@@ -140,34 +125,13 @@ def _dual_sampled_contrast_partial_kernel(
         mask = valid[:, None] & d_mask[None, :]
         row_t = tl.load(bank_t_ptr + rows[:, None] * stride_btn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         row_s = tl.load(bank_s_ptr + rows[:, None] * stride_bsn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        dots_s = tl.sum(row_t * q_s[None, :], axis=1)
-        dots_t = tl.sum(row_s * q_t[None, :], axis=1)
-        logits_s = s * dots_s + beta
-        logits_t = s * dots_t + beta
-        d0_s += tl.sum(tl.where(cols == 0, dots_s, 0.0), axis=0)
-        d0_t += tl.sum(tl.where(cols == 0, dots_t, 0.0), axis=0)
-
-        m_s_new, alpha_s, w_s = online_softmax_step(m_s, logits_s, valid)
-        m_t_new, alpha_t, w_t = online_softmax_step(m_t, logits_t, valid)
-        l_s = l_s * alpha_s + tl.sum(w_s, axis=0)
-        l_t = l_t * alpha_t + tl.sum(w_t, axis=0)
-        if softmax_grad:
-            c_s = c_s * alpha_s + tl.sum(w_s * dots_s, axis=0)
-            c_t = c_t * alpha_t + tl.sum(w_t * dots_t, axis=0)
-            a_s = a_s * alpha_s + tl.sum(w_s[:, None] * row_t, axis=0)
-            a_t = a_t * alpha_t + tl.sum(w_t[:, None] * row_s, axis=0)
-        if LOSS_TYPE == 1:
-            loss_s_k, slope_s = nce_column_terms(logits_s, cols, valid, log_z_s, log_c_eps, log1p_eps_c)
-            loss_t_k, slope_t = nce_column_terms(logits_t, cols, valid, log_z_t, log_c_eps, log1p_eps_c)
-            nce_loss_s += tl.sum(loss_s_k, axis=0)
-            nce_loss_t += tl.sum(loss_t_k, axis=0)
-            if nce_grad:
-                nce_c_s += tl.sum(slope_s * dots_s, axis=0)
-                nce_c_t += tl.sum(slope_t * dots_t, axis=0)
-                nce_slope_s += tl.sum(slope_s, axis=0)
-                nce_slope_t += tl.sum(slope_t, axis=0)
-                nce_a_s += tl.sum(slope_s[:, None] * row_t, axis=0)
-                nce_a_t += tl.sum(slope_t[:, None] * row_s, axis=0)
+        # Student: z_s against bank_t rows; teacher: z_t against bank_s rows.
+        (m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s, dots_s, logits_s, alpha_s,
+         w_s) = direction_step(m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s, q_s, row_t, s,
+                                beta, cols, valid, log_z_s, log_c_eps, log1p_eps_c, LOSS_TYPE, softmax_grad, nce_grad)
+        (m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t, dots_t, logits_t, alpha_t,
+         w_t) = direction_step(m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t, q_t, row_s, s,
+                                beta, cols, valid, log_z_t, log_c_eps, log1p_eps_c, LOSS_TYPE, softmax_grad, nce_grad)
         if COMPUTE_KL:
             # f is finite on invalid columns too (their logits are beta), where w_t = 0.
             f = logits_t - logits_s
@@ -177,8 +141,6 @@ def _dual_sampled_contrast_partial_kernel(
                 kl_fdt = kl_fdt * alpha_t + tl.sum(w_t * f * dots_t, axis=0)
                 kl_rt = kl_rt * alpha_t + tl.sum(w_t[:, None] * row_t, axis=0)
                 kl_frs = kl_frs * alpha_t + tl.sum((w_t * f)[:, None] * row_s, axis=0)
-        m_s = m_s_new
-        m_t = m_t_new
 
     slot = b.to(tl.int64) * tl.num_programs(1) + chunk
     stats = stats_ptr + slot * NUM_STATS

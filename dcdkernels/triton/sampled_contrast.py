@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
-                      column_rows, device_guard, load_row_slice, merge_chunk_vectors, nce_column_terms, nce_constants,
-                      num_warps_for, online_softmax_step, plan_chunks, scalar_arg)
+                      column_rows, device_guard, direction_init, direction_step, load_row_slice, merge_chunk_vectors,
+                      nce_constants, num_warps_for, plan_chunks, scalar_arg)
 from .rng import rng_key
 
 # Slots of the per-(anchor, chunk) statistics in the workspace.
@@ -63,13 +63,8 @@ def _sampled_contrast_partial_kernel(
         log_z = tl.load(log_z_ptr)
     key = rng_key(seed)
 
-    m = float("-inf")
-    l = 0.0
-    c = 0.0
-    d0 = 0.0
-    nce_loss = 0.0
-    nce_slope = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # InfoNCE keeps the softmax sums (c, a), NCE the plain ones (nce_c, nce_a).
+    m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a = direction_init(BLOCK_D)
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, COLS)
     for start in range(col_start, col_end, BLOCK_K):
@@ -78,24 +73,12 @@ def _sampled_contrast_partial_kernel(
                                   SAMPLED)
         tile = tl.load(bank_ptr + rows[:, None] * stride_bn + offs_d[None, :],
                        mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        dots = tl.sum(tile * q[None, :], axis=1)
-        logits = s * dots + beta
-        d0 += tl.sum(tl.where(cols == 0, dots, 0.0), axis=0)
-
-        m_new, alpha, w = online_softmax_step(m, logits, valid)
-        l = l * alpha + tl.sum(w, axis=0)
-        if LOSS_TYPE == 0:
-            if COMPUTE_GRAD:
-                c = c * alpha + tl.sum(w * dots, axis=0)
-                acc = acc * alpha + tl.sum(w[:, None] * tile, axis=0)
-        else:
-            loss_k, slope = nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c)
-            nce_loss += tl.sum(loss_k, axis=0)
-            if COMPUTE_GRAD:
-                c += tl.sum(slope * dots, axis=0)
-                nce_slope += tl.sum(slope, axis=0)
-                acc += tl.sum(slope[:, None] * tile, axis=0)
-        m = m_new
+        m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, _, _, _, _ = direction_step(
+            m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, q, tile, s, beta, cols, valid, log_z, log_c_eps,
+            log1p_eps_c, LOSS_TYPE, COMPUTE_GRAD and LOSS_TYPE == 0, COMPUTE_GRAD and LOSS_TYPE == 1)
+    if LOSS_TYPE == 1:
+        c = nce_c
+        a = nce_a
 
     slot = b.to(tl.int64) * tl.num_programs(1) + chunk
     stats = stats_ptr + slot * NUM_STATS
@@ -106,7 +89,7 @@ def _sampled_contrast_partial_kernel(
     tl.store(stats + STAT_NCE_LOSS, nce_loss)
     tl.store(stats + STAT_NCE_SLOPE, nce_slope)
     if COMPUTE_GRAD:
-        tl.store(vec_ptr + slot * D + offs_d, acc, mask=d_mask)
+        tl.store(vec_ptr + slot * D + offs_d, a, mask=d_mask)
 
 
 @triton.jit
