@@ -20,7 +20,9 @@ kernel with ``grad_rows`` = the row weights, both in the forward pass.
 
 Dot products run in the inputs' dtype when anchors and keys share a 16-bit dtype on a GPU
 (fp32 accumulation; P is rounded to that dtype for ``P @ K`` as in flash attention), in full
-fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32.
+fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32. In the keys' backward with
+fp16, ``g (P - onehot)`` is scaled per key by a power of two before it is rounded to fp16 (and
+the product scaled back in fp32): unscaled, ``g p`` underflows fp16 at B = 256, p < 1.5e-5.
 """
 import torch
 import triton
@@ -188,15 +190,29 @@ def _dense_contrast_bwd_keys_kernel(
             grad_t -= tl.where(offs_n[:, None] == target[None, :], g[None, :], 0.0)
         q = tl.load(anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :],
                     other=0.0)
-        acc = tl.dot(grad_t.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision="ieee")
+        if DOT_DTYPE == tl.float16:
+            # fp16 has no range for g p (1/B times a probability near 1/M underflows: B = 256,
+            # M = 65,536 gives 6e-8, fp16's smallest subnormal). Each key's row of G is scaled by
+            # a power of two that brings its largest entry of this tile to [2^14, 2^15) before the
+            # rounding, and the fp32 product is scaled back: every entry within 2^-28 of its
+            # row's largest stays a normal fp16 number.
+            row_max = tl.max(tl.abs(grad_t), axis=1)
+            up = tl.exp2(14.0 - tl.floor(tl.log2(tl.where(row_max > 0, row_max, 1.0))))
+            part = tl.dot((grad_t * up[:, None]).to(DOT_DTYPE), q.to(DOT_DTYPE), input_precision="ieee")
+            acc += part / up[:, None]
+        else:
+            acc = tl.dot(grad_t.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision="ieee")
 
     out = offs_n.to(tl.int64)[:, None] * D + offs_v[None, :]
     tl.store(grad_keys_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
 
 
-def _dot_dtype(anchor, keys):
-    """tl dtype of the dot operands: the shared 16-bit dtype on a GPU, else fp32."""
-    if anchor.is_cuda and anchor.dtype == keys.dtype and anchor.dtype in (torch.bfloat16, torch.float16):
+def _dot_dtype(anchor, keys, on_gpu=None):
+    """tl dtype of the dot operands: the shared 16-bit dtype on a GPU, else fp32 (``on_gpu``
+    defaults to ``anchor.is_cuda``; the tests force the GPU choice under the interpreter)."""
+    if on_gpu is None:
+        on_gpu = anchor.is_cuda
+    if on_gpu and anchor.dtype == keys.dtype and anchor.dtype in (torch.bfloat16, torch.float16):
         return tl.bfloat16 if anchor.dtype == torch.bfloat16 else tl.float16
     return tl.float32
 
