@@ -278,6 +278,23 @@ def test_dual_sampled_contrast(shape, compute_kl, loss_type, dtype):
 @pytest.mark.parametrize("with_positive", [False, True], ids=["target", "positive"])
 @pytest.mark.parametrize("B,M,D", [(1, 1, 3), (3, 7, 16), (3, 7, 130), (20, 70, 3)])
 def test_dense_contrast(B, M, D, with_positive, dtype):
+    _check_dense_contrast(B, M, D, with_positive, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_positive", [False, True], ids=["target", "positive"])
+@pytest.mark.parametrize("B,M,D,num_splits", [(5, 200, 130, 4), (20, 70, 3, 2), (3, 130, 16, 3)])
+def test_dense_contrast_key_splits(B, M, D, num_splits, with_positive, dtype):
+    """The forward split over the keys (flash-decoding partials + merge, what a GPU takes when the
+    anchor blocks cannot fill it: B = 64 is 4 programs for 132 SMs), forced here."""
+    import sys
+    module = sys.modules["dcdkernels.triton.dense_contrast"]
+    assert module.plan_key_splits(4, 65536, 64, 132) == (64, 1024)  # B = 64 on an H100: 256 programs
+    assert module.plan_key_splits(4, M, 64, None, num_splits)[0] > 1
+    _check_dense_contrast(B, M, D, with_positive, dtype, num_splits=num_splits)
+
+
+def _check_dense_contrast(B, M, D, with_positive, dtype, num_splits=None):
     gen = torch.Generator().manual_seed(5)
     anchor = unit_rows(gen, B, D, dtype, transposed=B == 3)
     keys = unit_rows(gen, M, D, dtype)
@@ -286,7 +303,7 @@ def test_dense_contrast(B, M, D, with_positive, dtype):
     bias = leaf(0.3) if D != 3 else None
     loss, lse, grad_anchor, grad_positive, grad_scalars = dense_contrast(
         anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None if bias is None else bias.detach(),
-        True)
+        True, num_splits=num_splits)
     g = torch.randn(B, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     grad_keys = dense_contrast_backward_keys(anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE),
                                              None if bias is None else bias.detach(), lse, g)

@@ -2,12 +2,15 @@
 csrc/KERNELS.md): anchors q (B, D) against a dense key set (M, D) with InfoNCE, flash-attention
 style. The (B, M) logits are never written.
 
-Forward, grid (B / BLOCK_M, D / BLOCK_DV): a program owns BLOCK_M anchors and one BLOCK_DV
-slice of their gradient. It walks the keys BLOCK_N at a time: the logits tile
+Forward, grid (B / BLOCK_M, D / BLOCK_DV, splits): a program owns BLOCK_M anchors, one BLOCK_DV
+slice of their gradient and one split of the keys. It walks its keys BLOCK_N at a time: the logits tile
 ``s * Q K^T + beta`` (tl.dot, accumulated over D in BLOCK_DK steps) feeds an online softmax
 (running max ``m``, ``l = sum e^(l - m)``, ``c = sum e^(l - m) d``) and ``acc += P @ K[:, slice]``,
 rescaled like the output of flash attention. At the end ``grad_anchor = s (acc / l - k_pos)``,
-``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. With D <= BLOCK_DV (D <= 128) there is one slice; a
+``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. When the anchor blocks alone cannot fill the GPU
+(B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split writes its
+state (m, l, c, acc), and a merge kernel combines the splits in order and writes the outputs.
+With D <= BLOCK_DV (D <= 128) there is one slice; a
 wider D costs one recomputation of the logits per slice, which keeps the accumulator
 (BLOCK_M, BLOCK_DV) in registers for any D.
 
@@ -35,6 +38,7 @@ MAX_BLOCK_N = 64
 MAX_BLOCK_DK = 32  # 64 spills registers in the fp32 (FMA) dot path
 MAX_BLOCK_DV = 128
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16
+MIN_TILES_PER_SPLIT = 4  # key tiles per split of the forward: the partials stay < 2% of the key reads
 
 
 @triton.jit
@@ -51,18 +55,62 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr, positive_ptr, stride_pb,
+                    stride_pd, offs_m, m_mask, offs_v, v_mask, M, D, HAS_POSITIVE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """The positive column of each anchor: its dot product ``d_pos`` and its row's D slice. MoCo
+    (``HAS_POSITIVE``): a separate row per anchor; else key ``target_b`` (out of range: d = 0)."""
+    if HAS_POSITIVE:
+        pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
+        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pd, m_mask, D, BLOCK_M, BLOCK_DK)
+        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_pd, mask=m_mask[:, None] & v_mask[None, :],
+                            other=0.0).to(tl.float32)
+    else:
+        target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
+        t_valid = m_mask & (target >= 0) & (target < M)
+        pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
+        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_kd, t_valid, D, BLOCK_M, BLOCK_DK)
+        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :],
+                            other=0.0).to(tl.float32)
+    return d_pos, pos_slice
+
+
+@triton.jit
+def _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
+                   mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+                   HAS_POSITIVE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The outputs of BLOCK_M rows from their softmax state over every column (m, l, c, acc)."""
+    lse = m_i + tl.log(l_i)
+    tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
+    tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
+    if COMPUTE_GRAD:
+        tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
+        tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
+        out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
+        tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
+        if HAS_POSITIVE:
+            # dL/dk+ = s (p_pos - 1) q
+            q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
+            p_pos = tl.exp(l_pos - lse)
+            tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
+
+
+@triton.jit
 def _dense_contrast_fwd_kernel(
     anchor_ptr, stride_ab, stride_ad,
     keys_ptr, stride_kn, stride_kd,
     target_ptr, positive_ptr, stride_pb, stride_pd,
     scale_ptr, bias_ptr,
     loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-    B, M, D,
+    part_stats_ptr, part_acc_ptr,
+    B, M, D, keys_per_split,
     HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
+    pid_s = tl.program_id(2)  # key split (SPLIT): keys [pid_s * keys_per_split, ..)
     first = pid_v == 0  # the program that writes the per-row scalars
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < B
@@ -75,36 +123,29 @@ def _dense_contrast_fwd_kernel(
     if HAS_BIAS:
         beta = tl.load(bias_ptr)
     anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-
-    # The positive column: its dot product and its row's slice (subtracted from grad_anchor).
+    d_pos, pos_slice = _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr,
+                                       positive_ptr, stride_pb, stride_pd, offs_m, m_mask, offs_v, v_mask, M, D,
+                                       HAS_POSITIVE, BLOCK_M, BLOCK_DK)
+    l_pos = s * d_pos + beta
     if HAS_POSITIVE:
-        # MoCo: an extra column 0; the softmax starts from it (m = l_pos, l = 1).
-        pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
-        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pd, m_mask, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_pd, mask=mv_mask, other=0.0).to(tl.float32)
-        l_pos = s * d_pos + beta
-        m_i = l_pos
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        c_i = d_pos
-        acc = pos_slice
+        # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
+        owns = pid_s == 0
+        m_i = tl.where(owns, l_pos, float("-inf"))
+        l_i = tl.where(owns, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
+        c_i = tl.where(owns, d_pos, 0.0)
+        acc = tl.where(owns, pos_slice, 0.0)
     else:
-        # Key target_b is the positive; it is one of the M columns below. An out-of-range target
-        # reads nothing (d_pos = 0).
-        target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
-        t_valid = m_mask & (target >= 0) & (target < M)
-        pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
-        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_kd, t_valid, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :],
-                            other=0.0).to(tl.float32)
-        l_pos = s * d_pos + beta
+        # Key target_b is the positive; it is one of the M columns below.
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    for n0 in range(0, M, BLOCK_N):
+    n_lo = pid_s * keys_per_split
+    n_hi = tl.minimum(M, n_lo + keys_per_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < M
+        n_mask = offs_n < n_hi
         key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
         # dots = Q K^T over the full D; K is loaded transposed, (BLOCK_DK, BLOCK_N).
         dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -129,19 +170,72 @@ def _dense_contrast_fwd_kernel(
             acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
         m_i = m_new
 
-    lse = m_i + tl.log(l_i)
-    tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
-    tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
-    if COMPUTE_GRAD:
-        tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
-        tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
-        out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
-        tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
-        if HAS_POSITIVE:
-            # dL/dk+ = s (p_pos - 1) q
-            q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
-            p_pos = tl.exp(l_pos - lse)
-            tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
+    if SPLIT:
+        # Partials for _dense_contrast_merge_kernel: stats (splits, 3, B) = m, l, c; acc (splits, B, D).
+        stats = part_stats_ptr + pid_s.to(tl.int64) * 3 * B + offs_m
+        tl.store(stats, m_i, mask=m_mask & first)
+        tl.store(stats + B, l_i, mask=m_mask & first)
+        if COMPUTE_GRAD:
+            tl.store(stats + 2 * B, c_i, mask=m_mask & first)
+            out = (pid_s.to(tl.int64) * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :]
+            tl.store(part_acc_ptr + out, acc, mask=mv_mask)
+    else:
+        _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
+                       mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+                       HAS_POSITIVE, COMPUTE_GRAD, BLOCK_M)
+
+
+@triton.jit
+def _dense_contrast_merge_kernel(
+    anchor_ptr, stride_ab, stride_ad,
+    keys_ptr, stride_kn, stride_kd,
+    target_ptr, positive_ptr, stride_pb, stride_pd,
+    scale_ptr, bias_ptr,
+    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+    part_stats_ptr, part_acc_ptr,
+    B, M, D, num_splits,
+    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merges the key splits' softmax states (flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
+    l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    first = pid_v == 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < B
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    mv_mask = m_mask[:, None] & v_mask[None, :]
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for split in range(0, num_splits):
+        stats = part_stats_ptr + split * 3 * B + offs_m
+        m_s = tl.load(stats, mask=m_mask, other=0.0)  # finite: every split holds a key
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(m_s - m_new)
+        l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
+        if COMPUTE_GRAD:
+            c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
+            part = tl.load(part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
+                           mask=mv_mask, other=0.0)
+            acc = acc * alpha[:, None] + w[:, None] * part
+        m_i = m_new
+    d_pos, pos_slice = _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr,
+                                       positive_ptr, stride_pb, stride_pd, offs_m, m_mask, offs_v, v_mask, M, D,
+                                       HAS_POSITIVE, BLOCK_M, BLOCK_DK)
+    l_pos = s * d_pos + beta
+    _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
+                   mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+                   HAS_POSITIVE, COMPUTE_GRAD, BLOCK_M)
 
 
 @triton.jit
@@ -246,10 +340,24 @@ def _check(anchor, keys, target, positive):
     return None if target is None else target.contiguous()
 
 
-def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_grad):
+def plan_key_splits(programs, M, block_n, sms, num_splits=None):
+    """Split of the M keys (flash-decoding): on a GPU with ``sms`` SMs, enough splits that
+    ``programs * splits`` reaches 2 programs per SM, each split at least MIN_TILES_PER_SPLIT key
+    tiles; one split under the interpreter. ``num_splits`` forces a count (tests). Returns
+    ``(splits, keys_per_split)``, every split non-empty."""
+    tiles = triton.cdiv(M, block_n)
+    if num_splits is None:
+        num_splits = 1 if sms is None else min(triton.cdiv(2 * sms, programs), triton.cdiv(tiles, MIN_TILES_PER_SPLIT))
+    num_splits = max(1, min(int(num_splits), tiles))
+    per_split = triton.cdiv(tiles, num_splits) * block_n
+    return triton.cdiv(M, per_split), per_split
+
+
+def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_grad, *, num_splits=None):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::dense_contrast``:
     ``(loss (B,), lse (B,), grad_anchor (B, D), grad_positive (B, D), grad_scalars (2, B))``, fp32;
-    the gradients are (0,) when not ``compute_grad``, grad_positive also without ``positive``."""
+    the gradients are (0,) when not ``compute_grad``, grad_positive also without ``positive``.
+    ``num_splits`` forces the number of key splits (tests, tuning; default: :func:`plan_key_splits`)."""
     target = _check(anchor, keys, target, positive)
     B, D = anchor.shape
     M = keys.shape[0]
@@ -266,25 +374,36 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
     slices = triton.cdiv(D, block_dv) if compute_grad else 1
     # Smaller anchor blocks when few programs would leave most SMs idle.
     block_m = _block(B, MAX_BLOCK_M)
+    block_n = _block(M, MAX_BLOCK_N)
     if anchor.is_cuda:
         while block_m > MIN_DOT and triton.cdiv(B, block_m) * slices < sm_count(device):
             block_m //= 2
+    splits, keys_per_split = plan_key_splits(triton.cdiv(B, block_m) * slices, M, block_n,
+                                             sm_count(device) if anchor.is_cuda else None, num_splits)
+    split = splits > 1
+    part_stats = torch.empty((splits, 3, B) if split else (0,), **f32)
+    part_acc = torch.empty((splits, B, D) if split and compute_grad else (0,), **f32)
     has_positive = positive is not None
-    with device_guard(anchor):
-        _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices)](
-            anchor, anchor.stride(0), anchor.stride(1),
+    args = (anchor, anchor.stride(0), anchor.stride(1),
             keys, keys.stride(0), keys.stride(1),
             anchor if has_positive else target,
             positive if has_positive else anchor,
             positive.stride(0) if has_positive else 0, positive.stride(1) if has_positive else 0,
             logit_scale, logit_scale if bias is None else bias,
-            loss, lse, grad_anchor, grad_positive, grad_scalars,
-            B, M, D,
-            HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad),
-            DOT_DTYPE=_dot_dtype(anchor, keys),
-            BLOCK_M=block_m, BLOCK_N=_block(M, MAX_BLOCK_N), BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+            loss, lse, grad_anchor, grad_positive, grad_scalars, part_stats, part_acc)
+    flags = dict(HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad))
+    with device_guard(anchor):
+        _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices, splits)](
+            *args, B, M, D, keys_per_split, **flags, DOT_DTYPE=_dot_dtype(anchor, keys), SPLIT=split,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
             num_warps=_num_warps(block_m, block_dv),
         )
+        if split:
+            _dense_contrast_merge_kernel[(triton.cdiv(B, block_m), slices)](
+                *args, B, M, D, splits, **flags,
+                BLOCK_M=block_m, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+                num_warps=_num_warps(block_m, block_dv),
+            )
     return loss, lse, grad_anchor, grad_positive, grad_scalars
 
 
