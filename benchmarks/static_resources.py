@@ -166,7 +166,8 @@ def headline_grids(launches):
         seen.add(key)
         grid = launch["grid"]
         programs = int(math.prod(grid))
-        rows.append((op, launch["kernel"], d["B"], d["D"], tuple(grid), programs, programs / SMS))
+        label = op + (" (MoCo positive)" if d.get("positive") else " (target)" if op == "dense_contrast" else "")
+        rows.append((label, launch["kernel"], d["B"], d["D"], tuple(grid), programs, programs / SMS))
     return rows
 
 
@@ -229,8 +230,26 @@ def render(results, errors, launches, c_rows):
               "| op | kernel | B | D | grid | programs | per SM |", "|---|---|---|---|---|---|---|"]
     for op, kernel, B, D, grid, programs, per_sm in grids:
         lines.append(f"| {op} | `{kernel}` | {B} | {D} | {grid} | {programs} | {per_sm:.2f} |")
-    lines += ["", "Merge kernels are one program per anchor (B = 64: 0.48 per SM): they read B x chunks x D "
-              "partials (a few MB at most), a few microseconds; justified as latency-bound tails, not fixed.", ""]
+    lines += ["", "## Findings and justifications", "",
+              "- **Dense forward (Triton)**: the grid was `cdiv(B, BLOCK_M) x cdiv(D, 128)`, 4 programs at B = 64 "
+              "and D = 128. It now splits the keys (flash-decoding: `plan_key_splits` targets 2 programs per SM, "
+              "at least 4 key tiles per split) and merges the partials in split order (deterministic); see the "
+              "grids above.",
+              "- **Merge kernels** (sampled, dual, dense) are one program per anchor block with a serial loop over "
+              "chunks: at B = 64 they fill 0.48 of the SMs. They read B x chunks x D fp32 partials (B = 64, "
+              "9 chunks, D = 128: 0.3 MB, under a microsecond of HBM time): a latency-bound tail after the "
+              "gather, not worth a second split. Kept.",
+              "- **Bank update**: one program per updated row (B = 64: 0.48 per SM) moving 2 B D elements (64 KB at "
+              "D = 128): launch-latency bound whatever the grid. Kept.",
+              "- **CUDA dense kernels** run on fp32 FMA cores. `auto` keeps choosing CUDA for CUDA tensors: with fp32 "
+              "anchors (the default of every loss here) the Triton kernels also run their dots in full fp32 "
+              "(`input_precision=\"ieee\"`, no TF32), so neither has tensor cores; Triton uses them only when "
+              "anchors and keys share a 16-bit dtype. No GPU has timed the two side by side yet: "
+              "`python -m benchmarks.gpu_check` does (`dense_contrast` rows, `cuda` vs `triton`); route `auto` "
+              "by that measurement, not before.",
+              "- **CUDA gathers** (`sampled_partials_kernel<float, 8>` at 164 registers, the dual partials at "
+              "142-158): 1-3 blocks per SM, but each thread issues R x NV 16-byte loads per step "
+              "(128 B/thread at NV = 8), so 32-64 KiB are in flight per SM, above the floor: kept.", ""]
     return "\n".join(lines) + "\n"
 
 

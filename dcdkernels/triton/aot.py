@@ -56,9 +56,18 @@ _CALL = [None]  # the sweep call being recorded: (op, {shape, dtypes, flags})
 
 
 def _kernels(module):
+    """The module's kernels as JIT functions (under ``TRITON_INTERPRET=1`` they are interpreted
+    functions: their JIT twin gives the parameters, and the compile runs in a child without it)."""
     import triton
-    return {name: obj for name, obj in vars(module).items()
-            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")}
+    out = {}
+    for name, obj in vars(module).items():
+        if not name.endswith("_kernel"):
+            continue
+        if isinstance(obj, triton.runtime.JITFunction):
+            out[name] = obj
+        elif hasattr(obj, "fn") and hasattr(obj, "rewriter"):  # triton.runtime.interpreter.InterpretedFunction
+            out[name] = triton.runtime.JITFunction(obj.fn, do_not_specialize=obj.kwargs.get("do_not_specialize"))
+    return out
 
 
 def _modules():
@@ -75,7 +84,7 @@ def _recording(sm_count):
     try:
         for mname, mod in mods.items():
             for kname, fn in _kernels(mod).items():
-                saved.append((mod, kname, fn))
+                saved.append((mod, kname, getattr(mod, kname)))
                 setattr(mod, kname, _Recorder(mname, kname, fn, log))
             if hasattr(mod, "device_guard"):
                 saved.append((mod, "device_guard", mod.device_guard))

@@ -321,6 +321,15 @@ def _num_warps(rows, cols):
     return 8 if rows * cols >= 8192 else 4
 
 
+def _fp32_dot_tiles(block, num_warps):
+    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64: at most 32 rows
+    per step and 8 warps. The AOT sweep (``python -m benchmarks.static_resources``) found spills
+    there otherwise: the forward at 16 x 64 x 128 with 4 warps (46 spill stores) and at 32 x 64 x
+    128 with 8 (44), the keys backward with mixed fp32/bf16 inputs at 64 x 64 x 128 (up to 43 on
+    sm_80); 32 x 32 x 128 at 8 warps takes 128 registers and no stack."""
+    return min(block, 32), 8
+
+
 def _check(anchor, keys, target, positive):
     """The shape checks that keep every access in bounds (values are validated upstream).
     Returns ``target`` contiguous (the kernels read it with stride 1)."""
@@ -378,6 +387,11 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
     if anchor.is_cuda:
         while block_m > MIN_DOT and triton.cdiv(B, block_m) * slices < sm_count(device):
             block_m //= 2
+    dot_dtype = _dot_dtype(anchor, keys)
+    num_warps = _num_warps(block_m, block_dv)
+    if dot_dtype == tl.float32 and block_dv >= 64:
+        block_n, _ = _fp32_dot_tiles(block_n, num_warps)
+        block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     splits, keys_per_split = plan_key_splits(triton.cdiv(B, block_m) * slices, M, block_n,
                                              sm_count(device) if anchor.is_cuda else None, num_splits)
     split = splits > 1
@@ -394,15 +408,14 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
     flags = dict(HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad))
     with device_guard(anchor):
         _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices, splits)](
-            *args, B, M, D, keys_per_split, **flags, DOT_DTYPE=_dot_dtype(anchor, keys), SPLIT=split,
+            *args, B, M, D, keys_per_split, **flags, DOT_DTYPE=dot_dtype, SPLIT=split,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
-            num_warps=_num_warps(block_m, block_dv),
+            num_warps=num_warps,
         )
         if split:
             _dense_contrast_merge_kernel[(triton.cdiv(B, block_m), slices)](
                 *args, B, M, D, splits, **flags,
-                BLOCK_M=block_m, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
-                num_warps=_num_warps(block_m, block_dv),
+                BLOCK_M=block_m, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv, num_warps=num_warps,
             )
     return loss, lse, grad_anchor, grad_positive, grad_scalars
 
@@ -423,6 +436,11 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     grad_keys = torch.empty((M, D), dtype=torch.float32, device=device)
     block_n = _block(M, MAX_BLOCK_N)
     block_dv = _block(D, MAX_BLOCK_DV)
+    block_m = _block(B, MAX_BLOCK_M)
+    num_warps = _num_warps(block_n, block_dv)
+    dot_dtype = _dot_dtype(anchor, keys)
+    if dot_dtype == tl.float32 and block_dv >= 64:
+        block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     has_target = target is not None
     with device_guard(anchor):
         _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
@@ -431,9 +449,9 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             target if has_target else lse, logit_scale, logit_scale if bias is None else bias, lse, grad_rows,
             grad_keys,
             B, M, D,
-            HAS_TARGET=has_target, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(anchor, keys),
-            BLOCK_M=_block(B, MAX_BLOCK_M), BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
-            num_warps=_num_warps(block_n, block_dv),
+            HAS_TARGET=has_target, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+            num_warps=num_warps,
         )
     return grad_keys
 
