@@ -275,13 +275,23 @@ def main(argv=None):
     ap.add_argument("--triton36", help="directory holding triton 3.6 (pip install --target DIR triton==3.6.0)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--launches", help="recorded launches JSON (python -m dcdkernels.triton.aot --save-launches)")
+    ap.add_argument("--from-results", nargs="+", help="compile results JSON (python -m dcdkernels.triton.aot "
+                    "--results) to report instead of compiling; needs --launches")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     launches = None
     if args.launches:
         with open(args.launches) as f:
             launches = json.load(f)
-    results, errors, launches, c_rows = collect(args.triton36, args.jobs, launches=launches)
+    if args.from_results:
+        results, errors = [], []
+        for path in args.from_results:
+            with open(path) as f:
+                data = json.load(f)
+            results, errors = results + data["results"], errors + data["errors"]
+        c_rows = c_kernels()
+    else:
+        results, errors, launches, c_rows = collect(args.triton36, args.jobs, launches=launches)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(render(results, errors, launches, c_rows))
