@@ -322,8 +322,8 @@ def _num_warps(rows, cols):
 
 
 def _fp32_dot_tiles(block, num_warps):
-    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64: at most 32 rows
-    per step and 8 warps. The AOT sweep (``python -m benchmarks.static_resources``) found spills
+    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64 (and the keys
+    backward with mixed fp32/16-bit inputs at any D): at most 32 rows per step and 8 warps. The AOT sweep (``python -m benchmarks.static_resources``) found spills
     there otherwise: the forward at 16 x 64 x 128 with 4 warps (46 spill stores) and at 32 x 64 x
     128 with 8 (44), the keys backward with mixed fp32/bf16 inputs at 64 x 64 x 128 (up to 43 on
     sm_80); 32 x 32 x 128 at 8 warps takes 128 registers and no stack."""
@@ -389,8 +389,11 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
             block_m //= 2
     dot_dtype = _dot_dtype(anchor, keys)
     num_warps = _num_warps(block_m, block_dv)
+    if block_dv >= 64:
+        # 32 keys per step: with 64, triton 3.6 spills the 16-bit forward at 16 x 64 x 128 with
+        # 4 warps (58 spill stores, sm_90); the fp32 path spills more (below).
+        block_n = min(block_n, 32)
     if dot_dtype == tl.float32 and block_dv >= 64:
-        block_n, _ = _fp32_dot_tiles(block_n, num_warps)
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     splits, keys_per_split = plan_key_splits(triton.cdiv(B, block_m) * slices, M, block_n,
                                              sm_count(device) if anchor.is_cuda else None, num_splits)
@@ -439,7 +442,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     block_m = _block(B, MAX_BLOCK_M)
     num_warps = _num_warps(block_n, block_dv)
     dot_dtype = _dot_dtype(anchor, keys)
-    if dot_dtype == tl.float32 and block_dv >= 64:
+    if dot_dtype == tl.float32 and (block_dv >= 64 or anchor.dtype != keys.dtype):
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     has_target = target is not None
     with device_guard(anchor):
