@@ -123,6 +123,12 @@ def _nvidia_wheel_dirs():
     return incs, libs
 
 
+def nvcc_flags():
+    """The nvcc flags shared with CMakeLists.txt (csrc/nvcc_flags.txt, one per line)."""
+    with open(os.path.join(ROOT, "csrc", "nvcc_flags.txt")) as f:
+        return [ln.split("#", 1)[0].strip() for ln in f if ln.split("#", 1)[0].strip()]
+
+
 def _cuda_flag():
     flag = os.environ.get("DCDKERNELS_CUDA", "auto").lower()
     return "off" if flag in ("0", "no", "off", "false") else "on" if flag in ("1", "yes", "on", "true") else "auto"
@@ -245,7 +251,7 @@ def _extensions():
             if a:
                 gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         gencode += ["-gencode", "arch=compute_80,code=compute_80"]
-        extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", *gencode]
+        extra["nvcc"] = ["-std=c++20", *nvcc_flags(), *gencode]
         ext = CUDAExtension(
             "dcdkernels._C",
             cpp + cuda,

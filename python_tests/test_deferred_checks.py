@@ -146,3 +146,67 @@ def test_modes_are_validated_and_cpu_default_raises_at_once():
                     dcdkernels.bank_momentum_update_(bank, torch.tensor([12]), torch.randn(1, 5), 0.5, backend=backend)
         finally:
             dcdkernels.set_value_checks(True)
+
+
+class _FakeEvent:
+    def __init__(self):
+        self.stream = "not recorded"
+
+    def record(self, stream=None):
+        self.stream = stream
+
+
+class _FakeHost:
+    def __init__(self):
+        self.copied_from = None
+
+    def copy_(self, src, non_blocking=False):
+        self.copied_from = (src, non_blocking)
+        return self
+
+
+def test_deferred_flags_event_is_recorded_on_the_flags_device_stream(monkeypatch):
+    """Defect 1 of issue 18, checked without a GPU: with flags on cuda:1 and the current device
+    cuda:0, the event that tells the host the pinned copy has landed must be recorded on
+    cuda:1's current stream (where ``copy_`` queues the copy), not on the current device's. The
+    CUDA calls are replaced by fakes that record which stream was asked for."""
+    from dcdkernels.ops import _validate
+
+    class FakeFlags:  # a (2,) bool tensor on cuda:1, as far as _Pending looks at it
+        shape, device = (2,), torch.device("cuda", 1)
+
+    current_device = torch.device("cuda", 0)
+    asked = []
+
+    def current_stream(device=None):
+        device = current_device if device is None else torch.device(device)
+        asked.append(device)
+        return f"stream of {device}"
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    host = _FakeHost()
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: host)
+    pending = _validate._Pending(FakeFlags(), ["m1", "m2"])
+    monkeypatch.undo()
+    assert host.copied_from[1] is True  # an asynchronous copy
+    assert pending.event.stream == "stream of cuda:1", f"event recorded on {pending.event.stream!r}"
+    assert asked == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", [b for b in fused_backends("cuda") if b in ("cuda", "triton")]
+                         if torch.cuda.device_count() >= 2 else ["cuda"])
+def test_deferred_check_on_a_non_current_device(deferred, backend):
+    """Tensors on cuda:1 while cuda:0 is current: a bad index is caught (after the copy lands,
+    never before), and the bank is left unchanged."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    for _ in range(20):  # repeated: an early read of the pinned flags would miss some
+        bank = _unit(12, 5, device=dev)
+        before = bank.clone()
+        index = torch.tensor([1, 99], device=dev)
+        dcdkernels.bank_momentum_update_(bank, index, _unit(2, 5, seed=1, device=dev), 0.5, backend=backend)
+        with pytest.raises(ValueError, match="out of range"):
+            dcdkernels.check_errors()
+        assert torch.equal(bank, before)

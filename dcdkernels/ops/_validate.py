@@ -70,9 +70,13 @@ class _Pending:
         self.messages = messages
         if flags.device.type == "cuda":
             self.host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            # The copy is queued on the current stream of the FLAGS' device, which need not be the
+            # current device: the event must be recorded on that same stream (a bare record()
+            # would use the current device's stream, and the host could read the flags early).
+            stream = torch.cuda.current_stream(flags.device)
             self.host.copy_(flags, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(stream)
         else:  # "deferred" forced on CPU tensors (tests): the flags are already on the host
             self.host, self.event = flags, None
 

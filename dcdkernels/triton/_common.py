@@ -28,7 +28,7 @@ MIN_TILES_PER_CHUNK = 4
 PROGRAMS_PER_SM = 4
 MAX_CHUNKS = 1024
 # Width of the D slice that one merge program writes.
-MERGE_BLOCK_D = 512
+MERGE_BLOCK_D = 256
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

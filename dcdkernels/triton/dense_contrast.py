@@ -2,12 +2,15 @@
 csrc/KERNELS.md): anchors q (B, D) against a dense key set (M, D) with InfoNCE, flash-attention
 style. The (B, M) logits are never written.
 
-Forward, grid (B / BLOCK_M, D / BLOCK_DV): a program owns BLOCK_M anchors and one BLOCK_DV
-slice of their gradient. It walks the keys BLOCK_N at a time: the logits tile
+Forward, grid (B / BLOCK_M, D / BLOCK_DV, splits): a program owns BLOCK_M anchors, one BLOCK_DV
+slice of their gradient and one split of the keys. It walks its keys BLOCK_N at a time: the logits tile
 ``s * Q K^T + beta`` (tl.dot, accumulated over D in BLOCK_DK steps) feeds an online softmax
 (running max ``m``, ``l = sum e^(l - m)``, ``c = sum e^(l - m) d``) and ``acc += P @ K[:, slice]``,
 rescaled like the output of flash attention. At the end ``grad_anchor = s (acc / l - k_pos)``,
-``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. With D <= BLOCK_DV (D <= 128) there is one slice; a
+``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. When the anchor blocks alone cannot fill the GPU
+(B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split writes its
+state (m, l, c, acc), and a merge kernel combines the splits in order and writes the outputs.
+With D <= BLOCK_DV (D <= 128) there is one slice; a
 wider D costs one recomputation of the logits per slice, which keeps the accumulator
 (BLOCK_M, BLOCK_DV) in registers for any D.
 
@@ -20,19 +23,22 @@ kernel with ``grad_rows`` = the row weights, both in the forward pass.
 
 Dot products run in the inputs' dtype when anchors and keys share a 16-bit dtype on a GPU
 (fp32 accumulation; P is rounded to that dtype for ``P @ K`` as in flash attention), in full
-fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32.
+fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32. In the keys' backward with
+fp16, ``g (P - onehot)`` is scaled per key by a power of two before it is rounded to fp16 (and
+the product scaled back in fp32): unscaled, ``g p`` underflows fp16 at B = 256, p < 1.5e-5.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_dtype, device_guard, online_softmax_step, scalar_arg, sm_count
+from ._common import check_kernel_dtype, device_guard, scalar_arg, sm_count
 
 MAX_BLOCK_M = 64
 MAX_BLOCK_N = 64
 MAX_BLOCK_DK = 32  # 64 spills registers in the fp32 (FMA) dot path
 MAX_BLOCK_DV = 128
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16
+MIN_TILES_PER_SPLIT = 4  # key tiles per split of the forward: the partials stay < 2% of the key reads
 
 
 @triton.jit
@@ -49,91 +55,31 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _qk_tile(a_rows, stride_a, a_mask, b_rows, stride_b, b_mask, D, DOT_DTYPE: tl.constexpr, BLOCK_A: tl.constexpr,
-             BLOCK_B: tl.constexpr, BLOCK_DK: tl.constexpr):
-    """``A B^T`` over the full D in fp32, (BLOCK_A, BLOCK_B), for the rows ``a_rows`` and
-    ``b_rows`` (row pointers; masked rows read 0), BLOCK_DK at a time with tl.dot; B is loaded
-    transposed, (BLOCK_DK, BLOCK_B)."""
-    offs_k = tl.arange(0, BLOCK_DK)
-    dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_DK):
-        kd = k0 + offs_k
-        kd_mask = kd < D
-        a = tl.load(a_rows[:, None] + kd[None, :] * stride_a, mask=a_mask[:, None] & kd_mask[None, :], other=0.0)
-        bt = tl.load(b_rows[None, :] + kd[:, None] * stride_b, mask=kd_mask[:, None] & b_mask[None, :], other=0.0)
-        dots = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), dots, input_precision="ieee")
-    return dots
-
-
-@triton.jit
-def _dense_contrast_fwd_kernel(
-    anchor_ptr, stride_ab, stride_ad,
-    keys_ptr, stride_kn, stride_kd,
-    target_ptr, positive_ptr, stride_pb, stride_pd,
-    scale_ptr, bias_ptr,
-    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-    B, M, D,
-    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    first = pid_v == 0  # the program that writes the per-row scalars
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < B
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    v_mask = offs_v < D
-    mv_mask = m_mask[:, None] & v_mask[None, :]
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
-    anchor_row_ptrs = anchor_ptr + offs_m.to(tl.int64) * stride_ab
-    anchor_rows = anchor_row_ptrs[:, None]
-
-    # The positive column: its dot product and its row's slice (subtracted from grad_anchor).
+def _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr, positive_ptr, stride_pb,
+                    stride_pd, offs_m, m_mask, offs_v, v_mask, M, D, HAS_POSITIVE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
+    """The positive column of each anchor: its dot product ``d_pos`` and its row's D slice. MoCo
+    (``HAS_POSITIVE``): a separate row per anchor; else key ``target_b`` (out of range: d = 0)."""
     if HAS_POSITIVE:
-        # MoCo: an extra column 0; the softmax starts from it (m = l_pos, l = 1).
         pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
         d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pd, m_mask, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_pd, mask=mv_mask, other=0.0).to(tl.float32)
-        l_pos = s * d_pos + beta
-        m_i = l_pos
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        c_i = d_pos
-        acc = pos_slice
+        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_pd, mask=m_mask[:, None] & v_mask[None, :],
+                            other=0.0).to(tl.float32)
     else:
-        # Key target_b is the positive; it is one of the M columns below. An out-of-range target
-        # reads nothing (d_pos = 0).
         target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
         t_valid = m_mask & (target >= 0) & (target < M)
         pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
         d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_kd, t_valid, D, BLOCK_M, BLOCK_DK)
         pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :],
                             other=0.0).to(tl.float32)
-        l_pos = s * d_pos + beta
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    return d_pos, pos_slice
 
-    for n0 in range(0, M, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < M
-        key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
-        dots = _qk_tile(anchor_row_ptrs, stride_ad, m_mask, key_rows, stride_kd, n_mask, D, DOT_DTYPE, BLOCK_M, BLOCK_N,
-                        BLOCK_DK)  # Q K^T
-        # Every tile holds at least one real column, so m_new is finite from the first tile on.
-        m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, n_mask[None, :], ROWS=True)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if COMPUTE_GRAD:
-            c_i = c_i * alpha + tl.sum(p * dots, axis=1)
-            v = tl.load(key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :],
-                        other=0.0)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
-        m_i = m_new
 
+@triton.jit
+def _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
+                   mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+                   HAS_POSITIVE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The outputs of BLOCK_M rows from their softmax state over every column (m, l, c, acc)."""
     lse = m_i + tl.log(l_i)
     tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
     tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
@@ -147,6 +93,149 @@ def _dense_contrast_fwd_kernel(
             q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
             p_pos = tl.exp(l_pos - lse)
             tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
+
+
+@triton.jit
+def _dense_contrast_fwd_kernel(
+    anchor_ptr, stride_ab, stride_ad,
+    keys_ptr, stride_kn, stride_kd,
+    target_ptr, positive_ptr, stride_pb, stride_pd,
+    scale_ptr, bias_ptr,
+    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+    part_stats_ptr, part_acc_ptr,
+    B, M, D, keys_per_split,
+    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid_s = tl.program_id(2)  # key split (SPLIT): keys [pid_s * keys_per_split, ..)
+    first = pid_v == 0  # the program that writes the per-row scalars
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < B
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    mv_mask = m_mask[:, None] & v_mask[None, :]
+    offs_k = tl.arange(0, BLOCK_DK)
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
+    d_pos, pos_slice = _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr,
+                                       positive_ptr, stride_pb, stride_pd, offs_m, m_mask, offs_v, v_mask, M, D,
+                                       HAS_POSITIVE, BLOCK_M, BLOCK_DK)
+    l_pos = s * d_pos + beta
+    if HAS_POSITIVE:
+        # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
+        owns = pid_s == 0
+        m_i = tl.where(owns, l_pos, float("-inf"))
+        l_i = tl.where(owns, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
+        c_i = tl.where(owns, d_pos, 0.0)
+        acc = tl.where(owns, pos_slice, 0.0)
+    else:
+        # Key target_b is the positive; it is one of the M columns below.
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    n_lo = pid_s * keys_per_split
+    n_hi = tl.minimum(M, n_lo + keys_per_split)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
+        # dots = Q K^T over the full D; K is loaded transposed, (BLOCK_DK, BLOCK_N).
+        dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_DK):
+            kd = k0 + offs_k
+            kd_mask = kd < D
+            q = tl.load(anchor_rows + kd[None, :] * stride_ad, mask=m_mask[:, None] & kd_mask[None, :], other=0.0)
+            kt = tl.load(key_rows[None, :] + kd[:, None] * stride_kd, mask=kd_mask[:, None] & n_mask[None, :],
+                         other=0.0)
+            dots = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), dots, input_precision="ieee")
+        # Every tile holds at least one real column, so m_new is finite from the first tile on.
+        logits = tl.where(n_mask[None, :], s * dots + beta, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if COMPUTE_GRAD:
+            c_i = c_i * alpha + tl.sum(p * dots, axis=1)
+            v = tl.load(key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
+        m_i = m_new
+
+    if SPLIT:
+        # Partials for _dense_contrast_merge_kernel: stats (splits, 3, B) = m, l, c; acc (splits, B, D).
+        stats = part_stats_ptr + pid_s.to(tl.int64) * 3 * B + offs_m
+        tl.store(stats, m_i, mask=m_mask & first)
+        tl.store(stats + B, l_i, mask=m_mask & first)
+        if COMPUTE_GRAD:
+            tl.store(stats + 2 * B, c_i, mask=m_mask & first)
+            out = (pid_s.to(tl.int64) * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :]
+            tl.store(part_acc_ptr + out, acc, mask=mv_mask)
+    else:
+        _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
+                       mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+                       HAS_POSITIVE, COMPUTE_GRAD, BLOCK_M)
+
+
+@triton.jit
+def _dense_contrast_merge_kernel(
+    anchor_ptr, stride_ab, stride_ad,
+    keys_ptr, stride_kn, stride_kd,
+    target_ptr, positive_ptr, stride_pb, stride_pd,
+    scale_ptr, bias_ptr,
+    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+    part_stats_ptr, part_acc_ptr,
+    B, M, D, num_splits,
+    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merges the key splits' softmax states (flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
+    l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    first = pid_v == 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < B
+    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    mv_mask = m_mask[:, None] & v_mask[None, :]
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for split in range(0, num_splits):
+        stats = part_stats_ptr + split * 3 * B + offs_m
+        m_s = tl.load(stats, mask=m_mask, other=0.0)  # finite: every split holds a key
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(m_s - m_new)
+        l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
+        if COMPUTE_GRAD:
+            c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
+            part = tl.load(part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
+                           mask=mv_mask, other=0.0)
+            acc = acc * alpha[:, None] + w[:, None] * part
+        m_i = m_new
+    d_pos, pos_slice = _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr,
+                                       positive_ptr, stride_pb, stride_pd, offs_m, m_mask, offs_v, v_mask, M, D,
+                                       HAS_POSITIVE, BLOCK_M, BLOCK_DK)
+    l_pos = s * d_pos + beta
+    _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
+                   mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
+                   HAS_POSITIVE, COMPUTE_GRAD, BLOCK_M)
 
 
 @triton.jit
@@ -164,11 +253,12 @@ def _dense_contrast_bwd_keys_kernel(
     n_mask = offs_n < M
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_mask = offs_v < D
+    offs_k = tl.arange(0, BLOCK_DK)
     s = tl.load(scale_ptr)
     beta = 0.0
     if HAS_BIAS:
         beta = tl.load(bias_ptr)
-    key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
+    key_rows = keys_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
 
     # acc = sum_b G[b, n] q_b for this program's keys, with G = g (P - onehot(target)).
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -176,8 +266,15 @@ def _dense_contrast_bwd_keys_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < B
         anchor_rows = anchor_ptr + offs_m.to(tl.int64) * stride_ab
-        dots_t = _qk_tile(key_rows, stride_kd, n_mask, anchor_rows, stride_ad, m_mask, D, DOT_DTYPE, BLOCK_N,
-                          BLOCK_M, BLOCK_DK)  # K Q^T
+        # dots^T = K Q^T over the full D; Q is loaded transposed, (BLOCK_DK, BLOCK_M).
+        dots_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_DK):
+            kd = k0 + offs_k
+            kd_mask = kd < D
+            k = tl.load(key_rows + kd[None, :] * stride_kd, mask=n_mask[:, None] & kd_mask[None, :], other=0.0)
+            qt = tl.load(anchor_rows[None, :] + kd[:, None] * stride_ad, mask=kd_mask[:, None] & m_mask[None, :],
+                         other=0.0)
+            dots_t = tl.dot(k.to(DOT_DTYPE), qt.to(DOT_DTYPE), dots_t, input_precision="ieee")
         # Rows past B get g = 0 (and lse = 0 keeps their p finite).
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
         g = tl.load(grad_rows_ptr + offs_m, mask=m_mask, other=0.0)
@@ -187,15 +284,29 @@ def _dense_contrast_bwd_keys_kernel(
             grad_t -= tl.where(offs_n[:, None] == target[None, :], g[None, :], 0.0)
         q = tl.load(anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :],
                     other=0.0)
-        acc = tl.dot(grad_t.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision="ieee")
+        if DOT_DTYPE == tl.float16:
+            # fp16 has no range for g p (1/B times a probability near 1/M underflows: B = 256,
+            # M = 65,536 gives 6e-8, fp16's smallest subnormal). Each key's row of G is scaled by
+            # a power of two that brings its largest entry of this tile to [2^14, 2^15) before the
+            # rounding, and the fp32 product is scaled back: every entry within 2^-28 of its
+            # row's largest stays a normal fp16 number.
+            row_max = tl.max(tl.abs(grad_t), axis=1)
+            up = tl.exp2(14.0 - tl.floor(tl.log2(tl.where(row_max > 0, row_max, 1.0))))
+            part = tl.dot((grad_t * up[:, None]).to(DOT_DTYPE), q.to(DOT_DTYPE), input_precision="ieee")
+            acc += part / up[:, None]
+        else:
+            acc = tl.dot(grad_t.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision="ieee")
 
     out = offs_n.to(tl.int64)[:, None] * D + offs_v[None, :]
     tl.store(grad_keys_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
 
 
-def _dot_dtype(anchor, keys):
-    """tl dtype of the dot operands: the shared 16-bit dtype on a GPU, else fp32."""
-    if anchor.is_cuda and anchor.dtype == keys.dtype and anchor.dtype in (torch.bfloat16, torch.float16):
+def _dot_dtype(anchor, keys, on_gpu=None):
+    """tl dtype of the dot operands: the shared 16-bit dtype on a GPU, else fp32 (``on_gpu``
+    defaults to ``anchor.is_cuda``; the tests force the GPU choice under the interpreter)."""
+    if on_gpu is None:
+        on_gpu = anchor.is_cuda
+    if on_gpu and anchor.dtype == keys.dtype and anchor.dtype in (torch.bfloat16, torch.float16):
         return tl.bfloat16 if anchor.dtype == torch.bfloat16 else tl.float16
     return tl.float32
 
@@ -208,6 +319,15 @@ def _num_warps(rows, cols):
     """8 warps from an fp32 accumulator tile (rows, cols) of 8192 elements on (64 registers per
     thread at 4 warps): with 4, the forward kernel spills at 64 x 128 (checked with ptxas, sm_90)."""
     return 8 if rows * cols >= 8192 else 4
+
+
+def _fp32_dot_tiles(block, num_warps):
+    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64 (and the keys
+    backward with mixed fp32/16-bit inputs at any D): at most 32 rows per step and 8 warps. The AOT sweep (``python -m benchmarks.static_resources``) found spills
+    there otherwise: the forward at 16 x 64 x 128 with 4 warps (46 spill stores) and at 32 x 64 x
+    128 with 8 (44), the keys backward with mixed fp32/bf16 inputs at 64 x 64 x 128 (up to 43 on
+    sm_80); 32 x 32 x 128 at 8 warps takes 128 registers and no stack."""
+    return min(block, 32), 8
 
 
 def _check(anchor, keys, target, positive):
@@ -229,10 +349,24 @@ def _check(anchor, keys, target, positive):
     return None if target is None else target.contiguous()
 
 
-def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_grad):
+def plan_key_splits(programs, M, block_n, sms, num_splits=None):
+    """Split of the M keys (flash-decoding): on a GPU with ``sms`` SMs, enough splits that
+    ``programs * splits`` reaches 2 programs per SM, each split at least MIN_TILES_PER_SPLIT key
+    tiles; one split under the interpreter. ``num_splits`` forces a count (tests). Returns
+    ``(splits, keys_per_split)``, every split non-empty."""
+    tiles = triton.cdiv(M, block_n)
+    if num_splits is None:
+        num_splits = 1 if sms is None else min(triton.cdiv(2 * sms, programs), triton.cdiv(tiles, MIN_TILES_PER_SPLIT))
+    num_splits = max(1, min(int(num_splits), tiles))
+    per_split = triton.cdiv(tiles, num_splits) * block_n
+    return triton.cdiv(M, per_split), per_split
+
+
+def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_grad, *, num_splits=None):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::dense_contrast``:
     ``(loss (B,), lse (B,), grad_anchor (B, D), grad_positive (B, D), grad_scalars (2, B))``, fp32;
-    the gradients are (0,) when not ``compute_grad``, grad_positive also without ``positive``."""
+    the gradients are (0,) when not ``compute_grad``, grad_positive also without ``positive``.
+    ``num_splits`` forces the number of key splits (tests, tuning; default: :func:`plan_key_splits`)."""
     target = _check(anchor, keys, target, positive)
     B, D = anchor.shape
     M = keys.shape[0]
@@ -249,25 +383,43 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
     slices = triton.cdiv(D, block_dv) if compute_grad else 1
     # Smaller anchor blocks when few programs would leave most SMs idle.
     block_m = _block(B, MAX_BLOCK_M)
+    block_n = _block(M, MAX_BLOCK_N)
     if anchor.is_cuda:
         while block_m > MIN_DOT and triton.cdiv(B, block_m) * slices < sm_count(device):
             block_m //= 2
+    dot_dtype = _dot_dtype(anchor, keys)
+    num_warps = _num_warps(block_m, block_dv)
+    if block_dv >= 64:
+        # 32 keys per step: with 64, triton 3.6 spills the 16-bit forward at 16 x 64 x 128 with
+        # 4 warps (58 spill stores, sm_90); the fp32 path spills more (below).
+        block_n = min(block_n, 32)
+    if dot_dtype == tl.float32 and block_dv >= 64:
+        block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
+    splits, keys_per_split = plan_key_splits(triton.cdiv(B, block_m) * slices, M, block_n,
+                                             sm_count(device) if anchor.is_cuda else None, num_splits)
+    split = splits > 1
+    part_stats = torch.empty((splits, 3, B) if split else (0,), **f32)
+    part_acc = torch.empty((splits, B, D) if split and compute_grad else (0,), **f32)
     has_positive = positive is not None
-    with device_guard(anchor):
-        _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices)](
-            anchor, anchor.stride(0), anchor.stride(1),
+    args = (anchor, anchor.stride(0), anchor.stride(1),
             keys, keys.stride(0), keys.stride(1),
             anchor if has_positive else target,
             positive if has_positive else anchor,
             positive.stride(0) if has_positive else 0, positive.stride(1) if has_positive else 0,
             logit_scale, logit_scale if bias is None else bias,
-            loss, lse, grad_anchor, grad_positive, grad_scalars,
-            B, M, D,
-            HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad),
-            DOT_DTYPE=_dot_dtype(anchor, keys),
-            BLOCK_M=block_m, BLOCK_N=_block(M, MAX_BLOCK_N), BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
-            num_warps=_num_warps(block_m, block_dv),
+            loss, lse, grad_anchor, grad_positive, grad_scalars, part_stats, part_acc)
+    flags = dict(HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad))
+    with device_guard(anchor):
+        _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices, splits)](
+            *args, B, M, D, keys_per_split, **flags, DOT_DTYPE=dot_dtype, SPLIT=split,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+            num_warps=num_warps,
         )
+        if split:
+            _dense_contrast_merge_kernel[(triton.cdiv(B, block_m), slices)](
+                *args, B, M, D, splits, **flags,
+                BLOCK_M=block_m, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv, num_warps=num_warps,
+            )
     return loss, lse, grad_anchor, grad_positive, grad_scalars
 
 
@@ -287,6 +439,11 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     grad_keys = torch.empty((M, D), dtype=torch.float32, device=device)
     block_n = _block(M, MAX_BLOCK_N)
     block_dv = _block(D, MAX_BLOCK_DV)
+    block_m = _block(B, MAX_BLOCK_M)
+    num_warps = _num_warps(block_n, block_dv)
+    dot_dtype = _dot_dtype(anchor, keys)
+    if dot_dtype == tl.float32 and (block_dv >= 64 or anchor.dtype != keys.dtype):
+        block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     has_target = target is not None
     with device_guard(anchor):
         _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
@@ -295,9 +452,9 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             target if has_target else lse, logit_scale, logit_scale if bias is None else bias, lse, grad_rows,
             grad_keys,
             B, M, D,
-            HAS_TARGET=has_target, HAS_BIAS=bias is not None, DOT_DTYPE=_dot_dtype(anchor, keys),
-            BLOCK_M=_block(B, MAX_BLOCK_M), BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
-            num_warps=_num_warps(block_n, block_dv),
+            HAS_TARGET=has_target, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+            num_warps=num_warps,
         )
     return grad_keys
 
