@@ -3,7 +3,7 @@
 Size sets (``--bench-sizes``, env ``DCDK_BENCH_SIZES``; default ``auto``):
   ``auto``  -> ``smoke`` unless ``--benchmark-only`` is given (so ``pytest benchmarks
              --benchmark-disable`` is a fast CI smoke), and with ``--benchmark-only`` the real
-             sizes: ``gpu`` (SPEC §7) when the benchmark device is CUDA, else ``cpu``.
+             sizes: ``gpu`` (docs/math.md §7) when the benchmark device is CUDA, else ``cpu``.
 Device (``--bench-device``, env ``DCDK_BENCH_DEVICE``): ``auto`` = CUDA when available.
 Providers (``--bench-providers``, env ``DCDK_BENCH_PROVIDERS``): ``eager,compile,cpu,triton,cuda``.
 torch.compile backend (``--bench-compile-backend``): ``auto`` = inductor, or dynamo's ``eager``
@@ -31,7 +31,7 @@ def pytest_addoption(parser):
     g = parser.getgroup("dcdkernels-bench", "dcdkernels benchmark suite")
     g.addoption("--bench-sizes", default=os.environ.get("DCDK_BENCH_SIZES", "auto"),
                 choices=("auto", "smoke", "cpu", "gpu"),
-                help="size set: smoke (tiny, CI), cpu (CPU-sized), gpu (SPEC §7); auto = smoke unless "
+                help="size set: smoke (tiny, CI), cpu (CPU-sized), gpu (docs/math.md §7); auto = smoke unless "
                      "--benchmark-only, then gpu on CUDA else cpu")
     g.addoption("--bench-device", default=os.environ.get("DCDK_BENCH_DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
     g.addoption("--bench-providers", default=os.environ.get("DCDK_BENCH_PROVIDERS", ",".join(PROVIDERS)),

@@ -1,6 +1,6 @@
 """Problem sizes of the benchmark suite, in three sets.
 
-* ``gpu``: the settings that matter (SPEC §7): RepDistiller's CIFAR-100 (N=50,000, B=64,
+* ``gpu``: the settings that matter (docs/math.md §7): RepDistiller's CIFAR-100 (N=50,000, B=64,
   K=16,384, D=128), mdistiller's ImageNet (N=1,281,167, B=256, K=16,384), MoCo's queue
   (B=256, M=65,536, D=128) and CoCoRD's queue (B=64, M=2,048, D=2,048).
 * ``cpu``: the same settings cut to what a CPU does in about a second per eager step:

@@ -1,7 +1,6 @@
-"""MemoryBank and MomentumQueue in one process (SPEC §5): buffers, log Z, the negative stream,
+"""MemoryBank and MomentumQueue in one process (docs/math.md §5): buffers, log Z, the negative stream,
 bit-identical resume from a checkpoint, the queue ring, and the sharded partial statistics
 (simulated shards merged in one process). Multi-process tests: test_distributed.py."""
-import contextlib
 import io
 import math
 
@@ -16,17 +15,6 @@ from dcdkernels.memory import sharded as Dist
 
 # Backends that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1).
 CPU_BACKENDS = [b for b, (ok, _) in dcdkernels.availability().items() if ok and b in ("eager", "cpu", "triton")]
-
-
-@contextlib.contextmanager
-def skip_missing_kernels():
-    """A backend whose kernel for some op has not landed yet skips (with the reason), not fails."""
-    try:
-        yield
-    except NotImplementedError as exc:
-        if "has no kernel" in str(exc) or "is not available" in str(exc):
-            pytest.skip(str(exc))
-        raise
 
 
 def same(a, b):
@@ -109,8 +97,7 @@ def test_score_is_the_sampled_contrast_op(backend):
     mb = MemoryBank(64, 16, backend=backend, init="normal")
     q = unit(5, 16, gen=g)
     idx = torch.randint(0, 64, (5, 9), generator=g)
-    with skip_missing_kernels():
-        got, lse = mb.score(q, idx, logit_scale=5.0, return_lse=True)
+    got, lse = mb.score(q, idx, logit_scale=5.0, return_lse=True)
     want, want_lse = dcdkernels.sampled_contrast(q, mb.bank, idx, logit_scale=5.0, backend=backend, return_lse=True)
     assert torch.equal(got, want) and torch.equal(lse, want_lse)
     assert mb.rng_state() == (0, 0)  # explicit negatives do not touch the stream
@@ -123,8 +110,7 @@ def test_sampled_negatives_follow_the_saved_stream(backend):
     b = MemoryBank(50, 8, backend=backend, seed=123, offset=5)
     for _ in range(2):
         q, pos = unit(4, 8, gen=g), torch.randint(0, 50, (4,), generator=g)
-        with skip_missing_kernels():
-            got = a.score(q, pos, num_negatives=6, logit_scale=3.0)
+        got = a.score(q, pos, num_negatives=6, logit_scale=3.0)
         idx = b.sample_negatives(pos, 6)
         assert torch.equal(idx, dcdkernels.sample_negatives(pos, 6, 50, 123, a.rng_state()[1] - 24))
         want = b.score(q, idx, logit_scale=3.0)
@@ -229,8 +215,7 @@ def test_resume_from_checkpoint_is_bit_identical(loss, z_mode, dtype, sampled, b
         return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     model, opt = fresh()
-    with skip_missing_kernels():
-        straight = _train(model, opt, 6, 0, loss=loss, sampled=sampled)
+    straight = _train(model, opt, 6, 0, loss=loss, sampled=sampled)
 
     model2, opt2 = fresh()
     _train(model2, opt2, 3, 0, loss=loss, sampled=sampled)
@@ -293,10 +278,9 @@ def test_sharded_partials_merge_to_the_reference(loss, N, W, backend):
     parts = []
     for r in range(W):
         a, e = shard_bounds(N, W, r)
-        with skip_missing_kernels():
-            parts.append(Dist.shard_partials(q.detach(), lambda b0, b1: idx[b0:b1], bank[a:e], a, N, K + 1,
-                                             logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z,
-                                             need_grad=True, need_lse=True, backend=backend, chunk=3 * (K + 1)))
+        parts.append(Dist.shard_partials(q.detach(), lambda b0, b1: idx[b0:b1], bank[a:e], a, N, K + 1,
+                                         logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z,
+                                         need_grad=True, need_lse=True, backend=backend, chunk=3 * (K + 1)))
     per_row, lse, ga, gs, gb = Dist.finalize(Dist.merge_partials(parts), loss=loss, logit_scale=s, bias=beta,
                                              need_grad=True, need_lse=True, D=D)
     tol = dict(atol=1e-6, rtol=1e-6)
@@ -341,19 +325,17 @@ def test_dual_sharded_partials_merge_to_the_reference(loss, N, W, backend):
     parts = []
     for r in range(W):
         a, e = shard_bounds(N, W, r)
-        with skip_missing_kernels():
-            parts.append(Dist.dual_shard_partials(
-                zs.detach(), zt.detach(), lambda b0, b1: idx[b0:b1], bank_s[a:e], bank_t[a:e], a, N, K + 1,
-                logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
-                need_grad=True, need_lse=True, need_kl=kl_on, backend=backend, chunk=3 * (K + 1)))
+        parts.append(Dist.dual_shard_partials(
+            zs.detach(), zt.detach(), lambda b0, b1: idx[b0:b1], bank_s[a:e], bank_t[a:e], a, N, K + 1,
+            logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
+            need_grad=True, need_lse=True, need_kl=kl_on, backend=backend, chunk=3 * (K + 1)))
     losses, lse, ga, gsc = Dist.finalize_dual(Dist.merge_partials(parts), zs.detach(), zt.detach(), loss=loss,
                                               logit_scale=s, bias=beta, need_grad=True, need_lse=True, need_kl=kl_on)
     # Against the unsharded kernel (the local and replicated paths): fp32 to 1e-6.
     from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_outputs
-    with skip_missing_kernels():
-        full = dual_sampled_contrast_outputs(zs.detach(), zt.detach(), bank_s, bank_t, idx, logit_scale=s.detach(),
-                                             bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
-                                             compute_kl=kl_on, backend=backend)
+    full = dual_sampled_contrast_outputs(zs.detach(), zt.detach(), bank_s, bank_t, idx, logit_scale=s.detach(),
+                                         bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
+                                         compute_kl=kl_on, backend=backend)
     # Each carries about 1e-6 of fp32 rounding against the fp64 values (measured: the sharded
     # merge is no less accurate than the fused kernel), so they agree to 2e-6.
     for got, ref in zip((losses, lse, ga, gsc), full):

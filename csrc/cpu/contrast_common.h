@@ -1,7 +1,7 @@
 // Pieces shared by the CPU gather kernels sampled_contrast and dual_sampled_contrast:
 // the column -> bank row map (explicit or sampled in the kernel), the loss constants, the
 // online-softmax state of one direction with its per-block update, and the partial merge.
-// Math: SPEC §1a (InfoNCE), §1b (NCE); contract: csrc/KERNELS.md.
+// Math: docs/math.md §1a (InfoNCE), §1b (NCE); contract: csrc/KERNELS.md.
 #pragma once
 
 #include "cpu/cpu_utils.h"
@@ -94,7 +94,7 @@ inline Columns make_columns(const at::Tensor& index, int64_t B, int64_t num_nega
   return c;
 }
 
-// Scalars of one direction's loss: l_k = s d_k + beta, and the NCE constants of SPEC §1b.
+// Scalars of one direction's loss: l_k = s d_k + beta, and the NCE constants of docs/math.md §1b.
 template <typename A>
 struct LossParams {
   A s;

@@ -1,4 +1,4 @@
-// CPU kernel of sampled_contrast (SPEC §1a InfoNCE, §1b NCE; contract: csrc/KERNELS.md).
+// CPU kernel of sampled_contrast (docs/math.md §1a InfoNCE, §1b NCE; contract: csrc/KERNELS.md).
 //
 // One pass over the gathered rows gives the loss, the LSE and every gradient. Work items are
 // (anchor, chunk of columns): with a batch of 64 anchors each anchor is one item and every

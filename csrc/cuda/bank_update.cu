@@ -1,4 +1,4 @@
-// CUDA kernel of bank_momentum_update_ (SPEC §4; contract: csrc/KERNELS.md), in place:
+// CUDA kernel of bank_momentum_update_ (docs/math.md §4; contract: csrc/KERNELS.md), in place:
 //   bank[i] = normalize(m * bank[i] + (1 - m) * value[p]),  normalize(x) = x / max(||x||, 1e-12)
 // for every distinct i of index, p the LAST position holding i.
 //

@@ -1,4 +1,4 @@
-// CUDA kernels of dense_contrast, dense_contrast_backward_keys and dense_contrast_reduced (SPEC §2;
+// CUDA kernels of dense_contrast, dense_contrast_backward_keys and dense_contrast_reduced (docs/math.md §2;
 // contract: csrc/KERNELS.md): anchors q (B, D) against keys (M, D), with the positive either key
 // target_b or a separate positive key (an extra softmax column).
 //

@@ -1,4 +1,4 @@
-// CUDA kernel of dual_sampled_contrast (SPEC §1c; contract: csrc/KERNELS.md).
+// CUDA kernel of dual_sampled_contrast (docs/math.md §1c; contract: csrc/KERNELS.md).
 //
 // Both CRD directions at the same columns: the student anchor z_s against bank_t rows
 // (l^s_k = s <z_s, bank_t[idx_k]> + beta) and the teacher anchor z_t against bank_s rows

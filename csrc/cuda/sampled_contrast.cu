@@ -1,4 +1,4 @@
-// CUDA kernel of sampled_contrast (SPEC §1a InfoNCE, §1b NCE; contract: csrc/KERNELS.md).
+// CUDA kernel of sampled_contrast (docs/math.md §1a InfoNCE, §1b NCE; contract: csrc/KERNELS.md).
 //
 // One read of each gathered row gives the loss, the LSE and every gradient (split-K, flash-
 // decoding style):

@@ -1,5 +1,5 @@
 // Online softmax (the rescale factor exp(m_old - m_new), folding logits into a running state)
-// and the NCE terms (softplus/sigmoid, the constants of SPEC §1b).
+// and the NCE terms (softplus/sigmoid, the constants of docs/math.md §1b).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,7 +48,7 @@ __device__ __forceinline__ void softplus_sigmoid(float x, float& softplus, float
   sigmoid = (x >= 0.f ? 1.f : e) / (1.f + e);
 }
 
-// Constants of the NCE loss (SPEC §1b, contract: v_k = l_k - log_z, c = K / N, eps = 1e-7).
+// Constants of the NCE loss (docs/math.md §1b, contract: v_k = l_k - log_z, c = K / N, eps = 1e-7).
 struct NceConsts {
   float log_c_eps;   // log(c + eps)
   float log_c_diff;  // log(c + eps) - log(c): the constant part of a negative's term (0 when K = 0)

@@ -1,4 +1,4 @@
-"""The five methods as drop-in ``nn.Module`` losses (SPEC §3), scored by the fused ops.
+"""The five methods as drop-in ``nn.Module`` losses (docs/math.md §3), scored by the fused ops.
 
 ``CRDLoss`` (RepDistiller), ``DCDLoss`` / ``ICDLoss`` (Giakoumoglou & Stathaki), ``CoCoRDLoss``
 (Fu et al.), ``PCKDLoss`` (Ding et al.). Every module keeps its state (banks, queues, pointers,

@@ -1,6 +1,6 @@
 """CoCoRD, Contrastive Consistent Representation Distillation (Fu et al., BMVC 2023), as a
 drop-in loss on backbone features. Official code: ShipengFu/CoCoRD (``cocord/builder.py``,
-``helper/loop.py``, ``helper/util.py``, ``options/train_student.yml``) (SPEC §3).
+``helper/loop.py``, ``helper/util.py``, ``options/train_student.yml``) (docs/math.md §3).
 
 Per step (official order):
 1. EMA: slow student (encoder + projector) <- 0.9 slow + 0.1 student; teacher projection head

@@ -1,5 +1,5 @@
 """CRD (Tian, Krishnan & Isola, ICLR 2020) as a drop-in replacement of RepDistiller's
-``crd.criterion.CRDLoss``, scored with one fused dual-bank NCE pass (SPEC §1b, §1c, §3).
+``crd.criterion.CRDLoss``, scored with one fused dual-bank NCE pass (docs/math.md §1b, §1c, §3).
 
 Faithful to RepDistiller (``crd/criterion.py``, ``crd/memory.py``):
 

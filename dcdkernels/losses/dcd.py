@@ -1,12 +1,12 @@
 """DCD, Discriminative and Consistent Distillation (Giakoumoglou & Stathaki 2024), first
 published as ICD (Invariant Consistency Distillation). Official code: giakoumoglou/distillers,
-``distillers/DCD.py`` and ``distillers/ICD.py`` (SPEC §3).
+``distillers/DCD.py`` and ``distillers/ICD.py`` (docs/math.md §3).
 
 In-batch form (the official loss): ``z = normalize(Linear(f))``, ``s = min(exp(theta), 10)``,
 ``logits = s z_s z_t^T + b`` (B, B),
 ``L = CE(logits, arange) + alpha * KL(softmax(logits, 0)^T || softmax(logits, 1))`` (batchmean).
 Memory form (this library's extension): the same loss with bank negatives, scored by the fused
-dual-bank pass (SPEC §1c); with the current batch as the bank it equals the in-batch form.
+dual-bank pass (docs/math.md §1c); with the current batch as the bank it equals the in-batch form.
 """
 from typing import Optional
 

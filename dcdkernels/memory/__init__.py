@@ -1,5 +1,5 @@
 """Memory state: ``MemoryBank``, ``PairedMemoryBank`` and ``MomentumQueue`` (state that survives
-checkpoints) in local, replicated and sharded modes under ``torch.distributed`` (SPEC §5).
+checkpoints) in local, replicated and sharded modes under ``torch.distributed`` (docs/math.md §5).
 
 Layers, bottom up (no import circles): ``comm`` (collectives, LSE statistics, log Z),
 ``sharded`` (the partials math of sharded scoring), ``state`` (state tensors, layout, stream,

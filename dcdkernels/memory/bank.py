@@ -1,10 +1,10 @@
-"""``MemoryBank``: a memory of N rows held as module buffers (SPEC §5).
+"""``MemoryBank``: a memory of N rows held as module buffers (docs/math.md §5).
 
 Buffers (all in ``state_dict()``):
 - ``bank`` (N, D) in the storage dtype (fp32 default; bf16 halves the memory). In sharded mode
   only this rank's rows, ``(end - start, D)``.
 - ``log_z`` 0-d fp32: log of the NCE partition estimate; NaN until the first NCE batch sets it.
-- ``rng_seed``, ``rng_offset`` 0-d int64: the counter-based negative stream (SPEC §1d).
+- ``rng_seed``, ``rng_offset`` 0-d int64: the counter-based negative stream (docs/math.md §1d).
 - ``shard_layout`` (3,) int64: ``[N, number of shards, this shard]`` (``[N, 1, 0]`` unless
   sharded), checked when a state dict is loaded.
 
@@ -29,7 +29,7 @@ _LOSSES = ("infonce", "nce")
 
 class MemoryBank(StreamAndPartition):
     """A bank of ``n_rows`` x ``dim`` memory rows, scored with ``dcdkernels.sampled_contrast``
-    and updated with ``dcdkernels.bank_momentum_update_`` (SPEC §1, §4, §5).
+    and updated with ``dcdkernels.bank_momentum_update_`` (docs/math.md §1, §4, §5).
 
     Args:
         n_rows: N, the number of rows (dataset size).
@@ -210,7 +210,7 @@ class MemoryBank(StreamAndPartition):
     @torch.no_grad()
     def update_(self, index: torch.Tensor, value: torch.Tensor, momentum: float = 0.5) -> None:
         """``bank[i] <- normalize(m * bank[i] + (1 - m) * value)`` for the rows of ``index`` (B,)
-        (SPEC §4; call after scoring). Duplicates: the last occurrence wins. Distributed modes
+        (docs/math.md §4; call after scoring). Duplicates: the last occurrence wins. Distributed modes
         all-gather (index, value) in rank order: replicated ranks apply the whole update, sharded
         ranks the part that falls in their rows, so the result equals one process applying the
         concatenated batch. Everything is validated (on every rank) before any row changes."""

@@ -1,4 +1,4 @@
-"""Communication primitives of the memory modules, and the batch statistics they exchange (SPEC §5).
+"""Communication primitives of the memory modules, and the batch statistics they exchange (docs/math.md §5).
 
 Bottom of ``dcdkernels.memory``: nothing here imports another memory module.
 

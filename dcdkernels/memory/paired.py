@@ -1,4 +1,4 @@
-"""``PairedMemoryBank``: the two banks of CRD and the DCD memory form (SPEC §1c, §5).
+"""``PairedMemoryBank``: the two banks of CRD and the DCD memory form (docs/math.md §1c, §5).
 
 State tensors (``MemoryState``): ``bank_s`` (student embeddings, RepDistiller ``memory_v1``),
 ``bank_t`` (teacher embeddings, ``memory_v2``), ``log_z`` (2,) fp32 = (log Z_s, log Z_t) (NaN
@@ -235,6 +235,6 @@ class PairedMemoryBank(StreamAndPartition):
     @torch.no_grad()
     def update_(self, index: torch.Tensor, value_s: torch.Tensor, value_t: torch.Tensor, momentum: float = 0.5) -> None:
         """``bank_s[i] <- normalize(m bank_s[i] + (1 - m) value_s)`` and the same for ``bank_t``
-        at the rows of ``index`` (B,) (SPEC §4; after scoring), from one all-gather in
+        at the rows of ``index`` (B,) (docs/math.md §4; after scoring), from one all-gather in
         distributed modes; both banks validated (on every rank) before any row changes."""
         self._update_banks_([self.bank_s, self.bank_t], index, [value_s, value_t], ["value_s", "value_t"], momentum)

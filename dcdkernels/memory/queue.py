@@ -1,4 +1,4 @@
-"""``MomentumQueue``: a FIFO ring buffer of keys with a saved pointer (MoCo, CoCoRD; SPEC §3, §4).
+"""``MomentumQueue``: a FIFO ring buffer of keys with a saved pointer (MoCo, CoCoRD; docs/math.md §3, §4).
 
 State tensors (``MemoryState``: in ``state_dict()``, not DDP-broadcast buffers): ``queue``
 (size, D) in the storage dtype and ``queue_ptr`` 0-d int64 (the next row to write), so a resumed

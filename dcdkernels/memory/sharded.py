@@ -1,4 +1,4 @@
-"""Sharded scoring: the online-softmax partials of one shard, their merge, the final loss (SPEC §5).
+"""Sharded scoring: the online-softmax partials of one shard, their merge, the final loss (docs/math.md §5).
 
 Rank r of a sharded bank owns the contiguous rows ``[r*ceil(N/W), min((r+1)*ceil(N/W), N))``.
 The anchors (and their indices, or only their positives when negatives are drawn from the counter
@@ -6,7 +6,7 @@ RNG) are all-gathered; each rank runs the fused kernel on its shard with local i
 ``idx - row_start``: a column owned by another rank falls outside the shard and is absent
 (csrc/KERNELS.md), so the kernel reads the owned rows in place and returns the owned columns'
 LSE, loss and gradients. From those outputs this module recovers the partial statistics of
-SPEC §1a (softmax-weighted sums with a per-anchor reference maximum ``m`` = the shard's LSE) and
+docs/math.md §1a (softmax-weighted sums with a per-anchor reference maximum ``m`` = the shard's LSE) and
 the additive NCE terms of §1b; the partials merge with one MAX and one SUM all-reduce and every
 rank forms the loss and gradients of its own anchors. Plain torch reads only the owned positive
 rows (one per anchor). Temporaries are bounded by ``chunk`` (anchor-columns per kernel call);
@@ -352,7 +352,7 @@ def finalize_dual(p: Partials, anchor_s: torch.Tensor, anchor_t: torch.Tensor, *
 # autograd
 # --------------------------------------------------------------------------------------------
 class PrecomputedContrast(torch.autograd.Function):
-    """Attaches gradients computed in the forward pass (SPEC §1a: the gradient is ready after the
+    """Attaches gradients computed in the forward pass (docs/math.md §1a: the gradient is ready after the
     forward read of each row) to the per-row loss, so ``loss.backward()`` reaches the anchors, a
     learnable logit scale and bias. Backward only scales by ``grad_output``: no communication."""
 

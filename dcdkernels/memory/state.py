@@ -1,4 +1,4 @@
-"""``MemoryState``: what every memory module shares (SPEC §5). Above ``comm``, below the modules.
+"""``MemoryState``: what every memory module shares (docs/math.md §5). Above ``comm``, below the modules.
 
 * **State tensors, not buffers.** Banks, queues, pointers, log Z and the stream live in
   ``state_dict()`` (same keys as buffers would have), move with ``.to()``/``.cuda()``, but are not
@@ -293,7 +293,7 @@ class StreamAndPartition(MemoryState):
     def _update_banks_(self, banks: Sequence[torch.Tensor], index: torch.Tensor, values: Sequence[torch.Tensor],
                        names: Sequence[str], momentum: float) -> None:
         """``bank[i] <- normalize(m * bank[i] + (1 - m) * value)`` of each (bank, value) pair at
-        ``index`` (SPEC §4; last occurrence wins). Distributed modes all-gather (index, values)
+        ``index`` (docs/math.md §4; last occurrence wins). Distributed modes all-gather (index, values)
         in rank order: replicated ranks apply all of it, sharded ranks the rows they own, so the
         result equals one process applying the concatenated batch. Everything is validated on
         every rank before any row changes."""

@@ -1,4 +1,4 @@
-"""Dispatch point of ``bank_momentum_update_`` (SPEC §4, contract in csrc/KERNELS.md)."""
+"""Dispatch point of ``bank_momentum_update_`` (docs/math.md §4, contract in csrc/KERNELS.md)."""
 import math
 
 import torch
@@ -20,7 +20,7 @@ def _(bank, index, value, momentum, backend):
 
 def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     """In place: ``bank[i] = normalize(m * bank[i] + (1 - m) * value[p])`` for each distinct i of
-    ``index`` (B,), p the last position holding i (SPEC §4). Everything is validated before the
+    ``index`` (B,), p the last position holding i (docs/math.md §4). Everything is validated before the
     bank is touched; returns ``bank``.
 
     A per-step op on a few hundred rows, so the call itself must stay cheap. On CPU the C++

@@ -1,4 +1,4 @@
-"""Dispatch point of ``dense_contrast`` (SPEC §2, contract in csrc/KERNELS.md).
+"""Dispatch point of ``dense_contrast`` (docs/math.md §2, contract in csrc/KERNELS.md).
 
 Anchors against a dense key set (MoCo/CoCoRD queue with a separate positive key, PCKD category
 centres or in-batch keys with a target column). The fused kernels never write the (B, M)
@@ -143,7 +143,7 @@ REDUCTIONS = ("none", "mean", "sum")
 
 def dense_contrast(anchor, keys, target=None, *, positive=None, logit_scale, bias=None, weight=None,
                    reduction="none", backend="auto", return_lse=False):
-    """Per-row InfoNCE (B,) of anchors against dense keys (SPEC §2, §8), times ``weight`` if given.
+    """Per-row InfoNCE (B,) of anchors against dense keys (docs/math.md §2), times ``weight`` if given.
 
     Exactly one of ``target`` (B,) int64 (the positive is key ``target_b``: in-batch, class
     centres) or ``positive`` (B, D) (MoCo/CoCoRD: logits ``[q.k+, q.keys]``). Gradients flow to

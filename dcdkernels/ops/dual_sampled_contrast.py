@@ -1,4 +1,4 @@
-"""Dispatch point of ``dual_sampled_contrast`` (SPEC §1c, contract in csrc/KERNELS.md).
+"""Dispatch point of ``dual_sampled_contrast`` (docs/math.md §1c, contract in csrc/KERNELS.md).
 
 Both CRD directions at the same indices (student anchor vs teacher bank, teacher anchor vs
 student bank) and the consistency KL(p^t || p^s), from one read of both banks' rows.

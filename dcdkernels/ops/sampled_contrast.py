@@ -1,4 +1,4 @@
-"""Dispatch point of ``sampled_contrast`` (SPEC §1a/§1b, contract in csrc/KERNELS.md).
+"""Dispatch point of ``sampled_contrast`` (docs/math.md §1a/§1b, contract in csrc/KERNELS.md).
 
 The fused backends compute the loss, the per-row LSE and every gradient in one pass over the
 gathered rows; the registered autograd formula only scales the saved gradients by grad_output.
@@ -108,7 +108,7 @@ def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, na
 
 def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None,
                      num_negatives=None, seed=0, offset=0, backend="auto", return_lse=False):
-    """Per-row contrastive loss (B,) of anchors against gathered bank rows (SPEC §1, §8).
+    """Per-row contrastive loss (B,) of anchors against gathered bank rows (docs/math.md §1).
 
     ``index`` is (B, K+1) int64 (column 0 the positive row), or (B,) positives together with
     ``num_negatives=K``: then negatives are drawn inside the kernel from the counter-based stream

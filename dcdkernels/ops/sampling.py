@@ -1,4 +1,4 @@
-"""Negative sampling: the counter-based uniform stream the kernels draw from (SPEC §1d), and a
+"""Negative sampling: the counter-based uniform stream the kernels draw from (docs/math.md §1d), and a
 vectorised class-conditional sampler replacing RepDistiller's per-sample ``np.random.choice``."""
 import torch
 

@@ -1,4 +1,4 @@
-"""The eager oracle: plain, differentiable PyTorch for every op in SPEC §1–§4.
+"""The eager oracle: plain, differentiable PyTorch for every op in docs/math.md §1–§4.
 
 Readable first, fast never: every backend is tested against these functions and every benchmark
 uses them (or the RepDistiller/MoCo-style code in ``benchmarks/``) as the baseline.

@@ -1,4 +1,4 @@
-"""Oracle for SPEC §4: in-place momentum update of memory rows and FIFO queue enqueue."""
+"""Oracle for docs/math.md §4: in-place momentum update of memory rows and FIFO queue enqueue."""
 import math
 
 import torch

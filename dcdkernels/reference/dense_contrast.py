@@ -1,4 +1,4 @@
-"""Oracle for SPEC §2: anchors against a dense key set (queue, category centres, in-batch).
+"""Oracle for docs/math.md §2: anchors against a dense key set (queue, category centres, in-batch).
 
 Materialises the (B, M) logits (or (B, 1+M) with a separate positive key) and applies
 cross-entropy per row, as MoCo's and CoCoRD's code do.

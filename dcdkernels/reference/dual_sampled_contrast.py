@@ -1,4 +1,4 @@
-"""Oracle for SPEC §1c: both CRD directions at the same indices, plus the consistency KL.
+"""Oracle for docs/math.md §1c: both CRD directions at the same indices, plus the consistency KL.
 
 Student direction: z_s against bank_t rows; teacher direction: z_t against bank_s rows.
 KL_b = KL(p^t_b || p^s_b) with p = softmax over the K+1 columns.

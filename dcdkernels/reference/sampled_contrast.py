@@ -1,4 +1,4 @@
-"""Oracle for SPEC §1a/§1b: anchors scored against gathered bank rows.
+"""Oracle for docs/math.md §1a/§1b: anchors scored against gathered bank rows.
 
 This is what RepDistiller and every eager user write: gather a (B, K+1, D) tensor, batched
 matrix-vector product, then the loss. It materialises everything on purpose: it is the reference.

@@ -4,7 +4,7 @@ Device functions: the column -> bank row map (explicit index or in-kernel sampli
 an online softmax, the per-column NCE terms, one gathered tile folded into the online state of a
 direction (anchor against rows), and the merge of per-chunk partials. Host helpers:
 argument checks (the shape checks that keep every access in bounds), launch parameters, and the
-split of the K+1 columns into chunks (one program per (anchor, chunk); SPEC §1, csrc/KERNELS.md).
+split of the K+1 columns into chunks (one program per (anchor, chunk); docs/math.md §1, csrc/KERNELS.md).
 """
 import contextlib
 import functools

@@ -1,4 +1,4 @@
-"""Triton ``bank_momentum_update_`` (SPEC §4, contract in csrc/KERNELS.md), in place:
+"""Triton ``bank_momentum_update_`` (docs/math.md §4, contract in csrc/KERNELS.md), in place:
 ``bank[i] = normalize(m * bank[i] + (1 - m) * value[p])`` for every distinct ``i`` of ``index``,
 ``p`` the last position holding ``i``.
 

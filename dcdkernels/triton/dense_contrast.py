@@ -1,4 +1,4 @@
-"""Triton ``dense_contrast`` and ``dense_contrast_backward_keys`` (SPEC §2, contract in
+"""Triton ``dense_contrast`` and ``dense_contrast_backward_keys`` (docs/math.md §2, contract in
 csrc/KERNELS.md): anchors q (B, D) against a dense key set (M, D) with InfoNCE, flash-attention
 style. The (B, M) logits are never written.
 

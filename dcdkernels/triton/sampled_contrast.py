@@ -1,4 +1,4 @@
-"""Triton ``sampled_contrast`` (SPEC §1a/§1b, contract in csrc/KERNELS.md).
+"""Triton ``sampled_contrast`` (docs/math.md §1a/§1b, contract in csrc/KERNELS.md).
 
 Anchor b is scored against the K+1 bank rows of ``index[b]`` (column 0 the positive). The
 columns are split into chunks, and two kernels run:
