@@ -16,6 +16,7 @@ Environment switches:
                           only warns, and the package falls back to eager/Triton)
   DCDKERNELS_CUDA_ARCH    nvcc -gencode list, default "90" (Hopper; also sm_80 PTX)
 """
+
 import glob
 import json
 import os
@@ -36,14 +37,19 @@ def _is_toolkit(root):
     if not root or not os.path.isfile(os.path.join(root, "bin", "nvcc")):
         return False
     return os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) or bool(
-        glob.glob(os.path.join(root, "targets", "*", "include", "cuda_runtime.h")))
+        glob.glob(os.path.join(root, "targets", "*", "include", "cuda_runtime.h"))
+    )
 
 
 def _nvcc_says(nvcc):
     """The toolkit that ``nvcc`` itself reports (its ``_HERE_``/``TOP`` lines under --dryrun -v)."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-v", "-c", "dcdkernels_probe.cu", "-o", "dcdkernels_probe.o"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-v", "-c", "dcdkernels_probe.cu", "-o", "dcdkernels_probe.o"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     for key in ("TOP", "_HERE_"):
@@ -177,16 +183,19 @@ def _build_ext_class(BuildExtension, fallback, why_no_cuda, cuda_home):
             except Exception as exc:  # ninja raises RuntimeError, a CUDA version mismatch too
                 if fallback is None or _cuda_flag() == "on":
                     return self._no_extension(exc)
-                why = (f"the CUDA sources failed to build with the toolkit {cuda_home} "
-                       f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); "
-                       "see the nvcc errors in the build log")
+                why = (
+                    f"the CUDA sources failed to build with the toolkit {cuda_home} "
+                    f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); "
+                    "see the nvcc errors in the build log"
+                )
             _warning_block(
                 "WARNING: dcdkernels: building the CUDA kernels FAILED; building the CPU-only extension instead.",
                 f"  {why}",
                 "  dcdkernels._C will have the CPU kernels but NO CUDA kernels: backend='cuda' is unavailable and",
                 "  backend='auto' on CUDA tensors uses Triton (python -m dcdkernels.info says why).",
                 "  Fix the toolchain (e.g. CUDA_HOME=/path/to/cuda) and rebuild; DCDKERNELS_CUDA=1 makes this an",
-                "  error, DCDKERNELS_CUDA=0 skips the CUDA sources.")
+                "  error, DCDKERNELS_CUDA=0 skips the CUDA sources.",
+            )
             for ext in self.extensions:  # the same object setuptools has finalised, now CPU-only
                 vars(ext).update({k: v for k, v in vars(fallback).items() if not k.startswith("_")})
             try:
@@ -203,7 +212,8 @@ def _build_ext_class(BuildExtension, fallback, why_no_cuda, cuda_home):
             _warning_block(
                 f"WARNING: dcdkernels: {why}.",
                 "  Installing WITHOUT the extension: only the eager and Triton backends will be available",
-                "  (see python -m dcdkernels.info). DCDKERNELS_REQUIRE_EXT=1 makes this an error.")
+                "  (see python -m dcdkernels.info). DCDKERNELS_REQUIRE_EXT=1 makes this an error.",
+            )
 
         def copy_extensions_to_source(self):  # --inplace and editable installs: the note goes along
             super().copy_extensions_to_source()
@@ -265,8 +275,17 @@ def _extensions():
             "dcdkernels._C", cpp, include_dirs=inc, extra_compile_args=extra, extra_link_args=["-fopenmp"]
         )
     # The CPU-only extension that replaces the CUDA one if that fails to build (same C++ flags).
-    fallback = CppExtension("dcdkernels._C", cpp, include_dirs=inc, extra_compile_args={"cxx": list(extra["cxx"])},
-                            extra_link_args=["-fopenmp"]) if use_cuda else None
+    fallback = (
+        CppExtension(
+            "dcdkernels._C",
+            cpp,
+            include_dirs=inc,
+            extra_compile_args={"cxx": list(extra["cxx"])},
+            extra_link_args=["-fopenmp"],
+        )
+        if use_cuda
+        else None
+    )
     cmd = _build_ext_class(BuildExtension, fallback, why, cuda_home)
     return [ext], {"build_ext": cmd.with_options(use_ninja=True)}
 

@@ -26,6 +26,7 @@ both operands in one dtype, so the gathered bf16 rows are cast to the anchors' d
 exactly the one-line fix a user would make (``weight.to(v.dtype)``). Everything is computed in
 fp32, like the fused kernels.
 """
+
 import math
 
 import torch
@@ -51,8 +52,9 @@ def supcontrast_supcon(features, labels, temperature=0.07, base_temperature=0.07
     logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
     logits = anchor_dot_contrast - logits_max.detach()
     mask = mask.repeat(n_views, n_views)
-    logits_mask = torch.scatter(torch.ones_like(mask), 1,
-                                torch.arange(bsz * n_views, device=features.device).view(-1, 1), 0)
+    logits_mask = torch.scatter(
+        torch.ones_like(mask), 1, torch.arange(bsz * n_views, device=features.device).view(-1, 1), 0
+    )
     mask = mask * logits_mask
     exp_logits = torch.exp(logits) * logits_mask
     log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
@@ -94,7 +96,7 @@ def repdistiller_contrast_loss(x, n_data):
     log_D1 = torch.div(P_pos, P_pos.add(m * Pn + NCE_EPS)).log_()
     P_neg = x.narrow(1, 1, m)
     log_D0 = torch.div(P_neg.clone().fill_(m * Pn), P_neg.add(m * Pn + NCE_EPS)).log_()
-    loss = - (log_D1.sum(0) + log_D0.view(-1, 1).sum(0)) / bsz
+    loss = -(log_D1.sum(0) + log_D0.view(-1, 1).sum(0)) / bsz
     return loss.squeeze()
 
 
@@ -200,7 +202,7 @@ class Normalize(nn.Module):
         self.power = power
 
     def forward(self, x):
-        norm = x.pow(self.power).sum(1, keepdim=True).pow(1. / self.power)
+        norm = x.pow(self.power).sum(1, keepdim=True).pow(1.0 / self.power)
         return x.div(norm)
 
 
@@ -245,7 +247,7 @@ class ContrastMemory(nn.Module):
         self.nLem = outputSize
         self.K = K
         self.register_buffer("params", torch.tensor([K, T, -1, -1, momentum]))
-        stdv = 1. / math.sqrt(inputSize / 3)
+        stdv = 1.0 / math.sqrt(inputSize / 3)
         self.register_buffer("memory_v1", torch.rand(outputSize, inputSize).mul_(2 * stdv).add_(-stdv).to(bank_dtype))
         self.register_buffer("memory_v2", torch.rand(outputSize, inputSize).mul_(2 * stdv).add_(-stdv).to(bank_dtype))
         self.multinomial = None
@@ -311,8 +313,9 @@ class ContrastLoss(nn.Module):
 class RepDistillerCRD(nn.Module):
     """RepDistiller ``CRDLoss``: ``forward(f_s, f_t, idx, contrast_idx=None)``."""
 
-    def __init__(self, s_dim, t_dim, n_data, feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5,
-                 bank_dtype=torch.float32):
+    def __init__(
+        self, s_dim, t_dim, n_data, feat_dim=128, nce_k=16384, nce_t=0.07, nce_m=0.5, bank_dtype=torch.float32
+    ):
         super().__init__()
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
@@ -337,8 +340,9 @@ class OfficialDCD(nn.Module):
         super().__init__()
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
-        self.params = nn.ParameterDict({"tau": nn.Parameter(torch.tensor(init_tau)),
-                                        "b": nn.Parameter(torch.tensor(0.0))})
+        self.params = nn.ParameterDict(
+            {"tau": nn.Parameter(torch.tensor(init_tau)), "b": nn.Parameter(torch.tensor(0.0))}
+        )
         self.alpha, self.max_tau = alpha, max_tau
 
     def forward(self, f_s, f_t, idx=None, contrast_idx=None):
@@ -358,15 +362,26 @@ class DCDMemoryEager(nn.Module):
     """DCD's loss over memory-bank negatives written the eager way: RepDistiller's two memories
     (gather + bmm per bank, index_select/index_copy_ update) with DCD's CE + alpha * KL."""
 
-    def __init__(self, s_dim, t_dim, n_data, feat_dim=128, nce_k=16384, alpha=0.5, init_tau=1.0, max_tau=10.0,
-                 momentum=0.5, bank_dtype=torch.float32):
+    def __init__(
+        self,
+        s_dim,
+        t_dim,
+        n_data,
+        feat_dim=128,
+        nce_k=16384,
+        alpha=0.5,
+        init_tau=1.0,
+        max_tau=10.0,
+        momentum=0.5,
+        bank_dtype=torch.float32,
+    ):
         super().__init__()
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
         self.tau = nn.Parameter(torch.tensor(init_tau))
         self.b = nn.Parameter(torch.tensor(0.0))
         self.alpha, self.max_tau, self.K, self.momentum = alpha, max_tau, nce_k, momentum
-        stdv = 1. / math.sqrt(feat_dim / 3)
+        stdv = 1.0 / math.sqrt(feat_dim / 3)
         self.register_buffer("memory_v1", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv).to(bank_dtype))
         self.register_buffer("memory_v2", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv).to(bank_dtype))
         self.multinomial = None
@@ -386,8 +401,9 @@ class DCDMemoryEager(nn.Module):
 
 
 def _mlp(in_dim, hidden, out_dim):
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+    )
 
 
 class OfficialCoCoRD(nn.Module):
@@ -397,8 +413,21 @@ class OfficialCoCoRD(nn.Module):
     views, MoCo's slice enqueue. ``forward(f_s, f_t, f_s2, f_slow, f_slow2)`` as
     ``dcdkernels.CoCoRDLoss`` (slow-encoder features are passed in). Needs ``s_dim == t_dim``."""
 
-    def __init__(self, s_dim, t_dim, embed_dim=2048, hidden_dim=2048, pred_dim=512, queue_size=2048, T=0.1,
-                 m_teacher=0.999, m_slow=0.9, ctr_weight=1.0, pred_weight=4.0, queue_dtype=torch.float32):
+    def __init__(
+        self,
+        s_dim,
+        t_dim,
+        embed_dim=2048,
+        hidden_dim=2048,
+        pred_dim=512,
+        queue_size=2048,
+        T=0.1,
+        m_teacher=0.999,
+        m_slow=0.9,
+        ctr_weight=1.0,
+        pred_weight=4.0,
+        queue_dtype=torch.float32,
+    ):
         super().__init__()
         assert s_dim == t_dim, "the official code copies the student projector into the teacher head"
         self.projector = _mlp(s_dim, hidden_dim, embed_dim)
@@ -417,15 +446,15 @@ class OfficialCoCoRD(nn.Module):
     @torch.no_grad()
     def _momentum_update(self):
         for param_q, param_k in zip(self.projector.parameters(), self.slow_projector.parameters()):
-            param_k.data = param_k.data * self.m_slow + param_q.data * (1. - self.m_slow)
+            param_k.data = param_k.data * self.m_slow + param_q.data * (1.0 - self.m_slow)
         for param_q, param_k in zip(self.projector.parameters(), self.teacher_projector.parameters()):
-            param_k.data = param_k.data * self.m_teacher + param_q.data * (1. - self.m_teacher)
+            param_k.data = param_k.data * self.m_teacher + param_q.data * (1.0 - self.m_teacher)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
         batch_size = keys.shape[0]
         ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + batch_size] = keys.T.to(self.queue.dtype)
+        self.queue[:, ptr : ptr + batch_size] = keys.T.to(self.queue.dtype)
         self.queue_ptr[0] = (ptr + batch_size) % self.queue.shape[1]
 
     def forward(self, f_s, f_t, f_s2, f_slow, f_slow2):
@@ -438,7 +467,9 @@ class OfficialCoCoRD(nn.Module):
         p1, p2 = self.predictor(s_q), self.predictor(self.projector(f_s2))
         with torch.no_grad():
             t1, t2 = self.slow_projector(f_slow), self.slow_projector(f_slow2)
-        loss_pred = ((2 - 2 * F.cosine_similarity(p1, t1, dim=-1)) + (2 - 2 * F.cosine_similarity(p2, t2, dim=-1))).mean()
+        loss_pred = (
+            (2 - 2 * F.cosine_similarity(p1, t1, dim=-1)) + (2 - 2 * F.cosine_similarity(p2, t2, dim=-1))
+        ).mean()
         self._dequeue_and_enqueue(k)
         return self.ctr_weight * loss_ctr + self.pred_weight * loss_pred
 
@@ -450,8 +481,9 @@ class EagerPCKD(nn.Module):
     (2BV, 2BV) SupCon logits. Submodule names as ``dcdkernels.PCKDLoss`` (states load across).
     ``forward(f_s, f_t, logit_s, logit_t, labels, fc_s, fc_t)``: all B * 4 view rows, labels (B,)."""
 
-    def __init__(self, s_dim, t_dim, alpha=1.0, beta=0.05, ff=20.0, delta=0.0, kd_T=4.0, temperature=4.0,
-                 base_temperature=0.07):
+    def __init__(
+        self, s_dim, t_dim, alpha=1.0, beta=0.05, ff=20.0, delta=0.0, kd_T=4.0, temperature=4.0, base_temperature=0.07
+    ):
         super().__init__()
         self.embed_s = nn.Linear(s_dim, s_dim)
         self.embed_t = nn.Linear(s_dim, t_dim)
@@ -488,8 +520,12 @@ class EagerPCKD(nn.Module):
         fa = F.normalize(self.align_mlp(f_s), dim=-1)
         loss_align = 2 - 2 * (fa * F.normalize(f_t, dim=-1)).sum(dim=-1).mean()
         T = self.kd_T
-        loss_tem = F.kl_div(F.log_softmax(logit_s[nor] / T, 1), F.softmax(logit_t[nor] / T, 1),
-                            reduction="none").sum(1) * T * T / bs
+        loss_tem = (
+            F.kl_div(F.log_softmax(logit_s[nor] / T, 1), F.softmax(logit_t[nor] / T, 1), reduction="none").sum(1)
+            * T
+            * T
+            / bs
+        )
         alpha = F.cross_entropy(logit_s[nor], labels, reduction="none") / loss_cls
         t = 1.005 ** int(self.epoch)
         percent = torch.where(alpha <= t, torch.ones_like(alpha), torch.exp(-alpha.pow(2)))

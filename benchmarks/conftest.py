@@ -14,6 +14,7 @@ vs eager and vs torch.compile, peak transient memory) printed at the end; ``--be
 shows pytest-benchmark's own table as well (median, IQR, rounds). ``--benchmark-json FILE``
 saves everything for ``python -m benchmarks.report``.
 """
+
 import os
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU memory profiler is chatty otherwise
@@ -29,23 +30,40 @@ _PARAM_NAMES = ("case", "size", "dtype", "provider")
 
 def pytest_addoption(parser):
     g = parser.getgroup("dcdkernels-bench", "dcdkernels benchmark suite")
-    g.addoption("--bench-sizes", default=os.environ.get("DCDK_BENCH_SIZES", "auto"),
-                choices=("auto", "smoke", "cpu", "gpu"),
-                help="size set: smoke (tiny, CI), cpu (CPU-sized), gpu (docs/math.md §7); auto = smoke unless "
-                     "--benchmark-only, then gpu on CUDA else cpu")
+    g.addoption(
+        "--bench-sizes",
+        default=os.environ.get("DCDK_BENCH_SIZES", "auto"),
+        choices=("auto", "smoke", "cpu", "gpu"),
+        help="size set: smoke (tiny, CI), cpu (CPU-sized), gpu (docs/math.md §7); auto = smoke unless "
+        "--benchmark-only, then gpu on CUDA else cpu",
+    )
     g.addoption("--bench-device", default=os.environ.get("DCDK_BENCH_DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
-    g.addoption("--bench-providers", default=os.environ.get("DCDK_BENCH_PROVIDERS", ",".join(PROVIDERS)),
-                help="comma-separated subset of eager,compile,cpu,triton,cuda")
-    g.addoption("--bench-compile-backend", default=os.environ.get("DCDK_BENCH_COMPILE_BACKEND", "auto"),
-                help="torch.compile backend of the 'compile' provider (auto: inductor; dynamo 'eager' in smoke runs)")
-    g.addoption("--bench-compile-timeout", type=float,
-                default=float(os.environ.get("DCDK_BENCH_COMPILE_TIMEOUT", "120")),
-                help="skip a size whose torch.compile warm-up takes longer (seconds)")
-    g.addoption("--bench-threads", type=int, default=int(os.environ.get("DCDK_BENCH_THREADS", "0")),
-                help="torch.set_num_threads for the benchmarks (0: torch's default; smoke runs use 1). On a "
-                     "shared, loaded machine OpenMP barriers stall for whole scheduler slices: use 1 there")
-    g.addoption("--bench-table", action="store_true", default=False,
-                help="also print pytest-benchmark's own per-group table")
+    g.addoption(
+        "--bench-providers",
+        default=os.environ.get("DCDK_BENCH_PROVIDERS", ",".join(PROVIDERS)),
+        help="comma-separated subset of eager,compile,cpu,triton,cuda",
+    )
+    g.addoption(
+        "--bench-compile-backend",
+        default=os.environ.get("DCDK_BENCH_COMPILE_BACKEND", "auto"),
+        help="torch.compile backend of the 'compile' provider (auto: inductor; dynamo 'eager' in smoke runs)",
+    )
+    g.addoption(
+        "--bench-compile-timeout",
+        type=float,
+        default=float(os.environ.get("DCDK_BENCH_COMPILE_TIMEOUT", "120")),
+        help="skip a size whose torch.compile warm-up takes longer (seconds)",
+    )
+    g.addoption(
+        "--bench-threads",
+        type=int,
+        default=int(os.environ.get("DCDK_BENCH_THREADS", "0")),
+        help="torch.set_num_threads for the benchmarks (0: torch's default; smoke runs use 1). On a "
+        "shared, loaded machine OpenMP barriers stall for whole scheduler slices: use 1 there",
+    )
+    g.addoption(
+        "--bench-table", action="store_true", default=False, help="also print pytest-benchmark's own per-group table"
+    )
 
 
 def _opt(config, name, default=None):
@@ -57,8 +75,10 @@ def _opt(config, name, default=None):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    config.addinivalue_line("markers", "bench(family, table, ops, cases, dtypes, providers): "
-                                       "parametrize a benchmark over sizes x dtypes x providers")
+    config.addinivalue_line(
+        "markers",
+        "bench(family, table, ops, cases, dtypes, providers): parametrize a benchmark over sizes x dtypes x providers",
+    )
     if _opt(config, "bench_sizes") is None:  # this conftest was not loaded as an initial conftest
         return
     disabled = bool(_opt(config, "benchmark_disable")) and not _opt(config, "benchmark_enable")
@@ -119,14 +139,16 @@ def pytest_generate_tests(metafunc):
         case_sizes = size_list(case) if callable(size_list) else size_list
         case_ops = ops(case) if callable(ops) else ops
         for size in case_sizes:
-            for dtype in (dtypes(case) if callable(dtypes) else dtypes):
-                for prov in (providers(case) if callable(providers) else providers):
+            for dtype in dtypes(case) if callable(dtypes) else dtypes:
+                for prov in providers(case) if callable(providers) else providers:
                     base = prov.split("-")[0] if prov.startswith("eager") else prov
                     why = harness.skip_reason(base, case_ops)
                     if not why and prov == "compile" and CFG.size_set == "smoke":
                         if not kw.get("smoke_compile", True):
-                            why = ("compile: skipped in smoke runs (dynamo tracing of a whole method step takes "
-                                   "seconds; the compile path is smoke-tested on the ops)")
+                            why = (
+                                "compile: skipped in smoke runs (dynamo tracing of a whole method step takes "
+                                "seconds; the compile path is smoke-tested on the ops)"
+                            )
                         elif dtype != "fp32":
                             why = "compile: smoke runs exercise torch.compile at fp32 only (compile time dominates)"
                     marks = [pytest.mark.skip(reason=why)] if why else []
@@ -160,17 +182,28 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.skipped and hasattr(item, "callspec") and item.get_closest_marker("bench") is not None:
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+        reason = reason[len("Skipped: ") :] if reason.startswith("Skipped: ") else reason
         p = item.callspec.params
-        CFG.skipped.append({"nodeid": item.nodeid, "test": item.originalname, "case": p["case"],
-                            "size": _label(p["size"]), "dtype": p["dtype"], "provider": p["provider"],
-                            "reason": reason})
+        CFG.skipped.append(
+            {
+                "nodeid": item.nodeid,
+                "test": item.originalname,
+                "case": p["case"],
+                "size": _label(p["size"]),
+                "dtype": p["dtype"],
+                "provider": p["provider"],
+                "reason": reason,
+            }
+        )
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["dcdkernels"] = {
-        "device": CFG.device.type, "device_name": harness.device_name(CFG.threads or None),
-        "size_set": CFG.size_set, "torch": torch.__version__, "threads": CFG.threads or torch.get_num_threads(),
+        "device": CFG.device.type,
+        "device_name": harness.device_name(CFG.threads or None),
+        "size_set": CFG.size_set,
+        "torch": torch.__version__,
+        "threads": CFG.threads or torch.get_num_threads(),
         "compile_backend": CFG.compile_backend,
         "copy_bw_GBps": round(harness.copy_bandwidth_GBps(), 2) if not CFG.disabled else None,
         "availability": {k: list(v) for k, v in __import__("dcdkernels").availability().items()},
@@ -189,8 +222,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     benches = [b.as_dict(include_data=False) for b in bs.benchmarks if b and getattr(b, "stats", None)]
     if not benches:
         if CFG.skipped or CFG.disabled:
-            terminalreporter.write_line(f"dcdkernels benchmarks: size set '{CFG.size_set}' on {CFG.device.type}; "
-                                        f"{'timing disabled (--benchmark-disable)' if CFG.disabled else 'nothing timed'}")
+            terminalreporter.write_line(
+                f"dcdkernels benchmarks: size set '{CFG.size_set}' on {CFG.device.type}; "
+                f"{'timing disabled (--benchmark-disable)' if CFG.disabled else 'nothing timed'}"
+            )
         return
     from benchmarks import report
 
@@ -201,5 +236,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     json_path = _opt(config, "benchmark_json")
     if json_path:
         name = getattr(json_path, "name", None) if hasattr(json_path, "write") else str(json_path)
-        terminalreporter.write_line(f"saved: {name}  ->  python -m benchmarks.report {name} "
-                                    f"--out benchmarks/results/<device>/")
+        terminalreporter.write_line(
+            f"saved: {name}  ->  python -m benchmarks.report {name} --out benchmarks/results/<device>/"
+        )

@@ -18,6 +18,7 @@ so distributed step times measure correctness of the scaling, not speed). Per pr
 
 Writes ``benchmarks/results/<device>/crd_memory_modes.{json,md}``.
 """
+
 import argparse
 import datetime
 import json
@@ -64,13 +65,22 @@ def _measure(make, step_fn, steps):
         step_fn(module, 2 + s)
         times.append(time.perf_counter() - t0)
     peak = (_kb("VmHWM") - rss0) * 1024
-    return dict(banks_bytes=banks(module), transient_bytes=transient, peak_rss_delta_bytes=max(peak, 0),
-                step_s=statistics.median(times), times=times)
+    return dict(
+        banks_bytes=banks(module),
+        transient_bytes=transient,
+        peak_rss_delta_bytes=max(peak, 0),
+        step_s=statistics.median(times),
+        times=times,
+    )
 
 
 def _batch(step, rank, n, k):
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(B, S_DIM, generator=g), torch.randn(B, T_DIM, generator=g), torch.randint(0, n, (B,), generator=g)
+    return (
+        torch.randn(B, S_DIM, generator=g),
+        torch.randn(B, T_DIM, generator=g),
+        torch.randint(0, n, (B,), generator=g),
+    )
 
 
 def _ours(mode, n, k):
@@ -93,6 +103,7 @@ def _ours(mode, n, k):
             if dist.is_initialized():
                 dist.all_reduce(p.grad)
         opt.step()
+
     return make, step
 
 
@@ -112,14 +123,20 @@ def _eager(n, k):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
     return make, step
 
 
 def _worker(rank, world, mode, n, k, steps, tmp):
     torch.set_num_threads(1)
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store_{mode}_{world}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=1800))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{tmp}/store_{mode}_{world}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=1800),
+        )
     try:
         make, step = _eager(n, k) if mode == "eager" else _ours(mode, n, k)
         res = _measure(make, step, steps)
@@ -131,8 +148,9 @@ def _worker(rank, world, mode, n, k, steps, tmp):
 
 
 def run(mode, world, n, k, steps, tmp):
-    ctx = mp.start_processes(_worker, args=(world, mode, n, k, steps, tmp), nprocs=world, start_method="spawn",
-                             join=True)
+    ctx = mp.start_processes(
+        _worker, args=(world, mode, n, k, steps, tmp), nprocs=world, start_method="spawn", join=True
+    )
     del ctx
     return [json.load(open(os.path.join(tmp, f"{mode}_{world}_{r}.json"))) for r in range(world)]
 
@@ -147,8 +165,14 @@ def main():
     import tempfile
 
     tmp = tempfile.mkdtemp()
-    runs = [("local", "local", 1), ("replicated2", "replicated", 2), ("sharded2", "sharded", 2),
-            ("replicated4", "replicated", 4), ("sharded4", "sharded", 4), ("eager", "eager", 1)]
+    runs = [
+        ("local", "local", 1),
+        ("replicated2", "replicated", 2),
+        ("sharded2", "sharded", 2),
+        ("replicated4", "replicated", 4),
+        ("sharded4", "sharded", 4),
+        ("eager", "eager", 1),
+    ]
     out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu-x86_64-2core")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "crd_memory_modes.json")
@@ -161,8 +185,18 @@ def main():
         results[name] = dict(mode=mode, world=world, per_rank=per_rank)
         print(f"{name}: {time.time() - t0:.0f} s; rank 0 {per_rank[0]}", flush=True)
     device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per process"
-    meta = dict(device=device, torch=torch.__version__, N=args.n, K=args.k, B_per_rank=B, D=FEAT, s_dim=S_DIM,
-                t_dim=T_DIM, steps_timed=args.steps, date=datetime.datetime.utcnow().isoformat(timespec="seconds"))
+    meta = dict(
+        device=device,
+        torch=torch.__version__,
+        N=args.n,
+        K=args.k,
+        B_per_rank=B,
+        D=FEAT,
+        s_dim=S_DIM,
+        t_dim=T_DIM,
+        steps_timed=args.steps,
+        date=datetime.datetime.utcnow().isoformat(timespec="seconds"),
+    )
     json.dump(dict(meta=meta, runs=results), open(path, "w"), indent=1)
     write_markdown(meta, results, os.path.join(out_dir, "crd_memory_modes.md"))
 
@@ -178,29 +212,44 @@ def write_markdown(meta, results, path):
         f"{meta['steps_timed']} timed steps after one warm-up. Rerun: "
         "`PYTHONPATH=. python benchmarks/crd_memory_modes.py`.",
         "",
-        "| run | processes | banks per rank | transient per step (max rank) | peak RSS above state (max rank) | step time (slowest rank) |",
+        "| run | processes | banks per rank | transient per step (max rank) "
+        "| peak RSS above state (max rank) | step time (slowest rank) |",
         "|---|---|---|---|---|---|",
     ]
-    names = {"local": "CRDLoss, memory_mode=local", "replicated2": "CRDLoss, replicated", "sharded2": "CRDLoss, sharded",
-             "replicated4": "CRDLoss, replicated", "sharded4": "CRDLoss, sharded",
-             "eager": "RepDistiller-style eager (baselines.RepDistillerCRD)"}
+    names = {
+        "local": "CRDLoss, memory_mode=local",
+        "replicated2": "CRDLoss, replicated",
+        "sharded2": "CRDLoss, sharded",
+        "replicated4": "CRDLoss, replicated",
+        "sharded4": "CRDLoss, sharded",
+        "eager": "RepDistiller-style eager (baselines.RepDistillerCRD)",
+    }
     for key in ("local", "replicated2", "sharded2", "replicated4", "sharded4", "eager"):
         if key not in results:
             continue
         r = results[key]
         pr = r["per_rank"]
-        lines.append(f"| {names[key]} | {r['world']} | {mb(max(x['banks_bytes'] for x in pr))} | "
-                     f"{mb(max(x['transient_bytes'] for x in pr))} | {mb(max(x['peak_rss_delta_bytes'] for x in pr))} | "
-                     f"{max(x['step_s'] for x in pr):.2f} s |")
+        lines.append(
+            f"| {names[key]} | {r['world']} | {mb(max(x['banks_bytes'] for x in pr))} | "
+            f"{mb(max(x['transient_bytes'] for x in pr))} | {mb(max(x['peak_rss_delta_bytes'] for x in pr))} | "
+            f"{max(x['step_s'] for x in pr):.2f} s |"
+        )
     if "eager" in results and "local" in results:
         e, l_ = results["eager"]["per_rank"][0], results["local"]["per_rank"][0]
-        lines += ["", f"Transient memory of a step, CRDLoss (local) / eager: "
-                      f"{l_['transient_bytes'] / max(e['transient_bytes'], 1):.4%}; step time ratio eager / CRDLoss "
-                      f"(local): {e['step_s'] / l_['step_s']:.2f}x (same process layout, one run)."]
-    lines += ["", "Banks per rank: the two fp32 banks (`bank_s` + `bank_t`); sharded over W ranks each rank holds "
-                  "ceil(N/W) rows of each. Distributed runs are W single-threaded processes on this 2-core machine "
-                  "(oversubscribed at W = 4): their step times include waiting for the other ranks and are not a "
-                  "speed claim.", ""]
+        lines += [
+            "",
+            f"Transient memory of a step, CRDLoss (local) / eager: "
+            f"{l_['transient_bytes'] / max(e['transient_bytes'], 1):.4%}; step time ratio eager / CRDLoss "
+            f"(local): {e['step_s'] / l_['step_s']:.2f}x (same process layout, one run).",
+        ]
+    lines += [
+        "",
+        "Banks per rank: the two fp32 banks (`bank_s` + `bank_t`); sharded over W ranks each rank holds "
+        "ceil(N/W) rows of each. Distributed runs are W single-threaded processes on this 2-core machine "
+        "(oversubscribed at W = 4): their step times include waiting for the other ranks and are not a "
+        "speed claim.",
+        "",
+    ]
     open(path, "w").write("\n".join(lines))
 
 

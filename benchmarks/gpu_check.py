@@ -22,6 +22,7 @@ done survives a kill; SIGTERM is caught and recorded), ``log.txt`` (every child'
 ``determinism.json``. Without a CUDA GPU it says so, writes a one-line report and exits 0
 (CI runs that path: ``benchmarks/test_gpu_check.py``).
 """
+
 import json
 import os
 import shutil
@@ -33,13 +34,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_BUDGET = 470.0  # seconds: 8 minutes less a margin for start-up and the last write
-BUDGETS = {"build": 200, "info": 20, "tests": 120, "multi_device": 20, "sanitizer": 70, "determinism": 20,
-           "bench": 130}
+BUDGETS = {"build": 200, "info": 20, "tests": 120, "multi_device": 20, "sanitizer": 70, "determinism": 20, "bench": 130}
 MAX_FILES = 8
-TEST_FILES = ["python_tests/test_cuda_kernels.py", "python_tests/test_triton_kernels.py",
-              "python_tests/test_deferred_checks.py", "python_tests/test_build_flags.py"]
-BENCH_FILTER = ("(test_sampled_contrast and nce and not sampler) or (test_dual_sampled_contrast and nce) or "
-                "(test_dense_contrast and queue) or test_bank_update or (test_method_step and crd and not sampler)")
+TEST_FILES = [
+    "python_tests/test_cuda_kernels.py",
+    "python_tests/test_triton_kernels.py",
+    "python_tests/test_deferred_checks.py",
+    "python_tests/test_build_flags.py",
+]
+BENCH_FILTER = (
+    "(test_sampled_contrast and nce and not sampler) or (test_dual_sampled_contrast and nce) or "
+    "(test_dense_contrast and queue) or test_bank_update or (test_method_step and crd and not sampler)"
+)
 
 
 class Run:
@@ -57,8 +63,13 @@ class Run:
         return TOTAL_BUDGET - (time.time() - self.start)
 
     def write(self, note=""):
-        lines = ["# gpu_check report", "", f"- started: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.start))}",
-                 f"- elapsed: {time.time() - self.start:.0f} s (budget {TOTAL_BUDGET:.0f} s)", f"- python: {sys.version.split()[0]}"]
+        lines = [
+            "# gpu_check report",
+            "",
+            f"- started: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.start))}",
+            f"- elapsed: {time.time() - self.start:.0f} s (budget {TOTAL_BUDGET:.0f} s)",
+            f"- python: {sys.version.split()[0]}",
+        ]
         lines += [f"- {k}: {v}" for k, v in _device_facts().items()]
         if note:
             lines += ["", f"**{note}**"]
@@ -97,11 +108,19 @@ class Run:
         self.log.write(f"\n===== {' '.join(cmd)}\n")
         full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         full_env.update(env or {})
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         _CHILD[0] = proc
         lines, deadline = [], time.time() + timeout
         import selectors
+
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         rc = None
@@ -136,12 +155,15 @@ def _kill(proc):
 def _device_facts():
     try:
         import torch
+
         facts = {"torch": torch.__version__, "cuda": torch.version.cuda}
         if torch.cuda.is_available():
-            facts["devices"] = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}"
-                                         for i in range(torch.cuda.device_count()))
+            facts["devices"] = ", ".join(
+                f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())
+            )
         try:
             import triton
+
             facts["triton"] = triton.__version__
         except ImportError:
             facts["triton"] = "not installed"
@@ -167,17 +189,34 @@ def _info(run, budget):
 
 
 def _tests(run, budget):
-    rc, tail = run.sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--tb=short",
-                       *TEST_FILES], budget, tail=30)
+    rc, tail = run.sh(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--tb=short", *TEST_FILES],
+        budget,
+        tail=30,
+    )
     return ("passed" if rc == 0 else f"FAILED (rc {rc})"), tail
 
 
 def _multi_device(run, budget):
     import torch
+
     if torch.cuda.device_count() < 2:
         return "skipped: one GPU", []
-    rc, tail = run.sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                       "python_tests/test_deferred_checks.py", "-k", "non_current_device or flags_device"], budget)
+    rc, tail = run.sh(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            "python_tests/test_deferred_checks.py",
+            "-k",
+            "non_current_device or flags_device",
+        ],
+        budget,
+    )
     return ("passed" if rc == 0 else f"FAILED (rc {rc})"), tail
 
 
@@ -188,9 +227,26 @@ def _sanitizer(run, budget):
     summary = []
     status = "clean"
     for which in ("memcheck", "racecheck"):
-        rc, tail = run.sh([tool, "--tool", which, "--error-exitcode", "9", "--print-limit", "20",
-                           "--target-processes", "all", sys.executable, "-m", "benchmarks.gpu_check", "--subset"],
-                          budget / 2, env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, tail=25)
+        rc, tail = run.sh(
+            [
+                tool,
+                "--tool",
+                which,
+                "--error-exitcode",
+                "9",
+                "--print-limit",
+                "20",
+                "--target-processes",
+                "all",
+                sys.executable,
+                "-m",
+                "benchmarks.gpu_check",
+                "--subset",
+            ],
+            budget / 2,
+            env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+            tail=25,
+        )
         summary += [f"--- {which}: rc {rc}", *tail]
         if rc != 0:
             status = f"{which} FAILED (rc {rc})" if status == "clean" else status + f", {which} rc {rc}"
@@ -208,11 +264,29 @@ def _determinism(run, budget):
 def _bench(run, budget):
     tmp = tempfile.mkdtemp(prefix="gpu_check_bench_")
     js = os.path.join(tmp, "bench.json")
-    rc, tail = run.sh([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/test_bench_ops.py",
-                       "benchmarks/test_bench_methods.py", "--benchmark-only", "--bench-sizes=gpu",
-                       "--bench-providers=eager,compile,triton,cuda", "--bench-compile-timeout=40",
-                       "--benchmark-max-time=0.2", "--benchmark-min-rounds=3", f"--benchmark-json={js}",
-                       "-k", BENCH_FILTER], budget - 10, tail=40)
+    rc, tail = run.sh(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "benchmarks/test_bench_ops.py",
+            "benchmarks/test_bench_methods.py",
+            "--benchmark-only",
+            "--bench-sizes=gpu",
+            "--bench-providers=eager,compile,triton,cuda",
+            "--bench-compile-timeout=40",
+            "--benchmark-max-time=0.2",
+            "--benchmark-min-rounds=3",
+            f"--benchmark-json={js}",
+            "-k",
+            BENCH_FILTER,
+        ],
+        budget - 10,
+        tail=40,
+    )
     if os.path.exists(js):
         rep = os.path.join(tmp, "report")
         run.sh([sys.executable, "-m", "benchmarks.report", js, "--out", rep, "--quiet"], 30)
@@ -236,6 +310,7 @@ def _fused_calls(small):
     import torch.nn.functional as F
 
     import dcdkernels as dk
+
     dev = "cuda"
     g = torch.Generator(device="cpu").manual_seed(0)
     B, N, K, D, M = (4, 64, 15, 32, 48) if small else (256, 50_000, 16_384, 128, 65_536)
@@ -248,6 +323,7 @@ def _fused_calls(small):
     keys = unit(M, D)
     calls = []
     for backend in ("cuda", "triton"):
+
         def sampled(backend=backend):
             q = q0.detach().clone().requires_grad_(True)
             loss = dk.sampled_contrast(q, bank, idx, logit_scale=1 / 0.07, backend=backend).sum()
@@ -255,8 +331,9 @@ def _fused_calls(small):
 
         def dual(backend=backend):
             zs, zt = q0.detach().clone().requires_grad_(True), q1.detach().clone().requires_grad_(True)
-            out = dk.dual_sampled_contrast(zs, zt, bank, bank_t, idx, logit_scale=1 / 0.07, consistency=0.5,
-                                           backend=backend)
+            out = dk.dual_sampled_contrast(
+                zs, zt, bank, bank_t, idx, logit_scale=1 / 0.07, consistency=0.5, backend=backend
+            )
             loss = (out.loss_s + out.loss_t + out.consistency).sum()
             return [loss, *torch.autograd.grad(loss, [zs, zt])]
 
@@ -269,8 +346,13 @@ def _fused_calls(small):
             b = bank.clone()
             dk.bank_momentum_update_(b, idx[:, 0], q0.detach(), 0.5, backend=backend)
             return [b]
-        calls += [(f"sampled_contrast/{backend}", sampled), (f"dual_sampled_contrast/{backend}", dual),
-                  (f"dense_contrast/{backend}", dense), (f"bank_momentum_update_/{backend}", update)]
+
+        calls += [
+            (f"sampled_contrast/{backend}", sampled),
+            (f"dual_sampled_contrast/{backend}", dual),
+            (f"dense_contrast/{backend}", dense),
+            (f"bank_momentum_update_/{backend}", update),
+        ]
     q0, q1 = unit(B, D), unit(B, D)
     return calls
 
@@ -278,6 +360,7 @@ def _fused_calls(small):
 def subset():
     """Every fused op once per backend at small shapes (the sanitizer's workload)."""
     import torch
+
     failures = 0
     for name, call in _fused_calls(small=True):
         try:
@@ -292,6 +375,7 @@ def subset():
 
 def determinism(path, repeats=5):
     import torch
+
     results = {}
     for name, call in _fused_calls(small=False):
         try:
@@ -315,6 +399,7 @@ def main(argv=None):
     out = argv[0] if argv else os.environ.get("OUT") or os.path.join(os.getcwd(), "gpu_check_out")
     try:
         import torch
+
         has_gpu = torch.cuda.is_available()
     except ImportError:
         has_gpu = False
@@ -333,8 +418,15 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    for name, fn in (("build", _build), ("info", _info), ("tests", _tests), ("multi_device", _multi_device),
-                     ("sanitizer", _sanitizer), ("determinism", _determinism), ("bench", _bench)):
+    for name, fn in (
+        ("build", _build),
+        ("info", _info),
+        ("tests", _tests),
+        ("multi_device", _multi_device),
+        ("sanitizer", _sanitizer),
+        ("determinism", _determinism),
+        ("bench", _bench),
+    ):
         run.part(name, fn)
         if name == "build" and not run.parts[-1][1].startswith("ok"):
             run.write(note="the CUDA build failed: the other parts need it")

@@ -24,6 +24,7 @@ Peak transient memory of one step (recorded in ``benchmark.extra_info``):
   It does not count raw ``malloc``/``std::vector`` scratch inside C++ kernels (O(threads x D)
   accumulators in ours). The analytic transient bytes of the dominant buffers are recorded too.
 """
+
 import contextlib
 import math
 import signal
@@ -52,12 +53,12 @@ class Config:
     compile_backend = "eager"
     compile_timeout = 120.0
     providers = PROVIDERS
-    target_s = 1.0       # time budget per benchmark (pytest-benchmark's --benchmark-max-time)
-    min_rounds = 5       # --benchmark-min-rounds
+    target_s = 1.0  # time budget per benchmark (pytest-benchmark's --benchmark-max-time)
+    min_rounds = 5  # --benchmark-min-rounds
     max_rounds = 500
-    disabled = True      # --benchmark-disable: every step runs once, nothing is timed
-    threads = 0          # torch.set_num_threads inside each benchmark test (0: leave as is)
-    skipped = []         # (nodeid, params, reason) of every skipped benchmark, for the report
+    disabled = True  # --benchmark-disable: every step runs once, nothing is timed
+    threads = 0  # torch.set_num_threads inside each benchmark test (0: leave as is)
+    skipped = []  # (nodeid, params, reason) of every skipped benchmark, for the report
     _copy_bw = None
 
 
@@ -101,8 +102,10 @@ def _unavailable(provider: str, ops) -> Optional[str]:
         return f"cuda: dcdkernels._C has no CUDA kernel for {', '.join(missing)} yet" if missing else None
     if provider == "triton":
         if dev != "cuda":
-            return ("triton: no GPU; on CPU Triton runs only under the interpreter (TRITON_INTERPRET=1), "
-                    "a correctness tool that is not benchmarked")
+            return (
+                "triton: no GPU; on CPU Triton runs only under the interpreter (TRITON_INTERPRET=1), "
+                "a correctness tool that is not benchmarked"
+            )
         if not avail["triton"][0]:
             return f"triton: {avail['triton'][1]}"
         for op in ops:
@@ -121,8 +124,9 @@ class CompileTimeout(BaseException):
 
 @contextlib.contextmanager
 def _alarm(seconds: Optional[float]):
-    usable = (seconds and seconds > 0 and hasattr(signal, "SIGALRM")
-              and threading.current_thread() is threading.main_thread())
+    usable = (
+        seconds and seconds > 0 and hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    )
     if not usable:
         yield
         return
@@ -173,10 +177,14 @@ def peak_transient_bytes(step: Callable) -> Dict[str, object]:
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        return {"peak_bytes": int(torch.cuda.max_memory_allocated() - base),
-                "peak_method": "torch.cuda.max_memory_allocated delta after reset_peak_memory_stats"}
-    return {"peak_bytes": _cpu_peak_bytes(step),
-            "peak_method": "torch.profiler(profile_memory=True): peak running sum of CPU allocator events"}
+        return {
+            "peak_bytes": int(torch.cuda.max_memory_allocated() - base),
+            "peak_method": "torch.cuda.max_memory_allocated delta after reset_peak_memory_stats",
+        }
+    return {
+        "peak_bytes": _cpu_peak_bytes(step),
+        "peak_method": "torch.profiler(profile_memory=True): peak running sum of CPU allocator events",
+    }
 
 
 def copy_bandwidth_GBps() -> float:
@@ -232,9 +240,21 @@ class Bench:
     def __init__(self, benchmark):
         self.benchmark = benchmark
 
-    def run(self, step: Callable[[], object], *, family: str, op: str, case: str, size, dtype: str,
-            provider: str, bytes_read: Optional[int] = None, analytic_bytes: Optional[int] = None,
-            analytic_note: str = "", params: Optional[dict] = None) -> None:
+    def run(
+        self,
+        step: Callable[[], object],
+        *,
+        family: str,
+        op: str,
+        case: str,
+        size,
+        dtype: str,
+        provider: str,
+        bytes_read: Optional[int] = None,
+        analytic_bytes: Optional[int] = None,
+        analytic_note: str = "",
+        params: Optional[dict] = None,
+    ) -> None:
         bm = self.benchmark
         group = f"{op}{'/' + case if case else ''} {size.id} {dtype}"
         bm.group = group
@@ -244,10 +264,20 @@ class Bench:
             sync()
 
         info = {
-            "family": family, "op": op, "case": case, "size": size.id, **size.dims(), "dtype": dtype,
-            "provider": provider, "device": CFG.device.type, "device_name": device_name(),
-            "size_set": CFG.size_set, "group": group, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, **(params or {}),
+            "family": family,
+            "op": op,
+            "case": case,
+            "size": size.id,
+            **size.dims(),
+            "dtype": dtype,
+            "provider": provider,
+            "device": CFG.device.type,
+            "device_name": device_name(),
+            "size_set": CFG.size_set,
+            "group": group,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            **(params or {}),
         }
         if provider == "compile":
             info["compile_backend"] = CFG.compile_backend
@@ -257,8 +287,10 @@ class Bench:
                 timed()  # first call: compiles (compile provider), allocates, loads kernels
         except CompileTimeout:
             torch._dynamo.reset()
-            pytest.skip(f"compile: torch.compile ({CFG.compile_backend}) took more than "
-                        f"{CFG.compile_timeout:.0f} s to compile at this size (--bench-compile-timeout)")
+            pytest.skip(
+                f"compile: torch.compile ({CFG.compile_backend}) took more than "
+                f"{CFG.compile_timeout:.0f} s to compile at this size (--bench-compile-timeout)"
+            )
         except NotImplementedError as exc:
             pytest.skip(f"{provider}: {exc}")
         except Exception as exc:
@@ -266,8 +298,10 @@ class Bench:
                 raise
             torch._dynamo.reset()
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-            pytest.skip(f"compile: torch.compile ({CFG.compile_backend}) failed on this code: "
-                        f"{type(exc).__name__}: {first_line}")
+            pytest.skip(
+                f"compile: torch.compile ({CFG.compile_backend}) failed on this code: "
+                f"{type(exc).__name__}: {first_line}"
+            )
         est = time.perf_counter() - t0
         if provider == "compile":  # the first call compiled: time a second one for the estimate
             info["compile_s"] = round(est, 3)
@@ -297,4 +331,3 @@ def grad_step(loss_fn: Callable[[], torch.Tensor], inputs) -> Callable[[], None]
         torch.autograd.grad(loss, inputs)
 
     return step
-

@@ -15,6 +15,7 @@ session (``copy_bw_GBps``, (read + written bytes) / s of a large ``copy_``): on 
 ``bytes_read / copy_bw``; on CPU the same number is printed against DRAM copy bandwidth, but
 small banks partly live in cache there, so it is indicative only.
 """
+
 import argparse
 import csv
 import json
@@ -24,8 +25,15 @@ from collections import OrderedDict, defaultdict
 from typing import Dict, Iterable, List, Optional
 
 PROVIDER_ORDER = ("eager", "eager-lightly", "eager-pml", "compile", "cpu", "triton", "cuda")
-COLORS = {"eager": "tab:blue", "eager-lightly": "tab:cyan", "eager-pml": "tab:olive", "compile": "tab:orange",
-          "cpu": "tab:green", "triton": "tab:purple", "cuda": "tab:red"}
+COLORS = {
+    "eager": "tab:blue",
+    "eager-lightly": "tab:cyan",
+    "eager-pml": "tab:olive",
+    "compile": "tab:orange",
+    "cpu": "tab:green",
+    "triton": "tab:purple",
+    "cuda": "tab:red",
+}
 DTYPE_ORDER = {"fp32": 0, "bf16": 1}
 FUSED = ("cpu", "triton", "cuda")
 MiB = float(1 << 20)
@@ -44,8 +52,12 @@ def load(paths: Iterable[str]):
             benches[b.get("fullname", b.get("name"))] = b
         skipped.extend(data.get("dcdkernels_skipped", []))
         machine = data.get("machine_info", machine) or machine
-        meta = {"datetime": data.get("datetime"), "commit": (data.get("commit_info") or {}).get("id"),
-                "dirty": (data.get("commit_info") or {}).get("dirty"), "files": list(paths)}
+        meta = {
+            "datetime": data.get("datetime"),
+            "commit": (data.get("commit_info") or {}).get("id"),
+            "dirty": (data.get("commit_info") or {}).get("dirty"),
+            "files": list(paths),
+        }
     return list(benches.values()), skipped, machine, meta
 
 
@@ -159,40 +171,55 @@ def scaling_fits(records: List[dict]) -> List[dict]:
     """Per series: time exponent in B*K (log-log slope), linear fit of time vs B(K+1) (R^2),
     and the transient-memory slope in bytes per gathered index (B(K+1))."""
     out = []
-    for (axis, dtype, prov), pts in sorted(scaling_series(records).items(),
-                                           key=lambda kv: (kv[0][0], DTYPE_ORDER.get(kv[0][1], 9), _pkey(kv[0][2]))):
+    for (axis, dtype, prov), pts in sorted(
+        scaling_series(records).items(), key=lambda kv: (kv[0][0], DTYPE_ORDER.get(kv[0][1], 9), _pkey(kv[0][2]))
+    ):
         work = [r["B"] * (r["K"] + 1) for _, r in pts]
         t = [r["median"] for _, r in pts]
         mem = [r.get("peak_bytes") for _, r in pts]
         f_log = _fit([math.log(w) for w in work], [math.log(x) for x in t]) if len(pts) > 1 else None
         f_lin = _fit(work, t) if len(pts) > 1 else None
         f_mem = _fit(work, mem) if len(pts) > 1 and None not in mem else None
-        out.append({"axis": axis, "dtype": dtype, "provider": prov, "points": len(pts),
-                    "time_exponent": f_log[1] if f_log else None, "time_r2": f_lin[2] if f_lin else None,
-                    "ns_per_index": f_lin[1] * 1e9 if f_lin else None,
-                    "mem_bytes_per_index": f_mem[1] if f_mem else None,
-                    "mem_min": min(m for m in mem if m is not None) if any(m is not None for m in mem) else None,
-                    "mem_max": max(m for m in mem if m is not None) if any(m is not None for m in mem) else None})
+        out.append(
+            {
+                "axis": axis,
+                "dtype": dtype,
+                "provider": prov,
+                "points": len(pts),
+                "time_exponent": f_log[1] if f_log else None,
+                "time_r2": f_lin[2] if f_lin else None,
+                "ns_per_index": f_lin[1] * 1e9 if f_lin else None,
+                "mem_bytes_per_index": f_mem[1] if f_mem else None,
+                "mem_min": min(m for m in mem if m is not None) if any(m is not None for m in mem) else None,
+                "mem_max": max(m for m in mem if m is not None) if any(m is not None for m in mem) else None,
+            }
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # the terminal summary (conftest prints it at the end of a timed run)
 # ---------------------------------------------------------------------------------------------
-def summary_lines(benches: List[dict], skipped: List[dict], *, size_set: str = "?", device: str = "?",
-                  width: int = 150) -> List[str]:
+def summary_lines(
+    benches: List[dict], skipped: List[dict], *, size_set: str = "?", device: str = "?", width: int = 150
+) -> List[str]:
     records = [record(b) for b in benches]
     fam_order = {"ops": 0, "methods": 1}
-    groups = grouped(sorted((r for r in records if r.get("family") != "scaling"),
-                            key=lambda r: fam_order.get(r.get("family"), 2)))
+    groups = grouped(
+        sorted((r for r in records if r.get("family") != "scaling"), key=lambda r: fam_order.get(r.get("family"), 2))
+    )
     provs = sorted({r["provider"] for r in records}, key=_pkey)
-    lines = [f"device: {device} | sizes: {size_set} | time = median per step (fwd+bwd) | "
-             f"N.NNx = speedup vs eager (eager time / provider time) | mem = peak transient MiB"]
+    lines = [
+        f"device: {device} | sizes: {size_set} | time = median per step (fwd+bwd) | "
+        f"N.NNx = speedup vs eager (eager time / provider time) | mem = peak transient MiB"
+    ]
     if size_set == "smoke":
         lines.append("SMOKE SIZES: tiny shapes that only exercise the code; these numbers say nothing about speed")
     gw = max([len(g) for g in groups] + [20])
     gw = min(gw, 46)
-    head = f"{'op/case size dtype':<{gw}} " + " ".join(f"{p:>15}" for p in provs) + f"  {'mem eager':>9} {'mem fused':>9}"
+    head = (
+        f"{'op/case size dtype':<{gw}} " + " ".join(f"{p:>15}" for p in provs) + f"  {'mem eager':>9} {'mem fused':>9}"
+    )
     lines += [head, "-" * min(len(head), width)]
     for g, rows in groups.items():
         cells = []
@@ -211,8 +238,10 @@ def summary_lines(benches: List[dict], skipped: List[dict], *, size_set: str = "
     fits = scaling_fits(records)
     if fits:
         lines.append("")
-        lines.append("scaling (sampled NCE sweeps): e = exponent of time in B*K (1 = linear); "
-                     "mem = transient bytes per extra gathered index (0 = flat)")
+        lines.append(
+            "scaling (sampled NCE sweeps): e = exponent of time in B*K (1 = linear); "
+            "mem = transient bytes per extra gathered index (0 = flat)"
+        )
         by = OrderedDict()
         for f in fits:
             by.setdefault((f["axis"], f["provider"]), []).append(f)
@@ -221,8 +250,10 @@ def summary_lines(benches: List[dict], skipped: List[dict], *, size_set: str = "
             for f in fs:
                 e = "-" if f["time_exponent"] is None else f"{f['time_exponent']:.2f}"
                 m = "-" if f["mem_bytes_per_index"] is None else f"{f['mem_bytes_per_index']:.1f}"
-                parts.append(f"{f['dtype']}: e = {e:>5}, mem = {m:>6} B/index, peak {fmt_mib(f['mem_min'])}.."
-                             f"{fmt_mib(f['mem_max'])} MiB")
+                parts.append(
+                    f"{f['dtype']}: e = {e:>5}, mem = {m:>6} B/index, peak {fmt_mib(f['mem_min'])}.."
+                    f"{fmt_mib(f['mem_max'])} MiB"
+                )
             lines.append(f"  vs {axis} {prov:<8} " + " | ".join(parts))
     skips = _skip_summary(skipped)
     if skips:
@@ -253,25 +284,38 @@ def markdown(benches, skipped, machine, meta, plots: List[str]) -> str:
     device = info.get("device_name") or next((r.get("device_name") for r in records), "?")
     L = [f"# dcdkernels benchmark report ({device}){' - SMOKE RUN' if size_set == 'smoke' else ''}", ""]
     if size_set == "smoke":
-        L += ["> **SMOKE RUN**: tiny shapes that only exercise the pipeline. The times below say nothing",
-              "> about the speed of any backend; do not quote them.", ""]
-    L += [f"- device: {device}; torch {info.get('torch', '?')}; torch threads: {info.get('threads', '?')}",
-          f"- size set: `{size_set}`; torch.compile backend: `{info.get('compile_backend', '?')}`",
-          f"- device copy bandwidth measured in this session: {info.get('copy_bw_GBps', '?')} GB/s "
-          "((read + written bytes) / s of a large `copy_`)",
-          f"- run: {meta.get('datetime', '?')}, commit {str(meta.get('commit'))[:12]}"
-          f"{' (dirty tree)' if meta.get('dirty') else ''}; from {', '.join(os.path.basename(f) for f in meta.get('files', []))}",
-          "",
-          "How to read: `time` is the median of the timed rounds of one step (forward + backward; the",
-          "bank update has no backward), synchronised on GPU. `x eager` = eager median / provider median",
-          "(> 1 = faster than the user-style eager code of `benchmarks/baselines.py`); `x compile` likewise",
-          "against `torch.compile` of that code. `peak` = measured peak transient memory of one step",
-          "(CUDA: `max_memory_allocated` delta; CPU: torch.profiler allocator events), `analytic` = the",
-          "dominant buffers by formula. `GB/s` = the bytes a fused pass must read (B(K+1)D x elem per bank)",
-          "per second; `roofline` = that over the session's copy bandwidth (meaningful on GPU).", ""]
-    for fam, title in (("ops", "Ops (forward + backward)"), ("methods", "Methods (one full loss step)"),
-                       ("integrations", "Integrations (drop-ins vs the libraries' own classes; eager = the "
-                                        "library's class; one forward + backward step with the memory update)")):
+        L += [
+            "> **SMOKE RUN**: tiny shapes that only exercise the pipeline. The times below say nothing",
+            "> about the speed of any backend; do not quote them.",
+            "",
+        ]
+    L += [
+        f"- device: {device}; torch {info.get('torch', '?')}; torch threads: {info.get('threads', '?')}",
+        f"- size set: `{size_set}`; torch.compile backend: `{info.get('compile_backend', '?')}`",
+        f"- device copy bandwidth measured in this session: {info.get('copy_bw_GBps', '?')} GB/s "
+        "((read + written bytes) / s of a large `copy_`)",
+        f"- run: {meta.get('datetime', '?')}, commit {str(meta.get('commit'))[:12]}"
+        f"{' (dirty tree)' if meta.get('dirty') else ''}; "
+        f"from {', '.join(os.path.basename(f) for f in meta.get('files', []))}",
+        "",
+        "How to read: `time` is the median of the timed rounds of one step (forward + backward; the",
+        "bank update has no backward), synchronised on GPU. `x eager` = eager median / provider median",
+        "(> 1 = faster than the user-style eager code of `benchmarks/baselines.py`); `x compile` likewise",
+        "against `torch.compile` of that code. `peak` = measured peak transient memory of one step",
+        "(CUDA: `max_memory_allocated` delta; CPU: torch.profiler allocator events), `analytic` = the",
+        "dominant buffers by formula. `GB/s` = the bytes a fused pass must read (B(K+1)D x elem per bank)",
+        "per second; `roofline` = that over the session's copy bandwidth (meaningful on GPU).",
+        "",
+    ]
+    for fam, title in (
+        ("ops", "Ops (forward + backward)"),
+        ("methods", "Methods (one full loss step)"),
+        (
+            "integrations",
+            "Integrations (drop-ins vs the libraries' own classes; eager = the "
+            "library's class; one forward + backward step with the memory update)",
+        ),
+    ):
         groups = grouped([r for r in records if r.get("family") == fam])
         if not groups:
             continue
@@ -280,14 +324,41 @@ def markdown(benches, skipped, machine, meta, plots: List[str]) -> str:
         for g, provs in groups.items():
             for p in sorted(provs, key=_pkey):
                 r = provs[p]
-                rows.append([f"{r.get('op', '?')}{'/' + r['case'] if r.get('case') else ''}", f"{r.get('size')}",
-                             r.get("dtype", "?"), p + (f" ({r['compile_backend']})" if p == "compile" else ""),
-                             fmt_time(r.get("median")), fmt_time(r.get("iqr")), str(r.get("rounds", "-")),
-                             fmt_ratio(r.get("vs_eager")), fmt_ratio(r.get("vs_compile")),
-                             fmt_mib(r.get("peak_bytes")), fmt_mib(r.get("analytic_bytes")),
-                             "-" if r.get("GBps") is None else f"{r['GBps']:.1f}", _pct(r.get("roofline"))])
-        L += _md_table(["op/case", "size", "dtype", "provider", "time", "IQR", "rounds", "x eager", "x compile",
-                        "peak MiB", "analytic MiB", "GB/s", "roofline"], rows)
+                rows.append(
+                    [
+                        f"{r.get('op', '?')}{'/' + r['case'] if r.get('case') else ''}",
+                        f"{r.get('size')}",
+                        r.get("dtype", "?"),
+                        p + (f" ({r['compile_backend']})" if p == "compile" else ""),
+                        fmt_time(r.get("median")),
+                        fmt_time(r.get("iqr")),
+                        str(r.get("rounds", "-")),
+                        fmt_ratio(r.get("vs_eager")),
+                        fmt_ratio(r.get("vs_compile")),
+                        fmt_mib(r.get("peak_bytes")),
+                        fmt_mib(r.get("analytic_bytes")),
+                        "-" if r.get("GBps") is None else f"{r['GBps']:.1f}",
+                        _pct(r.get("roofline")),
+                    ]
+                )
+        L += _md_table(
+            [
+                "op/case",
+                "size",
+                "dtype",
+                "provider",
+                "time",
+                "IQR",
+                "rounds",
+                "x eager",
+                "x compile",
+                "peak MiB",
+                "analytic MiB",
+                "GB/s",
+                "roofline",
+            ],
+            rows,
+        )
         L.append("")
         dims = OrderedDict()
         for r in records:
@@ -296,25 +367,59 @@ def markdown(benches, skipped, machine, meta, plots: List[str]) -> str:
         L += ["Sizes: " + "; ".join(f"`{k}`: {v}" for k, v in dims.items()), ""]
     fits = scaling_fits(records)
     if fits:
-        L += ["## Scaling (sampled NCE, one bank, forward + backward)", "",
-              "Claims checked here: fused time grows linearly in B*K (exponent ~ 1, linear R^2 ~ 1);",
-              "fused transient memory is flat in K (slope ~ 0 bytes per gathered index, vs >= 4D for",
-              "eager's gather).", ""]
-        rows = [[f["axis"], f["dtype"], f["provider"], str(f["points"]),
-                 "-" if f["time_exponent"] is None else f"{f['time_exponent']:.2f}",
-                 "-" if f["time_r2"] is None else f"{f['time_r2']:.3f}",
-                 "-" if f["ns_per_index"] is None else f"{f['ns_per_index']:.2f}",
-                 "-" if f["mem_bytes_per_index"] is None else f"{f['mem_bytes_per_index']:.1f}",
-                 f"{fmt_mib(f['mem_min'])} .. {fmt_mib(f['mem_max'])}"] for f in fits]
-        L += _md_table(["sweep", "dtype", "provider", "points", "time exponent in B*K", "linear R^2",
-                        "ns per index", "mem bytes per index", "peak MiB range"], rows)
+        L += [
+            "## Scaling (sampled NCE, one bank, forward + backward)",
+            "",
+            "Claims checked here: fused time grows linearly in B*K (exponent ~ 1, linear R^2 ~ 1);",
+            "fused transient memory is flat in K (slope ~ 0 bytes per gathered index, vs >= 4D for",
+            "eager's gather).",
+            "",
+        ]
+        rows = [
+            [
+                f["axis"],
+                f["dtype"],
+                f["provider"],
+                str(f["points"]),
+                "-" if f["time_exponent"] is None else f"{f['time_exponent']:.2f}",
+                "-" if f["time_r2"] is None else f"{f['time_r2']:.3f}",
+                "-" if f["ns_per_index"] is None else f"{f['ns_per_index']:.2f}",
+                "-" if f["mem_bytes_per_index"] is None else f"{f['mem_bytes_per_index']:.1f}",
+                f"{fmt_mib(f['mem_min'])} .. {fmt_mib(f['mem_max'])}",
+            ]
+            for f in fits
+        ]
+        L += _md_table(
+            [
+                "sweep",
+                "dtype",
+                "provider",
+                "points",
+                "time exponent in B*K",
+                "linear R^2",
+                "ns per index",
+                "mem bytes per index",
+                "peak MiB range",
+            ],
+            rows,
+        )
         L.append("")
         series = scaling_series(records)
         rows = []
         for (axis, dtype, prov), pts in sorted(series.items(), key=lambda kv: (kv[0][0], kv[0][1], _pkey(kv[0][2]))):
             for v, r in pts:
-                rows.append([axis, str(v), dtype, prov, f"B={r['B']} K={r['K']}", fmt_time(r["median"]),
-                             fmt_mib(r.get("peak_bytes")), fmt_mib(r.get("analytic_bytes"))])
+                rows.append(
+                    [
+                        axis,
+                        str(v),
+                        dtype,
+                        prov,
+                        f"B={r['B']} K={r['K']}",
+                        fmt_time(r["median"]),
+                        fmt_mib(r.get("peak_bytes")),
+                        fmt_mib(r.get("analytic_bytes")),
+                    ]
+                )
         L += ["<details><summary>sweep points</summary>", ""]
         L += _md_table(["sweep", "value", "dtype", "provider", "shape", "time", "peak MiB", "analytic MiB"], rows)
         L += ["", "</details>", ""]
@@ -338,9 +443,14 @@ def plot_scaling(records: List[dict], out: str) -> List[str]:
     series = scaling_series(records)
     written = []
     for axis in ("K", "B"):
-        for metric, ylabel, get in (("time", "median time per step (s)", lambda r: r["median"]),
-                                    ("memory", "peak transient memory (MiB)",
-                                     lambda r: None if r.get("peak_bytes") is None else r["peak_bytes"] / MiB)):
+        for metric, ylabel, get in (
+            ("time", "median time per step (s)", lambda r: r["median"]),
+            (
+                "memory",
+                "peak transient memory (MiB)",
+                lambda r: None if r.get("peak_bytes") is None else r["peak_bytes"] / MiB,
+            ),
+        ):
             keys = [k for k in series if k[0] == axis]
             if not keys:
                 continue
@@ -350,8 +460,13 @@ def plot_scaling(records: List[dict], out: str) -> List[str]:
                 for k in sorted((k for k in keys if k[1] == dt), key=lambda k: _pkey(k[2])):
                     pts = [(v, get(r)) for v, r in series[k] if get(r) is not None]
                     if pts:
-                        ax.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], marker="o", label=k[2],
-                                color=COLORS.get(k[2]))
+                        ax.plot(
+                            [p[0] for p in pts],
+                            [max(p[1], 1e-6) for p in pts],
+                            marker="o",
+                            label=k[2],
+                            color=COLORS.get(k[2]),
+                        )
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel(axis)
@@ -398,9 +513,35 @@ def plot_speedup(records: List[dict], out: str) -> List[str]:
 
 
 def write_csv(records: List[dict], path: str) -> None:
-    cols = ["family", "op", "case", "size", "dtype", "provider", "median", "iqr", "min", "rounds", "vs_eager",
-            "vs_compile", "peak_bytes", "analytic_bytes", "bytes_read", "GBps", "roofline", "copy_bw_GBps",
-            "N", "B", "K", "M", "D", "device_name", "size_set", "compile_backend", "compile_s"]
+    cols = [
+        "family",
+        "op",
+        "case",
+        "size",
+        "dtype",
+        "provider",
+        "median",
+        "iqr",
+        "min",
+        "rounds",
+        "vs_eager",
+        "vs_compile",
+        "peak_bytes",
+        "analytic_bytes",
+        "bytes_read",
+        "GBps",
+        "roofline",
+        "copy_bw_GBps",
+        "N",
+        "B",
+        "K",
+        "M",
+        "D",
+        "device_name",
+        "size_set",
+        "compile_backend",
+        "compile_s",
+    ]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -433,8 +574,9 @@ def main(argv=None):
     if not args.quiet:
         benches, skipped, machine, _ = load(args.json)
         info = (machine or {}).get("dcdkernels", {})
-        for line in summary_lines(benches, skipped, size_set=info.get("size_set", "?"),
-                                  device=info.get("device_name", "?")):
+        for line in summary_lines(
+            benches, skipped, size_set=info.get("size_set", "?"), device=info.get("device_name", "?")
+        ):
             print(line)
         print(f"\nwrote {path}")
     return 0

@@ -11,6 +11,7 @@
 The set is chosen by ``--bench-sizes`` / ``DCDK_BENCH_SIZES`` (see ``benchmarks/conftest.py``).
 Every size is a frozen dataclass; its ``id`` appears in test ids, groups and the report.
 """
+
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
@@ -20,6 +21,7 @@ SIZE_SETS = ("smoke", "cpu", "gpu")
 @dataclass(frozen=True)
 class Sampled:
     """Gather ops (sampled_contrast, dual_sampled_contrast): B anchors, K+1 rows of an (N, D) bank."""
+
     id: str
     N: int
     B: int
@@ -37,6 +39,7 @@ class Sampled:
 @dataclass(frozen=True)
 class Dense:
     """Dense op: B anchors against M keys of dim D (queue, class centres, in-batch)."""
+
     id: str
     B: int
     M: int
@@ -52,6 +55,7 @@ class Dense:
 @dataclass(frozen=True)
 class Update:
     """Momentum bank update: B rows of an (N, D) bank."""
+
     id: str
     N: int
     B: int
@@ -69,6 +73,7 @@ class Method:
     backbone feature sizes fed to the heads; ``M, hidden, pred`` CoCoRD's queue and MLP sizes;
     ``classes`` PCKD's number of category centres.
     """
+
     id: str
     B: int
     N: int = 0
@@ -88,6 +93,7 @@ class Method:
 @dataclass(frozen=True)
 class Sweep:
     """A scaling sweep: ``base`` with ``axis`` ("K" or "B") taking each of ``values``."""
+
     base: Sampled
     axis: str
     values: Tuple[int, ...] = field(default_factory=tuple)
@@ -105,8 +111,10 @@ class Sweep:
 SAMPLED = {
     "smoke": [Sampled("smoke", N=512, B=8, K=64, D=32)],
     "cpu": [Sampled("cifar100-cpu", N=50_000, B=64, K=4_096, D=128)],
-    "gpu": [Sampled("cifar100", N=50_000, B=64, K=16_384, D=128),
-            Sampled("imagenet", N=1_281_167, B=256, K=16_384, D=128)],
+    "gpu": [
+        Sampled("cifar100", N=50_000, B=64, K=16_384, D=128),
+        Sampled("imagenet", N=1_281_167, B=256, K=16_384, D=128),
+    ],
 }
 
 # Queue with a separate positive key (MoCo, CoCoRD): keys are a buffer, no key gradient.
@@ -148,12 +156,18 @@ UPDATE = {
 
 # --- scaling sweeps (sampled NCE, one bank) --------------------------------------------------
 SWEEPS = {
-    "smoke": [Sweep(Sampled("smoke", N=512, B=8, K=64, D=32), "K", (16, 64)),
-              Sweep(Sampled("smoke", N=512, B=8, K=64, D=32), "B", (4, 8))],
-    "cpu": [Sweep(Sampled("cpu", N=50_000, B=64, K=4_096, D=128), "K", (256, 1_024, 4_096, 16_384)),
-            Sweep(Sampled("cpu", N=50_000, B=64, K=4_096, D=128), "B", (16, 32, 64, 128))],
-    "gpu": [Sweep(Sampled("imagenet", N=1_281_167, B=256, K=16_384, D=128), "K", (1_024, 4_096, 16_384, 65_536)),
-            Sweep(Sampled("imagenet", N=1_281_167, B=256, K=16_384, D=128), "B", (64, 128, 256, 512, 1_024))],
+    "smoke": [
+        Sweep(Sampled("smoke", N=512, B=8, K=64, D=32), "K", (16, 64)),
+        Sweep(Sampled("smoke", N=512, B=8, K=64, D=32), "B", (4, 8)),
+    ],
+    "cpu": [
+        Sweep(Sampled("cpu", N=50_000, B=64, K=4_096, D=128), "K", (256, 1_024, 4_096, 16_384)),
+        Sweep(Sampled("cpu", N=50_000, B=64, K=4_096, D=128), "B", (16, 32, 64, 128)),
+    ],
+    "gpu": [
+        Sweep(Sampled("imagenet", N=1_281_167, B=256, K=16_384, D=128), "K", (1_024, 4_096, 16_384, 65_536)),
+        Sweep(Sampled("imagenet", N=1_281_167, B=256, K=16_384, D=128), "B", (64, 128, 256, 512, 1_024)),
+    ],
 }
 
 # --- method sizes ----------------------------------------------------------------------------
@@ -161,8 +175,10 @@ METHODS = {
     "crd": {  # CRDLoss: dual-bank NCE + bank update; also DCD's memory form
         "smoke": [Method("smoke", B=8, N=512, K=64, feat=32, s_dim=16, t_dim=24)],
         "cpu": [Method("cifar100-cpu", B=64, N=50_000, K=4_096, s_dim=256, t_dim=256)],
-        "gpu": [Method("cifar100", B=64, N=50_000, K=16_384, s_dim=256, t_dim=256),
-                Method("imagenet", B=256, N=1_281_167, K=16_384, s_dim=512, t_dim=512)],
+        "gpu": [
+            Method("cifar100", B=64, N=50_000, K=16_384, s_dim=256, t_dim=256),
+            Method("imagenet", B=256, N=1_281_167, K=16_384, s_dim=512, t_dim=512),
+        ],
     },
     "inbatch": {  # DCD / ICD official in-batch form: (B, B) logits
         "smoke": [Method("smoke", B=8, feat=32, s_dim=16, t_dim=24)],
@@ -177,8 +193,10 @@ METHODS = {
     "pckd": {
         "smoke": [Method("smoke", B=8, classes=10, s_dim=16, t_dim=24)],
         "cpu": [Method("cifar100-cpu", B=64, classes=100, s_dim=256, t_dim=256)],
-        "gpu": [Method("cifar100", B=64, classes=100, s_dim=256, t_dim=256),
-                Method("imagenet", B=256, classes=1_000, s_dim=512, t_dim=512)],
+        "gpu": [
+            Method("cifar100", B=64, classes=100, s_dim=256, t_dim=256),
+            Method("imagenet", B=256, classes=1_000, s_dim=512, t_dim=512),
+        ],
     },
 }
 

@@ -22,6 +22,7 @@ program has issued before it must wait. Triton gather programs load a whole
 of the Triton gathers hold ``PROGRAMS_PER_SM`` (4) programs per SM, so resident programs are
 ``min(occupancy, 4)``.
 """
+
 import argparse
 import json
 import math
@@ -44,17 +45,22 @@ LATENCY_S = 700e-9
 FLOOR_BYTES = HBM_BYTES_PER_S * LATENCY_S / SMS  # 24.9 KiB
 GATHER_PROGRAMS_PER_SM = 4  # dcdkernels/triton/_common.py PROGRAMS_PER_SM
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
-GATHER_KERNELS = {"_sampled_contrast_partial_kernel": ("bank_ptr",),
-                  "_dual_sampled_contrast_partial_kernel": ("bank_s_ptr", "bank_t_ptr")}
+GATHER_KERNELS = {
+    "_sampled_contrast_partial_kernel": ("bank_ptr",),
+    "_dual_sampled_contrast_partial_kernel": ("bank_s_ptr", "bank_t_ptr"),
+}
 HEADLINE = dict(B=(64, 256), K=16384, M=65536, D=(128, 2048))
 
 
 def occupancy(registers, warps, shared):
     """Resident blocks per SM (and the limiting resource)."""
     regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
-    limits = {"warps": MAX_WARPS // warps, "blocks": MAX_BLOCKS,
-              "registers": REGS_PER_SM // (regs_per_warp * warps),
-              "shared": SMEM_PER_SM // (shared + SMEM_RESERVED)}
+    limits = {
+        "warps": MAX_WARPS // warps,
+        "blocks": MAX_BLOCKS,
+        "registers": REGS_PER_SM // (regs_per_warp * warps),
+        "shared": SMEM_PER_SM // (shared + SMEM_RESERVED),
+    }
     limiter = min(limits, key=limits.get)
     return limits[limiter], limiter
 
@@ -94,12 +100,15 @@ def _demangle(name):
 def c_kernels(so_path=None):
     """[(kernel, registers, stack, shared, local_ops)] of every kernel in the CUDA build of _C."""
     from dcdkernels.triton.aot import _tools
+
     if so_path is None:
         import dcdkernels._C as C
+
         so_path = C.__file__
     tools = _tools()
-    res = subprocess.run([tools["cuobjdump"], "--dump-resource-usage", so_path], capture_output=True, text=True,
-                         check=True).stdout
+    res = subprocess.run(
+        [tools["cuobjdump"], "--dump-resource-usage", so_path], capture_output=True, text=True, check=True
+    ).stdout
     sass = subprocess.run([tools["cuobjdump"], "-sass", so_path], capture_output=True, text=True, check=True).stdout
     local = {}
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
@@ -113,16 +122,30 @@ def c_kernels(so_path=None):
         reg = int(re.search(r"REG:(\d+)", body).group(1))
         stack = int(re.search(r"STACK:(\d+)", body).group(1))
         shared = int(re.search(r"SHARED:(\d+)", body).group(1))
-        out.append({"kernel": _demangle(name), "mangled": name, "registers": reg, "stack": stack, "shared": shared,
-                    "local_ops": local.get(name, 0)})
+        out.append(
+            {
+                "kernel": _demangle(name),
+                "mangled": name,
+                "registers": reg,
+                "stack": stack,
+                "shared": shared,
+                "local_ops": local.get(name, 0),
+            }
+        )
     return out
 
 
 # Threads per block of each _C kernel (from its launch: csrc/cuda/*.cu); the gathers' layout
 # picks 128 threads while a row fits a warp (D <= 32 NV V) and D/(NV V) up to 256 beyond.
-C_THREADS = {"bank_update_kernel": 128, "dense_keys_grad_kernel": 256, "dense_partials_kernel": 256,
-             "merge_partials_kernel": 256, "dual_merge_kernel": 256, "dual_partials_kernel": 128,
-             "sampled_partials_kernel": 128}
+C_THREADS = {
+    "bank_update_kernel": 128,
+    "dense_keys_grad_kernel": 256,
+    "dense_partials_kernel": 256,
+    "merge_partials_kernel": 256,
+    "dual_merge_kernel": 256,
+    "dual_partials_kernel": 128,
+    "sampled_partials_kernel": 128,
+}
 
 
 def c_gather_in_flight(k):
@@ -155,8 +178,9 @@ def headline_grids(launches):
         op, d = call
         if d.get("D") not in HEADLINE["D"] or d.get("B") not in HEADLINE["B"]:
             continue
-        if op in ("sampled_contrast", "dual_sampled_contrast") and (d.get("K") != HEADLINE["K"] or d["loss"] != 1
-                                                                    or not d["grad"] or d["sampled"]):
+        if op in ("sampled_contrast", "dual_sampled_contrast") and (
+            d.get("K") != HEADLINE["K"] or d["loss"] != 1 or not d["grad"] or d["sampled"]
+        ):
             continue
         if op == "dense_contrast" and (d.get("M") != HEADLINE["M"] or not d["grad"] or d["bias"]):
             continue
@@ -192,89 +216,131 @@ def cuda_headline_grids():
 
 
 def render(results, errors, launches, c_rows):
-    lines = ["# Static resources and latency hiding of the GPU kernels", "",
-             "Regenerate: `python -m benchmarks.static_resources --triton36 .cache/triton36` (5-15 min on 2 "
-             "cores, less with a warm Triton cache; `.ci/run` installs triton 3.6 there). No GPU is needed: Triton kernels are compiled ahead of time "
-             "from the launchers' own configurations (`dcdkernels/triton/aot.py`), `_C` is read with cuobjdump.",
-             "", "Model (H100/H200 SXM, sm_90): 132 SMs, 64K registers, 64 warps, 32 blocks, 228 KB shared memory "
-             "per SM. Little's law floor for a memory-bound gather: "
-             f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s x {LATENCY_S * 1e9:.0f} ns / {SMS} SMs = "
-             f"**{FLOOR_BYTES / 1024:.1f} KiB in flight per SM** (H100 SXM at 3.35 TB/s: "
-             f"{3.35e12 * LATENCY_S / SMS / 1024:.1f} KiB).", ""]
+    lines = [
+        "# Static resources and latency hiding of the GPU kernels",
+        "",
+        "Regenerate: `python -m benchmarks.static_resources --triton36 .cache/triton36` (5-15 min on 2 "
+        "cores, less with a warm Triton cache; `.ci/run` installs triton 3.6 there). "
+        "No GPU is needed: Triton kernels are compiled ahead of time "
+        "from the launchers' own configurations (`dcdkernels/triton/aot.py`), `_C` is read with cuobjdump.",
+        "",
+        "Model (H100/H200 SXM, sm_90): 132 SMs, 64K registers, 64 warps, 32 blocks, 228 KB shared memory "
+        "per SM. Little's law floor for a memory-bound gather: "
+        f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s x {LATENCY_S * 1e9:.0f} ns / {SMS} SMs = "
+        f"**{FLOOR_BYTES / 1024:.1f} KiB in flight per SM** (H100 SXM at 3.35 TB/s: "
+        f"{3.35e12 * LATENCY_S / SMS / 1024:.1f} KiB).",
+        "",
+    ]
     spills = [r for r in results if r["spill_stores"] or r["spill_loads"]]
     low = []
     for r in results:
         f = triton_gather_in_flight(r) if r["arch"] == 90 else None
         if f and f[2] in HEADLINE["D"] and f[0] < FLOOR_BYTES:
-            low.append(f"{r['triton']}: {r['registers']} regs, {f[0] / 1024:.1f} KiB/SM: `{r['variant'].split(';')[0]}]`")
-    lines += ["## Summary", "",
-              f"- Triton: {len(results)} cubins ({len({r['variant'] for r in results})} configurations x sm_90/sm_80 x "
-              f"triton {', '.join(sorted({r['triton'] for r in results}))}), {len(errors)} compile errors, "
-              f"{len(spills)} with spills:"]
-    lines += [f"  - {r['triton']} sm_{r['arch']}: {r['spill_stores']} spill store(s), {r['stack']} B stack, "
-              f"`{r['variant'].split(';')[0]}]`" for r in spills]
-    lines += ["- Gathers below the floor at the headline D (128, 2,048):" if low else
-              "- Every gather is at or above the floor at the headline D."]
+            low.append(
+                f"{r['triton']}: {r['registers']} regs, {f[0] / 1024:.1f} KiB/SM: `{r['variant'].split(';')[0]}]`"
+            )
+    lines += [
+        "## Summary",
+        "",
+        f"- Triton: {len(results)} cubins ({len({r['variant'] for r in results})} configurations x sm_90/sm_80 x "
+        f"triton {', '.join(sorted({r['triton'] for r in results}))}), {len(errors)} compile errors, "
+        f"{len(spills)} with spills:",
+    ]
+    lines += [
+        f"  - {r['triton']} sm_{r['arch']}: {r['spill_stores']} spill store(s), {r['stack']} B stack, "
+        f"`{r['variant'].split(';')[0]}]`"
+        for r in spills
+    ]
+    lines += [
+        "- Gathers below the floor at the headline D (128, 2,048):"
+        if low
+        else "- Every gather is at or above the floor at the headline D."
+    ]
     lines += [f"  - {x}" for x in low]
     if low:
-        lines.append("  The dual partial keeps two banks' rows per column and 150-220 registers per thread: 1-2 "
-                     "programs per SM. Not fixed here (the dual kernels are reworked on another branch); the fix "
-                     "is a larger tile per program without more registers per thread (e.g. the anchors' dots "
-                     "for both directions from one load).")
+        lines.append(
+            "  The dual partial keeps two banks' rows per column and 150-220 registers per thread: 1-2 "
+            "programs per SM. Not fixed here (the dual kernels are reworked on another branch); the fix "
+            "is a larger tile per program without more registers per thread (e.g. the anchors' dots "
+            "for both directions from one load)."
+        )
     lines += [""]
-    lines += [f"## Triton ({len(results)} cubins, {len(errors)} compile errors, {len(spills)} with spills)", "",
-              "| triton | arch | kernel and configuration | regs | spill st/ld | stack | smem | blocks/SM (limit) | "
-              "in flight/SM |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"## Triton ({len(results)} cubins, {len(errors)} compile errors, {len(spills)} with spills)",
+        "",
+        "| triton | arch | kernel and configuration | regs | spill st/ld | stack | smem | blocks/SM (limit) | "
+        "in flight/SM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["kernel"], r["triton"], r["arch"], r["variant"])):
         blocks, limiter = occupancy(r["registers"], r["num_warps"], r["shared"])
         inflight = triton_gather_in_flight(r) if r["arch"] == 90 else None
         fl = f"{inflight[0] / 1024:.1f} KB" if inflight else ""
-        lines.append(f"| {r['triton']} | sm_{r['arch']} | `{r['variant']}` | {r['registers']} | "
-                     f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared']} | {blocks} ({limiter}) | "
-                     f"{fl} |")
+        lines.append(
+            f"| {r['triton']} | sm_{r['arch']} | `{r['variant']}` | {r['registers']} | "
+            f"{r['spill_stores']}/{r['spill_loads']} | {r['stack']} | {r['shared']} | {blocks} ({limiter}) | "
+            f"{fl} |"
+        )
     for e in errors:
         lines.append(f"- COMPILE ERROR: {e}")
     if c_rows:
-        lines += ["", f"## dcdkernels._C ({len(c_rows)} kernels, sm_90 SASS)", "",
-                  "| kernel | regs | local ld/st | stack | smem (static) | threads | blocks/SM (limit) | in flight/SM |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## dcdkernels._C ({len(c_rows)} kernels, sm_90 SASS)",
+            "",
+            "| kernel | regs | local ld/st | stack | smem (static) | threads | blocks/SM (limit) | in flight/SM |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for k in c_rows:
             threads = C_THREADS.get(k["kernel"].split("<")[0], 256)
             blocks, limiter = occupancy(k["registers"], threads // 32, k["shared"])
             g = c_gather_in_flight(k)
             fl = "; ".join(f"{t} thr: {b} blk, {v / 1024:.0f} KB" for t, b, v in g) if g else ""
-            lines.append(f"| `{k['kernel']}` | {k['registers']} | {k['local_ops']} | {k['stack']} | {k['shared']} | "
-                         f"{threads} | {blocks} ({limiter}) | {fl} |")
+            lines.append(
+                f"| `{k['kernel']}` | {k['registers']} | {k['local_ops']} | {k['stack']} | {k['shared']} | "
+                f"{threads} | {blocks} ({limiter}) | {fl} |"
+            )
     grids = headline_grids(launches) + cuda_headline_grids()
-    lines += ["", "## Grids at the headline sizes (K = 16,384, M = 65,536; NCE with gradients; fp32)", "",
-              "| op | kernel | B | D | grid | programs | per SM |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Grids at the headline sizes (K = 16,384, M = 65,536; NCE with gradients; fp32)",
+        "",
+        "| op | kernel | B | D | grid | programs | per SM |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for op, kernel, B, D, grid, programs, per_sm in grids:
         lines.append(f"| {op} | `{kernel}` | {B} | {D} | {grid} | {programs} | {per_sm:.2f} |")
-    lines += ["", "## Findings and justifications", "",
-              "- **Dense forward (Triton)**: the grid was `cdiv(B, BLOCK_M) x cdiv(D, 128)`, 4 programs at B = 64 "
-              "and D = 128. It now splits the keys (flash-decoding: `plan_key_splits` targets 2 programs per SM, "
-              "at least 4 key tiles per split) and merges the partials in split order (deterministic); see the "
-              "grids above.",
-              "- **Merge kernels** (sampled, dual, dense) are one program per anchor block with a serial loop over "
-              "chunks: at B = 64 they fill 0.48 of the SMs. They read B x chunks x D fp32 partials (B = 64, "
-              "9 chunks, D = 128: 0.3 MB, under a microsecond of HBM time): a latency-bound tail after the "
-              "gather, not worth a second split. Kept.",
-              "- **Bank update**: one program per updated row (B = 64: 0.48 per SM) moving 2 B D elements (64 KB at "
-              "D = 128): launch-latency bound whatever the grid. Kept.",
-              "- **CUDA dense kernels** run on fp32 FMA cores. `auto` keeps choosing CUDA for CUDA tensors: with fp32 "
-              "anchors (the default of every loss here) the Triton kernels also run their dots in full fp32 "
-              "(`input_precision=\"ieee\"`, no TF32), so neither has tensor cores; Triton uses them only when "
-              "anchors and keys share a 16-bit dtype. No GPU has timed the two side by side yet: "
-              "`python -m benchmarks.gpu_check` does (`dense_contrast` rows, `cuda` vs `triton`); route `auto` "
-              "by that measurement, not before.",
-              "- **CUDA gathers** (`sampled_partials_kernel<float, 8>` at 164 registers, the dual partials at "
-              "142-158): 1-3 blocks per SM, but each thread issues R x NV 16-byte loads per step "
-              "(128 B/thread at NV = 8), so 32-64 KiB are in flight per SM, above the floor: kept.", ""]
+    lines += [
+        "",
+        "## Findings and justifications",
+        "",
+        "- **Dense forward (Triton)**: the grid was `cdiv(B, BLOCK_M) x cdiv(D, 128)`, 4 programs at B = 64 "
+        "and D = 128. It now splits the keys (flash-decoding: `plan_key_splits` targets 2 programs per SM, "
+        "at least 4 key tiles per split) and merges the partials in split order (deterministic); see the "
+        "grids above.",
+        "- **Merge kernels** (sampled, dual, dense) are one program per anchor block with a serial loop over "
+        "chunks: at B = 64 they fill 0.48 of the SMs. They read B x chunks x D fp32 partials (B = 64, "
+        "9 chunks, D = 128: 0.3 MB, under a microsecond of HBM time): a latency-bound tail after the "
+        "gather, not worth a second split. Kept.",
+        "- **Bank update**: one program per updated row (B = 64: 0.48 per SM) moving 2 B D elements (64 KB at "
+        "D = 128): launch-latency bound whatever the grid. Kept.",
+        "- **CUDA dense kernels** run on fp32 FMA cores. `auto` keeps choosing CUDA for CUDA tensors: with fp32 "
+        "anchors (the default of every loss here) the Triton kernels also run their dots in full fp32 "
+        '(`input_precision="ieee"`, no TF32), so neither has tensor cores; Triton uses them only when '
+        "anchors and keys share a 16-bit dtype. No GPU has timed the two side by side yet: "
+        "`python -m benchmarks.gpu_check` does (`dense_contrast` rows, `cuda` vs `triton`); route `auto` "
+        "by that measurement, not before.",
+        "- **CUDA gathers** (`sampled_partials_kernel<float, 8>` at 164 registers, the dual partials at "
+        "142-158): 1-3 blocks per SM, but each thread issues R x NV 16-byte loads per step "
+        "(128 B/thread at NV = 8), so 32-64 KiB are in flight per SM, above the floor: kept.",
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def collect(triton36=None, jobs=1, archs=("90", "80"), launches=None):
     from dcdkernels.triton import aot
+
     if launches is None:
         launches = aot.record()
     vs = aot.select(launches)
@@ -295,8 +361,12 @@ def main(argv=None):
     ap.add_argument("--triton36", help="directory holding triton 3.6 (pip install --target DIR triton==3.6.0)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--launches", help="recorded launches JSON (python -m dcdkernels.triton.aot --save-launches)")
-    ap.add_argument("--from-results", nargs="+", help="compile results JSON (python -m dcdkernels.triton.aot "
-                    "--results) to report instead of compiling; needs --launches")
+    ap.add_argument(
+        "--from-results",
+        nargs="+",
+        help="compile results JSON (python -m dcdkernels.triton.aot "
+        "--results) to report instead of compiling; needs --launches",
+    )
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     launches = None

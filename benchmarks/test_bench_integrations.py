@@ -10,6 +10,7 @@ step each (forward, backward to the embeddings, the memory write), with the memo
 A provider is skipped when its library is not installed. The tests in
 ``python_tests/test_integration_memory_losses.py`` check that both compute the same thing.
 """
+
 import os
 
 import pytest
@@ -39,8 +40,10 @@ def _inputs(size, case):
 
 def _full_memory(size):
     g = torch.Generator().manual_seed(1)
-    return (F.normalize(torch.randn(size.M, size.D, generator=g), dim=1).to(CFG.device),
-            torch.randint(0, size.M, (size.M,), generator=g).to(CFG.device))
+    return (
+        F.normalize(torch.randn(size.M, size.D, generator=g), dim=1).to(CFG.device),
+        torch.randint(0, size.M, (size.M,), generator=g).to(CFG.device),
+    )
 
 
 def _skip_if_pml_ntxent_too_big(size, batch_labels, memory_labels):
@@ -51,13 +54,20 @@ def _skip_if_pml_ntxent_too_big(size, batch_labels, memory_labels):
     need = 3 * 4 * pos * neg  # n_per_p, neg_pairs * n_per_p, exp(...): float32 each
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > ram // 2:
-        pytest.skip(f"eager: pytorch-metric-learning's NTXentLoss in CrossBatchMemory builds (positive pairs x "
-                    f"negative pairs) = ({pos} x {neg}) float32 masks, ~{need / 2**30:.0f} GiB; this machine has "
-                    f"{ram / 2**30:.0f} GiB")
+        pytest.skip(
+            f"eager: pytorch-metric-learning's NTXentLoss in CrossBatchMemory builds (positive pairs x "
+            f"negative pairs) = ({pos} x {neg}) float32 masks, ~{need / 2**30:.0f} GiB; this machine has "
+            f"{ram / 2**30:.0f} GiB"
+        )
 
 
-@pytest.mark.bench(table=S.INTEGRATIONS, ops=["dense_contrast"], cases=CASES,
-                   dtypes=["fp32"], providers=["eager", "cpu", "triton", "cuda"])
+@pytest.mark.bench(
+    table=S.INTEGRATIONS,
+    ops=["dense_contrast"],
+    cases=CASES,
+    dtypes=["fp32"],
+    providers=["eager", "cpu", "triton", "cuda"],
+)
 def test_integration(bench, case, size, dtype, provider):
     T = 0.2 if case.startswith("lightly") else 0.1
     x, y = _inputs(size, case)
@@ -88,8 +98,21 @@ def test_integration(bench, case, size, dtype, provider):
 
         def fn():
             return loss(x, y)
+
     analytic = {"eager": (3 * size.B * size.M * 4, "~3 (B, M) fp32 similarity / logits / mask buffers (+ bank clone)")}
-    nbytes, note = analytic.get(provider, (size.B * size.D * 4 + size.B * size.B * 4 * 3,
-                                           "fused: (B, D) anchor gradient + (B, B) in-batch part"))
-    bench.run(grad_step(fn, [x]), family="integrations", op="integration", case=case, size=size, dtype=dtype,
-              provider=provider, bytes_read=size.keys_bytes(4), analytic_bytes=nbytes, analytic_note=note)
+    nbytes, note = analytic.get(
+        provider,
+        (size.B * size.D * 4 + size.B * size.B * 4 * 3, "fused: (B, D) anchor gradient + (B, B) in-batch part"),
+    )
+    bench.run(
+        grad_step(fn, [x]),
+        family="integrations",
+        op="integration",
+        case=case,
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=size.keys_bytes(4),
+        analytic_bytes=nbytes,
+        analytic_note=note,
+    )

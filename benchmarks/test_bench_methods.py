@@ -11,6 +11,7 @@ parameter where the method has a bank or a queue.
 Plain tests at the end load the eager baseline's state into the library's module (backend
 "eager") and check that both compute the same loss, so the timing compares equal work.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -21,18 +22,41 @@ from benchmarks import sizes as S
 from benchmarks.harness import CFG, DTYPES, compiled
 
 CASES = ["crd", "crd-sampler", "dcd", "icd", "dcd-memory", "cocord", "pckd"]
-_TABLE = {"crd": "crd", "crd-sampler": "crd", "dcd": "inbatch", "icd": "inbatch", "dcd-memory": "crd",
-          "cocord": "cocord", "pckd": "pckd"}
-_OPS = {"crd": ["dual_sampled_contrast", "bank_momentum_update_"],
-        "dcd": ["dense_contrast_reduced"],
-        "cocord": ["dense_contrast_reduced"],
-        "pckd": ["supcon_contrast"]}
+_TABLE = {
+    "crd": "crd",
+    "crd-sampler": "crd",
+    "dcd": "inbatch",
+    "icd": "inbatch",
+    "dcd-memory": "crd",
+    "cocord": "cocord",
+    "pckd": "pckd",
+}
+_OPS = {
+    "crd": ["dual_sampled_contrast", "bank_momentum_update_"],
+    "dcd": ["dense_contrast_reduced"],
+    "cocord": ["dense_contrast_reduced"],
+    "pckd": ["supcon_contrast"],
+}
 _OPS["crd-sampler"] = _OPS["dcd-memory"] = _OPS["crd"]
 _OPS["icd"] = _OPS["dcd"]
-_NAMES = {"crd": "CRDLoss", "crd-sampler": "CRDLoss", "dcd": "DCDLoss", "icd": "ICDLoss", "dcd-memory": "DCDLoss",
-          "cocord": "CoCoRDLoss", "pckd": "PCKDLoss"}
-_CASE_LABEL = {"crd": "idx", "crd-sampler": "sampler", "dcd": "in-batch", "icd": "in-batch", "dcd-memory": "memory",
-               "cocord": "", "pckd": ""}
+_NAMES = {
+    "crd": "CRDLoss",
+    "crd-sampler": "CRDLoss",
+    "dcd": "DCDLoss",
+    "icd": "ICDLoss",
+    "dcd-memory": "DCDLoss",
+    "cocord": "CoCoRDLoss",
+    "pckd": "PCKDLoss",
+}
+_CASE_LABEL = {
+    "crd": "idx",
+    "crd-sampler": "sampler",
+    "dcd": "in-batch",
+    "icd": "in-batch",
+    "dcd-memory": "memory",
+    "cocord": "",
+    "pckd": "",
+}
 
 
 def _sizes(case):
@@ -58,20 +82,45 @@ def build(case, size, dtype, provider, device=None):
         if case != "crd-sampler":
             cidx = torch.cat([idx[:, None], torch.randint(size.N, (B, size.K), device=dev)], 1)
         if case.startswith("crd"):
-            mod = (BL.RepDistillerCRD(size.s_dim, size.t_dim, size.N, size.feat, size.K, bank_dtype=dt) if eager else
-                   dcdkernels.CRDLoss(size.s_dim, size.t_dim, size.N, feat_dim=size.feat, nce_k=size.K,
-                                      backend=provider, bank_dtype=dt, seed=0))
+            mod = (
+                BL.RepDistillerCRD(size.s_dim, size.t_dim, size.N, size.feat, size.K, bank_dtype=dt)
+                if eager
+                else dcdkernels.CRDLoss(
+                    size.s_dim,
+                    size.t_dim,
+                    size.N,
+                    feat_dim=size.feat,
+                    nce_k=size.K,
+                    backend=provider,
+                    bank_dtype=dt,
+                    seed=0,
+                )
+            )
         else:
-            mod = (BL.DCDMemoryEager(size.s_dim, size.t_dim, size.N, size.feat, nce_k=size.K, bank_dtype=dt) if eager
-                   else dcdkernels.DCDLoss(size.s_dim, size.t_dim, feat_dim=size.feat, n_data=size.N, nce_k=size.K,
-                                           backend=provider, bank_dtype=dt, seed=0))
+            mod = (
+                BL.DCDMemoryEager(size.s_dim, size.t_dim, size.N, size.feat, nce_k=size.K, bank_dtype=dt)
+                if eager
+                else dcdkernels.DCDLoss(
+                    size.s_dim,
+                    size.t_dim,
+                    feat_dim=size.feat,
+                    n_data=size.N,
+                    nce_k=size.K,
+                    backend=provider,
+                    bank_dtype=dt,
+                    seed=0,
+                )
+            )
 
         def call(m):
             return m(f_s, f_t, idx, cidx)
     elif case in ("dcd", "icd"):
         cls = dcdkernels.DCDLoss if case == "dcd" else dcdkernels.ICDLoss
-        mod = BL.OfficialDCD(size.s_dim, size.t_dim, size.feat) if eager else \
-            cls(size.s_dim, size.t_dim, feat_dim=size.feat, backend=provider)
+        mod = (
+            BL.OfficialDCD(size.s_dim, size.t_dim, size.feat)
+            if eager
+            else cls(size.s_dim, size.t_dim, feat_dim=size.feat, backend=provider)
+        )
 
         def call(m):
             return m(f_s, f_t)
@@ -80,8 +129,11 @@ def build(case, size, dtype, provider, device=None):
         f_slow, f_slow2 = torch.randn(B, size.s_dim, device=dev), torch.randn(B, size.s_dim, device=dev)
         extra.append(f_s2)
         kw = dict(embed_dim=size.feat, hidden_dim=size.hidden, pred_dim=size.pred, queue_size=size.M)
-        mod = BL.OfficialCoCoRD(size.s_dim, size.t_dim, queue_dtype=dt, **kw) if eager else \
-            dcdkernels.CoCoRDLoss(size.s_dim, size.t_dim, backend=provider, queue_dtype=dt, **kw)
+        mod = (
+            BL.OfficialCoCoRD(size.s_dim, size.t_dim, queue_dtype=dt, **kw)
+            if eager
+            else dcdkernels.CoCoRDLoss(size.s_dim, size.t_dim, backend=provider, queue_dtype=dt, **kw)
+        )
 
         def call(m):
             return m(f_s, f_t, f_s2, f_slow, f_slow2)
@@ -94,8 +146,11 @@ def build(case, size, dtype, provider, device=None):
         labels = torch.randint(size.classes, (B,), device=dev)
         logit_t = fc_t(f_t).detach()
         extra += list(fc_s.parameters())
-        mod = BL.EagerPCKD(size.s_dim, size.t_dim) if eager else \
-            dcdkernels.PCKDLoss(size.s_dim, size.t_dim, backend=provider)
+        mod = (
+            BL.EagerPCKD(size.s_dim, size.t_dim)
+            if eager
+            else dcdkernels.PCKDLoss(size.s_dim, size.t_dim, backend=provider)
+        )
 
         def call(m):
             return m(f_s, f_t, fc_s(f_s), logit_t, labels, fc_s, fc_t)
@@ -104,8 +159,9 @@ def build(case, size, dtype, provider, device=None):
     return mod.to(dev).train(), call, extra
 
 
-@pytest.mark.bench(table={k: _sizes for k in S.SIZE_SETS}, ops=lambda c: _OPS[c], cases=CASES, dtypes=_dtypes,
-                   smoke_compile=False)
+@pytest.mark.bench(
+    table={k: _sizes for k in S.SIZE_SETS}, ops=lambda c: _OPS[c], cases=CASES, dtypes=_dtypes, smoke_compile=False
+)
 def test_method_step(bench, case, size, dtype, provider):
     mod, call, extra = build(case, size, dtype, provider)
     params = [p for p in mod.parameters() if p.requires_grad] + extra
@@ -117,8 +173,9 @@ def test_method_step(bench, case, size, dtype, provider):
         for p in params:
             p.grad = None
 
-    bench.run(step, family="methods", op=_NAMES[case], case=_CASE_LABEL[case], size=size, dtype=dtype,
-              provider=provider)
+    bench.run(
+        step, family="methods", op=_NAMES[case], case=_CASE_LABEL[case], size=size, dtype=dtype, provider=provider
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +185,16 @@ def _pair(case, dtype="fp32"):
     size = S.METHODS[_TABLE[case]]["smoke"][0]
     torch.manual_seed(0)
     base, call, _ = build(case, size, dtype, "eager", device=torch.device("cpu"))
-    ours = {"crd": lambda: dcdkernels.CRDLoss(size.s_dim, size.t_dim, size.N, feat_dim=size.feat, nce_k=size.K,
-                                              backend="eager", seed=0),
-            "dcd": lambda: dcdkernels.DCDLoss(size.s_dim, size.t_dim, feat_dim=size.feat, backend="eager"),
-            "dcd-memory": lambda: dcdkernels.DCDLoss(size.s_dim, size.t_dim, feat_dim=size.feat, n_data=size.N,
-                                                     nce_k=size.K, backend="eager", seed=0),
-            "pckd": lambda: dcdkernels.PCKDLoss(size.s_dim, size.t_dim, backend="eager")}[case]()
+    ours = {
+        "crd": lambda: dcdkernels.CRDLoss(
+            size.s_dim, size.t_dim, size.N, feat_dim=size.feat, nce_k=size.K, backend="eager", seed=0
+        ),
+        "dcd": lambda: dcdkernels.DCDLoss(size.s_dim, size.t_dim, feat_dim=size.feat, backend="eager"),
+        "dcd-memory": lambda: dcdkernels.DCDLoss(
+            size.s_dim, size.t_dim, feat_dim=size.feat, n_data=size.N, nce_k=size.K, backend="eager", seed=0
+        ),
+        "pckd": lambda: dcdkernels.PCKDLoss(size.s_dim, size.t_dim, backend="eager"),
+    }[case]()
     return base, ours, call
 
 
@@ -142,8 +203,13 @@ def test_method_baseline_matches_library(case):
     base, ours, call = _pair(case)
     sd = base.state_dict()
     if case == "dcd-memory":  # no official layout to remap: name the tensors by hand
-        sd = {"log_scale": sd["tau"], "bias": sd["b"], "bank_s": sd["memory_v1"], "bank_t": sd["memory_v2"],
-              **{k.replace(".linear", ""): v for k, v in sd.items() if k.startswith("embed_")}}
+        sd = {
+            "log_scale": sd["tau"],
+            "bias": sd["b"],
+            "bank_s": sd["memory_v1"],
+            "bank_t": sd["memory_v2"],
+            **{k.replace(".linear", ""): v for k, v in sd.items() if k.startswith("embed_")},
+        }
         sd["rng_state"] = ours.rng_state.clone()
     ours.load_state_dict(sd, strict=True)
     for _ in range(2):  # the second step sees the updated banks (and CRD's frozen Z)

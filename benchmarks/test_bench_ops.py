@@ -20,6 +20,7 @@ The bank dtype (fp32, bf16) is a parameter; anchors are fp32. No assertion here 
 speed is a ratio of rows of the same run (``benchmarks/report.py``). A few plain tests check
 that each baseline computes the same loss as the library's oracle, so the comparison is fair.
 """
+
 import math
 
 import pytest
@@ -72,12 +73,14 @@ def test_sampled_contrast(bench, case, size, dtype, provider):
         Z = BL.repdistiller_first_z(q.detach(), bank, idx, T)
         log_z = math.log(Z)
         if case == "nce":
+
             def eager():
                 return BL.crd_nce_sampled(q, bank, idx, T, Z)
 
             def fused():
-                return dcdkernels.sampled_contrast(q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z,
-                                                   backend=provider).mean()
+                return dcdkernels.sampled_contrast(
+                    q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
+                ).mean()
         else:
             sampler = BL.AliasMethod(size.N, CFG.device)
 
@@ -87,8 +90,19 @@ def test_sampled_contrast(bench, case, size, dtype, provider):
                 return BL.crd_nce_sampled(q, bank, draw, T, Z)
 
             def fused():
-                return dcdkernels.sampled_contrast(q, bank, pos, num_negatives=size.K, seed=1, offset=0,
-                                                   logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider).mean()
+                return dcdkernels.sampled_contrast(
+                    q,
+                    bank,
+                    pos,
+                    num_negatives=size.K,
+                    seed=1,
+                    offset=0,
+                    logit_scale=1 / T,
+                    loss="nce",
+                    log_z=log_z,
+                    backend=provider,
+                ).mean()
+
         leaves = [q]
     else:
         s = torch.tensor(1 / T, device=CFG.device, requires_grad=True)
@@ -99,12 +113,22 @@ def test_sampled_contrast(bench, case, size, dtype, provider):
 
         def fused():
             return dcdkernels.sampled_contrast(q, bank, idx, logit_scale=s, bias=b, backend=provider).mean()
+
         leaves = [q, s, b]
     fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
     nbytes, note = _analytic(provider, size, dtype)
-    bench.run(grad_step(fn, leaves), family="ops", op="sampled_contrast", case=case, size=size, dtype=dtype,
-              provider=provider, bytes_read=size.gather_bytes(ELEM[dtype]), analytic_bytes=nbytes,
-              analytic_note=note)
+    bench.run(
+        grad_step(fn, leaves),
+        family="ops",
+        op="sampled_contrast",
+        case=case,
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=size.gather_bytes(ELEM[dtype]),
+        analytic_bytes=nbytes,
+        analytic_note=note,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +145,19 @@ def test_dual_sampled_contrast(bench, case, size, dtype, provider):
             return BL.crd_nce_dual(z_s, z_t, bank_s, bank_t, idx, T, Z_s, Z_t)
 
         def fused():
-            out = dcdkernels.dual_sampled_contrast(z_s, z_t, bank_s, bank_t, idx, logit_scale=1 / T, loss="nce",
-                                                   log_z=(math.log(Z_s), math.log(Z_t)), backend=provider)
+            out = dcdkernels.dual_sampled_contrast(
+                z_s,
+                z_t,
+                bank_s,
+                bank_t,
+                idx,
+                logit_scale=1 / T,
+                loss="nce",
+                log_z=(math.log(Z_s), math.log(Z_t)),
+                backend=provider,
+            )
             return out.loss_s.mean() + out.loss_t.mean()
+
         leaves = [z_s, z_t]
     else:
         s = torch.tensor(math.e, device=CFG.device, requires_grad=True)
@@ -133,15 +167,26 @@ def test_dual_sampled_contrast(bench, case, size, dtype, provider):
             return BL.dcd_memory_dual(z_s, z_t, bank_s, bank_t, idx, s, b, 0.5)
 
         def fused():
-            out = dcdkernels.dual_sampled_contrast(z_s, z_t, bank_s, bank_t, idx, logit_scale=s, bias=b,
-                                                   loss="infonce", consistency=0.5, backend=provider)
+            out = dcdkernels.dual_sampled_contrast(
+                z_s, z_t, bank_s, bank_t, idx, logit_scale=s, bias=b, loss="infonce", consistency=0.5, backend=provider
+            )
             return out.loss_s.mean() + out.consistency.mean()
+
         leaves = [z_s, z_t, s, b]
     fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
     nbytes, note = _analytic(provider, size, dtype, banks=2, anchors=2)
-    bench.run(grad_step(fn, leaves), family="ops", op="dual_sampled_contrast", case=case, size=size, dtype=dtype,
-              provider=provider, bytes_read=2 * size.gather_bytes(ELEM[dtype]), analytic_bytes=nbytes,
-              analytic_note=note)
+    bench.run(
+        grad_step(fn, leaves),
+        family="ops",
+        op="dual_sampled_contrast",
+        case=case,
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=2 * size.gather_bytes(ELEM[dtype]),
+        analytic_bytes=nbytes,
+        analytic_note=note,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,8 +205,12 @@ def _dense_ops(case):
     return ["dense_contrast_reduced"] if case == "keys-grad" else ["dense_contrast"]
 
 
-@pytest.mark.bench(table={k: _dense_sizes for k in S.SIZE_SETS}, ops=_dense_ops, cases=["queue", "keys-grad"],
-                   providers=_dense_providers)
+@pytest.mark.bench(
+    table={k: _dense_sizes for k in S.SIZE_SETS},
+    ops=_dense_ops,
+    cases=["queue", "keys-grad"],
+    providers=_dense_providers,
+)
 def test_dense_contrast(bench, case, size, dtype, provider):
     dt, e = DTYPES[dtype], ELEM[dtype]
     q = _unit(size.B, size.D, requires_grad=True)
@@ -179,11 +228,14 @@ def test_dense_contrast(bench, case, size, dtype, provider):
 
         def fused():
             return dcdkernels.dense_contrast(q, keys, positive=k, logit_scale=1 / Tq, backend=provider).mean()
+
         leaves = [q]
         clone = size.M * size.D * (e + (4 if dtype != "fp32" else 0))
         logits = 3 * size.B * (size.M + 1) * 4
-        analytic = {"eager": (clone + logits, "MoCo: queue.clone() (+ fp32 cast) + ~3 (B, M+1) fp32 logits buffers"),
-                    "eager-lightly": (clone + logits, "lightly: bank.clone() (+ fp32 cast) + ~3 (B, M+1) fp32 logits")}
+        analytic = {
+            "eager": (clone + logits, "MoCo: queue.clone() (+ fp32 cast) + ~3 (B, M+1) fp32 logits buffers"),
+            "eager-lightly": (clone + logits, "lightly: bank.clone() (+ fp32 cast) + ~3 (B, M+1) fp32 logits"),
+        }
         analytic_fused = (size.B * size.D * 4, "fused: the (B, D) fp32 anchor gradient only")
         bytes_read = size.keys_bytes(e)
     else:
@@ -194,14 +246,17 @@ def test_dense_contrast(bench, case, size, dtype, provider):
 
         def eager():
             return BL.dense_ce(q, keys, target, s, b)
+
         eager_lightly = None
 
         def fused():
-            return dcdkernels.dense_contrast(q, keys, target, logit_scale=s, bias=b, reduction="mean",
-                                             backend=provider)
+            return dcdkernels.dense_contrast(q, keys, target, logit_scale=s, bias=b, reduction="mean", backend=provider)
+
         leaves = [q, keys, s, b]
         grads = (size.B + size.M) * size.D * 4
-        analytic = {"eager": (3 * size.B * size.M * 4 + grads, "~3 (B, M) fp32 logits buffers + fp32 grads of q and keys")}
+        analytic = {
+            "eager": (3 * size.B * size.M * 4 + grads, "~3 (B, M) fp32 logits buffers + fp32 grads of q and keys")
+        }
         analytic_fused = (grads, "fused: fp32 grads of q and keys only")
         bytes_read = 2 * size.keys_bytes(e)  # keys are read in the forward and in the key-gradient pass
     fns = {"eager": eager, "eager-lightly": eager_lightly}
@@ -210,8 +265,18 @@ def test_dense_contrast(bench, case, size, dtype, provider):
     else:
         fn = fns.get(provider, fused)
     nbytes, note = analytic.get(provider, analytic_fused if provider in ("cpu", "triton", "cuda") else (None, ""))
-    bench.run(grad_step(fn, leaves), family="ops", op="dense_contrast", case=case, size=size, dtype=dtype,
-              provider=provider, bytes_read=bytes_read, analytic_bytes=nbytes, analytic_note=note)
+    bench.run(
+        grad_step(fn, leaves),
+        family="ops",
+        op="dense_contrast",
+        case=case,
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=bytes_read,
+        analytic_bytes=nbytes,
+        analytic_note=note,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +290,12 @@ def _pml_supcon():
     return SupConLoss
 
 
-@pytest.mark.bench(table=S.SUPCON, ops=["supcon_contrast"], dtypes=["fp32"],
-                   providers=("eager", "eager-pml", "compile", "cpu", "triton", "cuda"))
+@pytest.mark.bench(
+    table=S.SUPCON,
+    ops=["supcon_contrast"],
+    dtypes=["fp32"],
+    providers=("eager", "eager-pml", "compile", "cpu", "triton", "cuda"),
+)
 def test_supcon_contrast(bench, case, size, dtype, provider):
     g = torch.Generator(device="cpu").manual_seed(0)
     labels = torch.randint(S.SUPCON_CLASSES, (size.B,), generator=g).to(CFG.device)
@@ -240,11 +309,13 @@ def test_supcon_contrast(bench, case, size, dtype, provider):
         def fn():
             return pml(q, labels)
     else:
+
         def eager():
             return BL.supcontrast_supcon(q[:, None], labels, T, T)
 
         def fused():
             return dcdkernels.supcon_contrast(q, labels, logit_scale=1 / T, reduction="mean", backend=provider)
+
         fn = compiled(eager) if provider == "compile" else eager if provider == "eager" else fused
     if provider.startswith("eager"):
         nbytes, note = 6 * size.B * size.B * 4, "~6 (B, B) fp32 buffers: logits, masks, exp, log_prob"
@@ -252,8 +323,18 @@ def test_supcon_contrast(bench, case, size, dtype, provider):
         nbytes, note = size.B * size.D * 4, "fused: the (B, D) fp32 anchor gradient (+ per-row stats)"
     else:
         nbytes, note = None, ""
-    bench.run(grad_step(fn, [q]), family="ops", op="supcon_contrast", case=case, size=size, dtype=dtype,
-              provider=provider, bytes_read=2 * size.B * size.D * 4, analytic_bytes=nbytes, analytic_note=note)
+    bench.run(
+        grad_step(fn, [q]),
+        family="ops",
+        op="supcon_contrast",
+        case=case,
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=2 * size.B * size.D * 4,
+        analytic_bytes=nbytes,
+        analytic_note=note,
+    )
 
 
 def test_supcon_baselines_match_oracle():
@@ -277,7 +358,7 @@ def test_supcon_baselines_match_oracle():
 @pytest.mark.bench(table=S.UPDATE, ops=["bank_momentum_update_"])
 def test_bank_update(bench, case, size, dtype, provider):
     bank = _unit(size.N, size.D, dtype=DTYPES[dtype])
-    y = torch.randperm(size.N, device=CFG.device)[:size.B]  # a batch's dataset rows are distinct
+    y = torch.randperm(size.N, device=CFG.device)[: size.B]  # a batch's dataset rows are distinct
     v = _unit(size.B, size.D)
 
     def eager():
@@ -294,8 +375,18 @@ def test_bank_update(bench, case, size, dtype, provider):
         nbytes, note = 0, "fused: in place, no temporaries"
     else:
         nbytes, note = None, ""
-    bench.run(fn, family="ops", op="bank_momentum_update_", case=case, size=size, dtype=dtype, provider=provider,
-              bytes_read=size.B * size.D * (2 * e + 4), analytic_bytes=nbytes, analytic_note=note)
+    bench.run(
+        fn,
+        family="ops",
+        op="bank_momentum_update_",
+        case=case,
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=size.B * size.D * (2 * e + 4),
+        analytic_bytes=nbytes,
+        analytic_note=note,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,10 +405,12 @@ def test_baselines_match_oracle():
     ours = ref.sampled_contrast(q, bank_t, idx, logit_scale=1 / T, loss="nce", log_z=math.log(Z))[0].mean()
     torch.testing.assert_close(BL.crd_nce_sampled(q, bank_t, idx, T, Z), ours, rtol=1e-4, atol=1e-4)
     Zt = BL.repdistiller_first_z(qt.detach(), bank_s, idx, T)
-    ls, lt, _, _, _ = ref.dual_sampled_contrast(q, qt, bank_s, bank_t, idx, logit_scale=1 / T, loss="nce",
-                                                log_z=(math.log(Z), math.log(Zt)), compute_kl=False)
-    torch.testing.assert_close(BL.crd_nce_dual(q, qt, bank_s, bank_t, idx, T, Z, Zt), ls.mean() + lt.mean(),
-                               rtol=1e-4, atol=1e-4)
+    ls, lt, _, _, _ = ref.dual_sampled_contrast(
+        q, qt, bank_s, bank_t, idx, logit_scale=1 / T, loss="nce", log_z=(math.log(Z), math.log(Zt)), compute_kl=False
+    )
+    torch.testing.assert_close(
+        BL.crd_nce_dual(q, qt, bank_s, bank_t, idx, T, Z, Zt), ls.mean() + lt.mean(), rtol=1e-4, atol=1e-4
+    )
     # InfoNCE over sampled rows, DCD memory form
     s, b = torch.tensor(2.5), torch.tensor(0.3)
     ours = ref.sampled_contrast(q, bank_t, idx, logit_scale=s, bias=b)[0].mean()

@@ -8,6 +8,7 @@ What the sweeps show (``benchmarks/report.py`` fits them; nothing here asserts o
 The memory claims are also checked by a plain test (``test_transient_memory_scaling``): memory
 is deterministic, time is not, so only memory is asserted.
 """
+
 import math
 
 import pytest
@@ -35,14 +36,25 @@ def test_scaling(bench, case, size, dtype, provider):
         return BL.crd_nce_sampled(q, bank, idx, T, Z)
 
     def fused():
-        return dcdkernels.sampled_contrast(q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z,
-                                           backend=provider).mean()
+        return dcdkernels.sampled_contrast(
+            q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
+        ).mean()
 
     fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
     nbytes, note = _analytic(provider, size, dtype)
-    bench.run(grad_step(fn, [q]), family="scaling", op="sampled_contrast", case=f"nce-sweep{case}", size=size,
-              dtype=dtype, provider=provider, bytes_read=size.gather_bytes(ELEM[dtype]), analytic_bytes=nbytes,
-              analytic_note=note, params={"axis": case})
+    bench.run(
+        grad_step(fn, [q]),
+        family="scaling",
+        op="sampled_contrast",
+        case=f"nce-sweep{case}",
+        size=size,
+        dtype=dtype,
+        provider=provider,
+        bytes_read=size.gather_bytes(ELEM[dtype]),
+        analytic_bytes=nbytes,
+        analytic_note=note,
+        params={"axis": case},
+    )
 
 
 def _peak(provider, size, mode):
@@ -50,18 +62,23 @@ def _peak(provider, size, mode):
     idx, (bank,), (q,) = _sampled_inputs(size, "fp32")
     log_z = 2.0
     if provider == "eager":
+
         def loss():
             return BL.crd_nce_sampled(q, bank, idx, T, math.exp(log_z))
     elif mode == "idx":
+
         def loss():
-            return dcdkernels.sampled_contrast(q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z,
-                                               backend=provider).mean()
+            return dcdkernels.sampled_contrast(
+                q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
+            ).mean()
     else:
         pos = idx[:, 0].contiguous()
 
         def loss():
-            return dcdkernels.sampled_contrast(q, bank, pos, num_negatives=size.K, seed=3, logit_scale=1 / T,
-                                               loss="nce", log_z=log_z, backend=provider).mean()
+            return dcdkernels.sampled_contrast(
+                q, bank, pos, num_negatives=size.K, seed=3, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
+            ).mean()
+
     step = grad_step(loss, [q])
     step()
     return peak_transient_bytes(step)["peak_bytes"]
@@ -85,5 +102,7 @@ def test_transient_memory_scaling(provider):
     for mode in ("idx", "sampler"):
         slope = (_peak(provider, large, mode) - _peak(provider, small, mode)) / d_index
         limit = eager_slope / 16 if mode == "idx" else 1.0
-        assert slope <= limit, (f"{provider} ({mode}): transient memory grows by {slope:.1f} bytes per gathered "
-                                f"index (eager: {eager_slope:.1f}); expected <= {limit:.1f}")
+        assert slope <= limit, (
+            f"{provider} ({mode}): transient memory grows by {slope:.1f} bytes per gathered "
+            f"index (eager: {eager_slope:.1f}); expected <= {limit:.1f}"
+        )

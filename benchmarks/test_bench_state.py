@@ -8,6 +8,7 @@
 
 The library's path is reported under the device's provider name (``cpu`` or ``cuda``).
 """
+
 import pytest
 import torch
 
@@ -61,8 +62,16 @@ def test_ema_foreach_vs_loop(bench, provider):
         for p, q in zip(dst, b):
             torch.testing.assert_close(p, q)
     prov = provider if provider == "eager" else _ours()
-    bench.run(loop if provider == "eager" else foreach, family="state", op="ema", case="foreach", size=size,
-              dtype="fp32", provider=prov, bytes_read=3 * 4 * size.dims()["params"])
+    bench.run(
+        loop if provider == "eager" else foreach,
+        family="state",
+        op="ema",
+        case="foreach",
+        size=size,
+        dtype="fp32",
+        provider=prov,
+        bytes_read=3 * 4 * size.dims()["params"],
+    )
 
 
 @pytest.mark.parametrize("provider", ["eager", "ours"])
@@ -77,12 +86,20 @@ def test_queue_enqueue(bench, provider):
         ptr = state["ptr"]
         if ptr + B > K:
             ptr = 0
-        queue[ptr:ptr + B] = keys
+        queue[ptr : ptr + B] = keys
         state["ptr"] = (ptr + B) % K
 
     def ring():
         state["ptr"] = queue_enqueue_(queue, state["ptr"], keys)
 
     prov = provider if provider == "eager" else _ours()
-    bench.run(moco if provider == "eager" else ring, family="state", op="enqueue", case="", size=size,
-              dtype="fp32", provider=prov, bytes_read=2 * 4 * B * D)
+    bench.run(
+        moco if provider == "eager" else ring,
+        family="state",
+        op="enqueue",
+        case="",
+        size=size,
+        dtype="fp32",
+        provider=prov,
+        bytes_read=2 * 4 * B * D,
+    )

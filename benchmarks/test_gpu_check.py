@@ -1,5 +1,6 @@
 """``python -m benchmarks.gpu_check``: its no-GPU path (what CI can run) exits cleanly with a
 clear message and writes its one-line report; its parts fit the 8-minute budget."""
+
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path (with a GPU the script runs for real)")
 def test_no_gpu_path_exits_cleanly(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA GPU" in proc.stdout
     report = (out / "report.md").read_text()

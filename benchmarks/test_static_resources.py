@@ -1,4 +1,5 @@
 """The occupancy model and the committed report of ``benchmarks/static_resources.py``."""
+
 import os
 
 from benchmarks import static_resources as S
@@ -16,11 +17,17 @@ def test_report_covers_every_kernel():
     with open(S.DEFAULT_OUT) as f:
         text = f.read()
     from dcdkernels.triton import aot
+
     for mod in aot._modules().values():
         for name in aot._kernels(mod):
             assert name in text, name
-    for name in ("sampled_partials_kernel<float, 8>", "dual_partials_kernel", "dense_partials_kernel",
-                 "bank_update_kernel", "merge_partials_kernel"):
+    for name in (
+        "sampled_partials_kernel<float, 8>",
+        "dual_partials_kernel",
+        "dense_partials_kernel",
+        "bank_update_kernel",
+        "merge_partials_kernel",
+    ):
         assert name in text, name
     assert "3.6.0" in text and "3.8.0" in text and "sm_80" in text and "sm_90" in text
     assert os.path.basename(S.DEFAULT_OUT) == "resources.md"

@@ -1,4 +1,5 @@
 """Loads the compiled extension ``dcdkernels._C`` if it was built, and says why if not."""
+
 import functools
 import importlib
 import json

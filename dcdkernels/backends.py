@@ -5,6 +5,7 @@ Backends: "eager" (the PyTorch oracle, always), "cpu" (C++/OpenMP kernels of dcd
 TRITON_INTERPRET=1). A backend named explicitly is used or fails with a clear error: it never
 falls back silently. Only "auto" chooses.
 """
+
 import functools
 import importlib
 import os
@@ -29,6 +30,7 @@ def max_dim(op: str, backend: str):
         return _CUDA_MAX_DIM.get(op)
     if backend == "triton" and op in _TRITON_MAX_DIM_OPS:
         from .triton._common import MAX_D  # only reached when triton is importable
+
         return MAX_D
     return None
 
@@ -46,7 +48,10 @@ def _triton_status():
         return False, f"triton is not importable ({type(exc).__name__}: {exc})"
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return True, f"triton {triton.__version__}" + (" (interpreter)" if not torch.cuda.is_available() else "")
-    return False, f"triton {triton.__version__} is installed but there is no GPU (set TRITON_INTERPRET=1 to run it on CPU)"
+    return (
+        False,
+        f"triton {triton.__version__} is installed but there is no GPU (set TRITON_INTERPRET=1 to run it on CPU)",
+    )
 
 
 def availability():
@@ -56,7 +61,10 @@ def availability():
         out["cpu"] = (False, f"dcdkernels._C did not load: {_ext.LOAD_ERROR}")
         out["cuda"] = (False, f"dcdkernels._C did not load: {_ext.LOAD_ERROR}")
     else:
-        out["cpu"] = (_ext.has_kernel("sampled_contrast", "CPU"), "C++ kernels" if _ext.has_kernel("sampled_contrast", "CPU") else "dcdkernels._C has no CPU kernels")
+        out["cpu"] = (
+            _ext.has_kernel("sampled_contrast", "CPU"),
+            "C++ kernels" if _ext.has_kernel("sampled_contrast", "CPU") else "dcdkernels._C has no CPU kernels",
+        )
         if not _ext.has_kernel("sampled_contrast", "CUDA"):
             out["cuda"] = (False, f"dcdkernels._C was built without CUDA kernels: {_ext.why_no_cuda_kernels()}")
         elif not torch.cuda.is_available():

@@ -8,6 +8,7 @@ At ImageNet size (N = 1,281,167 rows, feat_dim 128) each bank is 656 MB in fp32;
 ranks every rank holds ceil(N/W) rows of each (164 MB per bank at W = 4). The stand-in backbones
 below are linear layers on random features: replace them with your student and teacher.
 """
+
 import argparse
 import os
 
@@ -58,16 +59,21 @@ def main():
     torch.manual_seed(0)  # the same initial weights on every rank
     student = nn.Sequential(nn.Linear(args.in_dim, args.s_dim), nn.ReLU())
     teacher = nn.Sequential(nn.Linear(args.in_dim, args.t_dim), nn.ReLU())
-    crd = CRDLoss(args.s_dim, args.t_dim, args.n_data, args.feat_dim, args.nce_k,
-                  memory_mode=args.memory_mode)  # process_group=... for a subgroup
-    model = DDP(Distiller(student, teacher, crd).to(device),
-                device_ids=[device.index] if cuda else None)  # plain DDP: the banks are no buffers
+    crd = CRDLoss(
+        args.s_dim, args.t_dim, args.n_data, args.feat_dim, args.nce_k, memory_mode=args.memory_mode
+    )  # process_group=... for a subgroup
+    model = DDP(
+        Distiller(student, teacher, crd).to(device), device_ids=[device.index] if cuda else None
+    )  # plain DDP: the banks are no buffers
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.05, momentum=0.9)
 
     mem = crd.memory
     per_rank = mem.bank_s.nbytes + mem.bank_t.nbytes
-    print(f"rank {rank}/{world}: memory_mode={args.memory_mode}, rows [{mem.row_start}, {mem.row_end}) of "
-          f"{args.n_data}, banks {per_rank / 1e6:.1f} MB on this rank", flush=True)
+    print(
+        f"rank {rank}/{world}: memory_mode={args.memory_mode}, rows [{mem.row_start}, {mem.row_end}) of "
+        f"{args.n_data}, banks {per_rank / 1e6:.1f} MB on this rank",
+        flush=True,
+    )
 
     for step in range(args.steps):
         # your DataLoader + DistributedSampler here: inputs and their dataset rows idx (B,)

@@ -1,5 +1,6 @@
 """Shared test setup. Without a GPU, Triton kernels run under the interpreter on CPU tensors
 (TRITON_INTERPRET=1 must be set before triton is imported, hence here)."""
+
 import os
 
 import torch
@@ -39,8 +40,11 @@ def backend_params():
         for be in fused_backends(dev):
             out.append(pytest.param(dev, be, id=f"{dev}-{be}"))
     if not out:
-        out.append(pytest.param("cpu", "none", id="no-fused-backend",
-                                marks=pytest.mark.skip(reason="no fused backend available here")))
+        out.append(
+            pytest.param(
+                "cpu", "none", id="no-fused-backend", marks=pytest.mark.skip(reason="no fused backend available here")
+            )
+        )
     return out
 
 

@@ -1,6 +1,7 @@
 """The CUDA-to-CPU build fallback, for real: a copy of the repository whose CUDA sources are one
 broken .cu file builds the CPU-only dcdkernels._C, prints the WARNING block, and the package
 reports why the cuda backend is missing. One CPU build (about 2 minutes with MAX_JOBS=2)."""
+
 import importlib.util
 import os
 import shutil
@@ -42,8 +43,11 @@ def _find_cuda_home(env):
 def test_broken_cuda_source_builds_the_cpu_only_extension_and_says_so(tmp_path):
     if torch.version.cuda is None:
         pytest.skip("needs a CUDA build of torch (otherwise the CUDA sources are never attempted)")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CUDA_HOME", "CUDA_PATH", "PYTHONPATH") and not k.startswith("DCDKERNELS_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CUDA_HOME", "CUDA_PATH", "PYTHONPATH") and not k.startswith("DCDKERNELS_")
+    }
     cuda_home = _find_cuda_home(env)  # as a new user: no CUDA_HOME, the nvcc on PATH
     if cuda_home is None:
         pytest.skip("needs a CUDA toolkit (nvcc) so that the CUDA sources are attempted")
@@ -57,16 +61,30 @@ def test_broken_cuda_source_builds_the_cpu_only_extension_and_says_so(tmp_path):
     # The only CUDA source: a syntax error (compiles in a second, so the test costs one CPU build).
     (repo / "csrc" / "cuda" / "broken.cu").write_text("__global__ void broken(float* x) { x[0] = ; }\n")
 
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=repo, capture_output=True,
-                           text=True, timeout=1200, env={**env, "MAX_JOBS": "2"})
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**env, "MAX_JOBS": "2"},
+    )
     log = build.stdout + build.stderr
     assert build.returncode == 0, log[-4000:]
     assert f"building the CPU and CUDA kernels with the CUDA toolkit {cuda_home}" in build.stdout, log[-4000:]
     assert "broken.cu" in log  # nvcc was run on it, and failed
-    assert "WARNING: dcdkernels: building the CUDA kernels FAILED; building the CPU-only extension instead." \
-        in build.stderr, log[-4000:]
+    assert (
+        "WARNING: dcdkernels: building the CUDA kernels FAILED; building the CPU-only extension instead."
+        in build.stderr
+    ), log[-4000:]
 
-    check = subprocess.run([sys.executable, "-c", CHECK], cwd=repo, capture_output=True, text=True, timeout=300,
-                           env={**env, "PYTHONPATH": str(repo)})
+    check = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHONPATH": str(repo)},
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "built without CUDA kernels: the CUDA sources failed to build" in check.stdout

@@ -2,6 +2,7 @@
 flags, csrc/nvcc_flags.txt, and that list has no --use_fast_math (issue 18, defect 3: with it
 the bank update's sqrt and division were approximate, and its fp32 rows differed from the CPU
 and Triton ones). When the CUDA build of ``_C`` is present, its PTX shows the IEEE operations."""
+
 import os
 import re
 import shutil
@@ -18,8 +19,11 @@ def _read(*parts):
 
 
 def _flags():
-    return [ln.split("#", 1)[0].strip() for ln in _read("csrc", "nvcc_flags.txt").splitlines()
-            if ln.split("#", 1)[0].strip()]
+    return [
+        ln.split("#", 1)[0].strip()
+        for ln in _read("csrc", "nvcc_flags.txt").splitlines()
+        if ln.split("#", 1)[0].strip()
+    ]
 
 
 def test_both_builds_read_one_flag_list_without_fast_math():
@@ -35,18 +39,21 @@ def test_both_builds_read_one_flag_list_without_fast_math():
 
 def _cuobjdump():
     import triton
+
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return path if os.path.exists(path) else shutil.which("cuobjdump")
 
 
 def test_built_bank_update_uses_ieee_sqrt_and_division():
     from dcdkernels import _ext
+
     if not _ext.has_kernel("bank_momentum_update_", "CUDA"):
         pytest.skip("dcdkernels._C was built without CUDA kernels")
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump")
     import dcdkernels._C as C
+
     ptx = subprocess.run([tool, "-ptx", C.__file__], capture_output=True, text=True, check=True).stdout
     # The PTX of each kernel runs from its ".entry" to the next one.
     parts = re.split(r"(?=\.visible \.entry|\.entry )", ptx)
@@ -54,5 +61,6 @@ def test_built_bank_update_uses_ieee_sqrt_and_division():
     assert bank, "bank_update_kernel not found in the PTX of dcdkernels._C"
     for body in bank:
         assert "sqrt.rn.f32" in body, "the bank update's sqrt is not the IEEE one"
-        assert not re.search(r"sqrt\.approx|rsqrt\.approx|div\.approx|div\.full|rcp\.approx|\.ftz\.", body), \
+        assert not re.search(r"sqrt\.approx|rsqrt\.approx|div\.approx|div\.full|rcp\.approx|\.ftz\.", body), (
             "approximate or flush-to-zero math in the bank update"
+        )

@@ -1,16 +1,15 @@
 """torch.compile(fullgraph=True) traces losses that call the registered ops."""
+
 import pytest
 import torch
+from conftest import backend_params
 
 import dcdkernels
-
-from conftest import backend_params
 
 
 def _loss(q, qt, bank_s, bank_t, keys, idx, target, s, backend):
     single = dcdkernels.sampled_contrast(q, bank_t, idx, logit_scale=s, backend=backend).mean()
-    dual = dcdkernels.dual_sampled_contrast(q, qt, bank_s, bank_t, idx, logit_scale=s, consistency=0.5,
-                                            backend=backend)
+    dual = dcdkernels.dual_sampled_contrast(q, qt, bank_s, bank_t, idx, logit_scale=s, consistency=0.5, backend=backend)
     dense = dcdkernels.dense_contrast(q, keys, target, logit_scale=s, backend=backend).mean()
     dense_reduced = dcdkernels.dense_contrast(qt, keys, positive=q, logit_scale=s, reduction="sum", backend=backend)
     return single + dual.loss_s.mean() + dual.loss_t.mean() + dual.consistency.mean() + dense + dense_reduced

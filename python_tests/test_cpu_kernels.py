@@ -5,6 +5,7 @@ Per-row gradients of the oracle come from one backward pass: the logit scale, bi
 given to the oracle as (B, 1) columns (they broadcast over each row's logits), so the gradient of
 the summed loss w.r.t. them is the per-row gradient the kernels return.
 """
+
 import math
 
 import pytest
@@ -58,12 +59,14 @@ SAMPLED_SHAPES = [  # (B, N, D, K)
 ]
 
 
-def run_sampled(anchor, bank, index, s, bias, log_z, loss_type, num_negatives=0, seed=0, offset=0, grad=True,
-                noise_rows=0):
+def run_sampled(
+    anchor, bank, index, s, bias, log_z, loss_type, num_negatives=0, seed=0, offset=0, grad=True, noise_rows=0
+):
     acc = acc_of(anchor, bank)
     t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
-    return ops.sampled_contrast(anchor, bank, index, t(s), t(bias), t(log_z), loss_type, num_negatives, seed, offset,
-                                grad, noise_rows)
+    return ops.sampled_contrast(
+        anchor, bank, index, t(s), t(bias), t(log_z), loss_type, num_negatives, seed, offset, grad, noise_rows
+    )
 
 
 def oracle_sampled(anchor, bank, index, s, bias, log_z, loss_type):
@@ -109,7 +112,7 @@ def test_sampled_mixed_dtypes_and_noncontiguous_anchor(loss_type):
     wide = unit_rows(B, 2 * D, torch.float32, gen)
     anchor = wide[:, ::2]  # non-contiguous, fp32
     bank_storage = unit_rows(N, D + 6, torch.bfloat16, gen)
-    bank = bank_storage[:, 3:D + 3]  # row stride D + 6, rows contiguous, bf16
+    bank = bank_storage[:, 3 : D + 3]  # row stride D + 6, rows contiguous, bf16
     assert not anchor.is_contiguous() and bank.stride() == (D + 6, 1)
     index = torch.randint(0, N, (B, K + 1), generator=gen)
     log_z = 5.0 if loss_type == NCE else None
@@ -154,12 +157,12 @@ def absent_index(B, K, N, gen):
     negatives (far out of range too), row 1 an absent positive, row 2 no present column, row 3
     only its positive, row 4 (if any) a run of absent columns over the middle 2/3 of its row."""
     index = torch.randint(0, N, (B, K + 1), generator=gen)
-    index[0, 1::3] = torch.tensor([-1, N, 2**40, -2**40] * K)[:index[0, 1::3].numel()]
+    index[0, 1::3] = torch.tensor([-1, N, 2**40, -(2**40)] * K)[: index[0, 1::3].numel()]
     index[1, 0] = N + 3
     index[2] = -1
     index[3, 1:] = N
     if B > 4:
-        index[4, (K + 1) // 6:5 * (K + 1) // 6] = -7
+        index[4, (K + 1) // 6 : 5 * (K + 1) // 6] = -7
     return index
 
 
@@ -175,8 +178,15 @@ def test_sampled_absent_columns_match_oracle(dtype, loss_type, shape):
     noise = 3 * N  # NCE's c = K / noise, not K / N
     loss, lse, ga, gsc = run_sampled(anchor, bank, index, s, bias, log_z, loss_type, noise_rows=noise)
     e_loss, e_lse, e_ga, e_gsc = R.sampled_contrast_outputs(
-        anchor.double(), bank.double(), index, logit_scale=s, bias=bias, loss="nce" if loss_type == NCE else "infonce",
-        log_z=log_z, noise_rows=noise)
+        anchor.double(),
+        bank.double(),
+        index,
+        logit_scale=s,
+        bias=bias,
+        loss="nce" if loss_type == NCE else "infonce",
+        log_z=log_z,
+        noise_rows=noise,
+    )
     close(loss, e_loss, dtype)
     close(lse, e_lse, dtype)
     close(ga, e_ga, dtype)
@@ -213,6 +223,7 @@ def test_sampled_rejects_bad_arguments():
 # ------------------------------------------------------------------------------------------------
 # dual_sampled_contrast
 
+
 def oracle_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl):
     """float64: losses (3, B), lse (2, B), grad_anchors (4, B, D), grad_scalars (2, 3, B)."""
     B = zs.shape[0]
@@ -221,25 +232,38 @@ def oracle_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, comput
     lz = None if log_z is None else [column(v, B, requires_grad=False) for v in log_z]
     loss = "nce" if loss_type == NCE else "infonce"
     loss_s, loss_t, kl, lse_s, lse_t = R.dual_sampled_contrast(
-        qs, qt, bank_s.double(), bank_t.double(), index, logit_scale=s_col, bias=b_col, loss=loss, log_z=lz,
-        compute_kl=compute_kl)
+        qs,
+        qt,
+        bank_s.double(),
+        bank_t.double(),
+        index,
+        logit_scale=s_col,
+        bias=b_col,
+        loss=loss,
+        log_z=lz,
+        compute_kl=compute_kl,
+    )
     terms = (loss_s, loss_t, kl)
     g = [grads(term.sum(), (qs, qt, s_col, b_col)) if term.requires_grad else (None,) * 4 for term in terms]
     zero_vec, zero_row = torch.zeros_like(qs), torch.zeros(B, dtype=torch.float64)
     pick = lambda x, zero: zero if x is None else x  # noqa: E731
-    grad_anchors = torch.stack([pick(g[0][0], zero_vec), pick(g[1][1], zero_vec), pick(g[2][0], zero_vec),
-                                pick(g[2][1], zero_vec)])
-    grad_scalars = torch.stack([torch.stack([pick(g[j][i], zero_row.view(B, 1)).squeeze(1) for j in range(3)])
-                                for i in (2, 3)])
+    grad_anchors = torch.stack(
+        [pick(g[0][0], zero_vec), pick(g[1][1], zero_vec), pick(g[2][0], zero_vec), pick(g[2][1], zero_vec)]
+    )
+    grad_scalars = torch.stack(
+        [torch.stack([pick(g[j][i], zero_row.view(B, 1)).squeeze(1) for j in range(3)]) for i in (2, 3)]
+    )
     return (torch.stack([t.detach() for t in terms]), torch.stack([lse_s, lse_t]), grad_anchors, grad_scalars)
 
 
-def run_dual(zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl, num_negatives=0, seed=0, offset=0,
-             grad=True):
+def run_dual(
+    zs, zt, bank_s, bank_t, index, s, bias, log_z, loss_type, compute_kl, num_negatives=0, seed=0, offset=0, grad=True
+):
     acc = acc_of(zs, zt, bank_s, bank_t)
     t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
-    return ops.dual_sampled_contrast(zs, zt, bank_s, bank_t, index, t(s), t(bias), t(log_z), loss_type, compute_kl,
-                                     num_negatives, seed, offset, grad)
+    return ops.dual_sampled_contrast(
+        zs, zt, bank_s, bank_t, index, t(s), t(bias), t(log_z), loss_type, compute_kl, num_negatives, seed, offset, grad
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -292,8 +316,9 @@ def test_dual_mixed_dtypes_sampling_and_no_grad():
         wrong = index.clone()
         wrong[1, 3] = bad
         got = run_dual(zs, zt, bank_s, bank_t, wrong, 12.0, None, None, INFONCE, True)
-        want = R.dual_sampled_contrast_outputs(zs, zt, bank_s, bank_t, wrong, logit_scale=torch.tensor(12.0),
-                                               compute_kl=True)
+        want = R.dual_sampled_contrast_outputs(
+            zs, zt, bank_s, bank_t, wrong, logit_scale=torch.tensor(12.0), compute_kl=True
+        )
         for a, b in zip(got, want):
             close(a, b, torch.float32)
     # An absent positive with in-kernel sampling: the same as the explicit index of that stream.
@@ -306,6 +331,7 @@ def test_dual_mixed_dtypes_sampling_and_no_grad():
 
 # ------------------------------------------------------------------------------------------------
 # dense_contrast and dense_contrast_backward_keys
+
 
 def oracle_dense(anchor, keys, target, positive, s, bias, grad_rows):
     B = anchor.shape[0]
@@ -391,8 +417,9 @@ def test_dense_is_accurate_when_the_positive_dominates(mode):
         close(gp, e_gp, torch.float32, atol=1e-7, rtol=1e-3)
     # The reduced op keeps the positive apart too, and its key gradient gets 1 - p+ from the same sums.
     c = torch.ones(B)
-    _, rows, _, r_ga, r_gp, r_gk, r_gsc = ops.dense_contrast_reduced(anchor, keys, target, positive, torch.tensor(s),
-                                                                     None, c, True)
+    _, rows, _, r_ga, r_gp, r_gk, r_gsc = ops.dense_contrast_reduced(
+        anchor, keys, target, positive, torch.tensor(s), None, c, True
+    )
     _, e_rows, _, e_ga, e_gk, e_gsc, e_gp = oracle_reduced(anchor, keys, target, positive, s, None, c)
     close(rows, e_rows, torch.float32, atol=1e-8, rtol=1e-4)
     close(r_ga, e_ga, torch.float32, atol=1e-6, rtol=1e-3)
@@ -438,8 +465,9 @@ def test_dense_reduced_matches_oracle(dtype, mode, shape):
     acc = acc_of(anchor, keys)
     c = (torch.rand(B, generator=gen, dtype=torch.float64) + 0.5).to(acc)
     t = lambda v: None if v is None else torch.tensor(v, dtype=acc)  # noqa: E731
-    loss, rows, lse, ga, gp, gk, gsc = ops.dense_contrast_reduced(anchor, keys, target, positive, t(s), t(bias), c,
-                                                                  True)
+    loss, rows, lse, ga, gp, gk, gsc = ops.dense_contrast_reduced(
+        anchor, keys, target, positive, t(s), t(bias), c, True
+    )
     e_loss, e_rows, e_lse, e_ga, e_gk, e_gsc, e_gp = oracle_reduced(anchor, keys, target, positive, s, bias, c)
     assert loss.shape == () and gsc.shape == (2,) and gk.shape == (M, D) and gk.dtype == acc
     close(loss, e_loss, dtype)
@@ -454,8 +482,9 @@ def test_dense_reduced_matches_oracle(dtype, mode, shape):
     else:
         close(gp, e_gp, dtype)
     # Without a key gradient: the per-row kernel, its gradients times c.
-    loss, rows, lse, ga, gp, gk, gsc = ops.dense_contrast_reduced(anchor, keys, target, positive, t(s), t(bias), c,
-                                                                  False)
+    loss, rows, lse, ga, gp, gk, gsc = ops.dense_contrast_reduced(
+        anchor, keys, target, positive, t(s), t(bias), c, False
+    )
     assert gk.shape == (0,)
     for actual, expected in [(loss, e_loss), (rows, e_rows), (lse, e_lse), (ga, e_ga), (gsc[0], e_gsc[0])]:
         close(actual, expected, dtype)
@@ -476,6 +505,7 @@ def test_dense_rejects_bad_target():
 
 # ------------------------------------------------------------------------------------------------
 # bank_momentum_update_
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])

@@ -13,13 +13,13 @@ fp32 whatever the storage dtype, so the fp32 tolerance applies to every dtype; o
 stored back in a 16-bit dtype (the bank update) use the 16-bit tolerance.
 Skipped without a CUDA device.
 """
+
 import pytest
 import torch
+from conftest import TOL
 
 import dcdkernels
 from dcdkernels import reference
-
-from conftest import TOL
 
 pytestmark = [
     pytest.mark.cuda,
@@ -37,8 +37,7 @@ def ops():
 
 
 def close(actual, expected, what, tol=FP32):
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), msg=lambda m: f"{what}: {m}",
-                               **tol)
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), msg=lambda m: f"{what}: {m}", **tol)
 
 
 def rand_rows(n, d, gen, dtype, normalize=True):
@@ -52,16 +51,16 @@ def noncontiguous(x, gen, how):
     """The same values in a non-contiguous layout: a column slice of a wider tensor, or a transpose."""
     if how == "slice":
         wide = torch.randn(x.shape[0], x.shape[1] + 3, generator=gen).to(device=x.device, dtype=x.dtype)
-        wide[:, 1:1 + x.shape[1]] = x
-        return wide[:, 1:1 + x.shape[1]]
+        wide[:, 1 : 1 + x.shape[1]] = x
+        return wide[:, 1 : 1 + x.shape[1]]
     return x.t().contiguous().t()
 
 
 def misaligned(bank):
     """The same rows starting one element past a 16-byte boundary, with an odd row stride."""
     full = torch.zeros(bank.shape[0], bank.shape[1] + 2, device=bank.device, dtype=bank.dtype)
-    full[:, 1:1 + bank.shape[1]] = bank
-    return full[:, 1:1 + bank.shape[1]]
+    full[:, 1 : 1 + bank.shape[1]] = bank
+    return full[:, 1 : 1 + bank.shape[1]]
 
 
 def scalar(v):
@@ -117,16 +116,28 @@ def sampled_oracle(q, bank, idx, s, beta, loss, log_z):
     B = q.shape[0]
     q64 = q.detach().to(F64).requires_grad_()
     s_row, b_row = per_row(s, B), per_row(beta, B)
-    out, lse = reference.sampled_contrast(q64, bank.to(F64), idx, logit_scale=s_row, bias=b_row, loss=loss,
-                                          log_z=log_z)
+    out, lse = reference.sampled_contrast(q64, bank.to(F64), idx, logit_scale=s_row, bias=b_row, loss=loss, log_z=log_z)
     ga, gs, gb = grads(out, [q64, s_row, b_row])
     return out.detach(), lse, ga, gs.view(-1), gb.view(-1)
 
 
-def sampled_kernel(q, bank, idx, s, beta, loss, log_z, num_negatives=0, seed=0, offset=0, compute_grad=True,
-                   noise_rows=0):
-    return ops().sampled_contrast(q, bank, idx, scalar(s), scalar(beta), scalar(log_z), 0 if loss == "infonce" else 1,
-                                  num_negatives, seed, offset, compute_grad, noise_rows)
+def sampled_kernel(
+    q, bank, idx, s, beta, loss, log_z, num_negatives=0, seed=0, offset=0, compute_grad=True, noise_rows=0
+):
+    return ops().sampled_contrast(
+        q,
+        bank,
+        idx,
+        scalar(s),
+        scalar(beta),
+        scalar(log_z),
+        0 if loss == "infonce" else 1,
+        num_negatives,
+        seed,
+        offset,
+        compute_grad,
+        noise_rows,
+    )
 
 
 def check_sampled(q, bank, idx, s, beta, loss, log_z, what):
@@ -158,8 +169,9 @@ def test_sampled_contrast(shape, loss, dtype):
 def test_sampled_contrast_layouts(D, loss):
     """Non-contiguous anchors and index, misaligned bank rows, mixed anchor/bank dtypes."""
     s, beta, log_z = (1 / 0.07, None, 9.0) if loss == "nce" else (4.0, None, None)
-    for i, (qd, bd) in enumerate([(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
-                                  (torch.float16, torch.float32)]):
+    for i, (qd, bd) in enumerate(
+        [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, torch.float32)]
+    ):
         g = torch.Generator().manual_seed(100 + i)
         q, bank, idx = sampled_case(3, 37, 80, D, qd, seed=D + i, bank_dtype=bd)
         check_sampled(q, bank, idx, s, beta, loss, log_z, f"{qd}/{bd}")
@@ -218,8 +230,9 @@ def test_sampled_contrast_rows_out_of_range_are_absent(loss):
     bad[4, 100:500] = -1  # whole chunks with nothing present
     s, beta, log_z = (1 / 0.07, 0.3, 9.0) if loss == "nce" else (5.0, 0.3, None)
     out = sampled_kernel(q, bank, bad, s, beta, loss, log_z, noise_rows=4 * N)
-    want = reference.sampled_contrast_outputs(q.to(F64), bank.to(F64), bad, logit_scale=s, bias=beta, loss=loss,
-                                              log_z=log_z, noise_rows=4 * N)
+    want = reference.sampled_contrast_outputs(
+        q.to(F64), bank.to(F64), bad, logit_scale=s, bias=beta, loss=loss, log_z=log_z, noise_rows=4 * N
+    )
     for name, got, expected in zip(("loss", "lse", "grad_anchor", "grad_scalars"), out, want):
         close(got, expected, name)
     assert out[1][2].item() == -float("inf") and not out[2][2].any() and not out[3][:, 2].any()
@@ -242,9 +255,18 @@ def dual_oracle(zs, zt, bank_s, bank_t, idx, s, beta, loss, log_z, kl):
     zt64 = zt.detach().to(F64).requires_grad_()
     s_row, b_row = per_row(s, B), per_row(beta, B)
     lz = None if log_z is None else torch.tensor(log_z, device=DEVICE, dtype=F64)
-    ls, lt, k, lse_s, lse_t = reference.dual_sampled_contrast(zs64, zt64, bank_s.to(F64), bank_t.to(F64), idx,
-                                                               logit_scale=s_row, bias=b_row, loss=loss, log_z=lz,
-                                                               compute_kl=kl)
+    ls, lt, k, lse_s, lse_t = reference.dual_sampled_contrast(
+        zs64,
+        zt64,
+        bank_s.to(F64),
+        bank_t.to(F64),
+        idx,
+        logit_scale=s_row,
+        bias=b_row,
+        loss=loss,
+        log_z=lz,
+        compute_kl=kl,
+    )
     g_s = grads(ls, [zs64, s_row, b_row])
     g_t = grads(lt, [zt64, s_row, b_row])
     g_k = grads(k, [zs64, zt64, s_row, b_row]) if kl else [torch.zeros_like(x) for x in (zs64, zt64, s_row, b_row)]
@@ -254,11 +276,26 @@ def dual_oracle(zs, zt, bank_s, bank_t, idx, s, beta, loss, log_z, kl):
     return losses, torch.stack([lse_s, lse_t]), grad_anchors, grad_scalars.view(2, 3, B)
 
 
-def dual_kernel(zs, zt, bank_s, bank_t, idx, s, beta, loss, log_z, kl, num_negatives=0, seed=0, offset=0,
-                compute_grad=True):
+def dual_kernel(
+    zs, zt, bank_s, bank_t, idx, s, beta, loss, log_z, kl, num_negatives=0, seed=0, offset=0, compute_grad=True
+):
     lz = None if log_z is None else torch.tensor(log_z, device=DEVICE, dtype=torch.float32)
-    return ops().dual_sampled_contrast(zs, zt, bank_s, bank_t, idx, scalar(s), scalar(beta), lz,
-                                       0 if loss == "infonce" else 1, kl, num_negatives, seed, offset, compute_grad)
+    return ops().dual_sampled_contrast(
+        zs,
+        zt,
+        bank_s,
+        bank_t,
+        idx,
+        scalar(s),
+        scalar(beta),
+        lz,
+        0 if loss == "infonce" else 1,
+        kl,
+        num_negatives,
+        seed,
+        offset,
+        compute_grad,
+    )
 
 
 def check_dual(zs, zt, bank_s, bank_t, idx, s, beta, loss, log_z, kl, what):
@@ -283,10 +320,17 @@ DUAL_SHAPES = [(1, 1, 5, 3), (4, 7, 50, 130), (5, 33, 64, 8), (3, 600, 1000, 128
 
 @pytest.mark.parametrize("kl", [True, False], ids=["kl", "no-kl"])
 @pytest.mark.parametrize("loss", ["infonce", "nce"])
-@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float16,) * 3,
-                                    (torch.float32, torch.float16, torch.float16),
-                                    (torch.bfloat16, torch.float32, torch.float32)],
-                         ids=lambda d: "-".join(str(x).replace("torch.", "") for x in d))
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.float32,) * 3,
+        (torch.bfloat16,) * 3,
+        (torch.float16,) * 3,
+        (torch.float32, torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32, torch.float32),
+    ],
+    ids=lambda d: "-".join(str(x).replace("torch.", "") for x in d),
+)
 @pytest.mark.parametrize("shape", DUAL_SHAPES, ids=lambda s: "B{}-K{}-N{}-D{}".format(*s))
 def test_dual_sampled_contrast(shape, dtypes, loss, kl):
     """dtypes = (anchors, bank_s, bank_t)."""
@@ -303,12 +347,24 @@ def test_dual_sampled_contrast_layouts_and_sampling():
     g = torch.Generator().manual_seed(9)
     zs, bank_s, idx = sampled_case(B, K, N, D, torch.float32, seed=1, bank_dtype=torch.bfloat16)
     zt, bank_t, _ = sampled_case(B, K, N, D, torch.float32, seed=2, bank_dtype=torch.bfloat16)
-    check_dual(noncontiguous(zs, g, "slice"), noncontiguous(zt, g, "transpose"), misaligned(bank_s), bank_t, idx,
-               4.0, None, "infonce", None, True, "layouts")
+    check_dual(
+        noncontiguous(zs, g, "slice"),
+        noncontiguous(zt, g, "transpose"),
+        misaligned(bank_s),
+        bank_t,
+        idx,
+        4.0,
+        None,
+        "infonce",
+        None,
+        True,
+        "layouts",
+    )
     positives = idx[:, 0].contiguous()
     for loss, log_z in [("infonce", None), ("nce", (9.0, 8.0))]:
-        sampled = dual_kernel(zs, zt, bank_s, bank_t, positives, 4.0, 0.1, loss, log_z, True, num_negatives=K,
-                              seed=77, offset=2**35)
+        sampled = dual_kernel(
+            zs, zt, bank_s, bank_t, positives, 4.0, 0.1, loss, log_z, True, num_negatives=K, seed=77, offset=2**35
+        )
         explicit_idx = reference.sample_negatives(positives, K, N, 77, 2**35)
         explicit = dual_kernel(zs, zt, bank_s, bank_t, explicit_idx, 4.0, 0.1, loss, log_z, True)
         for a, b in zip(sampled, explicit):
@@ -392,10 +448,12 @@ def test_dense_contrast_layouts():
     keys = rand_rows(M, D, g, torch.bfloat16)
     positive = rand_rows(B, D, g, torch.float16)
     target = torch.randint(0, M, (2 * B,), generator=g).to(DEVICE)[::2]
-    check_dense(noncontiguous(q, g, "slice"), noncontiguous(keys, g, "transpose"), target, None, 7.0, None,
-                "strided target")
-    check_dense(noncontiguous(q, g, "transpose"), keys, None, noncontiguous(positive, g, "slice"), 7.0, -0.5,
-                "strided positive")
+    check_dense(
+        noncontiguous(q, g, "slice"), noncontiguous(keys, g, "transpose"), target, None, 7.0, None, "strided target"
+    )
+    check_dense(
+        noncontiguous(q, g, "transpose"), keys, None, noncontiguous(positive, g, "slice"), 7.0, -0.5, "strided positive"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,8 +462,9 @@ def test_dense_contrast_layouts():
 
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(7, 1, 3), (9, 12, 130), (50, 40, 128), (30, 200, 2048)],
-                         ids=lambda s: "N{}-B{}-D{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(7, 1, 3), (9, 12, 130), (50, 40, 128), (30, 200, 2048)], ids=lambda s: "N{}-B{}-D{}".format(*s)
+)
 def test_bank_momentum_update(shape, dtype, value_dtype):
     N, B, D = shape
     g = torch.Generator().manual_seed(N + B + D)

@@ -1,6 +1,7 @@
 """DCDLoss with the official fixed temperature (giakoumoglou/distillers ``cifar/distillers/DCD.py``,
 ``trainable=False``: ``params.tau = nce_t`` used as the multiplier itself) against a float64
 transcription, written for these tests, of the official forward; and ``DCDLoss.from_opt``."""
+
 import copy
 from types import SimpleNamespace
 

@@ -6,17 +6,19 @@ Triton backends: no host sync, the error surfaces at the next op call or at
 forced to "deferred" so that the same logic runs on CPU tensors with the Triton interpreter (the
 CUDA-only parts, pinned copies and event polling, run only on a GPU).
 """
+
 import math
 
 import pytest
 import torch
+from conftest import devices, fused_backends
 
 import dcdkernels
 from dcdkernels import MemoryBank, MomentumQueue
 
-from conftest import devices, fused_backends
-
-DEFERRABLE = [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in fused_backends(d) if b in ("cuda", "triton")]
+DEFERRABLE = [
+    pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in fused_backends(d) if b in ("cuda", "triton")
+]
 if not DEFERRABLE:
     DEFERRABLE = [pytest.param("cpu", "triton", marks=pytest.mark.skip(reason="no CUDA or Triton backend here"))]
 
@@ -57,8 +59,9 @@ def test_bad_bank_update_is_a_no_op_and_raises_later(deferred, device, backend):
     assert torch.equal(bank, before)
     # The next call raises before it runs (on CPU the flags are on the host at once).
     with pytest.raises(ValueError, match="value has non-finite"):
-        dcdkernels.bank_momentum_update_(bank, torch.tensor([4], device=device), torch.randn(1, 5, device=device),
-                                         0.5, backend=backend)
+        dcdkernels.bank_momentum_update_(
+            bank, torch.tensor([4], device=device), torch.randn(1, 5, device=device), 0.5, backend=backend
+        )
     assert torch.equal(bank, before)
 
 
@@ -91,8 +94,15 @@ def test_read_only_ops_skip_bad_rows_and_raise_later(deferred, device, backend):
         dcdkernels.check_errors()
     q_bad = q.clone()
     q_bad[1, 2] = math.inf
-    dcdkernels.dual_sampled_contrast(q_bad, q, bank, bank.clone(), torch.tensor([[0, 1, 2], [3, 4, 5]], device=device),
-                                     logit_scale=2.0, backend=backend)
+    dcdkernels.dual_sampled_contrast(
+        q_bad,
+        q,
+        bank,
+        bank.clone(),
+        torch.tensor([[0, 1, 2], [3, 4, 5]], device=device),
+        logit_scale=2.0,
+        backend=backend,
+    )
     with pytest.raises(ValueError, match="anchor_s has non-finite"):
         dcdkernels.check_errors()
 
@@ -101,8 +111,9 @@ def test_read_only_ops_skip_bad_rows_and_raise_later(deferred, device, backend):
 def test_eager_backend_is_never_deferred(deferred, device, backend):
     bank = _unit(12, 5, device=device)
     with pytest.raises(ValueError, match="out of range"):  # eager indexing would assert on the device
-        dcdkernels.bank_momentum_update_(bank, torch.tensor([12], device=device), torch.randn(1, 5, device=device),
-                                         0.5, backend="eager")
+        dcdkernels.bank_momentum_update_(
+            bank, torch.tensor([12], device=device), torch.randn(1, 5, device=device), 0.5, backend="eager"
+        )
 
 
 @pytest.mark.parametrize("device, backend", DEFERRABLE)
@@ -195,8 +206,10 @@ def test_deferred_flags_event_is_recorded_on_the_flags_device_stream(monkeypatch
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("backend", [b for b in fused_backends("cuda") if b in ("cuda", "triton")]
-                         if torch.cuda.device_count() >= 2 else ["cuda"])
+@pytest.mark.parametrize(
+    "backend",
+    [b for b in fused_backends("cuda") if b in ("cuda", "triton")] if torch.cuda.device_count() >= 2 else ["cuda"],
+)
 def test_deferred_check_on_a_non_current_device(deferred, backend):
     """Tensors on cuda:1 while cuda:0 is current: a bad index is caught (after the copy lands,
     never before), and the bank is left unchanged."""

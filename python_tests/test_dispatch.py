@@ -1,4 +1,5 @@
 """Backend choice and input validation at the dispatch points (no kernel needed)."""
+
 import pytest
 import torch
 
@@ -36,19 +37,22 @@ def test_auto_prefers_compiled_cpu_kernels_when_built():
     assert backends.resolve("auto", torch.device("cpu"), "sampled_contrast") == expected
 
 
-@pytest.mark.parametrize("case, match", [
-    (lambda q, b, i: (q[0], b, i), "anchor must be 2-D"),
-    (lambda q, b, i: (q, b[:, :3], i), "bank has D = 3"),
-    (lambda q, b, i: (q.int(), b, i), "anchor must be float32"),
-    (lambda q, b, i: (q, b, i.float()), "index must be int64"),
-    (lambda q, b, i: (q, b, i[:2]), "index has 2 rows but there are 3 anchors"),
-    (lambda q, b, i: (q, b, i[:, :1]), "K >= 1"),
-    (lambda q, b, i: (q, b, i + 100), r"index has entries out of range \[0, 10\)"),
-    (lambda q, b, i: (q, b, -i - 1), "out of range"),
-    (lambda q, b, i: (q * float("nan"), b, i), "anchor has non-finite values"),
-    (lambda q, b, i: (q[:0], b, i[:0]), "at least one row"),
-    (lambda q, b, i: (q, b.t(), i), "bank has D"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        (lambda q, b, i: (q[0], b, i), "anchor must be 2-D"),
+        (lambda q, b, i: (q, b[:, :3], i), "bank has D = 3"),
+        (lambda q, b, i: (q.int(), b, i), "anchor must be float32"),
+        (lambda q, b, i: (q, b, i.float()), "index must be int64"),
+        (lambda q, b, i: (q, b, i[:2]), "index has 2 rows but there are 3 anchors"),
+        (lambda q, b, i: (q, b, i[:, :1]), "K >= 1"),
+        (lambda q, b, i: (q, b, i + 100), r"index has entries out of range \[0, 10\)"),
+        (lambda q, b, i: (q, b, -i - 1), "out of range"),
+        (lambda q, b, i: (q * float("nan"), b, i), "anchor has non-finite values"),
+        (lambda q, b, i: (q[:0], b, i[:0]), "at least one row"),
+        (lambda q, b, i: (q, b.t(), i), "bank has D"),
+    ],
+)
 def test_sampled_contrast_rejects_bad_input(case, match):
     q, bank, idx = case(*_inputs())
     with pytest.raises((ValueError, TypeError), match=match):

@@ -6,6 +6,7 @@ results; the tests compare them with one process that sees the concatenated batc
 forked (torch is already imported: about 0.3 s instead of about 4 s per rank with spawn) and run
 single-threaded; a deadline turns a hang into a failure.
 """
+
 import datetime
 import math
 import multiprocessing
@@ -58,7 +59,7 @@ def global_batch(step, total):
 def run_steps(bank, variant, sizes, rank, first, steps):
     """Score, backward, update for ``steps`` steps; ``rank=None``: the whole concatenated batch."""
     _, loss, _, sampled, with_bias = VARIANTS[variant]
-    lo, hi = (0, sum(sizes)) if rank is None else (sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    lo, hi = (0, sum(sizes)) if rank is None else (sum(sizes[:rank]), sum(sizes[: rank + 1]))
     theta = torch.tensor(1.0 if loss == "infonce" else math.log(1 / 0.07), requires_grad=True)
     beta = torch.tensor(0.1, requires_grad=True) if with_bias else None
     out = []
@@ -73,16 +74,33 @@ def run_steps(bank, variant, sizes, rank, first, steps):
             beta.grad = None
         per_row.sum().backward()
         bank.update_(pos, z.detach(), 0.5)
-        out.append(dict(loss=per_row.detach(), grad_z=z.grad, grad_theta=theta.grad.clone(),
-                        grad_beta=None if beta is None else beta.grad.clone(), log_z=bank.log_z.clone(),
-                        offset=bank.rng_state()[1]))
+        out.append(
+            dict(
+                loss=per_row.detach(),
+                grad_z=z.grad,
+                grad_theta=theta.grad.clone(),
+                grad_beta=None if beta is None else beta.grad.clone(),
+                log_z=bank.log_z.clone(),
+                offset=bank.rng_state()[1],
+            )
+        )
     return out
 
 
 def make_bank(variant, backend="auto", init_seed=3, **kw):
     mode, _, z_mode, _, _ = VARIANTS[variant]
-    return MemoryBank(N, D, mode=mode, z_mode=z_mode, init="normal", init_seed=init_seed, seed=11, backend=backend,
-                      shard_chunk=5 * (K + 1), **kw)
+    return MemoryBank(
+        N,
+        D,
+        mode=mode,
+        z_mode=z_mode,
+        init="normal",
+        init_seed=init_seed,
+        seed=11,
+        backend=backend,
+        shard_chunk=5 * (K + 1),
+        **kw,
+    )
 
 
 class Model(torch.nn.Module):
@@ -114,7 +132,7 @@ def _scenarios(rank, world_size, tmpdir):
     t0 = time.monotonic()
     # 1. every variant (replicated ones on every backend), several steps
     for variant, (mode, *_rest) in VARIANTS.items():
-        for backend in (BACKENDS if mode == "replicated" else ["auto"]):
+        for backend in BACKENDS if mode == "replicated" else ["auto"]:
             bank = make_bank(variant, backend)
             try:
                 steps = run_steps(bank, variant, sizes, rank, 0, STEPS)
@@ -135,14 +153,21 @@ def _scenarios(rank, world_size, tmpdir):
         resumed = make_bank(variant, init_seed=999)  # different init: everything must come from the file
         resumed.load_state_dict(torch.load(path))
         s3 = run_steps(resumed, variant, sizes, rank, STEPS, STEPS)
-        res[("ckpt", variant)] = dict(straight=s6[STEPS:], resumed=s3, bank_straight=straight.bank.clone(),
-                                      bank_resumed=resumed.bank.clone(), state_straight=straight.state_dict(),
-                                      state_resumed=resumed.state_dict())
+        res[("ckpt", variant)] = dict(
+            straight=s6[STEPS:],
+            resumed=s3,
+            bank_straight=straight.bank.clone(),
+            bank_resumed=resumed.bank.clone(),
+            state_straight=straight.state_dict(),
+            state_resumed=resumed.state_dict(),
+        )
     # a shard checkpoint from another world size is refused
     bank = make_bank("shard_infonce_sampled")
     other = 4 if world_size == 2 else 2
     a, e = shard_bounds(N, other, min(rank, other - 1))
-    foreign = dict(bank.state_dict(), bank=torch.zeros(e - a, D), shard_layout=torch.tensor([N, other, min(rank, other - 1)]))
+    foreign = dict(
+        bank.state_dict(), bank=torch.zeros(e - a, D), shard_layout=torch.tensor([N, other, min(rank, other - 1)])
+    )
     try:
         bank.load_state_dict(foreign)
         res["foreign_ckpt"] = None
@@ -163,11 +188,17 @@ def _scenarios(rank, world_size, tmpdir):
         for step in range(2):
             x, pos = ddp_batch(step, 4 * world_size, N)
             ddp.zero_grad()
-            loss = ddp(x[4 * rank:4 * rank + 4], pos[4 * rank:4 * rank + 4])
+            loss = ddp(x[4 * rank : 4 * rank + 4], pos[4 * rank : 4 * rank + 4])
             loss.backward()
             grads.append(dict(loss=loss.detach(), head=model.head.weight.grad.clone(), theta=model.theta.grad.clone()))
-        res[("ddp", mode)] = dict(kept=kept, synced=synced, ignored=memory_buffer_names(model), grads=grads,
-                                  bank=model.memory.bank.clone(), rows=(model.memory.row_start, model.memory.row_end))
+        res[("ddp", mode)] = dict(
+            kept=kept,
+            synced=synced,
+            ignored=memory_buffer_names(model),
+            grads=grads,
+            bank=model.memory.bank.clone(),
+            rows=(model.memory.row_start, model.memory.row_end),
+        )
     # plain DDP on a sharded bank with equal shard shapes (where a buffer broadcast would go unnoticed)
     n_even = 10 * world_size
     model = Model("sharded", n_even)
@@ -179,8 +210,10 @@ def _scenarios(rank, world_size, tmpdir):
     #    refused on every rank
     queue = MomentumQueue(16, D, mode="replicated", init_seed=2)
     for step in range(3):
-        keys = torch.nn.functional.normalize(torch.randn(sum(sizes), D, generator=torch.Generator().manual_seed(step)), dim=1)
-        queue.enqueue_(keys[sum(sizes[:rank]):sum(sizes[:rank + 1])])
+        keys = torch.nn.functional.normalize(
+            torch.randn(sum(sizes), D, generator=torch.Generator().manual_seed(step)), dim=1
+        )
+        queue.enqueue_(keys[sum(sizes[:rank]) : sum(sizes[: rank + 1])])
     try:
         queue.enqueue_(torch.zeros(16 // world_size + 1, D))
         res["queue_too_large"] = None
@@ -191,7 +224,7 @@ def _scenarios(rank, world_size, tmpdir):
     # sample_negatives: rank r gets its rows of the concatenated batch's stream
     bank = make_bank("shard_infonce_sampled")
     _, pos, _ = global_batch(0, sum(sizes))
-    res["sampled_idx"] = [bank.sample_negatives(pos[sum(sizes[:rank]):sum(sizes[:rank + 1])], K) for _ in range(2)]
+    res["sampled_idx"] = [bank.sample_negatives(pos[sum(sizes[:rank]) : sum(sizes[: rank + 1])], K) for _ in range(2)]
     res["sampled_offset"] = bank.rng_state()[1]
 
     # 5. invalid input on one rank: every rank raises (no rank is left waiting in a collective)
@@ -210,25 +243,35 @@ def _scenarios(rank, world_size, tmpdir):
             err_score = None
         except (ValueError, RuntimeError) as exc:
             err_score = f"{type(exc).__name__}: {exc}"
-        res[("invalid", variant)] = dict(update=err, score=err_score, unchanged=torch.equal(bank.bank, before),
-                                         offset=bank.rng_state()[1])
+        res[("invalid", variant)] = dict(
+            update=err, score=err_score, unchanged=torch.equal(bank.bank, before), offset=bank.rng_state()[1]
+        )
     res["time_ddp"] = time.monotonic() - t0
     # 6. ImageNet-scale layout: 1,281,167 x 128 split over the ranks, a 1/W share each
     if world_size == 4:
         for dtype in (torch.float32, torch.bfloat16):
             big = MemoryBank(*IMAGENET, dtype=dtype, init="empty", mode="sharded")  # torch.empty: pages untouched
             sd = big.state_dict()
-            res[("imagenet", str(dtype))] = dict(numel=big.bank.numel(), nbytes=big.bank.nbytes,
-                                                 rows=(big.row_start, big.row_end), shape=tuple(sd["bank"].shape),
-                                                 layout=sd["shard_layout"].tolist())
+            res[("imagenet", str(dtype))] = dict(
+                numel=big.bank.numel(),
+                nbytes=big.bank.nbytes,
+                rows=(big.row_start, big.row_end),
+                shape=tuple(sd["bank"].shape),
+                layout=sd["shard_layout"].tolist(),
+            )
             del big, sd
     return res
 
 
 def _entry(rank, world_size, tmpdir):
     torch.set_num_threads(1)  # forked children: no OpenMP pool, no oversubscription of the cores
-    dist.init_process_group("gloo", init_method=f"file://{tmpdir}/store", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmpdir}/store",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         res = _scenarios(rank, world_size, tmpdir)
         torch.save(res, os.path.join(tmpdir, f"result{rank}.pt"))
@@ -239,8 +282,7 @@ def _entry(rank, world_size, tmpdir):
 
 def launch(world_size, tmpdir, deadline_s=120):
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_entry, args=(world_size, str(tmpdir)), nprocs=world_size, join=False,
-                             start_method=method)
+    ctx = mp.start_processes(_entry, args=(world_size, str(tmpdir)), nprocs=world_size, join=False, start_method=method)
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=1):
         if time.monotonic() > end:
@@ -257,7 +299,9 @@ def warm_up():
     for backend in BACKENDS:
         bank = MemoryBank(8, 4, backend=backend)
         q = torch.nn.functional.normalize(torch.randn(2, 4), dim=1).requires_grad_()
-        bank.score(q, torch.tensor([0, 1]), num_negatives=2, logit_scale=torch.tensor(2.0, requires_grad=True)).sum().backward()
+        bank.score(
+            q, torch.tensor([0, 1]), num_negatives=2, logit_scale=torch.tensor(2.0, requires_grad=True)
+        ).sum().backward()
         bank.update_(torch.tensor([0, 1]), q.detach(), 0.5)
 
 
@@ -287,9 +331,8 @@ def test_matches_one_process(world, variant):
     """Losses, anchor gradients, scale/bias gradients, log Z, stream offsets and the bank after
     several steps equal one process scoring and updating the concatenated batch."""
     W, results = world
-    sizes = batch_sizes(W)
     mode = VARIANTS[variant][0]
-    for backend in (BACKENDS if mode == "replicated" else ["auto"]):
+    for backend in BACKENDS if mode == "replicated" else ["auto"]:
         got = [r[(variant, backend)] for r in results]
         if isinstance(got[0], str):
             pytest.fail(f"backend {backend!r} raised on the ranks: {got[0]}")
@@ -324,7 +367,9 @@ def test_checkpoint_resumes_bit_identically(world, variant):
         for a, b in zip(c["straight"], c["resumed"]):
             for key in ("loss", "grad_z", "grad_theta", "grad_beta"):
                 assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
-            assert torch.equal(torch.nan_to_num(a["log_z"]), torch.nan_to_num(b["log_z"])) and a["offset"] == b["offset"]
+            assert (
+                torch.equal(torch.nan_to_num(a["log_z"]), torch.nan_to_num(b["log_z"])) and a["offset"] == b["offset"]
+            )
         assert torch.equal(c["bank_straight"], c["bank_resumed"])
         for key, t in c["state_straight"].items():
             assert torch.equal(torch.nan_to_num(t), torch.nan_to_num(c["state_resumed"][key])), key
@@ -379,7 +424,11 @@ def test_replicated_queue_gathers_keys_in_rank_order(world):
     sizes = batch_sizes(W)
     ref = MomentumQueue(16, D, init_seed=2)
     for step in range(3):
-        ref.enqueue_(torch.nn.functional.normalize(torch.randn(sum(sizes), D, generator=torch.Generator().manual_seed(step)), dim=1))
+        ref.enqueue_(
+            torch.nn.functional.normalize(
+                torch.randn(sum(sizes), D, generator=torch.Generator().manual_seed(step)), dim=1
+            )
+        )
     for r in results:
         queue, pointer = r["queue"]
         assert torch.equal(queue, ref.queue) and pointer == ref.pointer

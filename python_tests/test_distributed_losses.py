@@ -8,6 +8,7 @@ Forked processes, one launch per world size (as test_distributed.py). Each rank 
 ``loss_r * B_r / B`` and the parameter gradients are summed over ranks, which is the gradient of
 the global batch mean (what DDP computes for equal batches).
 """
+
 import datetime
 import math
 import multiprocessing
@@ -43,8 +44,17 @@ def build(kind, mode):
         return CRDLoss(S_DIM, T_DIM, N, FEAT, nce_k=K, z_momentum=0.5, memory_mode=mode, bank_init="uniform", seed=5)
     if kind == "dcd":
         return DCDLoss(S_DIM, T_DIM, FEAT, n_data=N, nce_k=K, memory_mode=mode, bank_init="uniform", seed=5)
-    cc = CoCoRDLoss(S_DIM, T_DIM, embed_dim=FEAT, hidden_dim=16, pred_dim=8, queue_size=32, memory_mode=mode,
-                    queue_init="normal", queue_seed=3)
+    cc = CoCoRDLoss(
+        S_DIM,
+        T_DIM,
+        embed_dim=FEAT,
+        hidden_dim=16,
+        pred_dim=8,
+        queue_size=32,
+        memory_mode=mode,
+        queue_init="normal",
+        queue_seed=3,
+    )
     return cc
 
 
@@ -86,13 +96,15 @@ def state(kind, module, gather=None):
 def run(kind, module, sizes, rank):
     """3 steps; rank=None: the concatenated batch in one process."""
     total = sum(sizes)
-    lo, hi = (0, total) if rank is None else (sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    lo, hi = (0, total) if rank is None else (sum(sizes[:rank]), sum(sizes[: rank + 1]))
     opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
     gather = None
     if rank is not None:
+
         def gather(t):
             n = comm.all_gather_rows(torch.tensor([[t.shape[0]]]), [1] * len(sizes), None)[:, 0].tolist()
             return comm.all_gather_rows(t, n, None)
+
     out = []
     for step in range(STEPS):
         b = {k: v[lo:hi] for k, v in global_batch(step, total).items()}
@@ -127,7 +139,7 @@ def _scenarios(rank, world_size):
     for kind, mode in (("crd", "sharded"), ("crd", "replicated"), ("cocord", "replicated")):
         module = train_mode(build(kind, mode))
         before = {k: v.clone() for k, v in module.state_dict().items()}
-        b = {k: v[:sizes[rank]].clone() for k, v in global_batch(0, sum(sizes)).items()}
+        b = {k: v[: sizes[rank]].clone() for k, v in global_batch(0, sum(sizes)).items()}
         if rank == world_size - 1:
             if kind == "cocord":
                 b["f_t"][0, 0] = float("nan")
@@ -146,8 +158,13 @@ def _scenarios(rank, world_size):
 
 def _entry(rank, world_size, tmpdir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmpdir}/store", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmpdir}/store",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         torch.save(_scenarios(rank, world_size), os.path.join(tmpdir, f"result{rank}.pt"))
         dist.barrier()
@@ -157,8 +174,7 @@ def _entry(rank, world_size, tmpdir):
 
 def launch(world_size, tmpdir, deadline_s=150):
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = mp.start_processes(_entry, args=(world_size, str(tmpdir)), nprocs=world_size, join=False,
-                             start_method=method)
+    ctx = mp.start_processes(_entry, args=(world_size, str(tmpdir)), nprocs=world_size, join=False, start_method=method)
     end = time.monotonic() + deadline_s
     while not ctx.join(timeout=1):
         if time.monotonic() > end:

@@ -3,6 +3,7 @@ columns"): the oracle ``reference.dual_sampled_contrast_outputs`` against indepe
 and float64 gradcheck, every backend here against it, the all-present case against the public
 op, and the shard-merge property the sharded CRD/DCD banks rely on. Also the D-limit-aware
 choice of ``backend="auto"`` and the int64 plane offsets of the Triton dual launcher."""
+
 import functools
 import importlib
 import math
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TOL, devices, fused_backends
 
 import dcdkernels
 from dcdkernels import backends, reference
-dual_ops = importlib.import_module("dcdkernels.ops.dual_sampled_contrast")
 from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_op, dual_sampled_contrast_outputs
 
-from conftest import TOL, devices, fused_backends
+dual_ops = importlib.import_module("dcdkernels.ops.dual_sampled_contrast")
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -32,8 +33,13 @@ def _inputs(B, K, N, D, dtype=torch.float32, bank_dtype=None, seed=0, device="cp
     bt = torch.nn.functional.normalize(torch.randn(N, D, generator=g, dtype=F64), dim=1)
     idx = torch.randint(0, N, (B, K + 1), generator=g)
     bank_dtype = bank_dtype or dtype
-    return (zs.to(device, dtype), zt.to(device, dtype), bs.to(device, bank_dtype), bt.to(device, bank_dtype),
-            idx.to(device))
+    return (
+        zs.to(device, dtype),
+        zt.to(device, dtype),
+        bs.to(device, bank_dtype),
+        bt.to(device, bank_dtype),
+        idx.to(device),
+    )
 
 
 def _absent(idx, N, pattern):
@@ -41,14 +47,14 @@ def _absent(idx, N, pattern):
     idx = idx.clone()
     B, C = idx.shape
     if pattern in ("some", "mixed"):
-        idx[:, C - 1] = N            # the last column of every row
-        idx[0, min(1, C - 1)] = -3   # a negative row
+        idx[:, C - 1] = N  # the last column of every row
+        idx[0, min(1, C - 1)] = -3  # a negative row
         if C > 3:
             idx[B - 1, 2] = N + 17
     if pattern in ("positive", "mixed"):
-        idx[0, 0] = -1               # an absent positive
+        idx[0, 0] = -1  # an absent positive
     if pattern in ("empty", "mixed"):
-        idx[B - 1] = N + 1           # every column of the last row
+        idx[B - 1] = N + 1  # every column of the last row
     return idx
 
 
@@ -63,10 +69,35 @@ def _scalars(dtype=torch.float32, bias=True, device="cpu"):
 def _call(backend, zs, zt, bs, bt, idx, loss, kl, noise_rows=0, bias=True, compute_grad=True):
     s, b, lz = _scalars(zs.dtype, bias, zs.device)
     if backend == "oracle":
-        return reference.dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz,
-                                                       compute_kl=kl, noise_rows=noise_rows, compute_grad=compute_grad)
-    return dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=kl,
-                                         noise_rows=noise_rows, compute_grad=compute_grad, backend=backend)
+        return reference.dual_sampled_contrast_outputs(
+            zs,
+            zt,
+            bs,
+            bt,
+            idx,
+            logit_scale=s,
+            bias=b,
+            loss=loss,
+            log_z=lz,
+            compute_kl=kl,
+            noise_rows=noise_rows,
+            compute_grad=compute_grad,
+        )
+    return dual_sampled_contrast_outputs(
+        zs,
+        zt,
+        bs,
+        bt,
+        idx,
+        logit_scale=s,
+        bias=b,
+        loss=loss,
+        log_z=lz,
+        compute_kl=kl,
+        noise_rows=noise_rows,
+        compute_grad=compute_grad,
+        backend=backend,
+    )
 
 
 def _assert_outputs_close(got, want, **tol):
@@ -85,10 +116,12 @@ def test_oracle_all_present_matches_the_differentiable_oracle(loss):
     zs, zt, bs, bt, idx = _inputs(4, 6, 13, 5, F64)
     s, b, lz = _scalars(F64)
     leaves = [t.clone().requires_grad_() for t in (zs, zt, s, b)]
-    ls, lt, kl, lse_s, lse_t = reference.dual_sampled_contrast(*leaves[:2], bs, bt, idx, logit_scale=leaves[2],
-                                                               bias=leaves[3], loss=loss, log_z=lz)
-    losses, lse, ga, gs = reference.dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b,
-                                                                  loss=loss, log_z=lz, compute_kl=True)
+    ls, lt, kl, lse_s, lse_t = reference.dual_sampled_contrast(
+        *leaves[:2], bs, bt, idx, logit_scale=leaves[2], bias=leaves[3], loss=loss, log_z=lz
+    )
+    losses, lse, ga, gs = reference.dual_sampled_contrast_outputs(
+        zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=True
+    )
     tol = TOL[F64]
     torch.testing.assert_close(losses, torch.stack([ls, lt, kl]).detach(), **tol)
     torch.testing.assert_close(lse, torch.stack([lse_s, lse_t]), **tol)
@@ -98,7 +131,9 @@ def test_oracle_all_present_matches_the_differentiable_oracle(loss):
         for plane, grad in want:
             torch.testing.assert_close(ga[plane], grad, **tol)
         for which in (0, 1):  # per-row d/ds and d/dbeta
-            per_row = [torch.autograd.grad(value[i], leaves[2 + which], retain_graph=True)[0] for i in range(len(value))]
+            per_row = [
+                torch.autograd.grad(value[i], leaves[2 + which], retain_graph=True)[0] for i in range(len(value))
+            ]
             torch.testing.assert_close(gs[which, row], torch.stack(per_row), **tol)
 
 
@@ -109,12 +144,14 @@ def test_oracle_absent_columns_equal_dropping_them():
     zs, zt, bs, bt, idx = _inputs(B, K, N, D, F64, seed=3)
     idx = _absent(idx, N, "some")
     s, b, lz = _scalars(F64)
-    losses, lse, _, _ = reference.dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b,
-                                                                compute_kl=True)
+    losses, lse, _, _ = reference.dual_sampled_contrast_outputs(
+        zs, zt, bs, bt, idx, logit_scale=s, bias=b, compute_kl=True
+    )
     for r in range(B):
         keep = idx[r][(idx[r] >= 0) & (idx[r] < N)][None]
-        ls, lt, kl, lse_s, lse_t = reference.dual_sampled_contrast(zs[r:r + 1], zt[r:r + 1], bs, bt, keep,
-                                                                   logit_scale=s, bias=b)
+        ls, lt, kl, lse_s, lse_t = reference.dual_sampled_contrast(
+            zs[r : r + 1], zt[r : r + 1], bs, bt, keep, logit_scale=s, bias=b
+        )
         torch.testing.assert_close(losses[:, r], torch.cat([ls, lt, kl]), **TOL[F64])
         torch.testing.assert_close(lse[:, r], torch.cat([lse_s, lse_t]), **TOL[F64])
 
@@ -125,8 +162,9 @@ def test_oracle_absent_positive_and_empty_row(loss):
     zs, zt, bs, bt, idx = _inputs(B, K, N, D, F64, seed=4)
     idx = _absent(idx, N, "mixed")
     s, b, lz = _scalars(F64)
-    losses, lse, ga, gs = reference.dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b,
-                                                                  loss=loss, log_z=lz, compute_kl=True)
+    losses, lse, ga, gs = reference.dual_sampled_contrast_outputs(
+        zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=True
+    )
     # The empty last row: LSE -inf, InfoNCE loss -inf, NCE loss 0, KL 0, gradients 0.
     assert torch.all(lse[:, -1] == -math.inf)
     assert torch.all(losses[:2, -1] == (-math.inf if loss == "infonce" else 0.0))
@@ -144,17 +182,18 @@ class _OracleWithGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs, zt, s, b, lz, bs, bt, idx, loss, noise_rows):
-        losses, _, ga, gs = reference.dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b,
-                                                                    loss=loss, log_z=lz, compute_kl=True,
-                                                                    noise_rows=noise_rows)
+        losses, _, ga, gs = reference.dual_sampled_contrast_outputs(
+            zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=True, noise_rows=noise_rows
+        )
         ctx.save_for_backward(ga, gs)
         ctx.nce = loss == "nce"  # log Z enters NCE only
         return losses
 
     @staticmethod
     def backward(ctx, g):
-        op_ctx = types.SimpleNamespace(saved_tensors=ctx.saved_tensors, dtypes=(F64, F64), has_bias=True,
-                                       has_log_z=ctx.nce)
+        op_ctx = types.SimpleNamespace(
+            saved_tensors=ctx.saved_tensors, dtypes=(F64, F64), has_bias=True, has_log_z=ctx.nce
+        )
         out = dual_ops._backward(op_ctx, g, None, None, None)
         d_s, d_t, d_scale, d_bias, d_log_z = out[0], out[1], out[5], out[6], out[7]
         return d_s, d_t, d_scale, d_bias, d_log_z, None, None, None, None, None
@@ -184,8 +223,11 @@ def test_gradcheck_cpu_op_float64_with_absent_columns(loss_type):
     s, b, lz = (t.clone().requires_grad_() for t in _scalars(F64))
     lz = lz if loss_type == 1 else None
     fn = lambda zs, zt, s, b, *lz: dual_sampled_contrast_op(  # noqa: E731
-        zs, zt, bs, bt, idx, s, b, lz[0] if lz else None, loss_type, True, 0, 0, 0, True, 2 * N, "cpu")[0]
-    assert torch.autograd.gradcheck(fn, (zs.requires_grad_(), zt.requires_grad_(), s, b) + ((lz,) if lz is not None else ()))
+        zs, zt, bs, bt, idx, s, b, lz[0] if lz else None, loss_type, True, 0, 0, 0, True, 2 * N, "cpu"
+    )[0]
+    assert torch.autograd.gradcheck(
+        fn, (zs.requires_grad_(), zt.requires_grad_(), s, b) + ((lz,) if lz is not None else ())
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,7 +276,9 @@ def test_backend_noise_rows_and_no_grad(device, backend):
     other = _call(backend, zs, zt, bs, bt, idx, "nce", True, noise_rows=1000)
     _assert_outputs_close(same, default, atol=0, rtol=0)
     assert not torch.allclose(other[0][:2], default[0][:2])  # c = K / noise_rows enters the NCE loss
-    _assert_outputs_close(other, _call("oracle", zs, zt, bs, bt, idx, "nce", True, noise_rows=1000), **TOL[torch.float32])
+    _assert_outputs_close(
+        other, _call("oracle", zs, zt, bs, bt, idx, "nce", True, noise_rows=1000), **TOL[torch.float32]
+    )
     losses, lse, ga, gs = _call(backend, zs, zt, bs, bt, idx, "infonce", True, compute_grad=False)
     assert ga.shape == (0,) and gs.shape == (0,)
     torch.testing.assert_close(losses, _call("oracle", zs, zt, bs, bt, idx, "infonce", True)[0], **TOL[torch.float32])
@@ -250,8 +294,9 @@ def test_non_contiguous_anchors_and_strided_banks(device, backend):
     wide_s[:, :9] = bs
     wide_t = torch.zeros(12, 16, device=device)
     wide_t[:, 3:12] = bt
-    got = _call(backend, zs.t().contiguous().t(), zt.t().contiguous().t(), wide_s[:, :9], wide_t[:, 3:12], idx,
-                "infonce", True)
+    got = _call(
+        backend, zs.t().contiguous().t(), zt.t().contiguous().t(), wide_s[:, :9], wide_t[:, 3:12], idx, "infonce", True
+    )
     _assert_outputs_close(got, want, **TOL[torch.float32])
 
 
@@ -260,11 +305,22 @@ def test_non_contiguous_anchors_and_strided_banks(device, backend):
 def test_all_present_index_gives_exactly_the_public_op(device, backend, loss):
     zs, zt, bs, bt, idx = _inputs(4, 6, 15, 7, seed=12, device=device)
     s, b, lz = _scalars(device=device)
-    losses, lse, ga, gs = dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss,
-                                                        log_z=lz, compute_kl=True, backend=backend)
+    losses, lse, ga, gs = dual_sampled_contrast_outputs(
+        zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=True, backend=backend
+    )
     leaves = [t.clone().requires_grad_() for t in (zs, zt, s, b)]
-    out = dcdkernels.dual_sampled_contrast(*leaves[:2], bs, bt, idx, logit_scale=leaves[2], bias=leaves[3], loss=loss,
-                                           log_z=lz, consistency=1.0, backend=backend)
+    out = dcdkernels.dual_sampled_contrast(
+        *leaves[:2],
+        bs,
+        bt,
+        idx,
+        logit_scale=leaves[2],
+        bias=leaves[3],
+        loss=loss,
+        log_z=lz,
+        consistency=1.0,
+        backend=backend,
+    )
     # The same kernel call: bit-identical. The public eager path differentiates the plain oracle instead.
     same = torch.equal if backend != "eager" else functools.partial(_close, **TOL[torch.float32])
     assert same(losses, torch.stack([out.loss_s, out.loss_t, out.consistency]).detach())
@@ -297,11 +353,32 @@ def test_shard_merge(device, backend, bounds):
     B, K, N, D = 5, 12, 19, 6
     zs, zt, bs, bt, idx = _inputs(B, K, N, D, seed=13, device=device)
     s, b, lz = _scalars(device=device)
-    full = {loss: dual_sampled_contrast_outputs(zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz,
-                                                compute_kl=True, backend=backend) for loss in ("infonce", "nce")}
-    parts = {loss: [dual_sampled_contrast_outputs(zs, zt, bs[lo:hi], bt[lo:hi], idx - lo, logit_scale=s, bias=b,
-                                                  loss=loss, log_z=lz, compute_kl=True, noise_rows=N, backend=backend)
-                    for lo, hi in zip(bounds[:-1], bounds[1:])] for loss in ("infonce", "nce")}
+    full = {
+        loss: dual_sampled_contrast_outputs(
+            zs, zt, bs, bt, idx, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=True, backend=backend
+        )
+        for loss in ("infonce", "nce")
+    }
+    parts = {
+        loss: [
+            dual_sampled_contrast_outputs(
+                zs,
+                zt,
+                bs[lo:hi],
+                bt[lo:hi],
+                idx - lo,
+                logit_scale=s,
+                bias=b,
+                loss=loss,
+                log_z=lz,
+                compute_kl=True,
+                noise_rows=N,
+                backend=backend,
+            )
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+        for loss in ("infonce", "nce")
+    }
     tol = TOL[torch.float32]
     for loss in ("infonce", "nce"):
         lse_parts = torch.stack([p[1] for p in parts[loss]])  # (shards, 2, B)
@@ -328,9 +405,12 @@ def test_shard_merge(device, backend, bounds):
 def _cuda_limits_from_source():
     utils = (ROOT / "csrc/cuda/layout.cuh").read_text()
     group = int(re.search(r"constexpr int kMaxGroup = (\d+);", utils).group(1))
-    per_thread = {op: int(re.search(r"constexpr int kMaxFloatsPerThread = (\d+);",
-                                    (ROOT / f"csrc/cuda/{op}.cu").read_text()).group(1))
-                  for op in ("sampled_contrast", "dual_sampled_contrast")}
+    per_thread = {
+        op: int(
+            re.search(r"constexpr int kMaxFloatsPerThread = (\d+);", (ROOT / f"csrc/cuda/{op}.cu").read_text()).group(1)
+        )
+        for op in ("sampled_contrast", "dual_sampled_contrast")
+    }
     return {op: group * n for op, n in per_thread.items()}
 
 
@@ -341,16 +421,19 @@ def test_cuda_dim_limits_match_the_kernels():
     assert backends.max_dim("dense_contrast", "cuda") is None
 
 
-@pytest.mark.parametrize("cuda_built, triton_ok, dim, expected", [
-    (True, True, 128, "cuda"),
-    (True, True, 2048, "cuda"),
-    (True, True, 2049, "triton"),
-    (True, True, 4096, "triton"),
-    (True, True, 4097, "eager"),
-    (True, False, 3000, "eager"),
-    (False, True, 3000, "triton"),
-    (True, True, None, "cuda"),
-])
+@pytest.mark.parametrize(
+    "cuda_built, triton_ok, dim, expected",
+    [
+        (True, True, 128, "cuda"),
+        (True, True, 2048, "cuda"),
+        (True, True, 2049, "triton"),
+        (True, True, 4096, "triton"),
+        (True, True, 4097, "eager"),
+        (True, False, 3000, "eager"),
+        (False, True, 3000, "triton"),
+        (True, True, None, "cuda"),
+    ],
+)
 def test_auto_resolution_respects_dim_limits(monkeypatch, cuda_built, triton_ok, dim, expected):
     pytest.importorskip("triton")
     monkeypatch.setattr(backends._ext, "has_kernel", lambda op, key: key == "CPU" or cuda_built)
@@ -415,15 +498,17 @@ def test_triton_dual_plane_offsets_are_int64():
 def test_absent_columns_across_chunks(device, backend, loss):
     B, K, N, D = 2, 767, 40, 5  # 768 columns: the CPU kernel splits them into chunks at small B
     zs, zt, bs, bt, idx = _inputs(B, K, N, D, seed=21, device=device)
-    idx[0, 300:] = N + 3      # the last chunk(s) of row 0 entirely
-    idx[1, ::3] = -7          # the positive and every third column of row 1
+    idx[0, 300:] = N + 3  # the last chunk(s) of row 0 entirely
+    idx[1, ::3] = -7  # the positive and every third column of row 1
     kwargs = dict(num_chunks=3) if backend == "triton" else {}
     want = _call("oracle", zs, zt, bs, bt, idx, loss, True)
     if kwargs:  # the Triton launcher takes the split explicitly
         from dcdkernels.triton.dual_sampled_contrast import dual_sampled_contrast as triton_dual
+
         s, b, lz = _scalars(device=device)
-        got = triton_dual(zs, zt, bs, bt, idx, s, b, lz, 0 if loss == "infonce" else 1, True, 0, 0, 0, True, 0,
-                          **kwargs)
+        got = triton_dual(
+            zs, zt, bs, bt, idx, s, b, lz, 0 if loss == "infonce" else 1, True, 0, 0, 0, True, 0, **kwargs
+        )
     else:
         got = _call(backend, zs, zt, bs, bt, idx, loss, True)
     _assert_outputs_close(got, want, **TOL[torch.float32])

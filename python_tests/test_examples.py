@@ -1,6 +1,7 @@
 """examples/ddp_crd.py (the README's DDP script) under torchrun, gloo, 2 CPU processes, unchanged
 except for ``--memory-mode``: the sharded run ends with the replicated run's weights, banks
 (gathered shards) and log Z."""
+
 import os
 import subprocess
 import sys
@@ -9,8 +10,24 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--n-data", "101", "--nce-k", "16", "--feat-dim", "8", "--batch-size", "6", "--in-dim", "5",
-         "--s-dim", "12", "--t-dim", "10", "--steps", "3"]
+SMALL = [
+    "--n-data",
+    "101",
+    "--nce-k",
+    "16",
+    "--feat-dim",
+    "8",
+    "--batch-size",
+    "6",
+    "--in-dim",
+    "5",
+    "--s-dim",
+    "12",
+    "--t-dim",
+    "10",
+    "--steps",
+    "3",
+]
 
 
 @pytest.mark.distributed
@@ -18,9 +35,20 @@ def test_ddp_crd_example_replicated_and_sharded(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     states = {}
     for mode in ("replicated", "sharded"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(REPO, "examples", "ddp_crd.py"), *SMALL, "--memory-mode", mode,
-               "--save", str(tmp_path / mode)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(REPO, "examples", "ddp_crd.py"),
+            *SMALL,
+            "--memory-mode",
+            mode,
+            "--save",
+            str(tmp_path / mode),
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"memory_mode={mode}" in proc.stdout and "MB on this rank" in proc.stdout
@@ -35,7 +63,9 @@ def test_ddp_crd_example_replicated_and_sharded(tmp_path):
         if "memory." not in key:
             torch.testing.assert_close(shard[0][key], t, atol=1e-6, rtol=1e-6, msg=key)
             torch.testing.assert_close(shard[1][key], t, atol=1e-6, rtol=1e-6, msg=key)
-    torch.testing.assert_close(shard[0]["criterion.memory.log_z"], rep[0]["criterion.memory.log_z"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        shard[0]["criterion.memory.log_z"], rep[0]["criterion.memory.log_z"], atol=1e-6, rtol=1e-6
+    )
     assert int(shard[1]["criterion.memory.rng_offset"]) == int(rep[0]["criterion.memory.rng_offset"]) == 3 * 12 * 16
 
 

@@ -1,11 +1,12 @@
 """Drop-ins for lightly's NTXentLoss (memory bank) and pytorch-metric-learning's CrossBatchMemory
 (issue 14): equal to the libraries' own classes on identical inputs over 3 steps, the memory
 contents included. The batches cross the end of the memory, so the wrap-around is exercised."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import close_fp32 as _close
+
 from dcdkernels.integrations import CrossBatchMemory, NTXentMemoryLoss, PMLNTXentLoss, PMLSupConLoss
 
 B, D, M = 8, 16, 20
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _step(mod, *inputs):
     leaves = [x.clone().requires_grad_(True) for x in inputs[:2] if x.is_floating_point()]
-    loss = mod(*leaves, *inputs[len(leaves):])
+    loss = mod(*leaves, *inputs[len(leaves) :])
     loss.backward()
     return loss.detach(), [x.grad for x in leaves]
 
@@ -84,8 +85,11 @@ def _labels(kind, gen):
 def test_cross_batch_memory_equal_over_three_steps(backend, loss_name, labels_kind, wrap_pml_loss):
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     ref = pml.CrossBatchMemory(getattr(pml, loss_name)(temperature=0.1), D, memory_size=M)
-    inner = getattr(pml, loss_name)(temperature=0.1) if wrap_pml_loss else \
-        {"NTXentLoss": PMLNTXentLoss, "SupConLoss": PMLSupConLoss}[loss_name](temperature=0.1)
+    inner = (
+        getattr(pml, loss_name)(temperature=0.1)
+        if wrap_pml_loss
+        else {"NTXentLoss": PMLNTXentLoss, "SupConLoss": PMLSupConLoss}[loss_name](temperature=0.1)
+    )
     ours = CrossBatchMemory(inner, D, memory_size=M, backend=backend)
     gen = torch.Generator().manual_seed(2)
     for step in range(4):
@@ -95,8 +99,7 @@ def test_cross_batch_memory_equal_over_three_steps(backend, loss_name, labels_ki
         l_our, (g_our,) = _step(ours, emb, lab)
         _close(l_our, l_ref, f"loss, step {step}")
         _close(g_our, g_ref, f"grad, step {step}")
-        _close(ours.embedding_memory, F.normalize(ref.embedding_memory, dim=1),
-               f"memory, step {step}")
+        _close(ours.embedding_memory, F.normalize(ref.embedding_memory, dim=1), f"memory, step {step}")
         assert torch.equal(ours.label_memory, ref.label_memory), step
         assert ours.queue_idx == ref.queue_idx and ours.has_been_filled == ref.has_been_filled, step
 
@@ -108,10 +111,14 @@ def test_ntxent_exact_path_when_positives_dominate(monkeypatch):
     Those anchors take the exact path (masked rows), and the loss equals the original's."""
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     from dcdkernels.integrations import memory_losses
+
     calls = []
     exact = memory_losses.CrossBatchMemory._masked_neg_lse
-    monkeypatch.setattr(memory_losses.CrossBatchMemory, "_masked_neg_lse",
-                        lambda self, q_sub, *a: calls.append(q_sub.shape[0]) or exact(self, q_sub, *a))
+    monkeypatch.setattr(
+        memory_losses.CrossBatchMemory,
+        "_masked_neg_lse",
+        lambda self, q_sub, *a: calls.append(q_sub.shape[0]) or exact(self, q_sub, *a),
+    )
     ref = pml.CrossBatchMemory(pml.NTXentLoss(temperature=0.05), D, memory_size=2 * M)
     ours = CrossBatchMemory(PMLNTXentLoss(temperature=0.05), D, memory_size=2 * M)
     gen = torch.Generator().manual_seed(3)
@@ -144,6 +151,7 @@ def test_cross_batch_memory_rejects_unsupported():
         CrossBatchMemory(pml.TripletMarginLoss(), D)
     with pytest.raises(ValueError, match="distance"):
         from pytorch_metric_learning.distances import LpDistance
+
         CrossBatchMemory(pml.NTXentLoss(distance=LpDistance()), D)
     ours = CrossBatchMemory(PMLNTXentLoss(), D, memory_size=M)
     with pytest.raises(NotImplementedError, match="enqueue_mask"):

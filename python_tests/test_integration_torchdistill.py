@@ -1,13 +1,13 @@
 """torchdistill plug-in (issue 14): the registry keys, DCDKCRDLoss against torchdistill's own
 CRDLoss, and a torchdistill YAML config run through torchdistill's DistillationBox."""
+
 import copy
 import os
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import close_fp32 as _close
+from torch import nn
 
 pytest.importorskip("torchdistill")
 pytest.importorskip("torchvision")
@@ -30,9 +30,18 @@ def test_keys_registered():
 
 
 def _crd_kwargs():
-    return dict(student_norm_module_path="normalizer", student_empty_module_path="empty",
-                teacher_norm_module_path="normalizer", input_size=D, output_size=N, num_negative_samples=K,
-                num_samples=N, temperature=0.07, momentum=0.5, eps=1e-7)
+    return dict(
+        student_norm_module_path="normalizer",
+        student_empty_module_path="empty",
+        teacher_norm_module_path="normalizer",
+        input_size=D,
+        output_size=N,
+        num_negative_samples=K,
+        num_samples=N,
+        temperature=0.07,
+        momentum=0.5,
+        eps=1e-7,
+    )
 
 
 def _io(z_s, z_t, pos_idx, contrast_idx):
@@ -90,11 +99,18 @@ def test_crd_rejects_what_it_cannot_honour():
 
 def test_dcd_adapter_equals_the_loss():
     from dcdkernels.losses import DCDLoss
+
     torch.manual_seed(0)
     ref = DCDLoss(12, 20, feat_dim=8)
     torch.manual_seed(0)
-    ours = get_mid_level_loss({"key": "DCDKDCDLoss", "kwargs": dict(
-        student_module_path="model.avgpool", teacher_module_path="model.avgpool", s_dim=12, t_dim=20, feat_dim=8)})
+    ours = get_mid_level_loss(
+        {
+            "key": "DCDKDCDLoss",
+            "kwargs": dict(
+                student_module_path="model.avgpool", teacher_module_path="model.avgpool", s_dim=12, t_dim=20, feat_dim=8
+            ),
+        }
+    )
     f_s, f_t = torch.randn(B, 12), torch.randn(B, 20)
     got = ours({"model.avgpool": {"output": f_s}}, {"model.avgpool": {"output": f_t}}, None)
     torch.testing.assert_close(got, ref(f_s, f_t), rtol=0, atol=0)
@@ -102,12 +118,17 @@ def test_dcd_adapter_equals_the_loss():
 
 def test_cocord_adapter_equals_the_loss():
     from dcdkernels.losses import CoCoRDLoss
+
     kw = dict(s_dim=12, t_dim=20, embed_dim=16, hidden_dim=16, pred_dim=8, queue_size=32, pred_weight=0.0)
     torch.manual_seed(0)
     ref = CoCoRDLoss(**kw)
     torch.manual_seed(0)
-    ours = get_mid_level_loss({"key": "DCDKCoCoRDLoss", "kwargs": dict(
-        student_module_path="model.avgpool", teacher_module_path="model.avgpool", **kw)})
+    ours = get_mid_level_loss(
+        {
+            "key": "DCDKCoCoRDLoss",
+            "kwargs": dict(student_module_path="model.avgpool", teacher_module_path="model.avgpool", **kw),
+        }
+    )
     for _ in range(2):  # the queue moves identically
         f_s, f_t = torch.randn(B, 12), torch.randn(B, 20)
         got = ours({"model.avgpool": {"output": f_s}}, {"model.avgpool": {"output": f_t}}, None)
@@ -121,6 +142,7 @@ def test_pckd_adapter_and_bind():
     from types import SimpleNamespace
 
     from dcdkernels.losses import PCKDLoss
+
     student, teacher = nn.Linear(12, 5), nn.Linear(20, 5)
     student_model, teacher_model = nn.Sequential(), nn.Sequential()
     student_model.fc, teacher_model.fc = student, teacher
@@ -131,8 +153,13 @@ def test_pckd_adapter_and_bind():
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     criterion = nn.Module()
     criterion.term_dict = {"pckd": (ours, 1.0)}  # as torchdistill's WeightedSumLoss keeps its terms
-    box = SimpleNamespace(criterion=criterion, optimizer=opt, device=torch.device("cpu"), student_model=student_model,
-                          teacher_model=teacher_model)
+    box = SimpleNamespace(
+        criterion=criterion,
+        optimizer=opt,
+        device=torch.device("cpu"),
+        student_model=student_model,
+        teacher_model=teacher_model,
+    )
     with pytest.raises(RuntimeError, match="bind_distillation_box"):
         ours({}, {}, torch.zeros(B, dtype=torch.int64))
     assert dcdk_td.bind_distillation_box(box) == [ours]
@@ -162,6 +189,7 @@ _IMAGES_PER_CLASS, _CLASSES = 8, 2
 
 def _tiny_image_folder(root):
     from PIL import Image
+
     gen = torch.Generator().manual_seed(0)
     for c in range(_CLASSES):
         os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)

@@ -2,6 +2,7 @@
 the first state change (log Z and its "set" flag, banks, stream, queue and pointer, EMA heads,
 BatchNorm statistics, loaded state), deferred-mode failures leave the state as it was, rejected
 state dicts change nothing, and every older state-dict layout loads."""
+
 import copy
 
 import pytest
@@ -179,9 +180,12 @@ def test_crd_former_keys_load():
     a(f_s, f_t, idx)
     new = a.state_dict()
     former = {k: v.clone() for k, v in new.items() if k.startswith("embed_")}
-    former.update(bank_s=new["memory.bank_s"].clone(), bank_t=new["memory.bank_t"].clone(),
-                  log_z=new["memory.log_z"].clone(),
-                  rng_state=torch.tensor([int(new["memory.rng_seed"]), int(new["memory.rng_offset"])]))
+    former.update(
+        bank_s=new["memory.bank_s"].clone(),
+        bank_t=new["memory.bank_t"].clone(),
+        log_z=new["memory.log_z"].clone(),
+        rng_state=torch.tensor([int(new["memory.rng_seed"]), int(new["memory.rng_offset"])]),
+    )
     b = crd(z_momentum=0.5, bank_init="uniform")
     b.memory.set_rng_state(77, 1)
     b.load_state_dict(former)  # strict
@@ -198,11 +202,20 @@ def test_dcd_former_and_official_keys_load():
     a(*batch(0)[:3])
     new = a.state_dict()
     # the former memory-form keys, with the official names of the heads and parameters
-    former = {k.replace("embed_s.", "embed_s.linear.").replace("embed_t.", "embed_t.linear."): v.clone()
-              for k, v in new.items() if k.startswith("embed_")}
-    former.update({"params.tau": new["log_scale"].clone(), "params.b": new["bias"].clone(),
-                   "bank_s": new["memory.bank_s"].clone(), "bank_t": new["memory.bank_t"].clone(),
-                   "rng_state": torch.tensor(list(a.memory.rng_state()))})
+    former = {
+        k.replace("embed_s.", "embed_s.linear.").replace("embed_t.", "embed_t.linear."): v.clone()
+        for k, v in new.items()
+        if k.startswith("embed_")
+    }
+    former.update(
+        {
+            "params.tau": new["log_scale"].clone(),
+            "params.b": new["bias"].clone(),
+            "bank_s": new["memory.bank_s"].clone(),
+            "bank_t": new["memory.bank_t"].clone(),
+            "rng_state": torch.tensor(list(a.memory.rng_state())),
+        }
+    )
     torch.manual_seed(5)
     b = DCDLoss(S_DIM, T_DIM, FEAT, n_data=N, nce_k=K, backend="eager", seed=9)
     b.load_state_dict(former)

@@ -5,6 +5,7 @@ The "official" modules below are transcriptions, written for these tests, of Rep
 path (crd/criterion.py, crd/memory.py), the DCD/ICD code (giakoumoglou/distillers) and CoCoRD's
 builder/loop (ShipengFu/CoCoRD): same operations, same order, same numerics.
 """
+
 import copy
 import math
 from types import SimpleNamespace
@@ -12,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, backend_params
 from torch import nn
 
 import dcdkernels
-from conftest import TOL, backend_params
 from dcdkernels.losses import CoCoRDLoss, CRDLoss, DCDLoss, ICDLoss, PCKDLoss
 
 
@@ -36,8 +37,6 @@ def _cpu_backends(with_triton=True):
         if dev == "cpu" and be != "none" and (with_triton or be != "triton"):
             out.append(pytest.param(be, marks=pytest.mark.triton) if be == "triton" else be)
     return out
-
-
 
 
 def _close(a, b, dtype=torch.float32, scale=1.0, msg=""):
@@ -160,8 +159,12 @@ def test_crd_matches_repdistiller_for_three_steps(dtype, backend):
         _close(loss, ref, dtype, scale, f"loss, step {step}")
         _close(f_s.grad, f_s2.grad, dtype, scale)
         _close(f_t.grad, f_t2.grad, dtype, scale)
-        for a, b in ((ours.embed_s.weight, rd.embed_s.linear.weight), (ours.embed_s.bias, rd.embed_s.linear.bias),
-                     (ours.embed_t.weight, rd.embed_t.linear.weight), (ours.embed_t.bias, rd.embed_t.linear.bias)):
+        for a, b in (
+            (ours.embed_s.weight, rd.embed_s.linear.weight),
+            (ours.embed_s.bias, rd.embed_s.linear.bias),
+            (ours.embed_t.weight, rd.embed_t.linear.weight),
+            (ours.embed_t.bias, rd.embed_t.linear.bias),
+        ):
             _close(a.grad, b.grad, dtype, scale)
         _close(ours.bank_s, rd.contrast.memory_v1, dtype, scale)
         _close(ours.bank_t, rd.contrast.memory_v2, dtype, scale)
@@ -194,7 +197,9 @@ def test_crd_from_opt_and_attributes():
     assert (crd.nce_k, crd.nce_t, crd.nce_m, crd.z_momentum) == (9, 0.07, 0.5, 0.99)
     stdv = 1 / math.sqrt(OPT.feat_dim / 3)
     assert crd.bank_s.abs().max() <= stdv and torch.isnan(crd.log_z).all()
-    assert {"memory.bank_s", "memory.bank_t", "memory.log_z", "memory.rng_seed", "memory.rng_offset"} <= set(crd.state_dict())
+    assert {"memory.bank_s", "memory.bank_t", "memory.log_z", "memory.rng_seed", "memory.rng_offset"} <= set(
+        crd.state_dict()
+    )
     assert crd.memory_mode == "local" and not list(crd.buffers())  # all state in crd.memory, none a DDP buffer
     assert crd.bank_s.dtype == torch.float32
     assert CRDLoss.from_opt(OPT, bank_dtype=torch.bfloat16).bank_t.dtype == torch.bfloat16
@@ -322,8 +327,10 @@ def _official_from(ours):
 
 def _dcd_batch(step, B=6, dtype=torch.float64):
     g = torch.Generator().manual_seed(300 + step)
-    return (torch.randn(B, OPT.s_dim, generator=g, dtype=dtype).requires_grad_(),
-            torch.randn(B, OPT.t_dim, generator=g, dtype=dtype).requires_grad_())
+    return (
+        torch.randn(B, OPT.s_dim, generator=g, dtype=dtype).requires_grad_(),
+        torch.randn(B, OPT.t_dim, generator=g, dtype=dtype).requires_grad_(),
+    )
 
 
 @pytest.mark.parametrize("init_log_scale", [1.0, 2.5])  # 2.5: exp > 10, the clamp is active
@@ -359,9 +366,16 @@ def test_dcd_loads_official_and_icd_state_dicts():
     ours.load_state_dict(off.state_dict())
     assert ours.log_scale.item() == pytest.approx(1.7) and torch.equal(ours.embed_s.weight, off.embed_s.weight)
     # ICD's official heads are Embed(linear) wrappers.
-    icd_sd = {("embed_s.linear." + k[len("embed_s."):] if k.startswith("embed_s.") else
-               "embed_t.linear." + k[len("embed_t."):] if k.startswith("embed_t.") else k): v
-              for k, v in off.state_dict().items()}
+    icd_sd = {
+        (
+            "embed_s.linear." + k[len("embed_s.") :]
+            if k.startswith("embed_s.")
+            else "embed_t.linear." + k[len("embed_t.") :]
+            if k.startswith("embed_t.")
+            else k
+        ): v
+        for k, v in off.state_dict().items()
+    }
     icd = ICDLoss(OPT.s_dim, OPT.t_dim, OPT.feat_dim)
     icd.load_state_dict(icd_sd)
     f_s, f_t = _dcd_batch(0, dtype=torch.float32)
@@ -435,7 +449,12 @@ class OfficialCoCoRD(nn.Module):
 
     def __init__(self, ours):
         super().__init__()
-        self.K, self.m, self.b_m, self.T = ours.queue.shape[0], ours.teacher_momentum, ours.slow_momentum, ours.temperature
+        self.K, self.m, self.b_m, self.T = (
+            ours.queue.shape[0],
+            ours.teacher_momentum,
+            ours.slow_momentum,
+            ours.temperature,
+        )
         self.s_q_proj = copy.deepcopy(ours.projector)
         self.s_k_proj = copy.deepcopy(ours.slow_projector)
         self.t_k_proj = copy.deepcopy(ours.teacher_projector)
@@ -454,11 +473,11 @@ class OfficialCoCoRD(nn.Module):
     def _dequeue_and_enqueue(self, keys):
         B, ptr = keys.shape[0], int(self.queue_ptr)
         if ptr + B <= self.K:
-            self.queue[:, ptr:ptr + B] = keys.T
+            self.queue[:, ptr : ptr + B] = keys.T
         else:
             move = self.K - ptr
             self.queue[:, ptr:] = keys[:move].T
-            self.queue[:, :(ptr + B) % self.K] = keys[move:].T
+            self.queue[:, : (ptr + B) % self.K] = keys[move:].T
         self.queue_ptr[0] = (ptr + B) % self.K
 
     def forward(self, f_s, f_t, f_s2, f_slow, f_slow2):
@@ -500,8 +519,10 @@ def test_cocord_matches_official_for_three_steps():
         torch.testing.assert_close(loss, ref)
         torch.testing.assert_close(f_s.grad, g_s.grad)
         torch.testing.assert_close(f_s2.grad, g_s2.grad)
-        for (n, p), q in zip(list(ours.projector.named_parameters()) + list(ours.predictor.named_parameters()),
-                             list(off.s_q_proj.parameters()) + list(off.s_q_pred.parameters())):
+        for (n, p), q in zip(
+            list(ours.projector.named_parameters()) + list(ours.predictor.named_parameters()),
+            list(off.s_q_proj.parameters()) + list(off.s_q_pred.parameters()),
+        ):
             torch.testing.assert_close(p.grad, q.grad, msg=n)
         torch.testing.assert_close(ours.queue, off.queue.t())
         assert ours.queue_ptr.item() == off.queue_ptr.item()
@@ -637,6 +658,7 @@ def _crd_factory(backend, sampled):
         f_s, f_t, idx, cidx = _crd_batch(i, dtype=torch.float32)
         d = _dev(m)
         return m(f_s.to(d), f_t.to(d), idx.to(d), None if sampled else cidx.to(d)), (f_s, f_t)
+
     return m, step
 
 
@@ -649,6 +671,7 @@ def _dcd_factory(backend, memory):
         f_s, f_t, idx, cidx = _crd_batch(i, dtype=torch.float32)
         d = _dev(m)
         return m(f_s.to(d), f_t.to(d), idx.to(d), cidx.to(d) if (memory and i == 1) else None), (f_s, f_t)
+
     return m, step
 
 
@@ -659,6 +682,7 @@ def _cocord_factory(backend, t_dim):
     def step(m, i):
         batch = _cc_batch(i, t_dim=t_dim, dtype=torch.float32)
         return m(*(x.to(_dev(m)) for x in batch)), (batch[0], batch[2])
+
     return m, step
 
 
@@ -675,6 +699,7 @@ def _pckd_factory(backend, preview):
         f_s, f_t, y = f_s0.to(d), f_t.to(d), y.to(d)
         fc_s, fc_t = m.fc_holder
         return m(f_s, f_t, fc_s(f_s), fc_t(f_t), y, fc_s, fc_t), (f_s0,)
+
     return m, step
 
 
@@ -706,8 +731,13 @@ def _trajectory(factory, backend, device):
 
 
 @pytest.mark.parametrize("method", list(FACTORIES))
-@pytest.mark.parametrize("device, backend", [pytest.param(*p.values, marks=[*p.marks, pytest.mark.triton], id=p.id)
-                                             if p.values[1] == "triton" else p for p in backend_params()])
+@pytest.mark.parametrize(
+    "device, backend",
+    [
+        pytest.param(*p.values, marks=[*p.marks, pytest.mark.triton], id=p.id) if p.values[1] == "triton" else p
+        for p in backend_params()
+    ],
+)
 def test_fused_backend_matches_eager(method, device, backend):
     ref = _trajectory(FACTORIES[method], "eager", device)
     got = _trajectory(FACTORIES[method], backend, device)

@@ -4,19 +4,23 @@ Each test checks the module against the correct computation AND runs the deliber
 variant next to it, asserting that the wrong variant gives a measurably different answer, so the
 test really distinguishes the two (a test that both variants pass proves nothing).
 """
+
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import backend_params
+
 from dcdkernels import reference
 from dcdkernels.losses import CoCoRDLoss, CRDLoss, DCDLoss
 
-BACKENDS = ["eager"] + [pytest.param(p.values[1], marks=pytest.mark.triton) if p.values[1] == "triton" else p.values[1]
-                        for p in backend_params() if p.values[0] == "cpu" and p.values[1] != "none"]
+BACKENDS = ["eager"] + [
+    pytest.param(p.values[1], marks=pytest.mark.triton) if p.values[1] == "triton" else p.values[1]
+    for p in backend_params()
+    if p.values[0] == "cpu" and p.values[1] != "none"
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,8 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
 
 
 def _differs(a, b, rel=1e-4):
@@ -52,8 +54,9 @@ def _crd(backend, dtype=torch.float32, n=N, k=K, **kw):
 
 def _nce(crd, z_s, z_t, bank_s, bank_t, cidx, log_z):
     """Correct CRD scoring: student anchor vs bank_t rows, teacher anchor vs bank_s rows."""
-    l_s, l_t, _, _, _ = reference.dual_sampled_contrast(z_s, z_t, bank_s, bank_t, cidx, logit_scale=1 / TEMP,
-                                                        loss="nce", log_z=log_z, compute_kl=False)
+    l_s, l_t, _, _, _ = reference.dual_sampled_contrast(
+        z_s, z_t, bank_s, bank_t, cidx, logit_scale=1 / TEMP, loss="nce", log_z=log_z, compute_kl=False
+    )
     return l_s.mean() + l_t.mean()
 
 
@@ -94,6 +97,7 @@ def test_dcd_memory_form_scores_before_updating_the_banks(backend):
         def score(bank_s, bank_t):
             out = reference.dual_sampled_contrast(z_s, z_t, bank_s, bank_t, cidx, logit_scale=s)
             return out[0].mean() + 0.5 * out[2].mean()
+
         right = score(dcd.bank_s, dcd.bank_t)
         wrong = score(_updated(dcd.bank_s, idx, z_s), _updated(dcd.bank_t, idx, z_t))
     bank_s0 = dcd.bank_s.clone()
@@ -119,7 +123,9 @@ def test_crd_partition_is_estimated_once(backend):
             # The mistake: a fresh Z = N * mean(exp(u)) from this batch.
             l_s = reference.sampled_contrast(z_s, crd.bank_t, cidx, logit_scale=1 / TEMP)[1]
             l_t = reference.sampled_contrast(z_t, crd.bank_s, cidx, logit_scale=1 / TEMP)[1]
-            fresh = torch.stack([math.log(N) + torch.logsumexp(l, 0) - math.log(l.numel() * (K + 1)) for l in (l_s, l_t)])
+            fresh = torch.stack(
+                [math.log(N) + torch.logsumexp(l, 0) - math.log(l.numel() * (K + 1)) for l in (l_s, l_t)]
+            )
             wrong = _nce(crd, z_s, z_t, crd.bank_s, crd.bank_t, cidx, fresh)
         loss = crd(f_s, f_t, idx, cidx)
         assert torch.equal(crd.log_z, first)
@@ -170,8 +176,10 @@ def test_crd_positive_comes_from_the_bank(backend):
         l_s[:, 0] = (z_s * z_t).sum(1) / TEMP
         l_t = torch.einsum("bkd,bd->bk", crd.bank_s[cidx], z_t) / TEMP
         l_t[:, 0] = (z_t * z_s).sum(1) / TEMP
-        wrong = (reference.nce_loss_from_logits(l_s, crd.log_z[0], N).mean()
-                 + reference.nce_loss_from_logits(l_t, crd.log_z[1], N).mean())
+        wrong = (
+            reference.nce_loss_from_logits(l_s, crd.log_z[0], N).mean()
+            + reference.nce_loss_from_logits(l_t, crd.log_z[1], N).mean()
+        )
     twin = copy.deepcopy(crd)
     loss = crd(f_s, f_t, idx, cidx)
     torch.testing.assert_close(loss.detach(), right, rtol=5e-5, atol=1e-5)
@@ -230,7 +238,8 @@ def test_dcd_bias_gradient_is_exactly_zero(backend, memory):
             z_s, z_t = dcd.embed_s(f_s), dcd.embed_t(f_t)
         logits = z_s @ z_t.t() * dcd.logit_scale().detach() + b
         wrong = F.cross_entropy(logits, torch.arange(B)) + 0.5 * F.kl_div(
-            F.log_softmax(logits, 1), F.softmax(logits, 0).t(), reduction="batchmean")
+            F.log_softmax(logits, 1), F.softmax(logits, 0).t(), reduction="batchmean"
+        )
         wrong.backward()
         nonzero_official += int(b.grad.item() != 0.0)
     assert nonzero_official > 0, "the official formulation happened to give exact zeros: pick other seeds"
@@ -256,8 +265,18 @@ def _module_cases():
         "crd": (crd, dict(f_s=feats(S), f_t=feats(T), idx=idx)),
         "dcd": (dcd, dict(f_s=feats(S), f_t=feats(T))),
         "cocord": (coc, dict(f_s=feats(S), f_t=feats(T), f_s2=feats(S), f_slow=feats(S), f_slow2=feats(S))),
-        "pckd": (pck, dict(f_s=feats(S), f_t=feats(T), logit_s=feats(C), logit_t=feats(C),
-                           labels=torch.tensor([0, 1, 2, 4]), fc_s=fc_s, fc_t=fc_t)),
+        "pckd": (
+            pck,
+            dict(
+                f_s=feats(S),
+                f_t=feats(T),
+                logit_s=feats(C),
+                logit_t=feats(C),
+                labels=torch.tensor([0, 1, 2, 4]),
+                fc_s=fc_s,
+                fc_t=fc_t,
+            ),
+        ),
     }
     return base, feats
 

@@ -1,6 +1,7 @@
 """MemoryBank and MomentumQueue in one process (docs/math.md §5): buffers, log Z, the negative stream,
 bit-identical resume from a checkpoint, the queue ring, and the sharded partial statistics
 (simulated shards merged in one process). Multi-process tests: test_distributed.py."""
+
 import io
 import math
 
@@ -9,8 +10,7 @@ import torch
 
 import dcdkernels
 from dcdkernels import reference as R
-from dcdkernels.memory import MemoryBank, MomentumQueue, init_rows, memory_buffer_names, shard_bounds
-from dcdkernels.memory import comm
+from dcdkernels.memory import MemoryBank, MomentumQueue, comm, init_rows, memory_buffer_names, shard_bounds
 from dcdkernels.memory import sharded as Dist
 
 # Backends that run on CPU tensors in this process (triton only under TRITON_INTERPRET=1).
@@ -19,8 +19,14 @@ CPU_BACKENDS = [b for b, (ok, _) in dcdkernels.availability().items() if ok and 
 
 def same(a, b):
     """Bit-identical (NaN equal to NaN, as for an unset log Z)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) \
-        and torch.equal(torch.isnan(a), torch.isnan(b)) if a.is_floating_point() else torch.equal(a, b)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+        and torch.equal(torch.isnan(a), torch.isnan(b))
+        if a.is_floating_point()
+        else torch.equal(a, b)
+    )
 
 
 def unit(*shape, gen=None, dtype=torch.float32):
@@ -36,8 +42,10 @@ def test_init_is_independent_of_the_shard_layout(monkeypatch):
     for init in ("uniform", "normal"):
         full = init_rows(N, D, 0, N, init=init, seed=7, dtype=torch.float32, device="cpu")
         for W in (2, 3, 4):
-            parts = [init_rows(N, D, *shard_bounds(N, W, r), init=init, seed=7, dtype=torch.float32, device="cpu")
-                     for r in range(W)]
+            parts = [
+                init_rows(N, D, *shard_bounds(N, W, r), init=init, seed=7, dtype=torch.float32, device="cpu")
+                for r in range(W)
+            ]
             assert torch.equal(torch.cat(parts), full)
     stdv = 1 / math.sqrt(D / 3)
     u = init_rows(N, D, 0, N, init="uniform", seed=0, dtype=torch.float32, device="cpu")
@@ -136,8 +144,14 @@ def test_nce_partition_estimate(z_mode):
             expected = math.log(0.99 * math.exp(expected) + 0.01 * math.exp(batch))
         log_z_before = float(mb.log_z) if step else batch
         got = mb.score(q, idx, logit_scale=1 / tau, loss="nce")
-        want, _ = R.sampled_contrast(q, mb.bank, idx, logit_scale=torch.tensor(1 / tau), loss="nce",
-                                     log_z=torch.tensor(log_z_before, dtype=torch.float32))
+        want, _ = R.sampled_contrast(
+            q,
+            mb.bank,
+            idx,
+            logit_scale=torch.tensor(1 / tau),
+            loss="nce",
+            log_z=torch.tensor(log_z_before, dtype=torch.float32),
+        )
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)  # scored with the estimate before this batch
         assert float(mb.log_z) == pytest.approx(expected, abs=1e-5)
     # RepDistiller's Z = N * mean(exp(u)) on the first batch, in linear space for a check
@@ -198,14 +212,22 @@ def _train(model, opt, steps, first, *, loss, sampled, K=6, B=5, dim_in=12):
     return out
 
 
-_VARIANTS = [("infonce", "frozen", torch.float32, True), ("nce", "ema", torch.float32, True),
-             ("nce", "frozen", torch.bfloat16, False)]
+_VARIANTS = [
+    ("infonce", "frozen", torch.float32, True),
+    ("nce", "ema", torch.float32, True),
+    ("nce", "frozen", torch.bfloat16, False),
+]
 
 
 # every variant on the fast backends; the Triton interpreter (about 5 ms per program) runs one
-@pytest.mark.parametrize("loss,z_mode,dtype,sampled,backend", [
-    pytest.param(*v, b, id=f"{b}-{v[0]}-{v[1]}-{str(v[2])[6:]}-{'sampled' if v[3] else 'explicit'}")
-    for b in CPU_BACKENDS for v in (_VARIANTS if b != "triton" else _VARIANTS[1:2])])
+@pytest.mark.parametrize(
+    "loss,z_mode,dtype,sampled,backend",
+    [
+        pytest.param(*v, b, id=f"{b}-{v[0]}-{v[1]}-{str(v[2])[6:]}-{'sampled' if v[3] else 'explicit'}")
+        for b in CPU_BACKENDS
+        for v in (_VARIANTS if b != "triton" else _VARIANTS[1:2])
+    ],
+)
 def test_resume_from_checkpoint_is_bit_identical(loss, z_mode, dtype, sampled, backend):
     kw = dict(z_mode=z_mode, dtype=dtype, backend=backend, seed=99)
 
@@ -278,11 +300,27 @@ def test_sharded_partials_merge_to_the_reference(loss, N, W, backend):
     parts = []
     for r in range(W):
         a, e = shard_bounds(N, W, r)
-        parts.append(Dist.shard_partials(q.detach(), lambda b0, b1: idx[b0:b1], bank[a:e], a, N, K + 1,
-                                         logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z,
-                                         need_grad=True, need_lse=True, backend=backend, chunk=3 * (K + 1)))
-    per_row, lse, ga, gs, gb = Dist.finalize(Dist.merge_partials(parts), loss=loss, logit_scale=s, bias=beta,
-                                             need_grad=True, need_lse=True, D=D)
+        parts.append(
+            Dist.shard_partials(
+                q.detach(),
+                lambda b0, b1: idx[b0:b1],
+                bank[a:e],
+                a,
+                N,
+                K + 1,
+                logit_scale=s.detach(),
+                bias=beta.detach(),
+                loss=loss,
+                log_z=log_z,
+                need_grad=True,
+                need_lse=True,
+                backend=backend,
+                chunk=3 * (K + 1),
+            )
+        )
+    per_row, lse, ga, gs, gb = Dist.finalize(
+        Dist.merge_partials(parts), loss=loss, logit_scale=s, bias=beta, need_grad=True, need_lse=True, D=D
+    )
     tol = dict(atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(per_row, want.detach(), **tol)
     torch.testing.assert_close(lse, want_lse, **tol)
@@ -319,23 +357,70 @@ def test_dual_sharded_partials_merge_to_the_reference(loss, N, W, backend):
     log_z = torch.tensor([2.5, 1.5])
     s = theta.exp()
     kl_on = loss == "infonce"
-    ls, lt, kl, lse_s, lse_t = R.dual_sampled_contrast(zs, zt, bank_s, bank_t, idx, logit_scale=s, bias=beta, loss=loss,
-                                                       log_z=log_z if loss == "nce" else None, compute_kl=kl_on)
+    ls, lt, kl, lse_s, lse_t = R.dual_sampled_contrast(
+        zs,
+        zt,
+        bank_s,
+        bank_t,
+        idx,
+        logit_scale=s,
+        bias=beta,
+        loss=loss,
+        log_z=log_z if loss == "nce" else None,
+        compute_kl=kl_on,
+    )
     want = torch.stack([ls, lt, kl])
     parts = []
     for r in range(W):
         a, e = shard_bounds(N, W, r)
-        parts.append(Dist.dual_shard_partials(
-            zs.detach(), zt.detach(), lambda b0, b1: idx[b0:b1], bank_s[a:e], bank_t[a:e], a, N, K + 1,
-            logit_scale=s.detach(), bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
-            need_grad=True, need_lse=True, need_kl=kl_on, backend=backend, chunk=3 * (K + 1)))
-    losses, lse, ga, gsc = Dist.finalize_dual(Dist.merge_partials(parts), zs.detach(), zt.detach(), loss=loss,
-                                              logit_scale=s, bias=beta, need_grad=True, need_lse=True, need_kl=kl_on)
+        parts.append(
+            Dist.dual_shard_partials(
+                zs.detach(),
+                zt.detach(),
+                lambda b0, b1: idx[b0:b1],
+                bank_s[a:e],
+                bank_t[a:e],
+                a,
+                N,
+                K + 1,
+                logit_scale=s.detach(),
+                bias=beta.detach(),
+                loss=loss,
+                log_z=log_z if loss == "nce" else None,
+                need_grad=True,
+                need_lse=True,
+                need_kl=kl_on,
+                backend=backend,
+                chunk=3 * (K + 1),
+            )
+        )
+    losses, lse, ga, gsc = Dist.finalize_dual(
+        Dist.merge_partials(parts),
+        zs.detach(),
+        zt.detach(),
+        loss=loss,
+        logit_scale=s,
+        bias=beta,
+        need_grad=True,
+        need_lse=True,
+        need_kl=kl_on,
+    )
     # Against the unsharded kernel (the local and replicated paths): fp32 to 1e-6.
     from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_outputs
-    full = dual_sampled_contrast_outputs(zs.detach(), zt.detach(), bank_s, bank_t, idx, logit_scale=s.detach(),
-                                         bias=beta.detach(), loss=loss, log_z=log_z if loss == "nce" else None,
-                                         compute_kl=kl_on, backend=backend)
+
+    full = dual_sampled_contrast_outputs(
+        zs.detach(),
+        zt.detach(),
+        bank_s,
+        bank_t,
+        idx,
+        logit_scale=s.detach(),
+        bias=beta.detach(),
+        loss=loss,
+        log_z=log_z if loss == "nce" else None,
+        compute_kl=kl_on,
+        backend=backend,
+    )
     # Each carries about 1e-6 of fp32 rounding against the fp64 values (measured: the sharded
     # merge is no less accurate than the fused kernel), so they agree to 2e-6.
     for got, ref in zip((losses, lse, ga, gsc), full):
@@ -347,8 +432,9 @@ def test_dual_sharded_partials_merge_to_the_reference(loss, N, W, backend):
     for term in range(3):
         if term == 2 and not kl_on:
             continue
-        gs_, gt_, gth, gb = torch.autograd.grad(want[term].sum(), [zs, zt, theta, beta], allow_unused=True,
-                                                retain_graph=True)
+        gs_, gt_, gth, gb = torch.autograd.grad(
+            want[term].sum(), [zs, zt, theta, beta], allow_unused=True, retain_graph=True
+        )
         zero = torch.zeros_like(zs)
         ga_s = ga[0] if term == 0 else ga[2] if term == 2 else zero
         ga_t = ga[1] if term == 1 else ga[3] if term == 2 else zero
@@ -434,9 +520,16 @@ def test_memory_buffer_names_for_ddp():
     model.queue = MomentumQueue(4, 4)
     model.bn = torch.nn.BatchNorm1d(4)
     names = memory_buffer_names(model)
-    assert names == ["student.memory.shard_layout", "student.memory.bank", "student.memory.log_z",
-                     "student.memory.rng_seed", "student.memory.rng_offset", "queue.shard_layout", "queue.queue",
-                     "queue.queue_ptr"]
+    assert names == [
+        "student.memory.shard_layout",
+        "student.memory.bank",
+        "student.memory.log_z",
+        "student.memory.rng_seed",
+        "student.memory.rng_offset",
+        "queue.shard_layout",
+        "queue.queue",
+        "queue.queue_ptr",
+    ]
     # memory state is in the state dict but not a buffer: DDP's broadcasts never see it
     assert set(names) <= set(model.state_dict()) and not set(names) & {n for n, _ in model.named_buffers()}
     model._ddp_params_and_buffers_to_ignore = ["bn.running_mean"]

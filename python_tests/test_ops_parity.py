@@ -1,15 +1,12 @@
 """Every fused backend against the eager oracle through the public API: values and every
 gradient, per dtype, on random shapes (B = 1, K = 1, D not a power of two, duplicate indices,
 non-contiguous anchors, in-kernel sampling)."""
-import itertools
-import random
 
 import pytest
 import torch
+from conftest import TOL, backend_params
 
 import dcdkernels
-
-from conftest import TOL, backend_params
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (B, K, N, D): B = 1, K = 1, D odd and not a power of two, D > a typical block.
@@ -72,8 +69,9 @@ def test_sampled_contrast_matches_oracle(device, backend, dtype, loss):
         log_z = torch.tensor(2.0, device=device)
 
         def run(backend):
-            return lambda q, s, beta: dcdkernels.sampled_contrast(q, bank, idx, logit_scale=s, bias=beta, loss=loss,
-                                                                  log_z=log_z, backend=backend)
+            return lambda q, s, beta: dcdkernels.sampled_contrast(
+                q, bank, idx, logit_scale=s, bias=beta, loss=loss, log_z=log_z, backend=backend
+            )
 
         _check(run(backend), run("eager"), [q, s, beta], dtype, ["anchor", "scale", "bias"])
 
@@ -83,8 +81,9 @@ def test_sampled_contrast_matches_oracle(device, backend, dtype, loss):
 def test_sampled_contrast_lse_and_in_kernel_sampling(device, backend, dtype):
     q, bank, idx = _case((3, 6, 13, 24), dtype, device, seed=7)
     positives = idx[:, 0].contiguous()
-    fused, lse_f = dcdkernels.sampled_contrast(q, bank, positives, logit_scale=3.0, num_negatives=6, seed=11,
-                                               offset=5, backend=backend, return_lse=True)
+    fused, lse_f = dcdkernels.sampled_contrast(
+        q, bank, positives, logit_scale=3.0, num_negatives=6, seed=11, offset=5, backend=backend, return_lse=True
+    )
     explicit = dcdkernels.sample_negatives(positives, 6, 13, seed=11, offset=5)
     eager, lse_e = dcdkernels.sampled_contrast(q, bank, explicit, logit_scale=3.0, backend="eager", return_lse=True)
     _assert_close(fused, eager, dtype, "loss")
@@ -104,9 +103,21 @@ def test_dual_sampled_contrast_matches_oracle(device, backend, dtype, loss):
 
         def run(backend):
             def f(qs, qt, s, beta):
-                out = dcdkernels.dual_sampled_contrast(qs, qt, bank_s, bank_t, idx, logit_scale=s, bias=beta,
-                                                       loss=loss, log_z=log_z, consistency=0.5, backend=backend)
+                out = dcdkernels.dual_sampled_contrast(
+                    qs,
+                    qt,
+                    bank_s,
+                    bank_t,
+                    idx,
+                    logit_scale=s,
+                    bias=beta,
+                    loss=loss,
+                    log_z=log_z,
+                    consistency=0.5,
+                    backend=backend,
+                )
                 return torch.stack([out.loss_s, out.loss_t, out.consistency])
+
             return f
 
         _check(run(backend), run("eager"), [qs, qt, s, beta], dtype, ["anchor_s", "anchor_t", "scale", "bias"])
@@ -135,9 +146,11 @@ def test_dense_contrast_matches_oracle(device, backend, dtype, mode, reduction):
         def run(backend):
             if mode == "target":
                 return lambda q, keys, s, beta, w: dcdkernels.dense_contrast(
-                    q, keys, target, logit_scale=s, bias=beta, weight=w, reduction=reduction, backend=backend)
+                    q, keys, target, logit_scale=s, bias=beta, weight=w, reduction=reduction, backend=backend
+                )
             return lambda q, keys, p, s, beta, w: dcdkernels.dense_contrast(
-                q, keys, positive=p, logit_scale=s, bias=beta, weight=w, reduction=reduction, backend=backend)
+                q, keys, positive=p, logit_scale=s, bias=beta, weight=w, reduction=reduction, backend=backend
+            )
 
         inputs = [q, keys, s, beta, w] if mode == "target" else [q, keys, pos, s, beta, w]
         names = ["anchor", "keys", "scale", "bias", "weight"]
@@ -156,8 +169,9 @@ def test_dense_contrast_reduced_grad_output_and_retained_graph(device, backend):
     target = torch.tensor([0, 8, 3, 3, 1], device=device)
     a, b = [_leaf(t) for t in (q, keys)], [_leaf(t) for t in (q, keys)]
     loss = dcdkernels.dense_contrast(*a, target, logit_scale=4.0, reduction="mean", backend=backend)
-    expected = torch.autograd.grad(dcdkernels.dense_contrast(*b, target, logit_scale=4.0, reduction="mean",
-                                                             backend="eager"), b)
+    expected = torch.autograd.grad(
+        dcdkernels.dense_contrast(*b, target, logit_scale=4.0, reduction="mean", backend="eager"), b
+    )
     once = torch.autograd.grad(loss, a, retain_graph=True)
     tripled = torch.autograd.grad(3 * loss, a, retain_graph=True)
     again = torch.autograd.grad(loss, a)
@@ -177,13 +191,22 @@ def test_dense_contrast_reductions_agree(device, backend, reduction):
     keys = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=1).to(device)
     target = torch.tensor([0, 8, 3, 3], device=device)
     w = torch.rand(4, generator=g).to(device)
-    per_row, lse = dcdkernels.dense_contrast(q, keys, target, logit_scale=4.0, weight=w, backend="eager",
-                                             return_lse=True)
+    per_row, lse = dcdkernels.dense_contrast(
+        q, keys, target, logit_scale=4.0, weight=w, backend="eager", return_lse=True
+    )
     expected = {"none": per_row, "mean": per_row.mean(), "sum": per_row.sum()}[reduction]
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            out, lse_f = dcdkernels.dense_contrast(q.clone().requires_grad_(grad), keys, target, logit_scale=4.0,
-                                                   weight=w, reduction=reduction, backend=backend, return_lse=True)
+            out, lse_f = dcdkernels.dense_contrast(
+                q.clone().requires_grad_(grad),
+                keys,
+                target,
+                logit_scale=4.0,
+                weight=w,
+                reduction=reduction,
+                backend=backend,
+                return_lse=True,
+            )
         _assert_close(out, expected, torch.float32, f"loss (grad={grad})")
         _assert_close(lse_f, lse, torch.float32, f"lse (grad={grad})")
     with pytest.raises(ValueError, match="reduction"):

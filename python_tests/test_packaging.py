@@ -1,6 +1,7 @@
 """Packaging: the one version, the core/train split of the dependencies, the CUDA toolkit that
 setup.py finds from the real nvcc, the build note that `python -m dcdkernels.info` reports, and
 the Triton launcher lookup. The CUDA-to-CPU build fallback itself is test_build_fallback.py."""
+
 import importlib.util
 import os
 import subprocess
@@ -108,7 +109,9 @@ def test_want_cuda_names_the_reason(setup_py, monkeypatch, tmp_path):
     monkeypatch.delenv("DCDKERNELS_CUDA", raising=False)
     fake_cuda_torch = type("T", (), {"version": type("V", (), {"cuda": "13.0"}), "__version__": "x"})
     assert setup_py._want_cuda(fake_cuda_torch, None) == (
-        False, f"no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset, no {setup_py.DEFAULT_CUDA_HOME})")
+        False,
+        f"no CUDA toolkit found (no nvcc on PATH, CUDA_HOME unset, no {setup_py.DEFAULT_CUDA_HOME})",
+    )
     assert setup_py._want_cuda(fake_cuda_torch, str(tmp_path)) == (False, f"CUDA_HOME={tmp_path} has no bin/nvcc")
     assert setup_py._want_cuda(fake_cuda_torch, str(_toolkit(tmp_path / "tk"))) == (True, "")
     monkeypatch.setenv("DCDKERNELS_CUDA", "1")
@@ -137,26 +140,36 @@ def test_pyproject_metadata_one_version_and_the_train_extra():
 
 
 def _python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+    )
 
 
 def test_core_import_needs_only_torch():
     # torch first (it may use numpy itself); then everything of the train extra is made missing
-    out = _python("import torch, sys\n"
-                  "for m in ('numpy', 'tqdm', 'sklearn', 'yaml', 'matplotlib', 'torchvision'):\n"
-                  "    sys.modules[m] = None\n"
-                  "import dcdkernels, dcdkernels.info\n"
-                  "print(sorted(m for m in ('numpy', 'tqdm', 'sklearn', 'yaml', 'matplotlib') if sys.modules[m]))\n"
-                  "dcdkernels.info.report()\n")
+    out = _python(
+        "import torch, sys\n"
+        "for m in ('numpy', 'tqdm', 'sklearn', 'yaml', 'matplotlib', 'torchvision'):\n"
+        "    sys.modules[m] = None\n"
+        "import dcdkernels, dcdkernels.info\n"
+        "print(sorted(m for m in ('numpy', 'tqdm', 'sklearn', 'yaml', 'matplotlib') if sys.modules[m]))\n"
+        "dcdkernels.info.report()\n"
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("missing", ["tqdm", "numpy"])
 def test_train_without_the_train_extra_names_it(missing):
-    out = _python(f"import sys, runpy\nsys.modules[{missing!r}] = None\n"
-                  "runpy.run_module('dcdkernels.train', run_name='__main__')\n")
+    out = _python(
+        f"import sys, runpy\nsys.modules[{missing!r}] = None\n"
+        "runpy.run_module('dcdkernels.train', run_name='__main__')\n"
+    )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ModuleNotFoundError: dcdkernels.train needs the 'train' extra"), out.stderr
@@ -177,8 +190,14 @@ def test_triton_launchers_are_the_exports_of_dcdkernels_triton():
     pytest.importorskip("triton")
     import dcdkernels.triton as kernels
 
-    ops = ["sampled_contrast", "dual_sampled_contrast", "dense_contrast", "dense_contrast_backward_keys",
-           "dense_contrast_reduced", "bank_momentum_update_"]
+    ops = [
+        "sampled_contrast",
+        "dual_sampled_contrast",
+        "dense_contrast",
+        "dense_contrast_backward_keys",
+        "dense_contrast_reduced",
+        "bank_momentum_update_",
+    ]
     for op in ops:
         assert backends.kernel(op, "triton") is getattr(kernels, op)
     with pytest.raises(NotImplementedError, match="backend 'triton' has no kernel"):

@@ -3,6 +3,7 @@ at 610b3e8: ``helper/losses.py`` CategoryConLoss / AlignLoss, ``helper/loops.py`
 branch of ``train_distill``, ``distiller_zoo/KD.py`` DistillKL, ``train_student.py`` the heads,
 weights and SGD). Everything in float64; the tolerance is rel err <= 1e-6 (issue 16).
 """
+
 import copy
 import math
 from types import SimpleNamespace
@@ -57,7 +58,7 @@ def off_category_con(embed_s, embed_t, feat_s, fcl_s, fcl_t, labels, temperature
 
 
 def off_distill_kl(y_s, y_t, T=4.0, reduction="sum"):
-    return F.kl_div(F.log_softmax(y_s / T, 1), F.softmax(y_t / T, 1), reduction=reduction) * T ** 2 / y_s.shape[0]
+    return F.kl_div(F.log_softmax(y_s / T, 1), F.softmax(y_t / T, 1), reduction=reduction) * T**2 / y_s.shape[0]
 
 
 def off_percent(logit_nor, target, epoch):
@@ -129,8 +130,9 @@ def test_whole_loss_matches_official_over_3_sgd_steps(s_dim, t_dim, delta):
     torch.manual_seed(0)
     d_in, C = 5, 3
     model_s, model_t = Stub(d_in, s_dim, C).to(DT), Stub(d_in, t_dim, C).to(DT)
-    opt = SimpleNamespace(s_dim=s_dim, t_dim=t_dim, alpha=1.0, beta=0.05, ff=20.0, delta=delta, gamma=1.0,
-                          kd_T=4.0, n_cls=C, feat_dim=128)
+    opt = SimpleNamespace(
+        s_dim=s_dim, t_dim=t_dim, alpha=1.0, beta=0.05, ff=20.0, delta=delta, gamma=1.0, kd_T=4.0, n_cls=C, feat_dim=128
+    )
     ours = PCKDLoss.from_opt(opt, backend="eager").to(DT)
     off_es, off_et = nn.Linear(s_dim, s_dim).to(DT), nn.Linear(s_dim, t_dim).to(DT)
     off_mlp = OffMLPHead(s_dim, 16 * t_dim, t_dim).to(DT)
@@ -139,8 +141,9 @@ def test_whole_loss_matches_official_over_3_sgd_steps(s_dim, t_dim, delta):
     off_mlp.net.load_state_dict(ours.align_mlp.state_dict())
     off_s = copy.deepcopy(model_s)
     ours_params = list(model_s.parameters()) + list(ours.parameters())
-    off_params = list(off_s.parameters()) + list(off_es.parameters()) + list(off_et.parameters()) + \
-        list(off_mlp.parameters())
+    off_params = (
+        list(off_s.parameters()) + list(off_es.parameters()) + list(off_et.parameters()) + list(off_mlp.parameters())
+    )
     sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
     o1, o2 = torch.optim.SGD(ours_params, **sgd), torch.optim.SGD(off_params, **sgd)
     for step, epoch in enumerate((1, 2, 3)):
@@ -226,8 +229,9 @@ def test_preview_weights_match_official_over_epochs_1_to_240():
 
 
 def test_from_opt_reads_the_official_names():
-    opt = SimpleNamespace(s_dim=8, t_dim=12, alpha=1.0, beta=0.05, ff=20.0, gamma=1.0, kd_T=4.0, n_cls=5,
-                          feat_dim=128, delta=None)
+    opt = SimpleNamespace(
+        s_dim=8, t_dim=12, alpha=1.0, beta=0.05, ff=20.0, gamma=1.0, kd_T=4.0, n_cls=5, feat_dim=128, delta=None
+    )
     m = PCKDLoss.from_opt(opt)
     assert (m.ca_weight, m.cc_weight, m.fa_weight, m.kd_weight, m.ce_weight) == (1.0, 0.05, 20.0, 0.0, 1.0)
     assert m.n_cls == 5 and m.embed_t.out_features == 12 and m.align_mlp[0].out_features == 16 * 12
@@ -236,17 +240,27 @@ def test_from_opt_reads_the_official_names():
     d = PCKDLoss(8, 12)  # the constructor defaults are the README command's
     assert (d.ca_weight, d.cc_weight, d.fa_weight, d.kd_weight, d.cc_temperature) == (1.0, 0.05, 20.0, 0.0, 4.0)
     # the official state-dict keys (Embed wraps a Linear) load
-    sd = {k.replace("embed_s.", "embed_s.linear.").replace("embed_t.", "embed_t.linear.") if k.startswith("embed")
-          else k: v for k, v in d.state_dict().items()}
+    sd = {
+        k.replace("embed_s.", "embed_s.linear.").replace("embed_t.", "embed_t.linear.")
+        if k.startswith("embed")
+        else k: v
+        for k, v in d.state_dict().items()
+    }
     PCKDLoss(8, 12).load_state_dict(sd)
 
 
 def _valid_call(B=3, V=4, S=6, T=8, C=5):
     g = torch.Generator().manual_seed(9)
     r = B * V
-    return dict(f_s=torch.randn(r, S, generator=g), f_t=torch.randn(r, T, generator=g),
-                logit_s=torch.randn(r, C, generator=g), logit_t=torch.randn(r, C, generator=g),
-                labels=torch.tensor([0, 4, 2]), fc_s=nn.Linear(S, C), fc_t=nn.Linear(T, C))
+    return dict(
+        f_s=torch.randn(r, S, generator=g),
+        f_t=torch.randn(r, T, generator=g),
+        logit_s=torch.randn(r, C, generator=g),
+        logit_t=torch.randn(r, C, generator=g),
+        labels=torch.tensor([0, 4, 2]),
+        fc_s=nn.Linear(S, C),
+        fc_t=nn.Linear(T, C),
+    )
 
 
 def test_rejected_call_names_the_argument_and_leaves_no_trace():
@@ -274,8 +288,9 @@ def test_rejected_call_names_the_argument_and_leaves_no_trace():
         "fc_t weight must be": dict(fc_t=nn.Linear(7, 5)),
         "fc_s bias must be": dict(fc_s=(torch.randn(5, 6), torch.randn(4))),
         "fc_t must be an nn.Linear": dict(fc_t="linear"),
-        "not a multiple of num_views": dict(f_s=kw["f_s"][:11], f_t=kw["f_t"][:11], logit_s=kw["logit_s"][:11],
-                                            logit_t=kw["logit_t"][:11]),
+        "not a multiple of num_views": dict(
+            f_s=kw["f_s"][:11], f_t=kw["f_t"][:11], logit_s=kw["logit_s"][:11], logit_t=kw["logit_t"][:11]
+        ),
         "n_cls = 5": dict(logit_s=torch.randn(12, 4), logit_t=torch.randn(12, 4)),
     }
     for match, override in bad.items():
@@ -290,6 +305,7 @@ def test_rejected_call_names_the_argument_and_leaves_no_trace():
 
 def test_trainer_views_are_the_official_four_rotations():
     from dcdkernels.train.distill import build_criterion, pckd_views
+
     x = torch.randn(3, 2, 5, 5)
     v = pckd_views(x)
     assert v.shape == (12, 2, 5, 5)
@@ -301,5 +317,12 @@ def test_trainer_views_are_the_official_four_rotations():
         pckd_views(torch.randn(2, 1, 4, 5))
     cfg = SimpleNamespace(dataset="digits", loss_kwargs={}, kd_T=4.0)
     c = build_criterion(cfg, "pckd", 6, 8, 100, 10, "eager", None, None)
-    assert (c.num_views, c.n_cls, c.ce_weight, c.ca_weight, c.cc_weight, c.fa_weight, c.kd_weight) == \
-        (4, 10, 0.0, 1.0, 0.05, 20.0, 0.0)
+    assert (c.num_views, c.n_cls, c.ce_weight, c.ca_weight, c.cc_weight, c.fa_weight, c.kd_weight) == (
+        4,
+        10,
+        0.0,
+        1.0,
+        0.05,
+        20.0,
+        0.0,
+    )

@@ -1,14 +1,14 @@
 """Property-based comparison against the oracle (hypothesis): random tiny shapes, dtypes,
 scales, duplicate indices, every op, every fused backend available here. The example counts
 add up to over 1,000 cases on a CPU-only CI machine (CPU kernels + Triton interpreter)."""
+
 import pytest
 import torch
+from conftest import TOL, backend_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dcdkernels
-
-from conftest import TOL, backend_params
 
 # Triton under the interpreter costs milliseconds per program: fewer examples there.
 EXAMPLES = {"cpu": 300, "cuda": 300, "triton": 40}
@@ -16,8 +16,9 @@ DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
 
 def _settings(backend):
-    return settings(max_examples=EXAMPLES.get(backend, 10), deadline=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=EXAMPLES.get(backend, 10), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
 
 
 @st.composite

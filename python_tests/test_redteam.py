@@ -3,16 +3,16 @@
 One test per failure class, each parametrised over the backends available here (eager, the C++
 CPU kernels, Triton under the interpreter). Every one of them failed on the code before the fix.
 """
+
 import math
 
 import pytest
 import torch
+from conftest import fused_backends
 
 import dcdkernels
 from dcdkernels import ops
 from dcdkernels import reference as R
-
-from conftest import fused_backends
 
 BACKENDS = ["eager"] + fused_backends("cpu")
 FUSED = fused_backends("cpu") or [pytest.param("none", marks=pytest.mark.skip(reason="no fused backend here"))]
@@ -97,11 +97,20 @@ def _second_order(op, backend, reduction="none"):
     if op == "sampled":
         loss = ops.sampled_contrast(q, bank, index, logit_scale=10.0, backend=backend).sum()
     elif op == "dual":
-        loss = ops.dual_sampled_contrast(q, _unit(3, 6, 7).double(), bank, _unit(10, 6, 8).double(), index,
-                                         logit_scale=10.0, consistency=0.5, backend=backend).consistency.sum()
+        loss = ops.dual_sampled_contrast(
+            q,
+            _unit(3, 6, 7).double(),
+            bank,
+            _unit(10, 6, 8).double(),
+            index,
+            logit_scale=10.0,
+            consistency=0.5,
+            backend=backend,
+        ).consistency.sum()
     else:
-        out = ops.dense_contrast(q, bank, torch.tensor([1, 2, 3]), logit_scale=10.0, reduction=reduction,
-                                 backend=backend)
+        out = ops.dense_contrast(
+            q, bank, torch.tensor([1, 2, 3]), logit_scale=10.0, reduction=reduction, backend=backend
+        )
         loss = out.sum() if reduction == "none" else out
     (g,) = torch.autograd.grad(loss, q, create_graph=True)
     (gg,) = torch.autograd.grad((g * g).sum(), q)
@@ -109,8 +118,9 @@ def _second_order(op, backend, reduction="none"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("op,reduction", [("sampled", "none"), ("dual", "none"), ("dense", "none"),
-                                          ("dense", "mean"), ("dense", "sum")])
+@pytest.mark.parametrize(
+    "op,reduction", [("sampled", "none"), ("dual", "none"), ("dense", "none"), ("dense", "mean"), ("dense", "sum")]
+)
 def test_class2_double_backward_is_correct_or_refused(op, reduction, backend):
     if backend == "eager":
         assert _second_order(op, "eager", reduction).abs().sum() > 0
@@ -160,8 +170,9 @@ def test_class3_compiled_graph_keeps_value_checks(backend):
         cdense(q, bank, torch.tensor([1, 2, 10]), s)
 
     def dual(qs, qt, bank, index, lz):
-        return ops.dual_sampled_contrast(qs, qt, bank, bank, index, logit_scale=10.0, loss="nce", log_z=lz,
-                                         consistency=0.5, backend=backend).loss_s.sum()
+        return ops.dual_sampled_contrast(
+            qs, qt, bank, bank, index, logit_scale=10.0, loss="nce", log_z=lz, consistency=0.5, backend=backend
+        ).loss_s.sum()
 
     cdual = torch.compile(dual, backend="aot_eager", fullgraph=True)
     lz = torch.tensor([1.0, 2.0])
@@ -191,8 +202,11 @@ def test_class3_compiled_graph_keeps_value_checks(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_class4_overlapping_bank_is_rejected_before_writing(backend):
     base = _unit(12, 8)
-    for bank in (base[:1].expand(5, 8), base.reshape(-1).as_strided((5, 8), (4, 1)),
-                 base.reshape(-1).as_strided((3, 8), (0, 1))):
+    for bank in (
+        base[:1].expand(5, 8),
+        base.reshape(-1).as_strided((5, 8), (4, 1)),
+        base.reshape(-1).as_strided((3, 8), (0, 1)),
+    ):
         storage = base.clone()
         with pytest.raises(ValueError, match="bank.*overlap"):
             ops.bank_momentum_update_(bank, torch.tensor([0, 2]), _unit(2, 8, 1), 0.5, backend=backend)
@@ -211,6 +225,7 @@ def test_class4_overlapping_bank_is_rejected_before_writing(backend):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available here")
 def test_class4_triton_kernel_itself_rejects_overlap():
     from dcdkernels.triton.bank_update import bank_momentum_update_
+
     base = _unit(4, 8)
     with pytest.raises(ValueError, match="overlap"):
         bank_momentum_update_(base[:1].expand(4, 8), torch.tensor([0, 1]), _unit(2, 8, 1), 0.5)
@@ -226,8 +241,17 @@ def test_class8_one_stream_domain_on_every_backend(backend):
     q, bank, _ = _sampled_inputs()
     pos = torch.tensor([1, 2, 3])
     B, K, N = 3, 4, bank.shape[0]
-    bad = [dict(seed=-1), dict(offset=-5), dict(seed=2**64), dict(seed=2**63), dict(offset=2**63),
-           dict(offset=2**63 - B * K + 1), dict(seed=1.5), dict(offset=2.0), dict(seed=True)]
+    bad = [
+        dict(seed=-1),
+        dict(offset=-5),
+        dict(seed=2**64),
+        dict(seed=2**63),
+        dict(offset=2**63),
+        dict(offset=2**63 - B * K + 1),
+        dict(seed=1.5),
+        dict(offset=2.0),
+        dict(seed=True),
+    ]
     for kw in bad:
         with pytest.raises((ValueError, TypeError), match="seed|offset"):
             ops.sampled_contrast(q, bank, pos, logit_scale=10.0, num_negatives=K, backend=backend, **kw)
@@ -238,12 +262,14 @@ def test_class8_one_stream_domain_on_every_backend(backend):
     for seed, offset in [(0, 0), (2**63 - 1, 2**63 - B * K), (2**62 + 3, 2**32 - 5), (5, 2**63 - B * K - 7)]:
         index = ops.sample_negatives(pos, K, N, seed=seed, offset=offset)
         assert index.min() >= 0 and index.max() < N
-        fused = ops.sampled_contrast(q, bank, pos, logit_scale=10.0, num_negatives=K, seed=seed, offset=offset,
-                                     backend=backend)
+        fused = ops.sampled_contrast(
+            q, bank, pos, logit_scale=10.0, num_negatives=K, seed=seed, offset=offset, backend=backend
+        )
         explicit = ops.sampled_contrast(q, bank, index, logit_scale=10.0, backend=backend)
         torch.testing.assert_close(fused, explicit, atol=0, rtol=0)
-        dual = ops.dual_sampled_contrast(q, q, bank, bank, pos, logit_scale=10.0, num_negatives=K, seed=seed,
-                                         offset=offset, backend=backend)
+        dual = ops.dual_sampled_contrast(
+            q, q, bank, bank, pos, logit_scale=10.0, num_negatives=K, seed=seed, offset=offset, backend=backend
+        )
         torch.testing.assert_close(dual.loss_s, explicit, atol=1e-6, rtol=1e-6)
 
 
@@ -300,8 +326,9 @@ def test_class10_bank_update_norm_does_not_overflow(backend, dtype):
     torch.testing.assert_close(out.double(), expected.double(), atol=eps, rtol=eps)
     # The exact mathematical result of normalize(x) = x / max(||x||, 1e-12), in float64.
     mixed = (0.25 * bank[[0, 2, 3]].double() + 0.75 * value[[0, 3, 2]].double()) / big  # no overflow here
-    torch.testing.assert_close(out[[0, 2, 3]].double(), mixed / mixed.norm(dim=1, keepdim=True),
-                               atol=4 * eps, rtol=4 * eps)
+    torch.testing.assert_close(
+        out[[0, 2, 3]].double(), mixed / mixed.norm(dim=1, keepdim=True), atol=4 * eps, rtol=4 * eps
+    )
     # Tiny rows: the exact norm is below 1e-12, so the row is x / 1e-12 (not a unit row, not 0).
     if dtype in (torch.float32, torch.float64):
         tiny = (_unit(2, D, 3, torch.float64) * 1e-25).to(dtype)
@@ -361,8 +388,14 @@ def test_probes_wrong_types_and_empty_tensors(backend):
     with pytest.raises((TypeError, ValueError), match="target"):
         ops.dense_contrast(q, bank, torch.tensor([True, False, True]), logit_scale=10.0, backend=backend)
     with pytest.raises(ValueError, match="weight"):
-        ops.dense_contrast(q, bank, torch.tensor([1, 2, 3]), logit_scale=10.0, weight=torch.tensor([1.0, math.inf, 1.0]),
-                           backend=backend)
+        ops.dense_contrast(
+            q,
+            bank,
+            torch.tensor([1, 2, 3]),
+            logit_scale=10.0,
+            weight=torch.tensor([1.0, math.inf, 1.0]),
+            backend=backend,
+        )
     with pytest.raises(ValueError, match="reduction"):
         ops.dense_contrast(q, bank, torch.tensor([1, 2, 3]), logit_scale=10.0, reduction="avg", backend=backend)
     with pytest.raises((TypeError, ValueError), match="bank"):
@@ -388,7 +421,7 @@ def test_probes_aliasing_and_repeated_calls_are_consistent(backend):
     # loop keeps unit rows.
     b2 = _unit(10, 6, 5)
     for step in range(3):
-        ops.bank_momentum_update_(b2, torch.tensor([step, step + 1]), bank[step:step + 2], 0.5, backend=backend)
+        ops.bank_momentum_update_(b2, torch.tensor([step, step + 1]), bank[step : step + 2], 0.5, backend=backend)
     torch.testing.assert_close(b2.norm(dim=1), torch.ones(10), atol=1e-6, rtol=0)
 
 
@@ -421,6 +454,7 @@ def test_class1_tensor_scalars_are_deferred_checks_in_deferred_mode():
     queued like the other value checks: no host read in the call, the error at the next call or
     at check_errors()."""
     from dcdkernels.ops import _validate as V
+
     dcdkernels.check_errors()
     dcdkernels.set_value_checks("deferred")
     try:
@@ -436,6 +470,7 @@ def test_class1_tensor_scalars_are_deferred_checks_in_deferred_mode():
 
 def test_value_checks_op_passes_opcheck():
     from dcdkernels.ops._validate import value_checks_op
+
     torch.library.opcheck(value_checks_op, (torch.tensor([False, False]), "a\x1fb", False))
     with pytest.raises(ValueError, match="^b$"):
         value_checks_op(torch.tensor([False, True]), "a\x1fb", False)

@@ -1,4 +1,5 @@
 """The eager oracle itself: hand-computed cases and float64 gradcheck of every differentiable op."""
+
 import math
 
 import pytest
@@ -81,8 +82,9 @@ def _gradcheck_inputs(seed=0, B=3, K=4, N=7, D=5):
 def test_gradcheck_sampled(loss):
     q, bank, idx, s, beta = _gradcheck_inputs()
     log_z = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    fn = lambda q, s, beta, lz: reference.sampled_contrast(q, bank, idx, logit_scale=s, bias=beta, loss=loss,
-                                                           log_z=lz)[0]
+    fn = lambda q, s, beta, lz: reference.sampled_contrast(q, bank, idx, logit_scale=s, bias=beta, loss=loss, log_z=lz)[
+        0
+    ]
     assert torch.autograd.gradcheck(fn, (q, s, beta, log_z))
 
 
@@ -94,8 +96,11 @@ def test_gradcheck_dual(loss):
     log_z = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
 
     def fn(qs, qt, s, beta, lz):
-        return torch.stack(reference.dual_sampled_contrast(qs, qt, bank, bank_t, idx, logit_scale=s, bias=beta,
-                                                           loss=loss, log_z=lz)[:3])
+        return torch.stack(
+            reference.dual_sampled_contrast(qs, qt, bank, bank_t, idx, logit_scale=s, bias=beta, loss=loss, log_z=lz)[
+                :3
+            ]
+        )
 
     assert torch.autograd.gradcheck(fn, (q, qt, s, beta, log_z))
 
@@ -125,9 +130,11 @@ def test_softmax_bias_gradient_is_zero():
 # ------------------------------------------------------------------------------------------------
 # sampled_contrast_outputs: the kernels' four outputs, absent columns included (csrc/KERNELS.md)
 
+
 def _outputs(q, bank, idx, s, beta, loss, log_z, noise_rows=0):
-    return reference.sampled_contrast_outputs(q, bank, idx, logit_scale=s, bias=beta, loss=loss, log_z=log_z,
-                                              noise_rows=noise_rows)
+    return reference.sampled_contrast_outputs(
+        q, bank, idx, logit_scale=s, bias=beta, loss=loss, log_z=log_z, noise_rows=noise_rows
+    )
 
 
 @pytest.mark.parametrize("loss", ["infonce", "nce"])
@@ -156,8 +163,9 @@ def test_absent_columns_drop_out(loss):
     absent = idx.clone()
     absent[:, gone] = torch.tensor([-1, 14, 2**40, -5])
     kept = idx[:, [k for k in range(9) if k not in gone]]
-    for actual, expected in zip(_outputs(q, bank, absent, s, beta, loss, 0.7),
-                                _outputs(q, bank, kept, s, beta, loss, 0.7, noise_rows=7)):
+    for actual, expected in zip(
+        _outputs(q, bank, absent, s, beta, loss, 0.7), _outputs(q, bank, kept, s, beta, loss, 0.7, noise_rows=7)
+    ):
         torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)
 
 
@@ -167,7 +175,7 @@ def test_absent_positive_and_empty_rows():
     rows, dots = bank[idx], torch.einsum("bkd,bd->bk", bank[idx], q.detach())
     absent = idx.clone()
     absent[0, 0] = -1  # row 0: no positive
-    absent[1] = 8      # row 1: nothing present
+    absent[1] = 8  # row 1: nothing present
     absent[2, 1:] = 8  # row 2: only the positive
     got = _outputs(q, bank, absent, s, beta, "infonce", None)
     # No positive: loss = LSE over the negatives, gradients without the -row_0, -d_0 terms.

@@ -1,12 +1,12 @@
 """Determinism, overflow and 64-bit offsets (issue: reliability)."""
+
 import math
 
 import pytest
 import torch
+from conftest import backend_params
 
 import dcdkernels
-
-from conftest import backend_params
 
 
 def _bank(N, D, dtype=torch.float32, seed=0):
@@ -22,8 +22,7 @@ def test_repeated_runs_are_bit_identical(device, backend):
     results = []
     for _ in range(3):
         q.grad = None
-        loss = dcdkernels.sampled_contrast(q, bank, idx, logit_scale=1 / 0.07, loss="nce", log_z=3.0,
-                                           backend=backend)
+        loss = dcdkernels.sampled_contrast(q, bank, idx, logit_scale=1 / 0.07, loss="nce", log_z=3.0, backend=backend)
         loss.sum().backward()
         results.append((loss.detach().clone(), q.grad.clone()))
     for other in results[1:]:
@@ -54,15 +53,18 @@ def test_tau_007_in_half_precision_never_overflows(device, backend, dtype):
     idx = torch.cat([torch.arange(4).view(4, 1), torch.randint(0, 64, (4, 16))], 1).to(device)
     for loss, kw in (("nce", {"log_z": 0.0}), ("infonce", {})):
         q.grad = None
-        out, lse = dcdkernels.sampled_contrast(q, bank, idx, logit_scale=1 / 0.07, loss=loss, backend=backend,
-                                               return_lse=True, **kw)
+        out, lse = dcdkernels.sampled_contrast(
+            q, bank, idx, logit_scale=1 / 0.07, loss=loss, backend=backend, return_lse=True, **kw
+        )
         out.sum().backward()
         assert torch.isfinite(out).all() and torch.isfinite(lse).all() and torch.isfinite(q.grad.float()).all()
         assert lse.min() > 1 / 0.07 - 1  # the positive alone gives LSE >= 14.28
 
 
-@pytest.mark.parametrize("device, backend", [p for p in backend_params() if p.values[0] == "cpu"] +
-                         [pytest.param("cpu", "eager", id="cpu-eager")])
+@pytest.mark.parametrize(
+    "device, backend",
+    [p for p in backend_params() if p.values[0] == "cpu"] + [pytest.param("cpu", "eager", id="cpu-eager")],
+)
 def test_bank_beyond_2_pow_31_elements_uses_64_bit_offsets(device, backend):
     """A bf16 bank of N*D > 2**31 elements (4.3 GB of address space; only touched pages are
     resident): rows past element 2**31 must be read and written at the right place."""

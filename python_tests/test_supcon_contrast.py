@@ -2,14 +2,14 @@
 SupContrast's SupConLoss (HobbitLong/SupContrast ``losses.py``, contrast_mode="all", labels);
 every fused backend against the oracle per dtype on values and gradients (anchors, keys,
 logit_scale), rows without a positive, float64 gradcheck, opcheck, torch.compile, bad input."""
+
 import pytest
 import torch
+from conftest import TOL, backend_params
 
 import dcdkernels
 from dcdkernels import ops, reference
 from dcdkernels.ops.supcon_contrast import supcon_contrast_backward_op, supcon_contrast_op
-
-from conftest import TOL, backend_params
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,8 +56,8 @@ def test_oracle_matches_supcontrast():
     anchors = torch.cat(torch.unbind(f, dim=1), dim=0)
     ours = reference.supcon_contrast(anchors, y.repeat(2), logit_scale=1 / 0.07, eps=0.0)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    ga, = torch.autograd.grad(ours.sum(), f)
-    gb, = torch.autograd.grad(ref.sum(), f)
+    (ga,) = torch.autograd.grad(ours.sum(), f)
+    (gb,) = torch.autograd.grad(ref.sum(), f)
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-12)
 
 
@@ -86,10 +86,14 @@ def test_backend_matches_oracle(device, backend, dtype, R, N, D, separate):
     tol = TOL[dtype]
     for exclude_self in (True, False):
         a, la, k, lk = _inputs(R, N, D, dtype, device, separate, noncontig=(D == 7))
-        s = torch.tensor(1.3, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                         requires_grad=True)
-        w = torch.rand(R, generator=torch.Generator().manual_seed(1), dtype=torch.float64 if dtype == torch.float64
-                       else torch.float32).to(device)
+        s = torch.tensor(
+            1.3, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True
+        )
+        w = torch.rand(
+            R,
+            generator=torch.Generator().manual_seed(1),
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        ).to(device)
         args = dict(logit_scale=s, weight=w, exclude_self=exclude_self, reduction="sum")
         got = ops.supcon_contrast(a, la, k, lk, backend=backend, **args)
         inputs = [a, s] + ([k] if separate else [])
@@ -99,12 +103,19 @@ def test_backend_matches_oracle(device, backend, dtype, R, N, D, separate):
         torch.testing.assert_close(got, ref, **tol)
         for x, y in zip(g_got, g_ref):
             torch.testing.assert_close(x.float(), y.float(), atol=tol["atol"] * R, rtol=tol["rtol"] * 4)
-        rows = ops.supcon_contrast(a, la, k, lk, logit_scale=s, exclude_self=exclude_self, reduction="none",
-                                   backend=backend)
-        torch.testing.assert_close(rows, ops.supcon_contrast(a, la, k, lk, logit_scale=s, exclude_self=exclude_self,
-                                                             reduction="none", backend="eager"), **tol)
-        mean = ops.supcon_contrast(a, la, k, lk, logit_scale=s, exclude_self=exclude_self, reduction="mean",
-                                   backend=backend)
+        rows = ops.supcon_contrast(
+            a, la, k, lk, logit_scale=s, exclude_self=exclude_self, reduction="none", backend=backend
+        )
+        torch.testing.assert_close(
+            rows,
+            ops.supcon_contrast(
+                a, la, k, lk, logit_scale=s, exclude_self=exclude_self, reduction="none", backend="eager"
+            ),
+            **tol,
+        )
+        mean = ops.supcon_contrast(
+            a, la, k, lk, logit_scale=s, exclude_self=exclude_self, reduction="mean", backend=backend
+        )
         torch.testing.assert_close(mean, rows.mean(), **tol)
 
 
@@ -114,9 +125,9 @@ def test_rows_without_a_positive_give_zero_and_no_gradient(backend):
     y = torch.tensor([0, 0, 1, 2, 2])  # row 2 has no other row of its label
     rows = ops.supcon_contrast(a, y, logit_scale=2.0, reduction="none", backend=backend)
     assert float(rows[2].detach()) == 0.0 and torch.isfinite(rows).all() and (rows[[0, 1, 3, 4]] != 0).all()
-    ga, = torch.autograd.grad(rows[2], a, retain_graph=True)
+    (ga,) = torch.autograd.grad(rows[2], a, retain_graph=True)
     # row 2's loss has no gradient; it still receives gradient as a column of the other rows
-    gb, = torch.autograd.grad(rows.sum(), a)
+    (gb,) = torch.autograd.grad(rows.sum(), a)
     assert torch.equal(ga, torch.zeros_like(ga)) and torch.isfinite(gb).all()
     single = ops.supcon_contrast(a[:1], y[:1], logit_scale=2.0, reduction="none", backend=backend)
     assert float(single.detach()) == 0.0  # R = 1: no other row at all
@@ -135,8 +146,10 @@ def test_gradcheck_float64_cpu(separate):
     w = torch.rand(6, dtype=torch.float64)
 
     def f(a, s, *k_):
-        return ops.supcon_contrast(a, la, k_[0] if k_ else None, lk, logit_scale=s, weight=w, reduction="none",
-                                   backend="cpu")
+        return ops.supcon_contrast(
+            a, la, k_[0] if k_ else None, lk, logit_scale=s, weight=w, reduction="none", backend="cpu"
+        )
+
     assert torch.autograd.gradcheck(f, (a, s) + ((k,) if separate else ()))
 
 
@@ -149,8 +162,9 @@ def test_opcheck(device, backend):
     torch.library.opcheck(supcon_contrast_op, (a, la, a, la, s, 1e-7, False, backend))
     loss, stats = supcon_contrast_op(a.detach(), la, k.detach(), lk, s.detach(), 1e-7, True, backend)
     g = torch.rand(6, dtype=dt, device=device)
-    torch.library.opcheck(supcon_contrast_backward_op, (a.detach(), la, k.detach(), lk, s.detach(), stats, g, True,
-                                                        True, backend))
+    torch.library.opcheck(
+        supcon_contrast_backward_op, (a.detach(), la, k.detach(), lk, s.detach(), stats, g, True, True, backend)
+    )
 
 
 @pytest.mark.parametrize("device, backend", backend_params() + [pytest.param("cpu", "eager", id="cpu-eager")])
@@ -160,8 +174,10 @@ def test_compile_fullgraph(device, backend):
     s = torch.tensor(1.5, device=device, requires_grad=True)
 
     def loss(a, k, s):
-        return (ops.supcon_contrast(a, la, logit_scale=s, reduction="mean", backend=backend)
-                + ops.supcon_contrast(a, la, k, lk, logit_scale=s, reduction="sum", backend=backend))
+        return ops.supcon_contrast(a, la, logit_scale=s, reduction="mean", backend=backend) + ops.supcon_contrast(
+            a, la, k, lk, logit_scale=s, reduction="sum", backend=backend
+        )
+
     eager = loss(a, k, s)
     g_eager = torch.autograd.grad(eager, (a, k, s))
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(a, k, s)

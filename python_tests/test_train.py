@@ -3,6 +3,7 @@ fused vs eager agreement, CIFAR-100 loading from a fake archive, config preceden
 
 Everything runs on a CPU in tiny sizes: 256 digits training rows, 1-2 epochs, one shared teacher.
 """
+
 import json
 import os
 import subprocess
@@ -18,12 +19,24 @@ from dcdkernels.train import distill, make_config, train  # noqa: E402
 from dcdkernels.train.models import build_model, get_classifier, model_names  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--train-subset", "256", "--batch-size", "64", "--nce-k", "64", "--no-progress", "--lr-decay-epochs", "100",
-        "--threads", "1"]
+TINY = [
+    "--train-subset",
+    "256",
+    "--batch-size",
+    "64",
+    "--nce-k",
+    "64",
+    "--no-progress",
+    "--lr-decay-epochs",
+    "100",
+    "--threads",
+    "1",
+]
 
 
 def _fused_available():
     from dcdkernels import backends
+
     try:
         return backends.resolve("auto", torch.device("cpu"), "dual_sampled_contrast") != "eager"
     except Exception:
@@ -34,16 +47,30 @@ def _fused_available():
 def teacher_ckpt(tmp_path_factory):
     """One small digits teacher for the whole module (8 epochs on 256 rows)."""
     out = tmp_path_factory.mktemp("teacher")
-    cfg = make_config(["--method", "ce", "--student", "digits_teacher", "--epochs", "8", "--out-dir", str(out / "run"),
-                       "--teacher-cache", ""] + TINY)
+    cfg = make_config(
+        [
+            "--method",
+            "ce",
+            "--student",
+            "digits_teacher",
+            "--epochs",
+            "8",
+            "--out-dir",
+            str(out / "run"),
+            "--teacher-cache",
+            "",
+        ]
+        + TINY
+    )
     res = train(cfg)
     assert res["phases"]["student"]["test_acc"] > 40.0
     return str(out / "run" / "student" / "model.pt")
 
 
 def _run(tmp_path, teacher_ckpt, *args, name="run"):
-    cfg = make_config(["--teacher-ckpt", teacher_ckpt, "--out-dir", str(tmp_path / name), "--teacher-cache", ""]
-                      + TINY + list(args))
+    cfg = make_config(
+        ["--teacher-ckpt", teacher_ckpt, "--out-dir", str(tmp_path / name), "--teacher-cache", ""] + TINY + list(args)
+    )
     return cfg, train(cfg)
 
 
@@ -169,10 +196,33 @@ def test_fake_cifar100_and_missing_data(tmp_path):
 
 def test_cifar100_end_to_end(tmp_path):
     root = D.write_fake_cifar100(str(tmp_path), n_train=96, n_test=32)
-    cfg = make_config(["--dataset", "cifar100", "--data-dir", os.path.dirname(root), "--teacher", "resnet8",
-                       "--student", "resnet8", "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "32",
-                       "--nce-k", "64", "--method", "crd", "--out-dir", str(tmp_path / "run"), "--no-progress",
-                       "--threads", "1"])
+    cfg = make_config(
+        [
+            "--dataset",
+            "cifar100",
+            "--data-dir",
+            os.path.dirname(root),
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--teacher-epochs",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--nce-k",
+            "64",
+            "--method",
+            "crd",
+            "--out-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert cfg.lr_decay_epochs == [150, 180, 210] and cfg.weight_decay == 5e-4 and cfg.momentum == 0.9
     res = train(cfg)
     assert res["phases"]["teacher"]["trained"] and res["phases"]["student"]["steps"] == 3
@@ -192,9 +242,12 @@ def test_model_zoo_interface():
         assert logits.shape == (2, 100) and feats[-1].shape == (2, m.feat_dim)
         assert get_classifier(m).weight.shape == (100, m.feat_dim)
     assert {"resnet32x4", "wrn_40_2", "resnet56", "vgg13", "digits_teacher"} <= set(model_names())
-    sizes = {n: sum(p.numel() for p in build_model(n, 100).parameters()) for n in ("resnet8x4", "resnet32x4", "wrn_40_2")}
+    sizes = {
+        n: sum(p.numel() for p in build_model(n, 100).parameters()) for n in ("resnet8x4", "resnet32x4", "wrn_40_2")
+    }
     assert sizes == {"resnet8x4": 1233540, "resnet32x4": 7433860, "wrn_40_2": 2255156}  # RepDistiller's counts
     import torchvision
+
     for name in ("resnet18", "resnet34"):  # torchvision's networks, parameter names and all
         m = build_model(name, 10).eval()
         ref = getattr(torchvision.models, name)(num_classes=10)
@@ -208,8 +261,10 @@ def test_model_zoo_interface():
 
 def test_yaml_config_and_precedence(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  dataset: digits\nsolver:\n  epochs: 7\n  lr: 0.2\ndistill:\n  method: crd+kd\n"
-                    "  beta: 0.5\n  loss_kwargs: {z_momentum: 0.99}\n")
+    path.write_text(
+        "data:\n  dataset: digits\nsolver:\n  epochs: 7\n  lr: 0.2\ndistill:\n  method: crd+kd\n"
+        "  beta: 0.5\n  loss_kwargs: {z_momentum: 0.99}\n"
+    )
     cfg = make_config(["--config", str(path), "--lr", "0.3"])
     assert cfg.epochs == 7 and cfg.lr == 0.3 and cfg.method == "crd+kd" and cfg.beta == 0.5 and cfg.alpha == 1.0
     assert cfg.loss_kwargs == {"z_momentum": 0.99}
@@ -225,9 +280,26 @@ def test_yaml_config_and_precedence(tmp_path):
 def test_torchrun_gloo(tmp_path, teacher_ckpt):
     """Two CPU processes under torchrun (gloo): DDP + DistributedSampler, one epoch of CRD; both
     ranks end with the same parameters, banks and partition estimates."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "dcdkernels.train", "--method", "crd", "--epochs", "1", "--teacher-ckpt", teacher_ckpt,
-           "--out-dir", str(tmp_path / "ddp"), "--teacher-cache", ""] + TINY
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dcdkernels.train",
+        "--method",
+        "crd",
+        "--epochs",
+        "1",
+        "--teacher-ckpt",
+        teacher_ckpt,
+        "--out-dir",
+        str(tmp_path / "ddp"),
+        "--teacher-cache",
+        "",
+    ] + TINY
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -246,8 +318,19 @@ def test_killed_mid_epoch_resumes_identically(tmp_path, teacher_ckpt):
     the same parameters, banks, log Z, optimizer state and history as an uninterrupted run."""
     args = ["--method", "crd", "--epochs", "2", "--save-every-steps", "3", "--no-progress"]
     _run(tmp_path, teacher_ckpt, *args, name="straight")
-    cmd = [sys.executable, "-m", "dcdkernels.train", "--teacher-ckpt", teacher_ckpt, "--out-dir",
-           str(tmp_path / "killed"), "--teacher-cache", "", *TINY, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dcdkernels.train",
+        "--teacher-ckpt",
+        teacher_ckpt,
+        "--out-dir",
+        str(tmp_path / "killed"),
+        "--teacher-cache",
+        "",
+        *TINY,
+        *args,
+    ]
     env = dict(os.environ, DCDKERNELS_TEST_KILL_AFTER_STEP="6")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed, no cleanup
@@ -270,13 +353,37 @@ def test_torchrun_sharded_killed_mid_epoch_resumes_identically(tmp_path, teacher
     """``--memory-mode sharded`` under torchrun (gloo, 2 ranks): each rank holds half of each bank;
     SIGKILL after the mid-epoch checkpoint of step 3 (epoch 2), then --resume: every rank's
     checkpoint equals the uninterrupted run's."""
-    args = ["--method", "crd", "--epochs", "2", "--memory-mode", "sharded", "--save-every-steps", "1",
-            "--teacher-ckpt", teacher_ckpt, "--teacher-cache", ""] + TINY
+    args = [
+        "--method",
+        "crd",
+        "--epochs",
+        "2",
+        "--memory-mode",
+        "sharded",
+        "--save-every-steps",
+        "1",
+        "--teacher-ckpt",
+        teacher_ckpt,
+        "--teacher-cache",
+        "",
+    ] + TINY
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
 
     def torchrun(name, *extra, kill=None):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "dcdkernels.train", "--out-dir", str(tmp_path / name), *args, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dcdkernels.train",
+            "--out-dir",
+            str(tmp_path / name),
+            *args,
+            *extra,
+        ]
         e = dict(env, DCDKERNELS_TEST_KILL_AFTER_STEP=str(kill)) if kill else env
         return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=180)
 

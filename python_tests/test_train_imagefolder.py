@@ -2,6 +2,7 @@
 DataLoader workers, the dataset index reaching the loss, torchvision ResNets, bit-identical resume
 with seeded workers, and 2-rank gloo. A tiny folder written by the test (3 classes x 12 PNGs of
 32 px, train/ and val/), 32-px crops, tiny models (the digits CNNs take 3 channels too), 1 epoch."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,27 @@ from dcdkernels.train import data as D  # noqa: E402
 from dcdkernels.train import make_config, train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--dataset", "imagefolder", "--image-size", "32", "--batch-size", "12", "--nce-k", "16", "--no-progress",
-         "--threads", "1", "--teacher-cache", "", "--lr", "0.05", "--lr-decay-epochs", "100", "--num-workers", "0"]
+SMALL = [
+    "--dataset",
+    "imagefolder",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "12",
+    "--nce-k",
+    "16",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--teacher-cache",
+    "",
+    "--lr",
+    "0.05",
+    "--lr-decay-epochs",
+    "100",
+    "--num-workers",
+    "0",
+]
 TINY_MODELS = ["--teacher", "digits_teacher", "--student", "digits_student"]
 
 
@@ -29,21 +49,42 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_ckpt(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    cfg = make_config(["--data-dir", folder, "--method", "ce", "--student", "digits_teacher", "--epochs", "2",
-                       "--out-dir", str(out / "run")] + SMALL)
+    cfg = make_config(
+        [
+            "--data-dir",
+            folder,
+            "--method",
+            "ce",
+            "--student",
+            "digits_teacher",
+            "--epochs",
+            "2",
+            "--out-dir",
+            str(out / "run"),
+        ]
+        + SMALL
+    )
     train(cfg)
     return str(out / "run" / "student" / "model.pt")
 
 
 def _run(tmp_path, folder, teacher_ckpt, *args, name="run"):
-    cfg = make_config(["--data-dir", folder, "--teacher-ckpt", teacher_ckpt, "--out-dir", str(tmp_path / name)]
-                      + SMALL + TINY_MODELS + list(args))
+    cfg = make_config(
+        ["--data-dir", folder, "--teacher-ckpt", teacher_ckpt, "--out-dir", str(tmp_path / name)]
+        + SMALL
+        + TINY_MODELS
+        + list(args)
+    )
     return cfg, train(cfg)
 
 
 def test_image_folder_dataset_and_loader(folder):
     ds = D.load_dataset("imagefolder", folder, image_size=32)
-    assert (len(ds.train), len(ds.test), ds.num_classes) == (36, 36, 3) and ds.class_names == ["class0", "class1", "class2"]
+    assert (len(ds.train), len(ds.test), ds.num_classes) == (36, 36, 3) and ds.class_names == [
+        "class0",
+        "class1",
+        "class2",
+    ]
     loader = D.TrainLoader(ds, batch_size=12, nce_k=8, two_views=True, augment=True, seed=1, num_workers=2)
     loader.set_epoch(1)
     batches = list(loader)
@@ -67,6 +108,7 @@ def test_image_folder_dataset_and_loader(folder):
 
 def _has_fused():
     from dcdkernels import backends
+
     try:
         return backends.resolve("auto", torch.device("cpu"), "dual_sampled_contrast") != "eager"
     except Exception:
@@ -88,8 +130,22 @@ def test_every_method_fused_and_eager(tmp_path, folder, teacher_ckpt, method):
 
 def test_torchvision_resnets_crd(tmp_path, folder):
     """resnet34 -> resnet18 (torchvision), one epoch of CRD on the folder, teacher trained first."""
-    cfg = make_config(["--data-dir", folder, "--method", "crd", "--epochs", "1", "--teacher-epochs", "1",
-                       "--out-dir", str(tmp_path / "tv")] + SMALL + ["--num-workers", "1"])
+    cfg = make_config(
+        [
+            "--data-dir",
+            folder,
+            "--method",
+            "crd",
+            "--epochs",
+            "1",
+            "--teacher-epochs",
+            "1",
+            "--out-dir",
+            str(tmp_path / "tv"),
+        ]
+        + SMALL
+        + ["--num-workers", "1"]
+    )
     assert (cfg.teacher, cfg.student) == ("resnet34", "resnet18")
     res = train(cfg)
     assert res["phases"]["teacher"]["arch"] == "resnet34" and res["phases"]["student"]["arch"] == "resnet18"
@@ -119,9 +175,31 @@ def test_resume_is_identical_with_workers(tmp_path, folder, teacher_ckpt):
 def test_torchrun_gloo_image_folder(tmp_path, folder, teacher_ckpt):
     """Two CPU processes under torchrun (gloo): DistributedSampler over the folder, DDP, one epoch
     of CRD; both ranks end with the same parameters and banks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "dcdkernels.train", "--method", "crd", "--epochs", "1", "--data-dir", folder, "--teacher-ckpt",
-           teacher_ckpt, "--out-dir", str(tmp_path / "ddp")] + SMALL + TINY_MODELS + ["--batch-size", "6"]
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dcdkernels.train",
+            "--method",
+            "crd",
+            "--epochs",
+            "1",
+            "--data-dir",
+            folder,
+            "--teacher-ckpt",
+            teacher_ckpt,
+            "--out-dir",
+            str(tmp_path / "ddp"),
+        ]
+        + SMALL
+        + TINY_MODELS
+        + ["--batch-size", "6"]
+    )
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,6 +10,7 @@ whose loads in flight per SM fall below the Little's-law floor of
 installs it there: ``pip install --target DIR triton==3.6.0 --no-deps``); without it, that half
 is skipped (an optional dependency).
 """
+
 import os
 import sys
 
@@ -37,12 +38,14 @@ if not _have_compiler():
 @pytest.fixture(scope="module")
 def launches():
     from dcdkernels.triton import aot
+
     return aot.record()
 
 
 @pytest.fixture(scope="module")
 def variants(launches):
     from dcdkernels.triton import aot
+
     return aot.select(launches)
 
 
@@ -50,6 +53,7 @@ def _compile_child(variants, pythonpath=None):
     """Compile in a child without TRITON_INTERPRET (this session may have set it), optionally
     with another Triton first on its path."""
     from dcdkernels.triton import aot
+
     return aot.compile_in_subprocess(variants, ARCHS, pythonpath or "", jobs=2)
 
 
@@ -69,6 +73,7 @@ def compiled36(variants):
 
 def test_sweep_reaches_every_kernel_and_the_headline_sizes(launches, variants):
     from dcdkernels.triton import aot
+
     kernels = {v["kernel"] for v in variants}
     expected = {name for mod in aot._modules().values() for name in aot._kernels(mod)}
     assert kernels == expected
@@ -86,16 +91,19 @@ def _check(compiled):
     assert results
     spills = [r for r in results if (r["spill_stores"] or r["spill_loads"]) and not _known_spill(r)]
     assert not spills, f"triton {version}: {len(spills)} cubins spill registers:\n" + "\n".join(
-        f"sm_{r['arch']} {r['registers']} regs, {r['spill_stores']} spill stores: {r['variant']}" for r in spills[:20])
+        f"sm_{r['arch']} {r['registers']} regs, {r['spill_stores']} spill stores: {r['variant']}" for r in spills[:20]
+    )
     from benchmarks import static_resources as S
+
     low, known = [], []
     for r in results:
         f = S.triton_gather_in_flight(r) if r["arch"] == 90 else None
         if f and f[2] in S.HEADLINE["D"] and f[0] < S.FLOOR_BYTES:  # the headline (memory-bound) sizes
             line = f"{r['registers']} regs, {f[0] / 1024:.1f} KiB in flight: {r['variant']}"
             (known if r["kernel"] in KNOWN_BELOW_FLOOR else low).append(line)
-    assert not low, (f"triton {version}: gathers below the {S.FLOOR_BYTES / 1024:.1f} KiB/SM floor:\n"
-                     + "\n".join(low[:20]))
+    assert not low, f"triton {version}: gathers below the {S.FLOOR_BYTES / 1024:.1f} KiB/SM floor:\n" + "\n".join(
+        low[:20]
+    )
     if known:
         print(f"known below the floor ({len(known)}; see KNOWN_BELOW_FLOOR):", *known[:5], sep="\n  ")
 
@@ -111,8 +119,13 @@ KNOWN_SPILLS = [
 
 
 def _known_spill(r):
-    return any(r["kernel"] == kernel and all(p in r["variant"] for p in parts) and r["stack"] <= stack
-               and r["spill_stores"] <= stores for kernel, parts, stack, stores in KNOWN_SPILLS)
+    return any(
+        r["kernel"] == kernel
+        and all(p in r["variant"] for p in parts)
+        and r["stack"] <= stack
+        and r["spill_stores"] <= stores
+        for kernel, parts, stack, stores in KNOWN_SPILLS
+    )
 
 
 # A finding of the static report, not fixed here (benchmarks/results/static/resources.md): the
@@ -135,9 +148,11 @@ def test_c_gathers_keep_enough_loads_in_flight():
     """Every CUDA gather of _C (sampled/dual partials), at both of its block sizes, keeps at least
     the floor's bytes in flight per SM; no _C kernel touches local memory (no spills)."""
     from dcdkernels import _ext
+
     if not _ext.has_kernel("sampled_contrast", "CUDA"):
         pytest.skip("dcdkernels._C was built without CUDA kernels")
     from benchmarks import static_resources as S
+
     rows = S.c_kernels()
     assert len(rows) >= 20
     assert not [k for k in rows if k["local_ops"] or k["stack"]], "local memory (spills) in _C"
@@ -150,15 +165,31 @@ def test_c_gathers_keep_enough_loads_in_flight():
 def test_fp16_keys_backward_keeps_fp16_dot_operands():
     """Defect 2 was fixed by scaling before the fp16 rounding, not by an fp32 dot: the compiled
     keys backward still feeds fp16 operands to the tensor cores (TTGIR), and scales first."""
-    import triton.language as tl  # noqa: F401
-    from dcdkernels.triton import aot
     import json
-    v = {"module": "dense_contrast", "kernel": "_dense_contrast_bwd_keys_kernel",
-         "signature": json.loads(_BWD_SIGNATURE), "constexprs": {"HAS_TARGET": True, "HAS_BIAS": False,
-                                                                  "DOT_DTYPE": {"tl": "fp16"}, "BLOCK_M": 64,
-                                                                  "BLOCK_N": 64, "BLOCK_DK": 32, "BLOCK_DV": 128,
-                                                                  "stride_ad": 1, "stride_kd": 1},
-         "divisible": [0, 1, 3, 4], "num_warps": 8, "num_stages": 3}
+
+    import triton.language as tl  # noqa: F401
+
+    from dcdkernels.triton import aot
+
+    v = {
+        "module": "dense_contrast",
+        "kernel": "_dense_contrast_bwd_keys_kernel",
+        "signature": json.loads(_BWD_SIGNATURE),
+        "constexprs": {
+            "HAS_TARGET": True,
+            "HAS_BIAS": False,
+            "DOT_DTYPE": {"tl": "fp16"},
+            "BLOCK_M": 64,
+            "BLOCK_N": 64,
+            "BLOCK_DK": 32,
+            "BLOCK_DV": 128,
+            "stride_ad": 1,
+            "stride_kd": 1,
+        },
+        "divisible": [0, 1, 3, 4],
+        "num_warps": 8,
+        "num_stages": 3,
+    }
     results, errors, _ = aot.compile_in_subprocess([v], ["90"], keep_asm=True)
     assert not errors, errors
     ttgir = results[0]["ttgir"]

@@ -10,6 +10,7 @@ Shapes are tiny (the interpreter costs milliseconds per program). Every test com
 the LSE and every gradient (autograd through the oracle, weighted by a random grad_output) at
 fp32 atol 1e-5 / rtol 5e-4 and bf16/fp16 atol 5e-2.
 """
+
 import os
 
 import pytest
@@ -23,8 +24,16 @@ import triton.language as tl  # noqa: E402
 
 import dcdkernels  # noqa: E402
 from dcdkernels import reference  # noqa: E402
-from dcdkernels.triton import (bank_momentum_update_, dense_contrast, dense_contrast_backward_keys,  # noqa: E402
-                               dense_contrast_reduced, dual_sampled_contrast, rng_key, sample_index, sampled_contrast)
+from dcdkernels.triton import (
+    bank_momentum_update_,
+    dense_contrast,
+    dense_contrast_backward_keys,  # noqa: E402
+    dense_contrast_reduced,
+    dual_sampled_contrast,
+    rng_key,
+    sample_index,
+    sampled_contrast,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -33,15 +42,19 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4), torch.bfloat16: dict(atol=5e-2, rtol=0.0),
-       torch.float16: dict(atol=5e-2, rtol=0.0)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=5e-4),
+    torch.bfloat16: dict(atol=5e-2, rtol=0.0),
+    torch.float16: dict(atol=5e-2, rtol=0.0),
+}
 SCALE = 1 / 0.07
 LOSSES = {0: "infonce", 1: "nce"}
 
 
 def close(actual, expected, dtype, what):
-    torch.testing.assert_close(actual.float().cpu(), expected.detach().float().cpu(), **TOL[dtype],
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float().cpu(), expected.detach().float().cpu(), **TOL[dtype], msg=lambda m: f"{what}: {m}"
+    )
 
 
 def unit_rows(gen, rows, dim, dtype, transposed=False):
@@ -101,8 +114,8 @@ def _sampled_inputs(B, K, D, N, dtype, variant, seed=0):
     bank = unit_rows(gen, N, D, dtype)
     index = torch.randint(0, N, (B, K + 1), generator=gen).to(DEVICE)
     if variant == "strided":
-        index[:, 2] = index[:, 1]      # a negative drawn twice
-        index[0, 3] = index[0, 0]      # the positive drawn as a negative
+        index[:, 2] = index[:, 1]  # a negative drawn twice
+        index[0, 3] = index[0, 0]  # the positive drawn as a negative
     split = dict(num_chunks=3, block_k=2) if variant == "chunks" else {}
     return anchor, bank, index, split
 
@@ -133,9 +146,20 @@ def test_sampled_contrast(B, K, D, variant, loss_type, dtype):
     anchor, bank, index, split = _sampled_inputs(B, K, D, N, dtype, variant)
     bias = leaf(0.3) if variant != "plain" else None
     log_z = leaf(2.0) if loss_type == 1 else None
-    out = sampled_contrast(anchor, bank, index, torch.tensor(SCALE, device=DEVICE),
-                           None if bias is None else bias.detach(), None if log_z is None else log_z.detach(),
-                           loss_type, 0, 0, 0, True, **split)
+    out = sampled_contrast(
+        anchor,
+        bank,
+        index,
+        torch.tensor(SCALE, device=DEVICE),
+        None if bias is None else bias.detach(),
+        None if log_z is None else log_z.detach(),
+        loss_type,
+        0,
+        0,
+        0,
+        True,
+        **split,
+    )
     _check_sampled(out, anchor, bank, index, LOSSES[loss_type], bias, log_z, dtype)
 
 
@@ -145,9 +169,21 @@ def test_sampled_contrast_in_kernel_sampling(loss_type):
     anchor, bank, _, _ = _sampled_inputs(B, K, D, N, torch.float32, "plain")
     positive = torch.arange(B, device=DEVICE) * 7
     log_z = leaf(2.0) if loss_type == 1 else None
-    out = sampled_contrast(anchor, bank, positive, torch.tensor(SCALE, device=DEVICE), None,
-                           None if log_z is None else log_z.detach(), loss_type, K, seed, offset, True,
-                           num_chunks=2, block_k=4)
+    out = sampled_contrast(
+        anchor,
+        bank,
+        positive,
+        torch.tensor(SCALE, device=DEVICE),
+        None,
+        None if log_z is None else log_z.detach(),
+        loss_type,
+        K,
+        seed,
+        offset,
+        True,
+        num_chunks=2,
+        block_k=4,
+    )
     index = reference.sample_negatives(positive, K, N, seed, offset)
     _check_sampled(out, anchor, bank, index, LOSSES[loss_type], None, log_z, torch.float32)
 
@@ -167,8 +203,9 @@ def test_dual_sampled_contrast_without_grad():
     anchor_s, bank_t, index, _ = _sampled_inputs(B, K, D, N, torch.float32, "plain")
     anchor_t, bank_s, _, _ = _sampled_inputs(B, K, D, N, torch.float32, "plain", seed=1)
     s = torch.tensor(SCALE, device=DEVICE)
-    losses, lse, grad_anchors, grad_scalars = dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, s, None,
-                                                                    None, 0, True, 0, 0, 0, False)
+    losses, lse, grad_anchors, grad_scalars = dual_sampled_contrast(
+        anchor_s, anchor_t, bank_s, bank_t, index, s, None, None, 0, True, 0, 0, 0, False
+    )
     assert grad_anchors.shape == (0,) and grad_scalars.shape == (0,)
     expected = reference.dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s)
     for name, got, want in zip(("loss_s", "loss_t", "kl", "lse_s", "lse_t"), [*losses, *lse], expected):
@@ -183,8 +220,9 @@ def test_sampled_contrast_skips_out_of_range_rows():
     bad = index.clone()
     bad[:, 3] = N + 1000
     bad[:, 5] = -7
-    out = sampled_contrast(anchor, bank, bad, torch.tensor(SCALE, device=DEVICE), None, None, 0, 0, 0, 0, True,
-                           num_chunks=2, block_k=2)
+    out = sampled_contrast(
+        anchor, bank, bad, torch.tensor(SCALE, device=DEVICE), None, None, 0, 0, 0, 0, True, num_chunks=2, block_k=2
+    )
     kept = index[:, [c for c in range(K + 1) if c not in (3, 5)]]
     _check_sampled(out, anchor, bank, kept, "infonce", None, None, torch.float32)
 
@@ -202,11 +240,32 @@ def test_sampled_contrast_absent_columns(loss_type, dtype):
     index[2] = -1
     index[3, 1:] = N
     s, bias, log_z = (torch.tensor(v, device=DEVICE) for v in (SCALE, 0.3, 2.0))
-    out = sampled_contrast(anchor, bank, index, s, bias, log_z if loss_type else None, loss_type, 0, 0, 0, True, 3 * N,
-                           num_chunks=3, block_k=2)
-    want = reference.sampled_contrast_outputs(anchor.double(), bank.double(), index, logit_scale=s.double(),
-                                              bias=bias.double(), loss=LOSSES[loss_type], log_z=log_z.double(),
-                                              noise_rows=3 * N)
+    out = sampled_contrast(
+        anchor,
+        bank,
+        index,
+        s,
+        bias,
+        log_z if loss_type else None,
+        loss_type,
+        0,
+        0,
+        0,
+        True,
+        3 * N,
+        num_chunks=3,
+        block_k=2,
+    )
+    want = reference.sampled_contrast_outputs(
+        anchor.double(),
+        bank.double(),
+        index,
+        logit_scale=s.double(),
+        bias=bias.double(),
+        loss=LOSSES[loss_type],
+        log_z=log_z.double(),
+        noise_rows=3 * N,
+    )
     for name, got, expected in zip(("loss", "lse", "grad_anchor", "grad_scalars"), out, want):
         close(got, expected, torch.float32, name)  # the same rounded inputs on both sides
     loss, lse, grad_anchor, grad_scalars = out
@@ -219,13 +278,19 @@ def test_sampled_contrast_absent_columns(loss_type, dtype):
 # ----------------------------------------------------------------------------------------------
 # Every shape and flag in fp32; the 16-bit dtypes on one shape (the dual kernel is the slowest
 # one under the interpreter).
-DUAL_CASES = [(shape, kl, loss_type, torch.float32)
-              for shape in SAMPLED_CASES[1:] + [(1, 1, 3, "sampled")] for kl in (True, False) for loss_type in (0, 1)]
+DUAL_CASES = [
+    (shape, kl, loss_type, torch.float32)
+    for shape in SAMPLED_CASES[1:] + [(1, 1, 3, "sampled")]
+    for kl in (True, False)
+    for loss_type in (0, 1)
+]
 DUAL_CASES += [(SAMPLED_CASES[1], True, loss_type, dtype) for dtype in DTYPES[1:] for loss_type in (0, 1)]
 
 
-DUAL_IDS = ["{}x{}x{}-{}-{}-{}-{}".format(*shape, "kl" if kl else "nokl", LOSSES[loss_type], str(dtype)[6:])
-            for shape, kl, loss_type, dtype in DUAL_CASES]
+DUAL_IDS = [
+    "{}x{}x{}-{}-{}-{}-{}".format(*shape, "kl" if kl else "nokl", LOSSES[loss_type], str(dtype)[6:])
+    for shape, kl, loss_type, dtype in DUAL_CASES
+]
 
 
 @pytest.mark.parametrize("shape,compute_kl,loss_type,dtype", DUAL_CASES, ids=DUAL_IDS)
@@ -244,15 +309,38 @@ def test_dual_sampled_contrast(shape, compute_kl, loss_type, dtype):
     bias = leaf(0.3)
     log_z = torch.tensor([2.0, 1.5], device=DEVICE, requires_grad=True) if loss_type == 1 else None
     losses, lse, grad_anchors, grad_scalars = dual_sampled_contrast(
-        anchor_s, anchor_t, bank_s, bank_t, kernel_index, torch.tensor(SCALE, device=DEVICE), bias.detach(),
-        None if log_z is None else log_z.detach(), loss_type, compute_kl, num_negatives, seed, offset, True, **split)
+        anchor_s,
+        anchor_t,
+        bank_s,
+        bank_t,
+        kernel_index,
+        torch.tensor(SCALE, device=DEVICE),
+        bias.detach(),
+        None if log_z is None else log_z.detach(),
+        loss_type,
+        compute_kl,
+        num_negatives,
+        seed,
+        offset,
+        True,
+        **split,
+    )
 
     s = leaf(SCALE)
     z_s = anchor_s.float().detach().requires_grad_()
     z_t = anchor_t.float().detach().requires_grad_()
     loss_s, loss_t, kl, lse_s, lse_t = reference.dual_sampled_contrast(
-        z_s, z_t, bank_s, bank_t, index, logit_scale=s, bias=bias, loss=LOSSES[loss_type], log_z=log_z,
-        compute_kl=compute_kl)
+        z_s,
+        z_t,
+        bank_s,
+        bank_t,
+        index,
+        logit_scale=s,
+        bias=bias,
+        loss=LOSSES[loss_type],
+        log_z=log_z,
+        compute_kl=compute_kl,
+    )
     g = torch.randn((3, B), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     terms = [(loss_s, g[0]), (loss_t, g[1])] + ([(kl, g[2])] if compute_kl else [])
     d_zs, d_zt, d_s, d_bias, d_log_z = oracle_grads(terms, [z_s, z_t, s, bias, log_z])
@@ -288,6 +376,7 @@ def test_dense_contrast_key_splits(B, M, D, num_splits, with_positive, dtype):
     """The forward split over the keys (flash-decoding partials + merge, what a GPU takes when the
     anchor blocks cannot fill it: B = 64 is 4 programs for 132 SMs), forced here."""
     import sys
+
     module = sys.modules["dcdkernels.triton.dense_contrast"]
     assert module.plan_key_splits(4, 65536, 64, 132) == (64, 1024)  # B = 64 on an H100: 256 programs
     assert module.plan_key_splits(4, M, 64, None, num_splits)[0] > 1
@@ -302,11 +391,26 @@ def _check_dense_contrast(B, M, D, with_positive, dtype, num_splits=None):
     target = None if with_positive else torch.randint(0, M, (B,), generator=gen).to(DEVICE)
     bias = leaf(0.3) if D != 3 else None
     loss, lse, grad_anchor, grad_positive, grad_scalars = dense_contrast(
-        anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None if bias is None else bias.detach(),
-        True, num_splits=num_splits)
+        anchor,
+        keys,
+        target,
+        positive,
+        torch.tensor(SCALE, device=DEVICE),
+        None if bias is None else bias.detach(),
+        True,
+        num_splits=num_splits,
+    )
     g = torch.randn(B, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    grad_keys = dense_contrast_backward_keys(anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE),
-                                             None if bias is None else bias.detach(), lse, g)
+    grad_keys = dense_contrast_backward_keys(
+        anchor,
+        keys,
+        target,
+        positive,
+        torch.tensor(SCALE, device=DEVICE),
+        None if bias is None else bias.detach(),
+        lse,
+        g,
+    )
 
     s = leaf(SCALE)
     q, k = anchor.float().detach().requires_grad_(), keys.float().detach().requires_grad_()
@@ -338,8 +442,15 @@ def test_dense_contrast_reduced(B, M, D, with_positive, dtype):
     bias = leaf(0.3) if D != 3 else None
     c = (torch.rand(B, generator=gen) + 0.5).to(DEVICE)
     loss, rows, lse, grad_anchor, grad_positive, grad_keys, grad_scalars = dense_contrast_reduced(
-        anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None if bias is None else bias.detach(),
-        c, True)
+        anchor,
+        keys,
+        target,
+        positive,
+        torch.tensor(SCALE, device=DEVICE),
+        None if bias is None else bias.detach(),
+        c,
+        True,
+    )
 
     s = leaf(SCALE)
     q, k = anchor.float().detach().requires_grad_(), keys.float().detach().requires_grad_()
@@ -358,8 +469,9 @@ def test_dense_contrast_reduced(B, M, D, with_positive, dtype):
         assert grad_positive.shape == (0,)
     if bias is not None:
         close(grad_scalars[1], d_bias, dtype, "d/dbias")
-    assert dense_contrast_reduced(anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None, c,
-                                  False)[5].shape == (0,)
+    assert dense_contrast_reduced(anchor, keys, target, positive, torch.tensor(SCALE, device=DEVICE), None, c, False)[
+        5
+    ].shape == (0,)
 
 
 def test_dense_contrast_without_grad():
@@ -382,6 +494,7 @@ def test_dense_backward_keys_fp16_small_probabilities_do_not_underflow(monkeypat
     (it rounds the operands to fp16 as the GPU does); each key's gradient row must match the
     oracle to fp16 precision relative to its own size."""
     import sys
+
     module = sys.modules["dcdkernels.triton.dense_contrast"]
     forced = module._dot_dtype(torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float16), True)
     assert forced == tl.float16
@@ -390,8 +503,12 @@ def test_dense_backward_keys_fp16_small_probabilities_do_not_underflow(monkeypat
     B, M, D = 256, 32, 16
     direction = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
     anchor = torch.nn.functional.normalize(direction + 0.1 * torch.randn(B, D, generator=gen), dim=1)
-    keys = torch.cat([torch.nn.functional.normalize(direction + 0.1 * torch.randn(4, D, generator=gen), dim=1),
-                      torch.nn.functional.normalize(-direction + 0.3 * torch.randn(M - 4, D, generator=gen), dim=1)])
+    keys = torch.cat(
+        [
+            torch.nn.functional.normalize(direction + 0.1 * torch.randn(4, D, generator=gen), dim=1),
+            torch.nn.functional.normalize(-direction + 0.3 * torch.randn(M - 4, D, generator=gen), dim=1),
+        ]
+    )
     anchor, keys = anchor.half().to(DEVICE), keys.half().to(DEVICE)
     target = torch.randint(0, 4, (B,), generator=gen).to(DEVICE)
     s = torch.tensor(SCALE, device=DEVICE)
@@ -403,7 +520,7 @@ def test_dense_backward_keys_fp16_small_probabilities_do_not_underflow(monkeypat
     p = torch.softmax(SCALE * a64 @ k64.t(), dim=1)
     p[torch.arange(B), target.cpu()] -= 1
     negatives = slice(4, M)
-    assert (p[:, negatives] / B).max() < 2.0 ** -24  # g p below fp16's smallest subnormal: the defect's case
+    assert (p[:, negatives] / B).max() < 2.0**-24  # g p below fp16's smallest subnormal: the defect's case
     expected = SCALE * (p * g.double().cpu()[:, None]).t() @ a64
     err = (grad_keys - expected).norm(dim=1) / expected.norm(dim=1)
     assert err[negatives].max() < 1e-2, f"relative error of the negatives' key gradients: {err[negatives].max()}"
@@ -444,6 +561,7 @@ def assert_within_contract_rounding(bank, before, index, value, momentum):
     division 1 each). A 16-bit bank adds its one rounding: the two results may round to
     neighbours, <= 1 ulp <= eps of the dtype for elements <= 1."""
     from dcdkernels.reference.bank_update import last_occurrence
+
     keep = last_occurrence(index)
     m32 = torch.tensor(momentum, dtype=torch.float32).double()
     one_minus = torch.tensor(1.0 - momentum, dtype=torch.float32).double()
@@ -451,7 +569,7 @@ def assert_within_contract_rounding(bank, before, index, value, momentum):
     exact = mixed / mixed.norm(dim=1, keepdim=True)
     assert exact.norm(dim=1).sub(1).abs().max() < 1e-12
     D = bank.shape[1]
-    u = 2.0 ** -24
+    u = 2.0**-24
     fp32_err = (5 + D / 2) * u
     allowed = fp32_err if bank.dtype == torch.float32 else torch.finfo(bank.dtype).eps + fp32_err
     err = (bank[index[keep]].double() - exact).abs().max().item()

@@ -21,7 +21,7 @@ ReducedOutputs compose_reduced(Forward forward, BackwardKeys backward_keys, cons
   auto [rows, lse, grad_anchor, grad_positive, grad_scalars] = forward();
   const at::Tensor grad_keys = keys_grad ? backward_keys(lse, c) : at::empty({0}, rows.options());
   if (has_positive) grad_positive.mul_(c.unsqueeze(1));
-  return {rows.mul(c).sum(), rows, lse, grad_anchor.mul_(c.unsqueeze(1)), grad_positive, grad_keys,
+  return {rows.mul(c).sum(),          rows, lse, grad_anchor.mul_(c.unsqueeze(1)), grad_positive, grad_keys,
           grad_scalars.mul_(c).sum(1)};
 }
 

@@ -26,8 +26,7 @@ DCD_HOST_DEVICE uint32_t rng_key(uint64_t seed) {
 }
 
 // Negative k (1..K) of anchor row b, uniform over [0, n_rows).
-DCD_HOST_DEVICE int64_t sample_index(uint32_t key, uint64_t offset, int64_t b, int64_t k, int64_t K,
-                                     int64_t n_rows) {
+DCD_HOST_DEVICE int64_t sample_index(uint32_t key, uint64_t offset, int64_t b, int64_t k, int64_t K, int64_t n_rows) {
   const uint64_t ctr = offset + static_cast<uint64_t>(b) * static_cast<uint64_t>(K) + static_cast<uint64_t>(k - 1);
   const uint32_t h = mix32(static_cast<uint32_t>(ctr) ^ mix32(static_cast<uint32_t>(ctr >> 32) ^ key));
   return static_cast<int64_t>((static_cast<uint64_t>(h) * static_cast<uint64_t>(n_rows)) >> 32);

@@ -140,8 +140,8 @@ void bank_momentum_update_cpu(const at::Tensor& bank_in, const at::Tensor& index
   TORCH_CHECK(value.size(1) == D, "value has D = ", value.size(1), " but the bank has D = ", D);
   TORCH_CHECK(D <= 1 || bank.stride(1) == 1, "bank rows must be contiguous (stride(1) == 1), got strides ",
               bank.strides());
-  TORCH_CHECK(index.dim() == 1 && index.size(0) == value.size(0), "index must be (B,) with B = value.size(0) = ",
-              value.size(0), ", got shape ", index.sizes());
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == value.size(0),
+              "index must be (B,) with B = value.size(0) = ", value.size(0), ", got shape ", index.sizes());
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, "momentum must be a float in [0, 1], got ", momentum);
   const at::Tensor index_c = index.contiguous();
   TORCH_CHECK(index_c.device().is_cpu(), "index must be a CPU tensor, got ", index_c.device());
@@ -153,9 +153,9 @@ void bank_momentum_update_cpu(const at::Tensor& bank_in, const at::Tensor& index
   TORCH_CHECK_VALUE(in_range, "index has entries out of range [0, ", n_rows, ")");
   check_bank_layout(bank, value);  // before the first write
   const at::Tensor value_c = value.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_c.scalar_type(), "bank_momentum_update_check",
-                                  [&] {
-    TORCH_CHECK_VALUE(all_finite(value_c.data_ptr<scalar_t>(), value_c.numel()), "value has non-finite values (nan or inf)");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value_c.scalar_type(), "bank_momentum_update_check", [&] {
+    TORCH_CHECK_VALUE(all_finite(value_c.data_ptr<scalar_t>(), value_c.numel()),
+                      "value has non-finite values (nan or inf)");
   });
   const auto keep = last_occurrences(index_c.data_ptr<int64_t>(), index_c.numel());
   if (keep.empty()) return;

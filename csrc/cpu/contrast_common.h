@@ -34,9 +34,9 @@ struct Columns {
   const int64_t* index;  // (B, cols) row-major, or (B,) positives when sampled
   int64_t cols;          // K + 1
   bool sampled;
-  uint32_t key;          // rng_key(seed)
+  uint32_t key;  // rng_key(seed)
   uint64_t offset;
-  int64_t n_rows;        // N, the sampling range
+  int64_t n_rows;  // N, the sampling range
 
   // out[j] = bank row of column k0 + j of anchor b, j < n.
   DCD_INLINE void get(int64_t b, int64_t k0, int64_t n, int64_t* out) const {
@@ -76,13 +76,13 @@ inline Columns make_columns(const at::Tensor& index, int64_t B, int64_t num_nega
   TORCH_CHECK(num_negatives >= 0, "num_negatives must be >= 0, got ", num_negatives);
   Columns c{};
   if (num_negatives == 0) {
-    TORCH_CHECK(index.dim() == 2 && index.size(0) == B && index.size(1) >= 1,
-                "index must be (B, K+1) = (", B, ", K+1) when num_negatives == 0, got shape ", index.sizes());
+    TORCH_CHECK(index.dim() == 2 && index.size(0) == B && index.size(1) >= 1, "index must be (B, K+1) = (", B,
+                ", K+1) when num_negatives == 0, got shape ", index.sizes());
     c.cols = index.size(1);
     c.sampled = false;
   } else {
-    TORCH_CHECK(index.dim() == 1 && index.size(0) == B,
-                "with num_negatives > 0 the index must be the (B,) = (", B, ",) positives, got shape ", index.sizes());
+    TORCH_CHECK(index.dim() == 1 && index.size(0) == B, "with num_negatives > 0 the index must be the (B,) = (", B,
+                ",) positives, got shape ", index.sizes());
     TORCH_CHECK(n_rows < (int64_t(1) << 32), "in-kernel sampling needs a bank of fewer than 2^32 rows, got ", n_rows);
     c.cols = num_negatives + 1;
     c.sampled = true;
@@ -124,12 +124,12 @@ LossParams<A> make_loss_params(double s, double beta, bool nce, double log_z, in
 template <typename A>
 struct DirState {
   A m = -std::numeric_limits<A>::infinity();  // running max of the logits
-  A l = 0;     // sum_k exp(l_k - m)
-  A cw = 0;    // sum_k exp(l_k - m) d_k
-  A loss = 0;  // NCE: sum of the per-column losses
-  A gd = 0;    // NCE: sum_k g_k d_k, g_k = dL/dl_k
-  A gb = 0;    // NCE: sum_k g_k
-  A d0 = 0;    // dot with the positive row; set by the chunk that holds column 0 if it is present
+  A l = 0;                                    // sum_k exp(l_k - m)
+  A cw = 0;                                   // sum_k exp(l_k - m) d_k
+  A loss = 0;                                 // NCE: sum of the per-column losses
+  A gd = 0;                                   // NCE: sum_k g_k d_k, g_k = dL/dl_k
+  A gb = 0;                                   // NCE: sum_k g_k
+  A d0 = 0;  // dot with the positive row; set by the chunk that holds column 0 if it is present
 };
 
 // Absorbs a block of n columns with dots d[j]; `positive`: the first of them is column 0. Writes

@@ -184,7 +184,9 @@ DCD_INLINE float exp_v(float x) {
   y = y * (r * r) + r + 1.0f;
   return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
-DCD_INLINE double exp_v(double x) { return std::exp(x); }
+DCD_INLINE double exp_v(double x) {
+  return std::exp(x);
+}
 
 // log1p(e) for e in [0, 1], relative error below 2e-7 (2.7 ulp measured). With u = 1 + e rounded,
 // log1p(e) = log(u) * e / (u - 1) cancels the rounding of u; log(u), u in [1, 2], is
@@ -211,15 +213,21 @@ DCD_INLINE float log1p_unit(float e) {
   const float ratio = e / (t == 0.0f ? 1.0f : t);
   return t == 0.0f ? e : log_u * ratio;
 }
-DCD_INLINE double log1p_unit(double e) { return std::log1p(e); }
+DCD_INLINE double log1p_unit(double e) {
+  return std::log1p(e);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Element conversion to the accumulation type.
 
 template <typename A>
-DCD_INLINE A to_acc(float x) { return static_cast<A>(x); }
+DCD_INLINE A to_acc(float x) {
+  return static_cast<A>(x);
+}
 template <typename A>
-DCD_INLINE A to_acc(double x) { return static_cast<A>(x); }
+DCD_INLINE A to_acc(double x) {
+  return static_cast<A>(x);
+}
 // bfloat16 and float16 widen to float exactly (bit operations that c10 inlines).
 template <typename A>
 DCD_INLINE A to_acc(c10::BFloat16 x) {
@@ -284,7 +292,7 @@ class RowReader {
   const char* base_;
   int64_t stride_bytes_;  // row stride in bytes (int64: offsets never overflow)
   int64_t D_;
-  int64_t row_bytes_;     // bytes of one row's D elements
+  int64_t row_bytes_;  // bytes of one row's D elements
   bool direct_ = false;
   void (*convert_)(const void*, A*, int64_t) = nullptr;
   std::vector<A> scratch_;

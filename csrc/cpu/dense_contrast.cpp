@@ -37,8 +37,7 @@ namespace {
 // w_j = exp(l_j - m_new) is left in the block for ao += W K, with w = 0 at column `skip` (the
 // positive key of a target row when it is in this block, else -1): the sums hold the others.
 template <typename A>
-DCD_CPU_CLONES void absorb_row(A* w, int64_t mt, int64_t skip, A s, A beta, A& m, A& lo, A* cwo, A* ao,
-                               int64_t D) {
+DCD_CPU_CLONES void absorb_row(A* w, int64_t mt, int64_t skip, A s, A beta, A& m, A& lo, A* cwo, A* ao, int64_t D) {
   A block_max = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : block_max)
   for (int64_t j = 0; j < mt; ++j) block_max = std::max(block_max, s * w[j] + beta);
@@ -99,8 +98,8 @@ DenseInputs prepare(const at::Tensor& anchor, const at::Tensor& keys, const std:
     in.pos = keys.index_select(0, in.target).to(in.acc);
   } else {
     check_float_matrix(*positive, "positive");
-    TORCH_CHECK(positive->size(0) == in.B && positive->size(1) == in.D, "positive must be (B, D) = (", in.B, ", ",
-                in.D, "), got shape ", positive->sizes());
+    TORCH_CHECK(positive->size(0) == in.B && positive->size(1) == in.D, "positive must be (B, D) = (", in.B, ", ", in.D,
+                "), got shape ", positive->sizes());
     in.pos = positive->to(in.acc).contiguous();
   }
   in.d_pos = (in.q * in.pos).sum(1);
@@ -288,9 +287,9 @@ DCD_CPU_CLONES RowResult<A> softmax_row(A* d, int64_t M, int64_t t, A d_pos, A s
 // run single-threaded: two fork-joins per strip (measured on 2 loaded cores: fewer stalls than
 // threaded BLAS calls, as fast as per-thread grad_K copies without their memory).
 template <typename A>
-void reduced_strips(const DenseInputs& in, const at::Tensor& k, const at::Tensor& c, at::Tensor& rows,
-                    at::Tensor& lse, at::Tensor& others, at::Tensor& grad_scale, at::Tensor& grad_anchor,
-                    at::Tensor& grad_keys, int64_t bt_max) {
+void reduced_strips(const DenseInputs& in, const at::Tensor& k, const at::Tensor& c, at::Tensor& rows, at::Tensor& lse,
+                    at::Tensor& others, at::Tensor& grad_scale, at::Tensor& grad_anchor, at::Tensor& grad_keys,
+                    int64_t bt_max) {
   const int64_t B = in.B, M = in.M, D = in.D;
   const A s = static_cast<A>(in.s), beta = static_cast<A>(in.beta);
   const int64_t* target = in.target.defined() ? in.target.data_ptr<int64_t>() : nullptr;
@@ -357,12 +356,12 @@ dense_contrast_reduced_cpu(const at::Tensor& anchor, const at::Tensor& keys, con
   if (!keys_grad || bt_max < std::min(B, kMinStripRows)) {
     // The per-row kernels, their gradients times c. Without a key gradient they do the same two
     // matmuls as the strips (dots, a += W K), with each key tile still in cache for the second.
-    return compose_reduced(
-        [&] { return dense_contrast_cpu(q_in, k_in, target, pos, logit_scale, bias, true); },
-        [&](const at::Tensor& lse, const at::Tensor& c) {
-          return dense_contrast_backward_keys_cpu(q_in, k_in, target, pos, logit_scale, bias, lse, c);
-        },
-        row_weight.detach().to(acc).contiguous(), keys_grad, pos.has_value());
+    return compose_reduced([&] { return dense_contrast_cpu(q_in, k_in, target, pos, logit_scale, bias, true); },
+                           [&](const at::Tensor& lse, const at::Tensor& c) {
+                             return dense_contrast_backward_keys_cpu(q_in, k_in, target, pos, logit_scale, bias, lse,
+                                                                     c);
+                           },
+                           row_weight.detach().to(acc).contiguous(), keys_grad, pos.has_value());
   }
   const DenseInputs in = prepare(q_in, k_in, target, pos, logit_scale, bias);
   const int64_t D = in.D;

@@ -74,8 +74,7 @@ struct DualProblem {
 
 template <typename A>
 DCD_CPU_CLONES void scan_chunk(const DualProblem<A>& pr, RowReader<A>& bank_s, RowReader<A>& bank_t, int64_t b,
-                               int64_t k0, int64_t k1, DirState<A>& st_s, DirState<A>& st_t, KlState<A>& kl,
-                               A* vec) {
+                               int64_t k0, int64_t k1, DirState<A>& st_s, DirState<A>& st_t, KlState<A>& kl, A* vec) {
   const int64_t D = pr.D;
   const VectorSlots& sl = pr.slots;
   const A* zs = pr.zs + b * D;
@@ -219,10 +218,10 @@ void run(const at::Tensor& zs_t, const at::Tensor& zt_t, const at::Tensor& bank_
         return dst;
       };
       const A s = Ps.s;
-      A* g_ls = ga + b * D;              // dL^s/dz_s
-      A* g_lt = ga + (B + b) * D;        // dL^t/dz_t
-      A* g_kls = ga + (2 * B + b) * D;   // dKL/dz_s
-      A* g_klt = ga + (3 * B + b) * D;   // dKL/dz_t
+      A* g_ls = ga + b * D;             // dL^s/dz_s
+      A* g_lt = ga + (B + b) * D;       // dL^t/dz_t
+      A* g_kls = ga + (2 * B + b) * D;  // dKL/dz_s
+      A* g_klt = ga + (3 * B + b) * D;  // dKL/dz_t
       auto scal = [&](int64_t which, int64_t term) -> A& { return gsc[(which * 3 + term) * B + b]; };
       const A* As = sl.As >= 0 ? merged(sl.As, fs.data()) : nullptr;
       const A* At = sl.At >= 0 ? merged(sl.At, ft.data()) : nullptr;

@@ -164,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cpu(
     run<double>(q, bank, cols, make_loss_params<double>(s, beta, nce, lz, cols.cols - 1, noise), compute_grad, loss,
                 lse, grad_anchor, grad_scalars);
   } else {
-    run<float>(q, bank, cols, make_loss_params<float>(s, beta, nce, lz, cols.cols - 1, noise), compute_grad, loss,
-               lse, grad_anchor, grad_scalars);
+    run<float>(q, bank, cols, make_loss_params<float>(s, beta, nce, lz, cols.cols - 1, noise), compute_grad, loss, lse,
+               grad_anchor, grad_scalars);
   }
   return {loss, lse, grad_anchor, grad_scalars};
 }

@@ -31,8 +31,8 @@ DCD_CPU_CLONES A block_max(const A* d, int64_t n, A s) {
 // One row's block in the forward, branch-free so that it vectorises: sum of exp(l_j - m) over
 // the columns j != self, and the positives' raw logit sum and count.
 template <typename A>
-DCD_CPU_CLONES void absorb_supcon_row(const A* d, const int64_t* lk, int64_t yi, int64_t n, int64_t self, A s,
-                                      A m, A& sum_out, A& psum_out, int64_t& np_out) {
+DCD_CPU_CLONES void absorb_supcon_row(const A* d, const int64_t* lk, int64_t yi, int64_t n, int64_t self, A s, A m,
+                                      A& sum_out, A& psum_out, int64_t& np_out) {
   A sum = 0, psum = 0, np = 0;  // the count in A: one reduction type, so the loop vectorises
 #pragma omp simd reduction(+ : sum, psum, np)
   for (int64_t j = 0; j < n; ++j) {
@@ -51,8 +51,8 @@ DCD_CPU_CLONES void absorb_supcon_row(const A* d, const int64_t* lk, int64_t yi,
 // One row's block in the backward, in place over its dots: G_j = g (p_j - [pos_j] / npos), 0 at
 // the self column; returns sum_j G_j d_j (the row's share of d/ds).
 template <typename A>
-DCD_CPU_CLONES A coefficients_row(A* row, const int64_t* lk, int64_t yi, int64_t n, int64_t self, A s, A m,
-                                  A inv_den, A inv_np, A g) {
+DCD_CPU_CLONES A coefficients_row(A* row, const int64_t* lk, int64_t yi, int64_t n, int64_t self, A s, A m, A inv_den,
+                                  A inv_np, A g) {
   A acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
@@ -68,8 +68,8 @@ DCD_CPU_CLONES A coefficients_row(A* row, const int64_t* lk, int64_t yi, int64_t
 struct SupconInputs {
   int64_t R, N, D;
   at::ScalarType acc;
-  at::Tensor a, k;     // acc-typed, contiguous
-  at::Tensor la, lk;   // int64 labels
+  at::Tensor a, k;    // acc-typed, contiguous
+  at::Tensor la, lk;  // int64 labels
   double s;
 };
 
@@ -141,8 +141,8 @@ void forward_impl(const SupconInputs& in, double eps, bool exclude_self, at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> supcon_contrast_cpu(const at::Tensor& anchors, const at::Tensor& labels,
-                                                      const at::Tensor& keys, const at::Tensor& key_labels,
-                                                      const at::Tensor& logit_scale, double eps, bool exclude_self) {
+                                                       const at::Tensor& keys, const at::Tensor& key_labels,
+                                                       const at::Tensor& logit_scale, double eps, bool exclude_self) {
   const SupconInputs in = prepare(anchors, labels, keys, key_labels, logit_scale);
   const auto opts = anchors.options().dtype(in.acc);
   at::Tensor loss = at::empty({in.R}, opts), stats = at::empty({3, in.R}, opts);
@@ -205,9 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_contrast_backward_cpu(
   at::Tensor grad_a = at::zeros({in.R, in.D}, opts);
   at::Tensor grad_k = keys_grad ? at::zeros({in.N, in.D}, opts) : at::empty({0}, opts);
   at::Tensor gs = at::zeros({in.R}, opts);
-  AT_DISPATCH_FLOATING_TYPES(in.acc, "supcon_contrast_backward_cpu", [&] {
-    backward_impl<scalar_t>(in, st, g, exclude_self, keys_grad, grad_a, grad_k, gs);
-  });
+  AT_DISPATCH_FLOATING_TYPES(in.acc, "supcon_contrast_backward_cpu",
+                             [&] { backward_impl<scalar_t>(in, st, g, exclude_self, keys_grad, grad_a, grad_k, gs); });
   return {grad_a, grad_k, gs.sum()};
 }
 

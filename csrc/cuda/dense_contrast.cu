@@ -363,16 +363,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
 
 at::Tensor dense_contrast_backward_keys_cuda(const at::Tensor& anchor, const at::Tensor& keys,
                                              const c10::optional<at::Tensor>& target,
-                                             const c10::optional<at::Tensor>& positive,
-                                             const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
-                                             const at::Tensor& lse, const at::Tensor& grad_rows) {
+                                             const c10::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
+                                             const c10::optional<at::Tensor>& bias, const at::Tensor& lse,
+                                             const at::Tensor& grad_rows) {
   TORCH_CHECK(anchor.is_cuda(), "anchor must be a CUDA tensor, got ", anchor.device());
   const c10::cuda::CUDAGuard guard(anchor.device());
   const DenseInputs in = check_inputs(anchor, keys, target, positive, logit_scale, bias);
   const int64_t B = in.B, M = in.M, D = in.D;
   for (const at::Tensor* t : {&lse, &grad_rows}) {
-    TORCH_CHECK(t->device() == anchor.device() && t->scalar_type() == at::kFloat && t->dim() == 1 &&
-                    t->size(0) == B,
+    TORCH_CHECK(t->device() == anchor.device() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == B,
                 "lse and grad_rows must be (B,) = (", B, ",) float32 tensors on ", anchor.device());
   }
   const at::Tensor lse_c = lse.contiguous(), g_c = grad_rows.contiguous();
@@ -409,12 +408,12 @@ dense_contrast_reduced_cuda(const at::Tensor& anchor, const at::Tensor& keys, co
                             const c10::optional<at::Tensor>& bias, const at::Tensor& row_weight, bool keys_grad) {
   TORCH_CHECK(row_weight.device() == anchor.device() && row_weight.dim() == 1 && row_weight.size(0) == anchor.size(0),
               "row_weight must be a (B,) tensor on ", anchor.device());
-  return compose_reduced(
-      [&] { return dense_contrast_cuda(anchor, keys, target, positive, logit_scale, bias, true); },
-      [&](const at::Tensor& lse, const at::Tensor& c) {
-        return dense_contrast_backward_keys_cuda(anchor, keys, target, positive, logit_scale, bias, lse, c);
-      },
-      row_weight.to(at::kFloat), keys_grad, positive.has_value());
+  return compose_reduced([&] { return dense_contrast_cuda(anchor, keys, target, positive, logit_scale, bias, true); },
+                         [&](const at::Tensor& lse, const at::Tensor& c) {
+                           return dense_contrast_backward_keys_cuda(anchor, keys, target, positive, logit_scale, bias,
+                                                                    lse, c);
+                         },
+                         row_weight.to(at::kFloat), keys_grad, positive.has_value());
 }
 
 }  // namespace

@@ -48,9 +48,21 @@ constexpr int rows_per_step() {
 // anchor vs bank_s) max m, sum l = sum exp(l - m), C = sum exp(l - m) d, and the NCE sums
 // Gd = sum g d, Loss, Gb = sum g; then the KL sums of the teacher weights Wf, H, U.
 enum DualSlot : int {
-  kMs = 0, kLs, kCs, kGds, kLosss, kGbs,
-  kMt, kLt, kCt, kGdt, kLosst, kGbt,
-  kWf, kH, kU,
+  kMs = 0,
+  kLs,
+  kCs,
+  kGds,
+  kLosss,
+  kGbs,
+  kMt,
+  kLt,
+  kCt,
+  kGdt,
+  kLosst,
+  kGbt,
+  kWf,
+  kH,
+  kU,
   kDualScalars
 };
 
@@ -222,21 +234,20 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
 #pragma unroll
       for (int i = 0; i < kDualScalars; ++i) out[i] = st[i];
     }
-    each_vector([&](int v, const float(&slice)[NV][V]) { store_slice(out + kDualScalars + v * D, slice, t, tpr, D); });
+    each_vector([&](int v, const float (&slice)[NV][V]) { store_slice(out + kDualScalars + v * D, slice, t, tpr, D); });
     return;
   }
   // Several groups: stage their states in shared memory and merge them in group order.
-  const int span = tpr * NV * V;  // elements covered by a group (>= D)
-  float* gst = smem;                                  // [groups][kDualScalars]
-  float* gvec = gst + groups * kDualScalars;          // [groups][vs.count][span]
-  float* factor = gvec + groups * vs.count * span;    // [3][groups]: none, student, teacher
+  const int span = tpr * NV * V;                    // elements covered by a group (>= D)
+  float* gst = smem;                                // [groups][kDualScalars]
+  float* gvec = gst + groups * kDualScalars;        // [groups][vs.count][span]
+  float* factor = gvec + groups * vs.count * span;  // [3][groups]: none, student, teacher
   if (t == 0) {
 #pragma unroll
     for (int i = 0; i < kDualScalars; ++i) gst[g.group * kDualScalars + i] = st[i];
   }
-  each_vector([&](int v, const float(&slice)[NV][V]) {
-    stage_slice(gvec + (g.group * vs.count + v) * span, slice, t, tpr);
-  });
+  each_vector(
+      [&](int v, const float (&slice)[NV][V]) { stage_slice(gvec + (g.group * vs.count + v) * span, slice, t, tpr); });
   __syncthreads();
   const bool owner = threadIdx.x < groups;
   const float* own = gst + threadIdx.x * kDualScalars;
@@ -249,8 +260,9 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   }
   __syncthreads();
   float* tot = scratch;  // kDualScalars <= 32 floats, free again after block_max
-  sum_slots(gst, groups, kDualScalars, kDualScalars,
-            [&](int i, int k) { return factor[slot_direction(i) * groups + k]; }, tot);
+  sum_slots(
+      gst, groups, kDualScalars, kDualScalars, [&](int i, int k) { return factor[slot_direction(i) * groups + k]; },
+      tot);
   if (threadIdx.x < kDualScalars) {
     const int i = threadIdx.x;
     out[i] = i == kMs ? ms : i == kMt ? mt : tot[i];
@@ -322,8 +334,7 @@ __global__ void __launch_bounds__(256) dual_merge_kernel(const DualMergeParams p
     factor[2][c] = rescale(part[c * p.stride + kMt], mt);
   }
   __syncthreads();
-  sum_slots(part, p.nchunks, p.stride, kDualScalars, [&](int i, int c) { return factor[slot_direction(i)][c]; },
-            tot);
+  sum_slots(part, p.nchunks, p.stride, kDualScalars, [&](int i, int c) { return factor[slot_direction(i)][c]; }, tot);
 
   const float Ls = tot[kLs], Lt = tot[kLt];
   const bool empty = !(Ls > 0.f);  // the directions share their present columns
@@ -398,9 +409,8 @@ void launch_partials(const DualParams& p, const RowLayout& lay, int64_t B, cudaS
   constexpr int R = rows_per_step<NV>();
   const int groups = lay.block / lay.tpr;
   // Shared memory: the groups' states and factors for the block merge, or the cross-warp dot scratch.
-  const size_t smem = groups > 1
-                          ? sizeof(float) * groups * (kDualScalars + p.vs.count * lay.tpr * NV * V + 3)
-                          : sizeof(float) * 2 * (2 * R) * kWarp;
+  const size_t smem = groups > 1 ? sizeof(float) * groups * (kDualScalars + p.vs.count * lay.tpr * NV * V + 3)
+                                 : sizeof(float) * 2 * (2 * R) * kWarp;
   dual_partials_kernel<TS, TT, NV><<<static_cast<unsigned>(B * p.nchunks), lay.block, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -418,16 +428,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   TORCH_CHECK(anchor_t.sizes() == anchor_s.sizes(), "anchor_t has shape ", anchor_t.sizes(), " but anchor_s has ",
               anchor_s.sizes());
   for (const at::Tensor* t : {&anchor_t, &bank_s, &bank_t, &index}) {
-    TORCH_CHECK(t->device() == anchor_s.device(), "every tensor must be on ", anchor_s.device(), ", got ",
-                t->device());
+    TORCH_CHECK(t->device() == anchor_s.device(), "every tensor must be on ", anchor_s.device(), ", got ", t->device());
   }
   const Matrix ms = matrix_of(bank_s, "bank_s"), mt = matrix_of(bank_t, "bank_t");
   TORCH_CHECK(bank_s.size(1) == D && bank_t.size(1) == D, "the banks must be (N, D) with D = ", D);
   TORCH_CHECK(D <= 1 || (bank_s.stride(1) == 1 && bank_t.stride(1) == 1), "bank rows must be contiguous");
   const int64_t N = bank_t.size(0);
   TORCH_CHECK(bank_s.size(0) == N, "bank_s has ", bank_s.size(0), " rows but bank_t has ", N);
-  TORCH_CHECK(bank_s.scalar_type() == bank_t.scalar_type(), "bank_s (", bank_s.scalar_type(),
-              ") and bank_t (", bank_t.scalar_type(), ") must share one dtype");
+  TORCH_CHECK(bank_s.scalar_type() == bank_t.scalar_type(), "bank_s (", bank_s.scalar_type(), ") and bank_t (",
+              bank_t.scalar_type(), ") must share one dtype");
   TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
   const bool nce = loss_type == 1;
   TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z = (log Z_s, log Z_t)");

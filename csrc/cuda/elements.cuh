@@ -35,7 +35,9 @@ inline ElemType elem_type(const at::Tensor& t, const char* name) {
 }
 
 // bfloat16 is the top half of a float32; float16 converts with the hardware instruction.
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) { return __uint_as_float(bits << 16); }
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) {
+  return __uint_as_float(bits << 16);
+}
 __device__ __forceinline__ float fp16_bits_to_float(uint32_t bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
 }

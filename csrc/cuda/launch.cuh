@@ -17,7 +17,9 @@ constexpr int kWarp = 32;
 // Largest number of (anchor, chunk) partials merged per anchor (bounds shared memory of the merge).
 constexpr int kMaxChunks = 1024;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 // Under torch.use_deterministic_algorithms(True) grids are sized for this many SMs whatever the
 // GPU, so the split of every reduction (and so every rounding) does not depend on the device.

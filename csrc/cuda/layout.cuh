@@ -30,9 +30,8 @@ struct ColumnRows {
   int64_t n_rows;
 
   __device__ __forceinline__ int64_t row(int64_t b, int64_t col) const {
-    const int64_t r = (num_negatives > 0 && col > 0)
-                          ? sample_index(key, offset, b, col, num_negatives, n_rows)
-                          : index[b * stride_b + col * stride_k];
+    const int64_t r = (num_negatives > 0 && col > 0) ? sample_index(key, offset, b, col, num_negatives, n_rows)
+                                                     : index[b * stride_b + col * stride_k];
     return (r >= 0 && r < n_rows) ? r : -1;
   }
 };
@@ -48,13 +47,13 @@ inline ColumnRows column_rows(const at::Tensor& index, int64_t B, int64_t num_ne
   c.num_negatives = num_negatives;
   c.n_rows = n_rows;
   if (num_negatives == 0) {
-    TORCH_CHECK(index.dim() == 2 && index.size(0) == B && index.size(1) >= 1,
-                "index must be (B, K+1) = (", B, ", K+1) when num_negatives == 0, got shape ", index.sizes());
+    TORCH_CHECK(index.dim() == 2 && index.size(0) == B && index.size(1) >= 1, "index must be (B, K+1) = (", B,
+                ", K+1) when num_negatives == 0, got shape ", index.sizes());
     c.stride_k = index.stride(1);
     cols = index.size(1);
   } else {
-    TORCH_CHECK(index.dim() == 1 && index.size(0) == B,
-                "with num_negatives > 0 the index must be the (B,) = (", B, ",) positives, got shape ", index.sizes());
+    TORCH_CHECK(index.dim() == 1 && index.size(0) == B, "with num_negatives > 0 the index must be the (B,) = (", B,
+                ",) positives, got shape ", index.sizes());
     TORCH_CHECK(n_rows < (int64_t(1) << 32), "in-kernel sampling needs a bank of fewer than 2^32 rows, got ", n_rows);
     c.stride_k = 0;
     c.key = rng_key(static_cast<uint64_t>(seed));
@@ -75,7 +74,8 @@ inline ColumnRows column_rows(const at::Tensor& index, int64_t B, int64_t num_ne
 
 constexpr int kGatherBlock = 128;  // threads per block when a row group fits in a warp
 constexpr int kMaxGroup = 256;     // largest row group (= block)
-constexpr int kCtasPerSm = 64;     // grid target of the split-K gather: ~8 waves (small tail), partials < 0.5% of the reads
+constexpr int kCtasPerSm =
+    64;  // grid target of the split-K gather: ~8 waves (small tail), partials < 0.5% of the reads
 
 struct RowLayout {
   int nv;     // fragments per thread

@@ -37,7 +37,7 @@ struct PositiveRows {
   Matrix rows;           // bank, keys or the `positive` tensor
   const int64_t* index;  // row of anchor b = index[b * index_stride]; null: row b
   int64_t index_stride;
-  bool extra_column;     // dense `positive`: a softmax column that the partials did not see
+  bool extra_column;  // dense `positive`: a softmax column that the partials did not see
 
   __device__ __forceinline__ int64_t row(int64_t b) const {
     const int64_t r = index ? index[b * index_stride] : b;
@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(256) merge_partials_kernel(const MergeParams p
   const float p0 = p0_raw * inv_l;  // probability of the extra positive column
   for (int e = threadIdx.x; e < D; e += blockDim.x) {
     float a = 0.f;
-    for (int c = 0; c < p.nchunks; ++c) a = fmaf(slot_factor(kScalars, kNce, factor[c]), part[c * p.stride + kScalars + e], a);
+    for (int c = 0; c < p.nchunks; ++c)
+      a = fmaf(slot_factor(kScalars, kNce, factor[c]), part[c * p.stride + kScalars + e], a);
     if (!kNce) {
       const float r0 = prow >= 0 ? p.pos.rows.at(prow, e) : 0.f;
       a = a * inv_l + (p0 - 1.f) * r0;

@@ -127,10 +127,10 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
     return;
   }
   // Several groups: stage their states in shared memory and merge them in group order.
-  const int span = tpr * NV * V;  // elements covered by a group (>= D)
-  float* gs = smem;                        // [groups][kScalars]
-  float* gv = gs + groups * kScalars;      // [groups][span]
-  float* factor = gv + groups * span;      // [groups]: exp(m_group - m_block)
+  const int span = tpr * NV * V;       // elements covered by a group (>= D)
+  float* gs = smem;                    // [groups][kScalars]
+  float* gv = gs + groups * kScalars;  // [groups][span]
+  float* factor = gv + groups * span;  // [groups]: exp(m_group - m_block)
   if (t == 0) {
     float* st = gs + g.group * kScalars;
     st[kM] = m, st[kL] = l, st[kC] = c, st[kLoss] = loss, st[kGb] = gb;
@@ -156,8 +156,8 @@ void launch_partials(const SampledParams& p, const RowLayout& lay, int64_t B, cu
   constexpr int R = rows_per_step<NV>();
   const int groups = lay.block / lay.tpr;
   // Shared memory: the groups' states for the block merge, or the cross-warp dot scratch.
-  const size_t smem = groups > 1 ? sizeof(float) * groups * (kScalars + lay.tpr * NV * V + 1)
-                                 : sizeof(float) * 2 * R * kWarp;
+  const size_t smem =
+      groups > 1 ? sizeof(float) * groups * (kScalars + lay.tpr * NV * V + 1) : sizeof(float) * 2 * R * kWarp;
   sampled_partials_kernel<T, NV><<<static_cast<unsigned>(B * p.nchunks), lay.block, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -141,8 +141,7 @@ SupconParams check_inputs(const at::Tensor& anchors, const at::Tensor& labels, c
               "supcon_contrast: every tensor must be on the GPU");
   TORCH_CHECK(anchors.dim() == 2 && keys.dim() == 2 && keys.size(1) == anchors.size(1),
               "anchors (R, D) and keys (N, D) must share D, got ", anchors.sizes(), " and ", keys.sizes());
-  TORCH_CHECK(anchors.size(1) <= kMaxDim, "supcon_contrast (CUDA): D must be <= ", kMaxDim, ", got ",
-              anchors.size(1));
+  TORCH_CHECK(anchors.size(1) <= kMaxDim, "supcon_contrast (CUDA): D must be <= ", kMaxDim, ", got ", anchors.size(1));
   TORCH_CHECK(labels.scalar_type() == at::kLong && key_labels.scalar_type() == at::kLong && labels.dim() == 1 &&
                   key_labels.dim() == 1 && labels.size(0) == anchors.size(0) && key_labels.size(0) == keys.size(0),
               "labels (R,) and key_labels (N,) must be int64");
@@ -161,8 +160,8 @@ SupconParams check_inputs(const at::Tensor& anchors, const at::Tensor& labels, c
 }
 
 std::tuple<at::Tensor, at::Tensor> supcon_contrast_cuda(const at::Tensor& anchors, const at::Tensor& labels,
-                                                       const at::Tensor& keys, const at::Tensor& key_labels,
-                                                       const at::Tensor& logit_scale, double eps, bool exclude_self) {
+                                                        const at::Tensor& keys, const at::Tensor& key_labels,
+                                                        const at::Tensor& logit_scale, double eps, bool exclude_self) {
   const c10::cuda::CUDAGuard guard(anchors.device());
   SupconParams p = check_inputs(anchors, labels, keys, key_labels, logit_scale);
   p.eps = static_cast<float>(eps);
@@ -197,13 +196,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> supcon_contrast_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t shared = (2 * p.dim + kThreads) * sizeof(float);
   if (p.R > 0) {
-    supcon_backward_kernel<<<static_cast<unsigned>(p.R), kThreads, shared, stream>>>(
-        p, false, grad_a.data_ptr<float>(), gs.data_ptr<float>());
+    supcon_backward_kernel<<<static_cast<unsigned>(p.R), kThreads, shared, stream>>>(p, false, grad_a.data_ptr<float>(),
+                                                                                     gs.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (keys_grad && p.N > 0) {
-    supcon_backward_kernel<<<static_cast<unsigned>(p.N), kThreads, shared, stream>>>(
-        p, true, grad_k.data_ptr<float>(), nullptr);
+    supcon_backward_kernel<<<static_cast<unsigned>(p.N), kThreads, shared, stream>>>(p, true, grad_k.data_ptr<float>(),
+                                                                                     nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {grad_a, grad_k, gs.sum()};

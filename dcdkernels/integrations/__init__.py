@@ -10,6 +10,7 @@
 The two drop-ins need neither library: they are this library's MomentumQueue and fused dense op
 behind the same constructor and forward.
 """
+
 from .memory_losses import CrossBatchMemory, NTXentMemoryLoss, PMLNTXentLoss, PMLSupConLoss
 
 __all__ = ["CrossBatchMemory", "NTXentMemoryLoss", "PMLNTXentLoss", "PMLSupConLoss"]

@@ -8,6 +8,7 @@ against the memory are never materialised). Neither library is needed to use the
   embedding_size, memory_size)`` around ``NTXentLoss(temperature)`` or ``SupConLoss(temperature)``
   (pytorch-metric-learning's own loss objects, or :class:`PMLNTXentLoss` / :class:`PMLSupConLoss`).
 """
+
 import math
 from typing import Optional, Sequence, Union
 
@@ -48,15 +49,23 @@ class NTXentMemoryLoss(nn.Module):
     the in-batch form supports it only on one process. ``backend`` selects the op backend.
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
-                 gather_distributed: bool = False, *, backend: str = "auto"):
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        memory_bank_size: Union[int, Sequence[int]] = 0,
+        gather_distributed: bool = False,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__()
         size = (memory_bank_size,) if isinstance(memory_bank_size, int) else tuple(memory_bank_size)
         if any(int(x) < 0 for x in size):
             raise ValueError(f"memory_bank_size: all entries must be non-negative, got {memory_bank_size}")
         if isinstance(memory_bank_size, int) and memory_bank_size > 0:
-            raise ValueError(f"memory_bank_size={memory_bank_size} does not give the feature dimension: pass "
-                             f"memory_bank_size=({memory_bank_size}, dim), or 0 to disable the memory bank")
+            raise ValueError(
+                f"memory_bank_size={memory_bank_size} does not give the feature dimension: pass "
+                f"memory_bank_size=({memory_bank_size}, dim), or 0 to disable the memory bank"
+            )
         if size != (0,) and len(size) != 2:
             raise ValueError(f"memory_bank_size must be 0 or (num_features, dim), got {memory_bank_size}")
         if not temperature > 0:
@@ -66,15 +75,16 @@ class NTXentMemoryLoss(nn.Module):
         self.memory_bank: Optional[MomentumQueue] = None
         if size != (0,):
             n, dim = int(size[0]), int(size[1])
-            self.memory_bank = MomentumQueue(n, dim, init="empty",
-                                             mode="replicated" if gather_distributed else "local")
+            self.memory_bank = MomentumQueue(n, dim, init="empty", mode="replicated" if gather_distributed else "local")
             with torch.no_grad():  # lightly's MemoryBankModule init, same RNG calls
                 self.memory_bank.queue.copy_(F.normalize(torch.randn((n, dim)), dim=-1))
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if not isinstance(out0, Tensor) or not isinstance(out1, Tensor) or out0.dim() != 2 or out0.shape != out1.shape:
-            raise ValueError("out0 and out1 must be (batch_size, embedding_size) tensors of one shape, got "
-                             f"{getattr(out0, 'shape', type(out0))} and {getattr(out1, 'shape', type(out1))}")
+            raise ValueError(
+                "out0 and out1 must be (batch_size, embedding_size) tensors of one shape, got "
+                f"{getattr(out0, 'shape', type(out0))} and {getattr(out1, 'shape', type(out1))}"
+            )
         out0 = F.normalize(out0, dim=1)
         out1 = F.normalize(out1, dim=1)
         if self.memory_bank is None:
@@ -85,8 +95,9 @@ class NTXentMemoryLoss(nn.Module):
         if bank.queue.device != out0.device:
             bank.to(out0.device)
         keys = _keys_for_scoring(bank.queue, out0, self.backend)
-        loss = ops.dense_contrast(out0, keys, positive=out1, logit_scale=1.0 / self.temperature, reduction="mean",
-                                  backend=self.backend)
+        loss = ops.dense_contrast(
+            out0, keys, positive=out1, logit_scale=1.0 / self.temperature, reduction="mean", backend=self.backend
+        )
         if out0.requires_grad:
             self._enqueue(out1.detach())
         return loss
@@ -99,10 +110,16 @@ class NTXentMemoryLoss(nn.Module):
         bank.enqueue_(keys)
 
     def _in_batch(self, out0: Tensor, out1: Tensor) -> Tensor:
-        if self.gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise NotImplementedError("NTXentMemoryLoss: gather_distributed without a memory bank is not supported; "
-                                      "use lightly's NTXentLoss for the distributed in-batch form")
+        if (
+            self.gather_distributed
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
+            raise NotImplementedError(
+                "NTXentMemoryLoss: gather_distributed without a memory bank is not supported; "
+                "use lightly's NTXentLoss for the distributed in-batch form"
+            )
         B = out0.shape[0]
         eye = torch.eye(B, device=out0.device, dtype=torch.bool)
         t = self.temperature
@@ -139,14 +156,21 @@ def _loss_kind(loss) -> str:
         return "SupConLoss"
     name = type(loss).__name__
     if name not in _DEFAULT_REDUCER or not hasattr(loss, "temperature"):
-        raise ValueError(f"CrossBatchMemory (dcdkernels) supports NTXentLoss and SupConLoss, got {name}; "
-                         "use pytorch-metric-learning's CrossBatchMemory for the others")
+        raise ValueError(
+            f"CrossBatchMemory (dcdkernels) supports NTXentLoss and SupConLoss, got {name}; "
+            "use pytorch-metric-learning's CrossBatchMemory for the others"
+        )
     distance = type(getattr(loss, "distance", None)).__name__
     reducer = type(getattr(loss, "reducer", None)).__name__
-    if distance != "CosineSimilarity" or reducer != _DEFAULT_REDUCER[name] or \
-            getattr(loss, "embedding_regularizer", None) is not None:
-        raise ValueError(f"CrossBatchMemory (dcdkernels) supports {name} with its default CosineSimilarity "
-                         f"distance and {_DEFAULT_REDUCER[name]}, no regularizer; got {distance}, {reducer}")
+    if (
+        distance != "CosineSimilarity"
+        or reducer != _DEFAULT_REDUCER[name]
+        or getattr(loss, "embedding_regularizer", None) is not None
+    ):
+        raise ValueError(
+            f"CrossBatchMemory (dcdkernels) supports {name} with its default CosineSimilarity "
+            f"distance and {_DEFAULT_REDUCER[name]}, no regularizer; got {distance}, {reducer}"
+        )
     return name
 
 
@@ -223,8 +247,10 @@ class CrossBatchMemory(nn.Module):
     # -------------------------------------------------------------- forward
     def forward(self, embeddings: Tensor, labels: Tensor, indices_tuple=None, enqueue_mask=None) -> Tensor:
         if indices_tuple is not None or enqueue_mask is not None:
-            raise NotImplementedError("CrossBatchMemory (dcdkernels): indices_tuple and enqueue_mask are not "
-                                      "supported; use pytorch-metric-learning's class for them")
+            raise NotImplementedError(
+                "CrossBatchMemory (dcdkernels): indices_tuple and enqueue_mask are not "
+                "supported; use pytorch-metric-learning's class for them"
+            )
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {getattr(embeddings, 'shape', None)}")
         if not isinstance(labels, Tensor) or labels.shape != (embeddings.shape[0],) or labels.is_floating_point():
@@ -274,8 +300,11 @@ class CrossBatchMemory(nn.Module):
         rows if ``want_sums``), and the old rows of a batch label with their buckets."""
         uniq, inv = torch.unique(labels, return_inverse=True)
         U = uniq.shape[0]
-        sums = torch.zeros((U + 1, self.embedding_size), dtype=self.memory.queue.dtype, device=labels.device) \
-            if want_sums else None
+        sums = (
+            torch.zeros((U + 1, self.embedding_size), dtype=self.memory.queue.dtype, device=labels.device)
+            if want_sums
+            else None
+        )
         counts = torch.zeros(U + 1, dtype=torch.int64, device=labels.device)
         hits = []
         for a, b in old:
@@ -327,8 +356,9 @@ class CrossBatchMemory(nn.Module):
         buckets = torch.cat([u for _, u in hits]) if hits else rows
         logits_hit = q @ self.memory.queue[rows].t() * scale  # (B, H)
         mask_hit = inv[:, None] == buckets[None, :]
-        lse_same = torch.logaddexp(logits_hit.masked_fill(~mask_hit, _NEG).logsumexp(1),
-                                   logits_bb.masked_fill(~same, _NEG).logsumexp(1))
+        lse_same = torch.logaddexp(
+            logits_hit.masked_fill(~mask_hit, _NEG).logsumexp(1), logits_bb.masked_fill(~same, _NEG).logsumexp(1)
+        )
         n_old = sum(b - a for a, b in old)
         n_pos = int(mask_hit.sum()) + int(same.sum())
         n_neg_per = (n_old - counts[inv]) + (q.shape[0] - 1 - same.sum(1))
@@ -353,7 +383,11 @@ class CrossBatchMemory(nn.Module):
         """LSE over the other-label memory rows for a few anchors (each has at least one), from
         their masked similarity rows."""
         scale = self._scale()
-        parts = [(q_sub @ self.memory.queue[a:b].t() * scale).masked_fill(
-            self.label_memory[a:b][None, :] == lab_sub[:, None], _NEG) for a, b in old]
+        parts = [
+            (q_sub @ self.memory.queue[a:b].t() * scale).masked_fill(
+                self.label_memory[a:b][None, :] == lab_sub[:, None], _NEG
+            )
+            for a, b in old
+        ]
         parts.append((q_sub @ keys_bb.t() * scale).masked_fill(labels[None, :] == lab_sub[:, None], _NEG))
         return torch.cat(parts, 1).logsumexp(1)

@@ -18,28 +18,32 @@ key (``pip install dcdkernels[torchdistill]``).
   torchdistill's optimizer does not see, and PCKD needs the classifier weights: call
   :func:`bind_distillation_box` once after ``get_distillation_box``.
 """
+
 import math
 
 import torch
 from torch import Tensor, nn
 
-from ..losses import CRDLoss, CoCoRDLoss, DCDLoss, PCKDLoss
+from ..losses import CoCoRDLoss, CRDLoss, DCDLoss, PCKDLoss
 from ..losses._common import remap_paired_memory_keys
 from ..memory import check_loadable
 
 try:
     from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("dcdkernels.integrations.torchdistill needs torchdistill: "
-                      "pip install dcdkernels[torchdistill]") from exc
+    raise ImportError(
+        "dcdkernels.integrations.torchdistill needs torchdistill: pip install dcdkernels[torchdistill]"
+    ) from exc
 
 KEYS = ("DCDKCRDLoss", "DCDKDCDLoss", "DCDKCoCoRDLoss", "DCDKPCKDLoss")
 
 
 def _get(io_dict: dict, path: str, io: str, side: str):
     if path not in io_dict:
-        raise KeyError(f"{side} io_dict has no module path {path!r} (hooked: {sorted(io_dict)}); add it to the "
-                       f"{side}'s forward_hook {io} list in the config")
+        raise KeyError(
+            f"{side} io_dict has no module path {path!r} (hooked: {sorted(io_dict)}); add it to the "
+            f"{side}'s forward_hook {io} list in the config"
+        )
     entry = io_dict[path]
     if io not in entry:
         raise KeyError(f"{side} io_dict[{path!r}] has no {io!r}; add {path!r} to the {side}'s forward_hook {io} list")
@@ -81,17 +85,44 @@ class DCDKCRDLoss(CRDLoss):
     ``params[2:4]``), the negative stream; torchdistill's own keys load as they are.
     """
 
-    def __init__(self, student_norm_module_path, student_empty_module_path, teacher_norm_module_path,
-                 input_size, output_size, num_negative_samples, num_samples, temperature=0.07, momentum=0.5,
-                 eps=1e-7, *, backend="auto", bank_dtype=torch.float32, z_momentum=None, seed=None):
+    def __init__(
+        self,
+        student_norm_module_path,
+        student_empty_module_path,
+        teacher_norm_module_path,
+        input_size,
+        output_size,
+        num_negative_samples,
+        num_samples,
+        temperature=0.07,
+        momentum=0.5,
+        eps=1e-7,
+        *,
+        backend="auto",
+        bank_dtype=torch.float32,
+        z_momentum=None,
+        seed=None,
+    ):
         if num_samples != output_size:
-            raise ValueError(f"num_samples ({num_samples}) must equal output_size ({output_size}): the noise "
-                             "prior K/N uses the number of bank rows")
+            raise ValueError(
+                f"num_samples ({num_samples}) must equal output_size ({output_size}): the noise "
+                "prior K/N uses the number of bank rows"
+            )
         if not math.isclose(float(eps), 1e-7, rel_tol=1e-6):
             raise ValueError(f"eps must be 1e-7 (the fused kernels' NCE constant), got {eps}")
-        super().__init__(1, 1, int(output_size), feat_dim=int(input_size), nce_k=int(num_negative_samples),
-                         nce_t=float(temperature), nce_m=float(momentum), z_momentum=z_momentum, backend=backend,
-                         bank_dtype=bank_dtype, seed=seed)
+        super().__init__(
+            1,
+            1,
+            int(output_size),
+            feat_dim=int(input_size),
+            nce_k=int(num_negative_samples),
+            nce_t=float(temperature),
+            nce_m=float(momentum),
+            z_momentum=z_momentum,
+            backend=backend,
+            bank_dtype=bank_dtype,
+            seed=seed,
+        )
         self.embed_s = _PreNormalized(int(input_size))
         self.embed_t = _PreNormalized(int(input_size))
         self.student_norm_module_path = student_norm_module_path
@@ -112,8 +143,9 @@ class DCDKCRDLoss(CRDLoss):
         return super().forward(z_s, z_t, pos_idx, contrast_idx)
 
 
-def _remap_torchdistill_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                             error_msgs) -> None:
+def _remap_torchdistill_keys(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     """torchdistill ``CRDLoss.state_dict()`` keys -> ours: ``memory_v1/v2`` -> ``memory.bank_s/t``,
     ``params[2:4]`` (Z_v1, Z_v2; -1 unset) -> ``memory.log_z``; the stream keeps its current state.
     Runs after ``CRDLoss``'s own hook, so it finishes the remap and validates the result itself."""
@@ -132,8 +164,14 @@ def _remap_torchdistill_keys(module, state_dict, prefix, local_metadata, strict,
 class _IOPaths:
     """io-dict paths of a wrapped loss's feature inputs (the kwargs every adapter takes)."""
 
-    def _set_paths(self, student_module_path, teacher_module_path, student_module_io, teacher_module_io,
-                   student_empty_module_path=None):
+    def _set_paths(
+        self,
+        student_module_path,
+        teacher_module_path,
+        student_module_io,
+        teacher_module_io,
+        student_empty_module_path=None,
+    ):
         self.student_module_path, self.student_module_io = student_module_path, student_module_io
         self.teacher_module_path, self.teacher_module_io = teacher_module_path, teacher_module_io
         self.student_empty_module_path = student_empty_module_path
@@ -153,11 +191,19 @@ class DCDKDCDLoss(_IOPaths, DCDLoss):
     ``teacher_module_path``/``_io`` (f_t), ``student_empty_module_path`` (memory form:
     ``pos_idx``/``contrast_idx`` of the supplementary dict); the other kwargs are DCDLoss's."""
 
-    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
-                 teacher_module_io="output", student_empty_module_path=None, **kwargs):
+    def __init__(
+        self,
+        student_module_path,
+        teacher_module_path,
+        student_module_io="output",
+        teacher_module_io="output",
+        student_empty_module_path=None,
+        **kwargs,
+    ):
         DCDLoss.__init__(self, **kwargs)
-        self._set_paths(student_module_path, teacher_module_path, student_module_io, teacher_module_io,
-                        student_empty_module_path)
+        self._set_paths(
+            student_module_path, teacher_module_path, student_module_io, teacher_module_io, student_empty_module_path
+        )
 
     def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
         f_s, f_t = self._features(student_io_dict, teacher_io_dict)
@@ -172,8 +218,9 @@ class DCDKCoCoRDLoss(_IOPaths, CoCoRDLoss):
     """:class:`dcdkernels.CoCoRDLoss` on io-dict inputs (``student_module_path``/``_io``,
     ``teacher_module_path``/``_io``); the other kwargs are CoCoRDLoss's."""
 
-    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
-                 teacher_module_io="output", **kwargs):
+    def __init__(
+        self, student_module_path, teacher_module_path, student_module_io="output", teacher_module_io="output", **kwargs
+    ):
         CoCoRDLoss.__init__(self, **kwargs)
         self._set_paths(student_module_path, teacher_module_path, student_module_io, teacher_module_io)
 
@@ -203,8 +250,10 @@ class DCDKPCKDLoss(PCKDLoss):
 
     def forward(self, student_io_dict, teacher_io_dict, targets, *args, **kwargs):
         if self._models is None:
-            raise RuntimeError("DCDKPCKDLoss needs the classifier weights: call "
-                               "dcdkernels.integrations.torchdistill.bind_distillation_box(box) first")
+            raise RuntimeError(
+                "DCDKPCKDLoss needs the classifier weights: call "
+                "dcdkernels.integrations.torchdistill.bind_distillation_box(box) first"
+            )
         f_s = _get(student_io_dict, self.student_fc_path, "input", "student")
         f_t = _get(teacher_io_dict, self.teacher_fc_path, "input", "teacher")
         logit_s = _get(student_io_dict, self.student_fc_path, "output", "student")

@@ -13,6 +13,7 @@ Conventions every loss module follows:
 * State changes (bank/queue writes, Z estimation, EMA) happen only in training mode and always
   AFTER the batch has been scored (EMA of heads: before, as in the official CoCoRD code).
 """
+
 import contextlib
 from typing import Iterable, Optional, Sequence
 
@@ -59,8 +60,9 @@ class Embed(nn.Linear):
 
 def make_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Linear-BN-ReLU-Linear (CoCoRD's projector/predictor, BYOL's ``MLPHead`` used by PCKD)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
 
 
 @torch.no_grad()
@@ -97,8 +99,19 @@ class PairedMemoryLoss(nn.Module):
     state is in ``self.memory``; this class builds it, loads the older state-dict layouts and
     exposes the former attribute names (``bank_s``, ``bank_t``, ``log_z``, ``rng_state``)."""
 
-    def _init_memory(self, n_data, feat_dim, *, bank_dtype, seed, memory_mode, process_group, backend, bank_init,
-                     z_momentum: Optional[float] = None) -> None:
+    def _init_memory(
+        self,
+        n_data,
+        feat_dim,
+        *,
+        bank_dtype,
+        seed,
+        memory_mode,
+        process_group,
+        backend,
+        bank_init,
+        z_momentum: Optional[float] = None,
+    ) -> None:
         if not isinstance(n_data, int) or n_data < 2:
             raise ValueError(f"n_data must be an int >= 2, got {n_data!r}")
         if memory_mode not in MEMORY_MODES:
@@ -106,9 +119,17 @@ class PairedMemoryLoss(nn.Module):
         if bank_init is None:  # RepDistiller's RNG calls locally; seeded blocks shared by every rank otherwise
             bank_init = "torch_rng" if memory_mode == "local" else "uniform"
         self.memory = PairedMemoryBank(
-            n_data, feat_dim, dtype=bank_dtype, init=bank_init, init_seed=0 if seed is None else int(seed),
-            z_mode="frozen" if z_momentum is None else "ema", z_momentum=0.0 if z_momentum is None else z_momentum,
-            mode=memory_mode, process_group=process_group, backend=backend)
+            n_data,
+            feat_dim,
+            dtype=bank_dtype,
+            init=bank_init,
+            init_seed=0 if seed is None else int(seed),
+            z_mode="frozen" if z_momentum is None else "ema",
+            z_momentum=0.0 if z_momentum is None else z_momentum,
+            mode=memory_mode,
+            process_group=process_group,
+            backend=backend,
+        )
         self.memory.set_rng_state(resolve_seed(seed, memory_mode), 0)  # drawn after the banks (RepDistiller order)
 
     @property
@@ -151,8 +172,10 @@ class PairedMemoryLoss(nn.Module):
             idx = V.index_tensor("idx", check_batch_index(idx, B), device=f_s.device, rows=B, dims=(1,))
             if contrast_idx is not None:
                 if not isinstance(contrast_idx, Tensor) or contrast_idx.dim() != 2:
-                    raise ValueError(f"contrast_idx must be (B, K+1) with column 0 the positive, got "
-                                     f"{tuple(contrast_idx.shape) if isinstance(contrast_idx, Tensor) else contrast_idx!r}")
+                    raise ValueError(
+                        f"contrast_idx must be (B, K+1) with column 0 the positive, got "
+                        f"{tuple(contrast_idx.shape) if isinstance(contrast_idx, Tensor) else contrast_idx!r}"
+                    )
                 contrast_idx = V.index_tensor("contrast_idx", contrast_idx, device=f_s.device, rows=B, dims=(2,))
             out = (idx, idx, num_negatives) if contrast_idx is None else (idx, contrast_idx, None)
         except (ValueError, TypeError) as exc:
@@ -166,9 +189,17 @@ def remap_paired_memory_keys(module: PairedMemoryLoss, state_dict, prefix: str) 
     and RepDistiller's banks (``contrast.memory_v1``/``memory_v2``) -> ``memory.*``; state the
     old layouts lack (the stream, the shard layout) keeps its current value. In place."""
     mem = prefix + "memory."
-    rename_keys(state_dict, prefix, [("contrast.memory_v1", "memory.bank_s"), ("contrast.memory_v2", "memory.bank_t"),
-                                     ("bank_s", "memory.bank_s"), ("bank_t", "memory.bank_t"),
-                                     ("log_z", "memory.log_z")])
+    rename_keys(
+        state_dict,
+        prefix,
+        [
+            ("contrast.memory_v1", "memory.bank_s"),
+            ("contrast.memory_v2", "memory.bank_t"),
+            ("bank_s", "memory.bank_s"),
+            ("bank_t", "memory.bank_t"),
+            ("log_z", "memory.log_z"),
+        ],
+    )
     rng = state_dict.pop(prefix + "rng_state", None)
     if rng is not None:
         rng = torch.as_tensor(rng).reshape(-1)
@@ -202,8 +233,9 @@ def check_features(**named) -> int:
             raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)})")
         per_row = t[0].numel()
         if dim is not None and per_row != dim:
-            raise ValueError(f"{name} has {per_row} features per row (shape {tuple(t.shape)}) but the loss was "
-                             f"built for {dim}")
+            raise ValueError(
+                f"{name} has {per_row} features per row (shape {tuple(t.shape)}) but the loss was built for {dim}"
+            )
         if batch is None:
             batch, device, first = t.shape[0], t.device, name
         elif t.shape[0] != batch:

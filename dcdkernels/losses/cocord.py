@@ -11,6 +11,7 @@ Per step (official order):
 5. BYOL term ``2 - 2 cos(predictor(projector(f_s)), slow(view 2))``, symmetric over the views.
 Total = ``ctr_weight * L_ctr + pred_weight * L_pred`` (1 and 4); add the student's CE yourself.
 """
+
 import copy
 from typing import Callable, Optional
 
@@ -21,8 +22,18 @@ from torch import Tensor, nn
 from .. import ops
 from ..memory import MomentumQueue, check_loadable
 from ..ops import _validate as V
-from ._common import (MEMORY_MODES, check_features, ema_, first_linear_in_features, freeze_, make_projector,
-                      no_autocast, parameter_pairs, rename_keys, to_loss_dtype)
+from ._common import (
+    MEMORY_MODES,
+    check_features,
+    ema_,
+    first_linear_in_features,
+    freeze_,
+    make_projector,
+    no_autocast,
+    parameter_pairs,
+    rename_keys,
+    to_loss_dtype,
+)
 
 
 def make_predictor(dim: int, pred_dim: int) -> nn.Sequential:
@@ -90,19 +101,40 @@ class CoCoRDLoss(nn.Module):
     ``last_terms`` holds the detached ``{"ctr", "pred"}`` terms of the last call.
     """
 
-    def __init__(self, s_dim: int, t_dim: int, embed_dim: int = 2048, hidden_dim: int = 2048, pred_dim: int = 512,
-                 queue_size: int = 2048, temperature: float = 0.1, teacher_momentum: float = 0.999,
-                 slow_momentum: float = 0.9, ctr_weight: float = 1.0, pred_weight: float = 4.0, *,
-                 student_encoder: Optional[nn.Module] = None, feature_fn: Optional[Callable] = None,
-                 backend: str = "auto", queue_dtype: torch.dtype = torch.float32, memory_mode: str = "local",
-                 process_group=None, queue_init: Optional[str] = None, queue_seed: int = 0):
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        embed_dim: int = 2048,
+        hidden_dim: int = 2048,
+        pred_dim: int = 512,
+        queue_size: int = 2048,
+        temperature: float = 0.1,
+        teacher_momentum: float = 0.999,
+        slow_momentum: float = 0.9,
+        ctr_weight: float = 1.0,
+        pred_weight: float = 4.0,
+        *,
+        student_encoder: Optional[nn.Module] = None,
+        feature_fn: Optional[Callable] = None,
+        backend: str = "auto",
+        queue_dtype: torch.dtype = torch.float32,
+        memory_mode: str = "local",
+        process_group=None,
+        queue_init: Optional[str] = None,
+        queue_seed: int = 0,
+    ):
         super().__init__()
         if queue_size < 1 or temperature <= 0:
             raise ValueError(f"need queue_size >= 1 and temperature > 0, got {queue_size}, {temperature}")
         for name, m in (("teacher_momentum", teacher_momentum), ("slow_momentum", slow_momentum)):
             if not 0.0 <= m <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {m}")
-        self.temperature, self.teacher_momentum, self.slow_momentum = float(temperature), teacher_momentum, slow_momentum
+        self.temperature, self.teacher_momentum, self.slow_momentum = (
+            float(temperature),
+            teacher_momentum,
+            slow_momentum,
+        )
         self.ctr_weight, self.pred_weight, self.backend = float(ctr_weight), float(pred_weight), backend
         self.projector = make_projector(s_dim, hidden_dim, embed_dim)
         self.predictor = make_predictor(embed_dim, pred_dim)
@@ -126,9 +158,15 @@ class CoCoRDLoss(nn.Module):
             queue_init = "torch_rng" if memory_mode == "local" else "normal"
         if queue_init not in ("torch_rng", "normal"):
             raise ValueError(f"queue_init must be 'torch_rng' or 'normal', got {queue_init!r}")
-        self.memory = MomentumQueue(queue_size, embed_dim, dtype=queue_dtype,
-                                    init="empty" if queue_init == "torch_rng" else "normal", init_seed=queue_seed,
-                                    mode=memory_mode, process_group=process_group)
+        self.memory = MomentumQueue(
+            queue_size,
+            embed_dim,
+            dtype=queue_dtype,
+            init="empty" if queue_init == "torch_rng" else "normal",
+            init_seed=queue_seed,
+            mode=memory_mode,
+            process_group=process_group,
+        )
         if queue_init == "torch_rng":
             with torch.no_grad():
                 self.memory.queue.copy_(F.normalize(torch.randn(queue_size, embed_dim), dim=1))
@@ -171,18 +209,34 @@ class CoCoRDLoss(nn.Module):
             self.momentum_update()
         return self.feature_fn(self.slow_encoder, x)
 
-    def forward(self, f_s: Tensor, f_t: Tensor, f_s2: Optional[Tensor] = None, f_slow: Optional[Tensor] = None,
-                f_slow2: Optional[Tensor] = None, *, x_s: Optional[Tensor] = None,
-                x_s2: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        f_s: Tensor,
+        f_t: Tensor,
+        f_s2: Optional[Tensor] = None,
+        f_slow: Optional[Tensor] = None,
+        f_slow2: Optional[Tensor] = None,
+        *,
+        x_s: Optional[Tensor] = None,
+        x_s2: Optional[Tensor] = None,
+    ) -> Tensor:
         s_dim, t_dim = first_linear_in_features(self.projector), first_linear_in_features(self.teacher_projector)
         use_pred = self.pred_weight != 0
         err, B = None, 0
         try:  # every check before any EMA, BatchNorm statistics or enqueue, agreed on by every rank
-            B = check_features(f_s=(f_s, s_dim), f_t=(f_t, t_dim), f_s2=(f_s2, s_dim), f_slow=(f_slow, s_dim),
-                               f_slow2=(f_slow2, s_dim))
+            B = check_features(
+                f_s=(f_s, s_dim), f_t=(f_t, t_dim), f_s2=(f_s2, s_dim), f_slow=(f_slow, s_dim), f_slow2=(f_slow2, s_dim)
+            )
             checks = V.ValueChecks()
-            for name, t in (("f_s", f_s), ("f_t", f_t), ("f_s2", f_s2), ("f_slow", f_slow), ("f_slow2", f_slow2),
-                            ("x_s", x_s), ("x_s2", x_s2)):
+            for name, t in (
+                ("f_s", f_s),
+                ("f_t", f_t),
+                ("f_s2", f_s2),
+                ("f_slow", f_slow),
+                ("f_slow2", f_slow2),
+                ("x_s", x_s),
+                ("x_s2", x_s2),
+            ):
                 if t is not None:
                     checks.finite(name, t)
             checks.run()
@@ -190,16 +244,19 @@ class CoCoRDLoss(nn.Module):
                 if f_s2 is None:
                     raise ValueError("CoCoRD's prediction term needs the student features of the second view (f_s2)")
                 if (f_slow is None and x_s2 is None) or (f_slow2 is None and x_s is None):
-                    raise ValueError("CoCoRD's prediction term needs the slow student's features (f_slow of view 2, "
-                                     "f_slow2 of view 1) or the views x_s, x_s2 with student_encoder set")
+                    raise ValueError(
+                        "CoCoRD's prediction term needs the slow student's features (f_slow of view 2, "
+                        "f_slow2 of view 1) or the views x_s, x_s2 with student_encoder set"
+                    )
                 if (f_slow is None or f_slow2 is None) and self.slow_encoder is None:
                     raise ValueError("no slow encoder: build CoCoRDLoss with student_encoder=... or pass f_slow")
         except (ValueError, TypeError) as exc:
             err = exc
         sizes = self.memory.agree_sizes(B, err, self.queue.device)
         if sum(sizes) > self.queue.shape[0]:
-            raise ValueError(f"batch of {sum(sizes)} keys ({sizes} per rank) is larger than the queue "
-                             f"({self.queue.shape[0]} rows)")
+            raise ValueError(
+                f"batch of {sum(sizes)} keys ({sizes} per rank) is larger than the queue ({self.queue.shape[0]} rows)"
+            )
         if use_pred:
             if f_slow is None:
                 f_slow = self.slow_features(x_s2)
@@ -215,8 +272,9 @@ class CoCoRDLoss(nn.Module):
             # Snapshot: the op saves the keys for backward, and the enqueue below writes the queue.
             keys = self.queue.clone()
             with no_autocast(q.device):
-                loss_ctr = ops.dense_contrast(q, keys, positive=k, logit_scale=1.0 / self.temperature,
-                                              reduction="mean", backend=self.backend)
+                loss_ctr = ops.dense_contrast(
+                    q, keys, positive=k, logit_scale=1.0 / self.temperature, reduction="mean", backend=self.backend
+                )
             total = self.ctr_weight * loss_ctr
             loss_pred = torch.zeros((), device=q.device)
             if use_pred:
@@ -235,8 +293,9 @@ class CoCoRDLoss(nn.Module):
         return total
 
 
-def _remap_queue_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                      error_msgs) -> None:
+def _remap_queue_keys(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     """The former keys ``queue`` and ``queue_ptr`` ((1,) int64) -> ``memory.*``; then the whole state
     dict is validated (shapes, pointer range) before anything loads."""
     rename_keys(state_dict, prefix, [("queue", "memory.queue")])

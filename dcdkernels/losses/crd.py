@@ -17,6 +17,7 @@ LSE of a first no-grad InfoNCE pass (no fp32/fp16 ``exp(1/T)`` overflow); the op
 in-kernel uniform negatives from a counter-based stream instead of the AliasMethod sampler; state
 changes only in training mode.
 """
+
 from typing import Optional
 
 import torch
@@ -78,10 +79,24 @@ class CRDLoss(PairedMemoryLoss):
     no sampler advance); Z must then have been set by a training batch or a loaded state.
     """
 
-    def __init__(self, s_dim: int, t_dim: int, n_data: int, feat_dim: int = 128, nce_k: int = 16384,
-                 nce_t: float = 0.07, nce_m: float = 0.5, *, z_momentum: Optional[float] = None,
-                 backend: str = "auto", bank_dtype: torch.dtype = torch.float32, seed: Optional[int] = None,
-                 memory_mode: str = "local", process_group=None, bank_init: Optional[str] = None):
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        n_data: int,
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+        *,
+        z_momentum: Optional[float] = None,
+        backend: str = "auto",
+        bank_dtype: torch.dtype = torch.float32,
+        seed: Optional[int] = None,
+        memory_mode: str = "local",
+        process_group=None,
+        bank_init: Optional[str] = None,
+    ):
         super().__init__()
         if nce_k < 1 or nce_t <= 0 or not 0.0 <= nce_m <= 1.0:
             raise ValueError(f"need nce_k >= 1, nce_t > 0, 0 <= nce_m <= 1; got {nce_k}, {nce_t}, {nce_m}")
@@ -92,8 +107,17 @@ class CRDLoss(PairedMemoryLoss):
         # Same construction order as RepDistiller: embed_s, embed_t, memory_v1, memory_v2.
         self.embed_s = Embed(s_dim, feat_dim)
         self.embed_t = Embed(t_dim, feat_dim)
-        self._init_memory(n_data, feat_dim, bank_dtype=bank_dtype, seed=seed, memory_mode=memory_mode,
-                          process_group=process_group, backend=backend, bank_init=bank_init, z_momentum=z_momentum)
+        self._init_memory(
+            n_data,
+            feat_dim,
+            bank_dtype=bank_dtype,
+            seed=seed,
+            memory_mode=memory_mode,
+            process_group=process_group,
+            backend=backend,
+            bank_init=bank_init,
+            z_momentum=z_momentum,
+        )
         self.register_load_state_dict_pre_hook(_remap_repdistiller_keys)
 
     @property
@@ -111,9 +135,15 @@ class CRDLoss(PairedMemoryLoss):
     def from_opt(cls, opt, **kwargs) -> "CRDLoss":
         """From RepDistiller's option namespace (``s_dim, t_dim, n_data, feat_dim, nce_k, nce_t,
         nce_m``); keyword arguments override / add (``z_momentum``, ``backend``, ...)."""
-        args = dict(s_dim=opt.s_dim, t_dim=opt.t_dim, n_data=opt.n_data, feat_dim=getattr(opt, "feat_dim", 128),
-                    nce_k=getattr(opt, "nce_k", 16384), nce_t=getattr(opt, "nce_t", 0.07),
-                    nce_m=getattr(opt, "nce_m", 0.5))
+        args = dict(
+            s_dim=opt.s_dim,
+            t_dim=opt.t_dim,
+            n_data=opt.n_data,
+            feat_dim=getattr(opt, "feat_dim", 128),
+            nce_k=getattr(opt, "nce_k", 16384),
+            nce_t=getattr(opt, "nce_t", 0.07),
+            nce_m=getattr(opt, "nce_m", 0.5),
+        )
         args.update(kwargs)
         return cls(**args)
 
@@ -127,25 +157,44 @@ class CRDLoss(PairedMemoryLoss):
         with no_autocast(z_s.device):
             # First training batch: log Z per direction from a no-grad InfoNCE pass of the same
             # batch (inside the memory); EMA mode: moved after scoring. Eval: nothing changes.
-            out = self.memory.score(z_s, z_t, index, logit_scale=1.0 / self.nce_t, loss="nce",
-                                    num_negatives=num_negatives, update_state=self.training, update_index=idx)
+            out = self.memory.score(
+                z_s,
+                z_t,
+                index,
+                logit_scale=1.0 / self.nce_t,
+                loss="nce",
+                num_negatives=num_negatives,
+                update_state=self.training,
+                update_index=idx,
+            )
             loss = out.loss_s.mean() + out.loss_t.mean()
         if self.training:  # after scoring: the banks (Z and the stream moved inside score)
             self.memory.update_(idx, z_s.detach(), z_t.detach(), self.nce_m)
         return loss
 
     def extra_repr(self) -> str:
-        return (f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t}, "
-                f"nce_m={self.nce_m}, z_momentum={self.z_momentum}, backend={self.backend!r}, "
-                f"memory_mode={self.memory_mode!r}")
+        return (
+            f"n_data={self.n_data}, feat_dim={self.feat_dim}, nce_k={self.nce_k}, nce_t={self.nce_t}, "
+            f"nce_m={self.nce_m}, z_momentum={self.z_momentum}, backend={self.backend!r}, "
+            f"memory_mode={self.memory_mode!r}"
+        )
 
 
-def _remap_repdistiller_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                             error_msgs) -> None:
+def _remap_repdistiller_keys(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     """RepDistiller's and this library's former ``CRDLoss`` keys -> ours (in place), then the
     whole state dict is validated before anything loads."""
-    rename_keys(state_dict, prefix, [("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
-                                     ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
+    rename_keys(
+        state_dict,
+        prefix,
+        [
+            ("embed_s.linear.weight", "embed_s.weight"),
+            ("embed_s.linear.bias", "embed_s.bias"),
+            ("embed_t.linear.weight", "embed_t.weight"),
+            ("embed_t.linear.bias", "embed_t.bias"),
+        ],
+    )
     params = state_dict.pop(prefix + "contrast.params", None)
     if params is not None and prefix + "log_z" not in state_dict and prefix + "memory.log_z" not in state_dict:
         z = torch.as_tensor(params)[2:4].detach().double().cpu()

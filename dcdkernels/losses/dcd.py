@@ -8,6 +8,7 @@ In-batch form (the official loss): ``z = normalize(Linear(f))``, ``s = min(exp(t
 Memory form (this library's extension): the same loss with bank negatives, scored by the fused
 dual-bank pass (docs/math.md §1c); with the current batch as the bank it equals the in-batch form.
 """
+
 from typing import Optional
 
 import torch
@@ -64,11 +65,27 @@ class DCDLoss(PairedMemoryLoss):
       ``idx`` with z_s / z_t (momentum ``bank_momentum``), after scoring.
     """
 
-    def __init__(self, s_dim: int, t_dim: int, feat_dim: int = 128, alpha: float = 0.5, init_log_scale: float = 1.0,
-                 max_scale: float = 10.0, *, n_data: Optional[int] = None, nce_k: Optional[int] = None,
-                 bank_momentum: float = 0.5, backend: str = "auto", bank_dtype: torch.dtype = torch.float32,
-                 seed: Optional[int] = None, memory_mode: str = "local", process_group=None,
-                 bank_init: Optional[str] = None, trainable: bool = True, nce_t: float = 0.07):
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        feat_dim: int = 128,
+        alpha: float = 0.5,
+        init_log_scale: float = 1.0,
+        max_scale: float = 10.0,
+        *,
+        n_data: Optional[int] = None,
+        nce_k: Optional[int] = None,
+        bank_momentum: float = 0.5,
+        backend: str = "auto",
+        bank_dtype: torch.dtype = torch.float32,
+        seed: Optional[int] = None,
+        memory_mode: str = "local",
+        process_group=None,
+        bank_init: Optional[str] = None,
+        trainable: bool = True,
+        nce_t: float = 0.07,
+    ):
         super().__init__()
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable must be a bool, got {type(trainable).__name__}")
@@ -89,21 +106,44 @@ class DCDLoss(PairedMemoryLoss):
         self.nce_k = int(nce_k if nce_k is not None else 16384)
         self.bank_momentum = float(bank_momentum)
         if n_data is not None:
-            self._init_memory(n_data, feat_dim, bank_dtype=bank_dtype, seed=seed, memory_mode=memory_mode,
-                              process_group=process_group, backend=backend, bank_init=bank_init)
+            self._init_memory(
+                n_data,
+                feat_dim,
+                bank_dtype=bank_dtype,
+                seed=seed,
+                memory_mode=memory_mode,
+                process_group=process_group,
+                backend=backend,
+                bank_init=bank_init,
+            )
         elif memory_mode != "local" or process_group is not None:
             raise ValueError("the in-batch DCD loss holds no memory: memory_mode and process_group need n_data")
         self.register_load_state_dict_pre_hook(_remap_official_keys)
 
     @classmethod
-    def from_opt(cls, opt, max_tau: float = 10.0, alpha: float = 0.5, init_tau: float = 1.0, init_b: float = 0.0,
-                 trainable: bool = True, **kwargs) -> "DCDLoss":
+    def from_opt(
+        cls,
+        opt,
+        max_tau: float = 10.0,
+        alpha: float = 0.5,
+        init_tau: float = 1.0,
+        init_b: float = 0.0,
+        trainable: bool = True,
+        **kwargs,
+    ) -> "DCDLoss":
         """As the official ``DCDLoss(opt, max_tau, alpha, init_tau, init_b, trainable)``: ``opt.s_dim``,
         ``opt.t_dim``, ``opt.feat_dim`` (128 if absent), ``opt.nce_t`` (0.07 if absent; the fixed
         scale when ``trainable=False``). Keyword arguments are passed on (``backend``, ``n_data``, ...)."""
-        args = dict(s_dim=opt.s_dim, t_dim=opt.t_dim, feat_dim=getattr(opt, "feat_dim", 128), alpha=alpha,
-                    init_log_scale=init_tau, max_scale=max_tau, trainable=trainable,
-                    nce_t=getattr(opt, "nce_t", 0.07))
+        args = dict(
+            s_dim=opt.s_dim,
+            t_dim=opt.t_dim,
+            feat_dim=getattr(opt, "feat_dim", 128),
+            alpha=alpha,
+            init_log_scale=init_tau,
+            max_scale=max_tau,
+            trainable=trainable,
+            nce_t=getattr(opt, "nce_t", 0.07),
+        )
         args.update(kwargs)
         module = cls(**args)
         with torch.no_grad():
@@ -117,8 +157,9 @@ class DCDLoss(PairedMemoryLoss):
             return self.fixed_scale
         return self.log_scale.exp().clamp(0, self.max_scale)
 
-    def forward(self, f_s: Tensor, f_t: Tensor, idx: Optional[Tensor] = None,
-                contrast_idx: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, f_s: Tensor, f_t: Tensor, idx: Optional[Tensor] = None, contrast_idx: Optional[Tensor] = None
+    ) -> Tensor:
         if self.memory is not None:
             idx, index, num_negatives = self._check_memory_inputs(f_s, f_t, idx, contrast_idx, self.nce_k)
         else:
@@ -143,16 +184,31 @@ class DCDLoss(PairedMemoryLoss):
         return ce + self.alpha * kl
 
     def _memory_loss(self, z_s, z_t, s, idx, index, num_negatives) -> Tensor:
-        out = self.memory.score(z_s, z_t, index, logit_scale=s, loss="infonce", consistency=self.alpha,
-                                num_negatives=num_negatives, update_state=self.training, update_index=idx)
+        out = self.memory.score(
+            z_s,
+            z_t,
+            index,
+            logit_scale=s,
+            loss="infonce",
+            consistency=self.alpha,
+            num_negatives=num_negatives,
+            update_state=self.training,
+            update_index=idx,
+        )
         loss = out.loss_s.mean() + out.consistency.mean()
         if self.training:
             self.memory.update_(idx, z_s.detach(), z_t.detach(), self.bank_momentum)
         return loss
 
     def extra_repr(self) -> str:
-        mem = (f", n_data={self.n_data}, nce_k={self.nce_k}, bank_momentum={self.bank_momentum}, "
-               f"memory_mode={self.memory_mode!r}") if self.memory is not None else ""
+        mem = (
+            (
+                f", n_data={self.n_data}, nce_k={self.nce_k}, bank_momentum={self.bank_momentum}, "
+                f"memory_mode={self.memory_mode!r}"
+            )
+            if self.memory is not None
+            else ""
+        )
         fixed = "" if self.trainable else f", trainable=False, fixed_scale={float(self.fixed_scale)}"
         return f"alpha={self.alpha}, max_scale={self.max_scale}{fixed}{mem}, backend={self.backend!r}"
 
@@ -168,13 +224,22 @@ class ICDLoss(DCDLoss):
     """
 
 
-def _remap_official_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                         error_msgs) -> None:
+def _remap_official_keys(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     # official trainable=False: params.tau holds the multiplier itself (nce_t), our fixed_scale
-    rename_keys(state_dict, prefix, [("params.tau", "log_scale" if module.trainable else "fixed_scale"),
-                                     ("params.b", "bias"),
-                                     ("embed_s.linear.weight", "embed_s.weight"), ("embed_s.linear.bias", "embed_s.bias"),
-                                     ("embed_t.linear.weight", "embed_t.weight"), ("embed_t.linear.bias", "embed_t.bias")])
+    rename_keys(
+        state_dict,
+        prefix,
+        [
+            ("params.tau", "log_scale" if module.trainable else "fixed_scale"),
+            ("params.b", "bias"),
+            ("embed_s.linear.weight", "embed_s.weight"),
+            ("embed_s.linear.bias", "embed_s.bias"),
+            ("embed_t.linear.weight", "embed_t.weight"),
+            ("embed_t.linear.bias", "embed_t.bias"),
+        ],
+    )
     if module.memory is not None:
         remap_paired_memory_keys(module, state_dict, prefix)
     check_loadable(module, state_dict, prefix)

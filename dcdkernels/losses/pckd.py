@@ -26,6 +26,7 @@ Preview weights (official): ``a_i = CE_i / CE`` on the normal rows, ``t = previe
 no floor. Defaults are the authors' README command ``-r 1 -a 1 -b 0.05 -f 20`` with ``-d``
 unset (0): ``ce 1, ca 1, cc 0.05, fa 20, kd 0``.
 """
+
 from typing import Optional
 
 import torch
@@ -70,13 +71,31 @@ class PCKDLoss(nn.Module):
     Buffer ``epoch`` (1 at construction, set by :meth:`set_epoch`) is saved in the state dict.
     """
 
-    def __init__(self, s_dim: int, t_dim: int, *, n_cls: Optional[int] = None, num_views: int = 4,
-                 cc_temperature: float = 4.0, cc_base_temperature: float = 0.07, kd_temperature: float = 4.0,
-                 ce_weight: float = 1.0, ca_weight: float = 1.0, cc_weight: float = 0.05, fa_weight: float = 20.0,
-                 kd_weight: float = 0.0, fa_hidden_dim: Optional[int] = None, preview: Optional[str] = "official",
-                 preview_base: float = 1.005, min_weight: float = 0.0, detach_preview: bool = False,
-                 start_quantile: float = 0.5, preview_epochs: int = 120, hard_weight: float = 0.5,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        s_dim: int,
+        t_dim: int,
+        *,
+        n_cls: Optional[int] = None,
+        num_views: int = 4,
+        cc_temperature: float = 4.0,
+        cc_base_temperature: float = 0.07,
+        kd_temperature: float = 4.0,
+        ce_weight: float = 1.0,
+        ca_weight: float = 1.0,
+        cc_weight: float = 0.05,
+        fa_weight: float = 20.0,
+        kd_weight: float = 0.0,
+        fa_hidden_dim: Optional[int] = None,
+        preview: Optional[str] = "official",
+        preview_base: float = 1.005,
+        min_weight: float = 0.0,
+        detach_preview: bool = False,
+        start_quantile: float = 0.5,
+        preview_epochs: int = 120,
+        hard_weight: float = 0.5,
+        backend: str = "auto",
+    ):
         super().__init__()
         if preview not in PREVIEW_SCHEDULES:
             raise ValueError(f"preview must be one of {PREVIEW_SCHEDULES}, got {preview!r}")
@@ -116,15 +135,24 @@ class PCKDLoss(nn.Module):
         ``a``, ``b``, ``d``, ``f`` are accepted too, and missing weights take the official argparse
         default 0. ``r``/``gamma`` is ignored, as the official PCKD branch adds CE with weight 1;
         ``feat_dim`` is ignored, as no PCKD head uses it. Keyword arguments override."""
+
         def opt_value(long, short, default):
             for name in (long, short):
                 if getattr(opt, name, None) is not None:
                     return float(getattr(opt, name))
             return default
-        args = dict(s_dim=opt.s_dim, t_dim=opt.t_dim, n_cls=getattr(opt, "n_cls", None),
-                    ca_weight=opt_value("alpha", "a", 0.0), cc_weight=opt_value("beta", "b", 0.0),
-                    kd_weight=opt_value("delta", "d", 0.0), fa_weight=opt_value("ff", "f", 0.0),
-                    kd_temperature=opt_value("kd_T", "kd_T", 4.0), ce_weight=1.0)
+
+        args = dict(
+            s_dim=opt.s_dim,
+            t_dim=opt.t_dim,
+            n_cls=getattr(opt, "n_cls", None),
+            ca_weight=opt_value("alpha", "a", 0.0),
+            cc_weight=opt_value("beta", "b", 0.0),
+            kd_weight=opt_value("delta", "d", 0.0),
+            fa_weight=opt_value("ff", "f", 0.0),
+            kd_temperature=opt_value("kd_T", "kd_T", 4.0),
+            ce_weight=1.0,
+        )
         args.update(kwargs)
         return cls(**args)
 
@@ -146,7 +174,7 @@ class PCKDLoss(nn.Module):
         g = F.cross_entropy(logit_s, labels, reduction="none")
         if self.preview == "official":
             a = g / F.cross_entropy(logit_s, labels)  # the official divides by the mean CE term itself
-            t = self.preview_base ** self._epoch
+            t = self.preview_base**self._epoch
             hard = torch.exp(-(a * a))
             if self.min_weight > 0:
                 hard = hard.clamp_min(self.min_weight)
@@ -157,8 +185,12 @@ class PCKDLoss(nn.Module):
 
     def _check(self, f_s, f_t, logit_s, logit_t, labels, fc_s, fc_t):
         """Every check of a call, before any head runs. Returns (B, w_s, b_s, w_t, b_t, labels)."""
-        rows = check_features(f_s=(f_s, self.s_dim), f_t=(f_t, self.t_dim), logit_s=(logit_s, None),
-                              logit_t=(logit_t, logit_s.shape[-1] if isinstance(logit_s, Tensor) else None))
+        rows = check_features(
+            f_s=(f_s, self.s_dim),
+            f_t=(f_t, self.t_dim),
+            logit_s=(logit_s, None),
+            logit_t=(logit_t, logit_s.shape[-1] if isinstance(logit_s, Tensor) else None),
+        )
         if logit_s.dim() != 2:
             raise ValueError(f"logit_s must be (rows, C), got shape {tuple(logit_s.shape)}")
         C = logit_s.shape[1]
@@ -168,25 +200,38 @@ class PCKDLoss(nn.Module):
         if rows % V_:
             raise ValueError(f"f_s has {rows} rows, not a multiple of num_views = {V_} (rows are image-major views)")
         B = rows // V_
-        if (not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32)
-                or labels.numel() != B or labels.device != f_s.device):
-            raise ValueError(f"labels must be a ({B},) int64 tensor of class ids (one per image) on {f_s.device}, got "
-                             f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__} "
-                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}")
+        if (
+            not isinstance(labels, Tensor)
+            or labels.dtype not in (torch.int64, torch.int32)
+            or labels.numel() != B
+            or labels.device != f_s.device
+        ):
+            raise ValueError(
+                f"labels must be a ({B},) int64 tensor of class ids (one per image) on {f_s.device}, got "
+                f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__} "
+                f"{tuple(labels.shape) if isinstance(labels, Tensor) else ''}"
+            )
         w_s, b_s = _weight_bias("fc_s", fc_s)
         w_t, b_t = _weight_bias("fc_t", fc_t)
         for name, w, b, dim in (("fc_s", w_s, b_s, self.s_dim), ("fc_t", w_t, b_t, self.t_dim)):
             if w.dim() != 2 or w.shape != (C, dim):
-                raise ValueError(f"{name} weight must be (C, {dim}) = ({C}, {dim}) (C from logit_s), "
-                                 f"got shape {tuple(w.shape)}")
+                raise ValueError(
+                    f"{name} weight must be (C, {dim}) = ({C}, {dim}) (C from logit_s), got shape {tuple(w.shape)}"
+                )
             if b is not None and b.shape != (C,):
                 raise ValueError(f"{name} bias must be ({C},), got shape {tuple(b.shape)}")
             if w.device != f_s.device:
                 raise ValueError(f"{name} is on {w.device} but f_s is on {f_s.device}")
         labels = labels.reshape(-1).to(torch.int64)
         checks = V.ValueChecks()
-        for name, t in (("f_s", f_s), ("f_t", f_t), ("logit_s", logit_s), ("logit_t", logit_t), ("fc_s", w_s),
-                        ("fc_t", w_t)):
+        for name, t in (
+            ("f_s", f_s),
+            ("f_t", f_t),
+            ("logit_s", logit_s),
+            ("logit_t", logit_t),
+            ("fc_s", w_s),
+            ("fc_t", w_t),
+        ):
             checks.finite(name, t)
         checks.index_in_range("labels", labels, C)
         checks.run()
@@ -208,12 +253,18 @@ class PCKDLoss(nn.Module):
             view_labels = labels.repeat_interleave(V_)
             view_w = weights.detach().repeat_interleave(V_).to(anchors.dtype)
             row_w = torch.cat([view_w, view_w]) * (self.cc_temperature / self.cc_base_temperature / rows)
-            l_cc = ops.supcon_contrast(anchors, torch.cat([view_labels, view_labels]),
-                                       logit_scale=1.0 / self.cc_temperature, weight=row_w, reduction="sum",
-                                       backend=self.backend)
+            l_cc = ops.supcon_contrast(
+                anchors,
+                torch.cat([view_labels, view_labels]),
+                logit_scale=1.0 / self.cc_temperature,
+                weight=row_w,
+                reduction="sum",
+                backend=self.backend,
+            )
             T = self.kd_temperature
-            kd_rows = F.kl_div(F.log_softmax(logit_s32 / T, dim=1), F.softmax(logit_t32 / T, dim=1),
-                               reduction="none").sum(dim=1) * (T * T / B)
+            kd_rows = F.kl_div(
+                F.log_softmax(logit_s32 / T, dim=1), F.softmax(logit_t32 / T, dim=1), reduction="none"
+            ).sum(dim=1) * (T * T / B)
             l_kd = torch.dot(weights.to(kd_rows.dtype), kd_rows)
             a_n = F.normalize(to_loss_dtype(aligned), dim=-1)
             l_fa = 2 - 2 * (a_n * F.normalize(f_t, dim=-1)).sum(dim=-1).mean()
@@ -221,15 +272,22 @@ class PCKDLoss(nn.Module):
             fc_tm = _joined(w_t, b_t)
             l_ca = F.mse_loss(fc_sm, fc_tm) if fc_sm.shape == fc_tm.shape else anchors.new_zeros(())
             l_ce = F.cross_entropy(logit_s32, labels)
-        total = (self.ce_weight * l_ce + self.fa_weight * l_fa + self.ca_weight * l_ca + self.cc_weight * l_cc
-                 + self.kd_weight * l_kd)
+        total = (
+            self.ce_weight * l_ce
+            + self.fa_weight * l_fa
+            + self.ca_weight * l_ca
+            + self.cc_weight * l_cc
+            + self.kd_weight * l_kd
+        )
         self.last_terms = {k: v.detach() for k, v in dict(ce=l_ce, fa=l_fa, ca=l_ca, cc=l_cc, kd=l_kd).items()}
         self.last_weights = weights.detach()
         return total
 
     def extra_repr(self) -> str:
-        return (f"s_dim={self.s_dim}, t_dim={self.t_dim}, num_views={self.num_views}, preview={self.preview!r}, "
-                f"epoch={self._epoch}, backend={self.backend!r}")
+        return (
+            f"s_dim={self.s_dim}, t_dim={self.t_dim}, num_views={self.num_views}, preview={self.preview!r}, "
+            f"epoch={self._epoch}, backend={self.backend!r}"
+        )
 
 
 def _joined(w: Tensor, b: Optional[Tensor]) -> Tensor:
@@ -254,8 +312,11 @@ def _weight_bias(name, fc):
 
 def _remap_official_keys(module, state_dict, prefix, *args) -> None:
     """The official ``CategoryConLoss`` / ``AlignLoss`` keys (Embed wraps a Linear) -> ours."""
-    rename_keys(state_dict, prefix, [(f"{head}.linear.{p}", f"{head}.{p}") for head in ("embed_s", "embed_t")
-                                     for p in ("weight", "bias")])
+    rename_keys(
+        state_dict,
+        prefix,
+        [(f"{head}.linear.{p}", f"{head}.{p}") for head in ("embed_s", "embed_t") for p in ("weight", "bias")],
+    )
 
 
 def _refresh_epoch(module, incompatible_keys) -> None:

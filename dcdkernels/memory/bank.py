@@ -13,6 +13,7 @@ moved by ``.to()``, but not ``named_buffers()``, so DistributedDataParallel neve
 Host-side copies of the seed, offset and "log Z is set" flag avoid a device sync per step; they
 are refreshed whenever a state dict is loaded (use ``set_rng_state`` to move the stream).
 """
+
 from typing import Optional
 
 import torch
@@ -54,9 +55,24 @@ class MemoryBank(StreamAndPartition):
     buffers, see ``dcdkernels.memory.state``).
     """
 
-    def __init__(self, n_rows: int, dim: int, *, dtype=torch.float32, init: str = "uniform", init_seed: int = 0,
-                 z_mode: str = "frozen", z_momentum: float = 0.99, mode: str = "local", process_group=None,
-                 backend: str = "auto", seed: int = 0, offset: int = 0, device=None, shard_chunk: int = 1 << 18):
+    def __init__(
+        self,
+        n_rows: int,
+        dim: int,
+        *,
+        dtype=torch.float32,
+        init: str = "uniform",
+        init_seed: int = 0,
+        z_mode: str = "frozen",
+        z_momentum: float = 0.99,
+        mode: str = "local",
+        process_group=None,
+        backend: str = "auto",
+        seed: int = 0,
+        offset: int = 0,
+        device=None,
+        shard_chunk: int = 1 << 18,
+    ):
         super().__init__()
         if not isinstance(n_rows, int) or not isinstance(dim, int) or n_rows < 1 or dim < 1:
             raise ValueError(f"n_rows and dim must be positive ints, got {n_rows!r}, {dim!r}")
@@ -64,15 +80,18 @@ class MemoryBank(StreamAndPartition):
             raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
         self.dim, self.shard_chunk = dim, int(shard_chunk)
         self._init_state(n_rows, mode=mode, process_group=process_group, backend=backend, device=device)
-        self._add_state("bank", init_rows(n_rows, dim, self.row_start, self.row_end, init=init, seed=init_seed,
-                                          dtype=dtype, device=device))
-        self._init_stream(seed=seed, offset=offset, log_z_shape=(), z_mode=z_mode, z_momentum=z_momentum,
-                          device=device)
+        self._add_state(
+            "bank",
+            init_rows(n_rows, dim, self.row_start, self.row_end, init=init, seed=init_seed, dtype=dtype, device=device),
+        )
+        self._init_stream(seed=seed, offset=offset, log_z_shape=(), z_mode=z_mode, z_momentum=z_momentum, device=device)
 
     def extra_repr(self):
         rows = f"rows [{self.row_start}, {self.row_end}) of " if self.mode == "sharded" else ""
-        return (f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={self.bank.dtype}, mode={self.mode!r}, "
-                f"z_mode={self.z_mode!r}, world_size={self.world_size}")
+        return (
+            f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={self.bank.dtype}, mode={self.mode!r}, "
+            f"z_mode={self.z_mode!r}, world_size={self.world_size}"
+        )
 
     @property
     def num_local_rows(self) -> int:
@@ -95,7 +114,9 @@ class MemoryBank(StreamAndPartition):
             n_cols = num_negatives + 1
         else:
             if num_negatives:
-                raise ValueError("num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives")
+                raise ValueError(
+                    "num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives"
+                )
             if index.shape[1] < 2:
                 raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
             n_cols = index.shape[1]
@@ -113,8 +134,17 @@ class MemoryBank(StreamAndPartition):
             checks.run(deferrable=self.mode == "local" and (loss != "nce" or self._log_z_set))
         return index, n_cols, s, b, checks
 
-    def score(self, anchor: torch.Tensor, index: torch.Tensor, *, logit_scale, bias=None, loss: str = "infonce",
-              num_negatives: Optional[int] = None, return_lse: bool = False):
+    def score(
+        self,
+        anchor: torch.Tensor,
+        index: torch.Tensor,
+        *,
+        logit_scale,
+        bias=None,
+        loss: str = "infonce",
+        num_negatives: Optional[int] = None,
+        return_lse: bool = False,
+    ):
         """Per-row loss (B,) of ``anchor`` (B, D) against the bank rows of ``index``.
 
         ``index``: (B, K+1) with the positive in column 0, or (B,) positives with
@@ -136,38 +166,79 @@ class MemoryBank(StreamAndPartition):
         except (ValueError, TypeError) as exc:
             err = exc
         want_grad = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (anchor, logit_scale, bias))
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (anchor, logit_scale, bias)
+        )
         B = anchor.shape[0] if err is None else 0
-        meta = self._meta([B, n_cols, index_dim, _LOSSES.index(loss) if loss in _LOSSES else -1,
-                           int(want_grad), int(return_lse)], err, self.bank.device)
-        for col, what in ((1, "number of columns K+1"), (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
-                          (3, "loss")):
+        meta = self._meta(
+            [B, n_cols, index_dim, _LOSSES.index(loss) if loss in _LOSSES else -1, int(want_grad), int(return_lse)],
+            err,
+            self.bank.device,
+        )
+        for col, what in (
+            (1, "number of columns K+1"),
+            (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
+            (3, "loss"),
+        ):
             if len(set(meta[:, col].tolist())) != 1:
                 raise ValueError(f"every rank must score with the same {what}; got {meta[:, col].tolist()} per rank")
         sizes = meta[:, 0].tolist()
-        start = sum(sizes[:self.rank])
+        start = sum(sizes[: self.rank])
         sampled = index_dim == 1
         if self.mode == "sharded":
-            return self._score_sharded(anchor, index, n_cols, s, b, loss, sizes, start, sampled,
-                                       bool(meta[:, 4].any()), bool(meta[:, 5].any()), want_grad, return_lse)
-        kw = dict(num_negatives=num_negatives if sampled else None, seed=self._seed,
-                  offset=self._offset + start * (n_cols - 1), backend=self.backend, return_lse=True)
+            return self._score_sharded(
+                anchor,
+                index,
+                n_cols,
+                s,
+                b,
+                loss,
+                sizes,
+                start,
+                sampled,
+                bool(meta[:, 4].any()),
+                bool(meta[:, 5].any()),
+                want_grad,
+                return_lse,
+            )
+        kw = dict(
+            num_negatives=num_negatives if sampled else None,
+            seed=self._seed,
+            offset=self._offset + start * (n_cols - 1),
+            backend=self.backend,
+            return_lse=True,
+        )
         was_set = self._log_z_set
         if loss == "nce" and not was_set:
             with torch.no_grad():
-                _, lse0 = ops.sampled_contrast(anchor.detach(), self.bank, index, logit_scale=s.detach(),
-                                               bias=None if b is None else b.detach(), loss="infonce", **kw)
+                _, lse0 = ops.sampled_contrast(
+                    anchor.detach(),
+                    self.bank,
+                    index,
+                    logit_scale=s.detach(),
+                    bias=None if b is None else b.detach(),
+                    loss="infonce",
+                    **kw,
+                )
             self._set_log_z(self._batch_log_z([lse0], sum(sizes), n_cols), checks)
-        per_row, lse = ops.sampled_contrast(anchor, self.bank, index, logit_scale=logit_scale, bias=bias, loss=loss,
-                                            log_z=self.log_z if loss == "nce" else None, **kw)
+        per_row, lse = ops.sampled_contrast(
+            anchor,
+            self.bank,
+            index,
+            logit_scale=logit_scale,
+            bias=bias,
+            loss=loss,
+            log_z=self.log_z if loss == "nce" else None,
+            **kw,
+        )
         if loss == "nce" and was_set and self.z_mode == "ema":
             self._ema_log_z(self._batch_log_z([lse], sum(sizes), n_cols), checks)
         if sampled:
             self._advance(sum(sizes) * (n_cols - 1))
         return (per_row, lse) if return_lse else per_row
 
-    def _score_sharded(self, anchor, index, n_cols, s, b, loss, sizes, start, sampled, any_grad, any_lse,
-                       want_grad, return_lse):
+    def _score_sharded(
+        self, anchor, index, n_cols, s, b, loss, sizes, start, sampled, any_grad, any_lse, want_grad, return_lse
+    ):
         group = self.process_group
         B_local, D = anchor.shape
         q_all = comm.all_gather_rows(anchor.detach(), sizes, group)
@@ -175,16 +246,31 @@ class MemoryBank(StreamAndPartition):
         K = n_cols - 1
         seed, offset, n_rows = self._seed, self._offset, self.n_rows
         if sampled:
+
             def index_fn(b0, b1):
                 return _rng.sample_negatives(idx_all[b0:b1], K, n_rows, seed, offset + b0 * K)
         else:
+
             def index_fn(b0, b1):
                 return idx_all[b0:b1]
 
         def run(loss_, need_grad, need_lse):
-            p = Sh.shard_partials(q_all, index_fn, self.bank, self.row_start, n_rows, n_cols, logit_scale=s, bias=b,
-                                    loss=loss_, log_z=self.log_z if loss_ == "nce" else None, need_grad=need_grad,
-                                    need_lse=need_lse, backend=self.backend, chunk=self.shard_chunk)
+            p = Sh.shard_partials(
+                q_all,
+                index_fn,
+                self.bank,
+                self.row_start,
+                n_rows,
+                n_cols,
+                logit_scale=s,
+                bias=b,
+                loss=loss_,
+                log_z=self.log_z if loss_ == "nce" else None,
+                need_grad=need_grad,
+                need_lse=need_lse,
+                backend=self.backend,
+                chunk=self.shard_chunk,
+            )
             p = Sh.all_reduce_partials(p, group)
             return Sh.finalize(p, loss=loss_, logit_scale=s, bias=b, need_grad=need_grad, need_lse=need_lse, D=D)
 

@@ -8,6 +8,7 @@ Bottom of ``dcdkernels.memory``: nothing here imports another memory module.
 * the LSE statistics that make log Z global: ``lse_stats``, ``combine_lse_stats``, and the one
   function that turns the kernels' per-row LSE into RepDistiller's log Z: ``log_partition``.
 """
+
 import math
 from typing import List, Optional, Tuple
 
@@ -29,8 +30,10 @@ def group_rank_world(mode: str, process_group=None, modes=MODES) -> Tuple[int, i
             raise ValueError("process_group is only meaningful with memory_mode='replicated' or 'sharded'")
         return 0, 1
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"memory_mode={mode!r} needs torch.distributed to be initialised "
-                           "(torch.distributed.init_process_group) before the module is built")
+        raise RuntimeError(
+            f"memory_mode={mode!r} needs torch.distributed to be initialised "
+            "(torch.distributed.init_process_group) before the module is built"
+        )
     return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
@@ -101,8 +104,9 @@ def combine_lse_stats(stats: torch.Tensor) -> torch.Tensor:
     return safe_top + torch.log((stats[:, 1] * scale).sum())
 
 
-def log_partition(lse: torch.Tensor, n_rows: int, n_cols: int, count: Optional[int] = None,
-                  total_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+def log_partition(
+    lse: torch.Tensor, n_rows: int, n_cols: int, count: Optional[int] = None, total_lse: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """RepDistiller's ``Z = N * mean(exp(u))`` over a batch's ``count * n_cols`` scores, in log
     space: ``log Z = log N + logsumexp_b(lse_b) - log(count * n_cols)`` (``lse_b`` the per-row LSE
     of the kernels). Pass ``total_lse`` (``logsumexp_b lse_b`` already combined over ranks with

@@ -7,6 +7,7 @@ tensors that are not buffers (``dcdkernels.memory.state``), so a plain
 nor copies a replicated bank each step: there is nothing to configure. ``ddp_wrap`` is kept as a
 convenience and ``memory_buffer_names`` lists what DDP leaves alone.
 """
+
 from typing import List
 
 import torch
@@ -17,8 +18,9 @@ from .state import memory_modules
 def memory_buffer_names(model: torch.nn.Module) -> List[str]:
     """Fully qualified state-dict names of every memory state tensor inside ``model`` (none of
     them is a buffer, so none is synchronised by DDP)."""
-    return [f"{prefix}.{name}" if prefix else name
-            for prefix, mod in memory_modules(model) for name in mod.state_tensors()]
+    return [
+        f"{prefix}.{name}" if prefix else name for prefix, mod in memory_modules(model) for name in mod.state_tensors()
+    ]
 
 
 def ddp_ignore_memory_buffers(model: torch.nn.Module) -> List[str]:

@@ -10,6 +10,7 @@ the rows). Local and replicated modes call the fused op on the whole banks; shar
 the op on this rank's rows with local indices (absent columns elsewhere) and merges the partials
 across ranks (``dcdkernels.memory.sharded.dual_shard_partials``): no rows are gathered.
 """
+
 import math
 from typing import Optional
 
@@ -50,9 +51,24 @@ class PairedMemoryBank(StreamAndPartition):
     them in the same order; batch sizes may differ).
     """
 
-    def __init__(self, n_rows: int, dim: int, *, dtype=torch.float32, init: str = "uniform", init_seed: int = 0,
-                 z_mode: str = "frozen", z_momentum: float = 0.99, mode: str = "local", process_group=None,
-                 backend: str = "auto", seed: int = 0, offset: int = 0, device=None, shard_chunk: int = 1 << 18):
+    def __init__(
+        self,
+        n_rows: int,
+        dim: int,
+        *,
+        dtype=torch.float32,
+        init: str = "uniform",
+        init_seed: int = 0,
+        z_mode: str = "frozen",
+        z_momentum: float = 0.99,
+        mode: str = "local",
+        process_group=None,
+        backend: str = "auto",
+        seed: int = 0,
+        offset: int = 0,
+        device=None,
+        shard_chunk: int = 1 << 18,
+    ):
         super().__init__()
         if not isinstance(n_rows, int) or not isinstance(dim, int) or n_rows < 1 or dim < 1:
             raise ValueError(f"n_rows and dim must be positive ints, got {n_rows!r}, {dim!r}")
@@ -61,24 +77,30 @@ class PairedMemoryBank(StreamAndPartition):
         if init not in PAIRED_INITS:
             raise ValueError(f"init must be one of {PAIRED_INITS}, got {init!r}")
         if init == "torch_rng" and mode == "sharded":
-            raise ValueError("init='torch_rng' draws the whole banks; a sharded bank uses init='uniform' "
-                             "(the same distribution, drawn in seeded blocks)")
+            raise ValueError(
+                "init='torch_rng' draws the whole banks; a sharded bank uses init='uniform' "
+                "(the same distribution, drawn in seeded blocks)"
+            )
         self.dim, self.shard_chunk = dim, int(shard_chunk)
         self._init_state(n_rows, mode=mode, process_group=process_group, backend=backend, device=device)
         for j, name in enumerate(("bank_s", "bank_t")):
             if init == "torch_rng":
                 rows = torch_rng_rows(n_rows, dim, dtype, device)
             else:
-                rows = init_rows(n_rows, dim, self.row_start, self.row_end, init=init, seed=init_seed + j,
-                                 dtype=dtype, device=device)
+                rows = init_rows(
+                    n_rows, dim, self.row_start, self.row_end, init=init, seed=init_seed + j, dtype=dtype, device=device
+                )
             self._add_state(name, rows)
-        self._init_stream(seed=seed, offset=offset, log_z_shape=(2,), z_mode=z_mode, z_momentum=z_momentum,
-                          device=device)
+        self._init_stream(
+            seed=seed, offset=offset, log_z_shape=(2,), z_mode=z_mode, z_momentum=z_momentum, device=device
+        )
 
     def extra_repr(self):
         rows = f"rows [{self.row_start}, {self.row_end}) of " if self.mode == "sharded" else ""
-        return (f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={self.bank_s.dtype}, mode={self.mode!r}, "
-                f"z_mode={self.z_mode!r}, world_size={self.world_size}")
+        return (
+            f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={self.bank_s.dtype}, mode={self.mode!r}, "
+            f"z_mode={self.z_mode!r}, world_size={self.world_size}"
+        )
 
     @property
     def num_local_rows(self) -> int:
@@ -88,8 +110,9 @@ class PairedMemoryBank(StreamAndPartition):
     def forward(self, *args, **kwargs):
         return self.score(*args, **kwargs)
 
-    def _check_score_args(self, anchor_s, anchor_t, index, num_negatives, loss, logit_scale, bias, consistency,
-                          update_state, update_index):
+    def _check_score_args(
+        self, anchor_s, anchor_t, index, num_negatives, loss, logit_scale, bias, consistency, update_state, update_index
+    ):
         V.matrix("anchor_s", anchor_s, dim=self.dim)
         V.matrix("anchor_t", anchor_t, dim=self.dim, device=anchor_s.device)
         if anchor_t.shape != anchor_s.shape:
@@ -111,7 +134,9 @@ class PairedMemoryBank(StreamAndPartition):
             n_cols = num_negatives + 1
         else:
             if num_negatives:
-                raise ValueError("num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives")
+                raise ValueError(
+                    "num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives"
+                )
             if index.shape[1] < 2:
                 raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
             n_cols = index.shape[1]
@@ -122,8 +147,9 @@ class PairedMemoryBank(StreamAndPartition):
         # together. Locally the op checks its inputs; the call that sets log Z (and its host-side
         # flag) is checked here, never deferred; other deferred (CUDA) checks guard the log Z EMA.
         if update_index is not None:
-            update_index = V.index_tensor("update_index", update_index, device=anchor_s.device,
-                                          rows=anchor_s.shape[0], dims=(1,))
+            update_index = V.index_tensor(
+                "update_index", update_index, device=anchor_s.device, rows=anchor_s.shape[0], dims=(1,)
+            )
         checks = None
         sets_z = loss == "nce" and not self._log_z_set
         if self.mode != "local" or sets_z or update_index is not None or V.ValueChecks.deferred(anchor_s.device):
@@ -136,9 +162,20 @@ class PairedMemoryBank(StreamAndPartition):
             checks.run(deferrable=self.mode == "local" and not sets_z)
         return index, n_cols, s, b, checks
 
-    def score(self, anchor_s: torch.Tensor, anchor_t: torch.Tensor, index: torch.Tensor, *, logit_scale, bias=None,
-              loss: str = "infonce", consistency: float = 0.0, num_negatives: Optional[int] = None,
-              update_state: bool = True, update_index: Optional[torch.Tensor] = None) -> DualContrastOutput:
+    def score(
+        self,
+        anchor_s: torch.Tensor,
+        anchor_t: torch.Tensor,
+        index: torch.Tensor,
+        *,
+        logit_scale,
+        bias=None,
+        loss: str = "infonce",
+        consistency: float = 0.0,
+        num_negatives: Optional[int] = None,
+        update_state: bool = True,
+        update_index: Optional[torch.Tensor] = None,
+    ) -> DualContrastOutput:
         """Both CRD directions at the same indices: ``anchor_s`` (B, D) against ``bank_t`` rows,
         ``anchor_t`` against ``bank_s`` rows, and ``consistency * KL(p^t || p^s)`` per row
         (``dcdkernels.dual_sampled_contrast``). Returns a ``DualContrastOutput`` of per-row tensors.
@@ -153,19 +190,45 @@ class PairedMemoryBank(StreamAndPartition):
         Gradients reach both anchors, a learnable ``logit_scale`` and ``bias``."""
         err, index_dim, n_cols, s, b, checks = None, 0, 0, None, None, None
         try:
-            index, n_cols, s, b, checks = self._check_score_args(anchor_s, anchor_t, index, num_negatives, loss,
-                                                                 logit_scale, bias, consistency, update_state,
-                                                                 update_index)
+            index, n_cols, s, b, checks = self._check_score_args(
+                anchor_s,
+                anchor_t,
+                index,
+                num_negatives,
+                loss,
+                logit_scale,
+                bias,
+                consistency,
+                update_state,
+                update_index,
+            )
             index_dim = index.dim()
         except (ValueError, TypeError, RuntimeError) as exc:
             err = exc
         want_grad = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (anchor_s, anchor_t, logit_scale, bias))
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (anchor_s, anchor_t, logit_scale, bias)
+        )
         B = anchor_s.shape[0] if err is None else 0
-        meta = self._meta([B, n_cols, index_dim, _LOSSES.index(loss) if loss in _LOSSES else -1, int(want_grad),
-                           int(bool(consistency)), int(update_state)], err, self.bank_s.device)
-        for col, what in ((1, "number of columns K+1"), (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
-                          (3, "loss"), (5, "consistency on/off"), (6, "update_state")):
+        meta = self._meta(
+            [
+                B,
+                n_cols,
+                index_dim,
+                _LOSSES.index(loss) if loss in _LOSSES else -1,
+                int(want_grad),
+                int(bool(consistency)),
+                int(update_state),
+            ],
+            err,
+            self.bank_s.device,
+        )
+        for col, what in (
+            (1, "number of columns K+1"),
+            (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
+            (3, "loss"),
+            (5, "consistency on/off"),
+            (6, "update_state"),
+        ):
             if len(set(meta[:, col].tolist())) != 1:
                 raise ValueError(f"every rank must score with the same {what}; got {meta[:, col].tolist()} per rank")
         sizes = meta[:, 0].tolist()
@@ -174,28 +237,81 @@ class PairedMemoryBank(StreamAndPartition):
         sets_z = loss == "nce" and not self._log_z_set and update_state
         ema = loss == "nce" and self._log_z_set and self.z_mode == "ema" and update_state
         if self.mode == "sharded":
-            out = self._score_sharded(anchor_s, anchor_t, index, n_cols, s, b, loss, float(consistency), sizes, start,
-                                      sampled, bool(meta[:, 4].any()), want_grad, sets_z, ema)
+            out = self._score_sharded(
+                anchor_s,
+                anchor_t,
+                index,
+                n_cols,
+                s,
+                b,
+                loss,
+                float(consistency),
+                sizes,
+                start,
+                sampled,
+                bool(meta[:, 4].any()),
+                want_grad,
+                sets_z,
+                ema,
+            )
         else:
-            kw = dict(num_negatives=n_cols - 1 if sampled else None, seed=self._seed,
-                      offset=self._offset + start * (n_cols - 1), backend=self.backend)
+            kw = dict(
+                num_negatives=n_cols - 1 if sampled else None,
+                seed=self._seed,
+                offset=self._offset + start * (n_cols - 1),
+                backend=self.backend,
+            )
             if sets_z:
                 with torch.no_grad():
-                    est = ops.dual_sampled_contrast(anchor_s.detach(), anchor_t.detach(), self.bank_s, self.bank_t,
-                                                    index, logit_scale=s.detach(),
-                                                    bias=None if b is None else b.detach(), loss="infonce", **kw)
+                    est = ops.dual_sampled_contrast(
+                        anchor_s.detach(),
+                        anchor_t.detach(),
+                        self.bank_s,
+                        self.bank_t,
+                        index,
+                        logit_scale=s.detach(),
+                        bias=None if b is None else b.detach(),
+                        loss="infonce",
+                        **kw,
+                    )
                 self._set_log_z(self._batch_log_z([est.lse_s, est.lse_t], sum(sizes), n_cols), checks)
-            out = ops.dual_sampled_contrast(anchor_s, anchor_t, self.bank_s, self.bank_t, index, logit_scale=logit_scale,
-                                            bias=bias, loss=loss, log_z=self.log_z if loss == "nce" else None,
-                                            consistency=float(consistency), **kw)
+            out = ops.dual_sampled_contrast(
+                anchor_s,
+                anchor_t,
+                self.bank_s,
+                self.bank_t,
+                index,
+                logit_scale=logit_scale,
+                bias=bias,
+                loss=loss,
+                log_z=self.log_z if loss == "nce" else None,
+                consistency=float(consistency),
+                **kw,
+            )
             if ema:
                 self._ema_log_z(self._batch_log_z([out.lse_s, out.lse_t], sum(sizes), n_cols), checks)
         if sampled and update_state:
             self._advance(sum(sizes) * (n_cols - 1))
         return out
 
-    def _score_sharded(self, anchor_s, anchor_t, index, n_cols, s, b, loss, consistency, sizes, start, sampled,
-                       any_grad, want_grad, sets_z, ema):
+    def _score_sharded(
+        self,
+        anchor_s,
+        anchor_t,
+        index,
+        n_cols,
+        s,
+        b,
+        loss,
+        consistency,
+        sizes,
+        start,
+        sampled,
+        any_grad,
+        want_grad,
+        sets_z,
+        ema,
+    ):
         group = self.process_group
         B_local = anchor_s.shape[0]
         qs_all = comm.all_gather_rows(anchor_s.detach(), sizes, group)
@@ -204,20 +320,46 @@ class PairedMemoryBank(StreamAndPartition):
         K = n_cols - 1
         seed, offset, n_rows = self._seed, self._offset, self.n_rows
         if sampled:
+
             def index_fn(b0, b1):
                 return _rng.sample_negatives(idx_all[b0:b1], K, n_rows, seed, offset + b0 * K)
         else:
+
             def index_fn(b0, b1):
                 return idx_all[b0:b1]
 
         def run(loss_, need_grad, need_kl):
-            p = Sh.dual_shard_partials(qs_all, qt_all, index_fn, self.bank_s, self.bank_t, self.row_start, n_rows,
-                                       n_cols, logit_scale=s, bias=b, loss=loss_,
-                                       log_z=self.log_z if loss_ == "nce" else None, need_grad=need_grad,
-                                       need_lse=True, need_kl=need_kl, backend=self.backend, chunk=self.shard_chunk)
+            p = Sh.dual_shard_partials(
+                qs_all,
+                qt_all,
+                index_fn,
+                self.bank_s,
+                self.bank_t,
+                self.row_start,
+                n_rows,
+                n_cols,
+                logit_scale=s,
+                bias=b,
+                loss=loss_,
+                log_z=self.log_z if loss_ == "nce" else None,
+                need_grad=need_grad,
+                need_lse=True,
+                need_kl=need_kl,
+                backend=self.backend,
+                chunk=self.shard_chunk,
+            )
             p = Sh.all_reduce_partials(p, group)
-            return Sh.finalize_dual(p, qs_all, qt_all, loss=loss_, logit_scale=s, bias=b, need_grad=need_grad,
-                                    need_lse=True, need_kl=need_kl)
+            return Sh.finalize_dual(
+                p,
+                qs_all,
+                qt_all,
+                loss=loss_,
+                logit_scale=s,
+                bias=b,
+                need_grad=need_grad,
+                need_lse=True,
+                need_kl=need_kl,
+            )
 
         if sets_z:
             _, lse0, _, _ = run("infonce", False, False)

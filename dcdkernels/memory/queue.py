@@ -4,6 +4,7 @@ State tensors (``MemoryState``: in ``state_dict()``, not DDP-broadcast buffers):
 (size, D) in the storage dtype and ``queue_ptr`` 0-d int64 (the next row to write), so a resumed
 run continues bit-identically.
 """
+
 import torch
 
 from ..ops import _validate as V
@@ -31,16 +32,32 @@ class MomentumQueue(MemoryState):
     "normal" (unit rows, MoCo), "uniform", "zeros" or "empty", reproducible with ``init_seed``.
     """
 
-    def __init__(self, size: int, dim: int, *, dtype=torch.float32, init: str = "normal", init_seed: int = 0,
-                 mode: str = "local", process_group=None, device=None):
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        dtype=torch.float32,
+        init: str = "normal",
+        init_seed: int = 0,
+        mode: str = "local",
+        process_group=None,
+        device=None,
+    ):
         super().__init__()
         if not isinstance(size, int) or not isinstance(dim, int) or size < 1 or dim < 1:
             raise ValueError(f"size and dim must be positive ints, got {size!r}, {dim!r}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
         self.size, self.dim = size, dim
-        self._init_state(size, mode="replicated" if mode == "sharded" else mode, process_group=process_group,
-                         backend="auto", device=device, modes=QUEUE_MODES)
+        self._init_state(
+            size,
+            mode="replicated" if mode == "sharded" else mode,
+            process_group=process_group,
+            backend="auto",
+            device=device,
+            modes=QUEUE_MODES,
+        )
         self._add_state("queue", init_rows(size, dim, 0, size, init=init, seed=init_seed, dtype=dtype, device=device))
         self._add_state("queue_ptr", torch.zeros((), dtype=torch.int64, device=device))
         self._ptr = 0
@@ -74,8 +91,10 @@ class MomentumQueue(MemoryState):
         checks.finite("keys", keys)
         checks.run()
         if self.mode == "local" and keys.shape[0] > self.size:
-            raise ValueError(f"batch of {keys.shape[0]} keys is larger than the queue ({self.size} rows): "
-                             "it would overwrite itself; enlarge the queue or split the batch")
+            raise ValueError(
+                f"batch of {keys.shape[0]} keys is larger than the queue ({self.size} rows): "
+                "it would overwrite itself; enlarge the queue or split the batch"
+            )
 
     @torch.no_grad()
     def enqueue_(self, keys: torch.Tensor) -> int:
@@ -88,8 +107,10 @@ class MomentumQueue(MemoryState):
         if self.mode != "local":
             sizes = self._meta([keys.shape[0] if err is None else 0], err, self.queue.device)[:, 0].tolist()
             if sum(sizes) > self.size:
-                raise ValueError(f"the gathered batch of {sum(sizes)} keys ({sizes} per rank) is larger than the "
-                                 f"queue ({self.size} rows): it would overwrite itself")
+                raise ValueError(
+                    f"the gathered batch of {sum(sizes)} keys ({sizes} per rank) is larger than the "
+                    f"queue ({self.size} rows): it would overwrite itself"
+                )
             keys = comm.all_gather_rows(keys.detach().to(self.queue.dtype), sizes, self.process_group)
         elif err is not None:
             raise err

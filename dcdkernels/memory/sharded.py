@@ -19,6 +19,7 @@ both CRD directions and the consistency KL (derivation in ``dual_shard_partials`
 Nothing here talks to the process group except ``all_reduce_partials``; ``merge_partials`` does
 the same merge in one process (tests).
 """
+
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -39,6 +40,7 @@ class Partials:
     sums weighted by ``exp(l - m_g)`` (rescaled by ``exp(m_g - M_g)`` when merged). ``plain``
     (B, Q): additive sums. Column layouts are fixed by the loss type and flags (``*_layout``).
     """
+
     m: Optional[torch.Tensor]
     scaled: List[torch.Tensor]
     plain: torch.Tensor
@@ -47,7 +49,7 @@ class Partials:
 def _split(t: torch.Tensor, fields):
     out, col = {}, 0
     for name, width in fields:
-        out[name] = t[:, col] if width == 1 else t[:, col:col + width]
+        out[name] = t[:, col] if width == 1 else t[:, col : col + width]
         col += width
     return out
 
@@ -70,7 +72,7 @@ def merge_partials(parts: List[Partials]) -> Partials:
         for p in parts:
             w = _rescale(p.m, m)
             for g, t in enumerate(p.scaled):
-                scaled[g] += t * w[:, g:g + 1]
+                scaled[g] += t * w[:, g : g + 1]
     return Partials(m, scaled, sum(p.plain for p in parts))
 
 
@@ -82,7 +84,7 @@ def all_reduce_partials(p: Partials, group) -> Partials:
         m = p.m.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         w = _rescale(p.m, m)
-        scaled = [t * w[:, g:g + 1] for g, t in enumerate(scaled)]
+        scaled = [t * w[:, g : g + 1] for g, t in enumerate(scaled)]
     widths = [t.shape[1] for t in scaled]
     packed = torch.cat(scaled + [p.plain], dim=1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
@@ -122,10 +124,23 @@ def _layout(loss: str, need_grad: bool, need_lse: bool, D: int):
 
 
 @torch.no_grad()
-def shard_partials(anchor: torch.Tensor, index_fn: Callable[[int, int], torch.Tensor], shard: torch.Tensor,
-                   row_start: int, n_rows: int, n_cols: int, *, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
-                   loss: str, log_z: Optional[torch.Tensor], need_grad: bool, need_lse: bool, backend: str = "auto",
-                   chunk: int = 1 << 18) -> Partials:
+def shard_partials(
+    anchor: torch.Tensor,
+    index_fn: Callable[[int, int], torch.Tensor],
+    shard: torch.Tensor,
+    row_start: int,
+    n_rows: int,
+    n_cols: int,
+    *,
+    logit_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    loss: str,
+    log_z: Optional[torch.Tensor],
+    need_grad: bool,
+    need_lse: bool,
+    backend: str = "auto",
+    chunk: int = 1 << 18,
+) -> Partials:
     """Partial statistics of the columns whose rows this shard owns, from the fused kernel.
 
     anchor (B, D) all-gathered anchors; ``index_fn(b0, b1)`` returns the (b1-b0, K+1) global
@@ -149,8 +164,17 @@ def shard_partials(anchor: torch.Tensor, index_fn: Callable[[int, int], torch.Te
     for b0, b1 in _chunks(B, n_cols, chunk):
         idx = index_fn(b0, b1)
         per_row, lse, ga, gsc = sampled_contrast_outputs(
-            anchor[b0:b1], shard, idx - row_start, logit_scale=s, bias=bias, loss=loss, log_z=log_z,
-            noise_rows=n_rows, compute_grad=need_grad, backend=backend)
+            anchor[b0:b1],
+            shard,
+            idx - row_start,
+            logit_scale=s,
+            bias=bias,
+            loss=loss,
+            log_z=log_z,
+            noise_rows=n_rows,
+            compute_grad=need_grad,
+            backend=backend,
+        )
         if with_m:
             out.m[b0:b1, 0] = lse
             S["l"][b0:b1] = torch.isfinite(lse).to(acc)  # sum_k exp(l_k - lse) over the owned columns
@@ -175,8 +199,16 @@ def shard_partials(anchor: torch.Tensor, index_fn: Callable[[int, int], torch.Te
     return out
 
 
-def finalize(p: Partials, *, loss: str, logit_scale: torch.Tensor, bias: Optional[torch.Tensor],
-             need_grad: bool, need_lse: bool, D: int):
+def finalize(
+    p: Partials,
+    *,
+    loss: str,
+    logit_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    need_grad: bool,
+    need_lse: bool,
+    D: int,
+):
     """Per-anchor (loss, lse or None, grad_anchor, grad_scale, grad_bias) from merged partials
     (gradients ``None`` unless ``need_grad``)."""
     sfields, pfields = _layout(loss, need_grad, need_lse, D)
@@ -218,22 +250,43 @@ def _dual_layout(loss: str, need_grad: bool, need_lse: bool, need_kl: bool, D: i
     ``dL/ds = (<z_s, dL/dz_s> + <z_t, dL/dz_t>) / s`` for each term (``finalize_dual``)."""
     if loss == "infonce":
         sf = [("ls", 1)] + ([("as", D)] if need_grad or need_kl else [])
-        tf = [("lt", 1)] + ([("at", D)] if need_grad or need_kl else []) + ([("F", 1)] if need_kl else []) + \
-             ([("pt_bt", D), ("ptf_bs", D)] if need_kl and need_grad else [])
+        tf = (
+            [("lt", 1)]
+            + ([("at", D)] if need_grad or need_kl else [])
+            + ([("F", 1)] if need_kl else [])
+            + ([("pt_bt", D), ("ptf_bs", D)] if need_kl and need_grad else [])
+        )
         pf = [("d0s", 1), ("d0t", 1)] + ([("row0t", D), ("row0s", D)] if need_grad else [])
     else:
         sf = [("ls", 1)] if need_lse else []
         tf = [("lt", 1)] if need_lse else []
-        pf = [("loss_s", 1), ("loss_t", 1)] + ([("ga_s", D), ("ga_t", D), ("gb_s", 1), ("gb_t", 1)] if need_grad else [])
+        pf = [("loss_s", 1), ("loss_t", 1)] + (
+            [("ga_s", D), ("ga_t", D), ("gb_s", 1), ("gb_t", 1)] if need_grad else []
+        )
     return sf, tf, pf
 
 
 @torch.no_grad()
-def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn: Callable[[int, int], torch.Tensor],
-                        shard_s: torch.Tensor, shard_t: torch.Tensor, row_start: int, n_rows: int, n_cols: int, *,
-                        logit_scale: torch.Tensor, bias: Optional[torch.Tensor], loss: str,
-                        log_z: Optional[torch.Tensor], need_grad: bool, need_lse: bool, need_kl: bool,
-                        backend: str = "auto", chunk: int = 1 << 18) -> Partials:
+def dual_shard_partials(
+    anchor_s: torch.Tensor,
+    anchor_t: torch.Tensor,
+    index_fn: Callable[[int, int], torch.Tensor],
+    shard_s: torch.Tensor,
+    shard_t: torch.Tensor,
+    row_start: int,
+    n_rows: int,
+    n_cols: int,
+    *,
+    logit_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    loss: str,
+    log_z: Optional[torch.Tensor],
+    need_grad: bool,
+    need_lse: bool,
+    need_kl: bool,
+    backend: str = "auto",
+    chunk: int = 1 << 18,
+) -> Partials:
     """Partials of the owned columns of both directions, from ``dual_sampled_contrast_outputs``
     run on this rank's rows of both banks with local indices (absent columns elsewhere).
 
@@ -261,9 +314,20 @@ def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn
     for b0, b1 in _chunks(B, n_cols, chunk):
         idx = index_fn(b0, b1)
         losses, lse, ga, gsc = dual_sampled_contrast_outputs(
-            anchor_s[b0:b1], anchor_t[b0:b1], shard_s, shard_t, idx - row_start, logit_scale=s, bias=bias, loss=loss,
-            log_z=log_z, compute_kl=need_kl and loss == "infonce", noise_rows=n_rows, compute_grad=kernel_grad,
-            backend=backend)
+            anchor_s[b0:b1],
+            anchor_t[b0:b1],
+            shard_s,
+            shard_t,
+            idx - row_start,
+            logit_scale=s,
+            bias=bias,
+            loss=loss,
+            log_z=log_z,
+            compute_kl=need_kl and loss == "infonce",
+            noise_rows=n_rows,
+            compute_grad=kernel_grad,
+            backend=backend,
+        )
         present = torch.isfinite(lse[0])  # both directions read the same columns
         if loss != "infonce" and need_grad:
             ga, gsc = ga.to(acc), gsc.to(acc)
@@ -302,9 +366,18 @@ def dual_shard_partials(anchor_s: torch.Tensor, anchor_t: torch.Tensor, index_fn
     return out
 
 
-def finalize_dual(p: Partials, anchor_s: torch.Tensor, anchor_t: torch.Tensor, *, loss: str,
-                  logit_scale: torch.Tensor, bias: Optional[torch.Tensor], need_grad: bool, need_lse: bool,
-                  need_kl: bool):
+def finalize_dual(
+    p: Partials,
+    anchor_s: torch.Tensor,
+    anchor_t: torch.Tensor,
+    *,
+    loss: str,
+    logit_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    need_grad: bool,
+    need_lse: bool,
+    need_kl: bool,
+):
     """The four outputs of ``dual_sampled_contrast`` for the gathered anchors from merged partials:
     ``losses`` (3, B) [L^s, L^t, KL], ``lse`` (2, B) (or None), ``grad_anchors`` (4, B, D),
     ``grad_scalars`` (2, 3, B) (both None unless ``need_grad``); in the op's accumulation dtype

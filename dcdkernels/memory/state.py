@@ -16,6 +16,7 @@
 * ``load_state_dict`` validates every key of this module (shape, dtype class, layout) before
   anything is copied; ``check_state_dict`` lets a parent validate a whole state dict first.
 """
+
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -57,15 +58,14 @@ def init_rows(n_rows: int, dim: int, start: int, end: int, *, init: str, seed: i
         else:
             rows = torch.nn.functional.normalize(torch.randn((b1 - b0, dim), generator=gen), dim=1)
         lo, hi = max(start, b0), min(end, b1)
-        out[lo - start:hi - start].copy_(rows[lo - b0:hi - b0])
+        out[lo - start : hi - start].copy_(rows[lo - b0 : hi - b0])
     return out
 
 
 class MemoryState(nn.Module):
     """Base of ``MemoryBank``, ``PairedMemoryBank`` and ``MomentumQueue`` (see the module doc)."""
 
-    def _init_state(self, n_rows: int, *, mode: str, process_group, backend: str, device,
-                    modes=comm.MODES) -> None:
+    def _init_state(self, n_rows: int, *, mode: str, process_group, backend: str, device, modes=comm.MODES) -> None:
         self._state_names: List[str] = []
         self.n_rows, self.mode, self.process_group, self.backend = n_rows, mode, process_group, backend
         self.rank, self.world_size = comm.group_rank_world(mode, process_group, modes)
@@ -104,8 +104,10 @@ class MemoryState(nn.Module):
         if not isinstance(value, torch.Tensor):
             raise RuntimeError(f"{type(self).__name__}: {key} must be a tensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(mine.shape):
-            raise RuntimeError(f"{type(self).__name__}: {key} has shape {tuple(value.shape)} in the checkpoint but "
-                               f"{tuple(mine.shape)} here (another n_data, dim, queue size or world size?)")
+            raise RuntimeError(
+                f"{type(self).__name__}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(mine.shape)} here (another n_data, dim, queue size or world size?)"
+            )
         if value.is_floating_point() != mine.is_floating_point():
             raise RuntimeError(f"{type(self).__name__}: {key} is {value.dtype} in the checkpoint but {mine.dtype} here")
 
@@ -119,7 +121,8 @@ class MemoryState(nn.Module):
                 raise RuntimeError(
                     f"{type(self).__name__} checkpoint layout [n_rows, shards, shard] = {saved} does not match this "
                     f"module's {mine}: a sharded bank reloads only under the same world size and rank (and a "
-                    "replicated or local checkpoint holds the whole bank, not one shard)")
+                    "replicated or local checkpoint holds the whole bank, not one shard)"
+                )
         for n in self._state_names:
             if prefix + n in state_dict:
                 self._check_one(n, state_dict[prefix + n], prefix + n)
@@ -128,8 +131,9 @@ class MemoryState(nn.Module):
     def _check_values(self, state_dict, prefix: str) -> None:
         """Value checks of a subclass (e.g. the queue pointer's range)."""
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self.check_state_dict(state_dict, prefix)
         mine = {prefix + n: n for n in self._state_names}
         rest = {k: v for k, v in state_dict.items() if k not in mine}
@@ -163,12 +167,14 @@ class MemoryState(nn.Module):
 
     def agree_sizes(self, n: int, error: Optional[BaseException] = None, device=None) -> List[int]:
         """``agree`` that also all-gathers one int per rank (e.g. the batch size): [n_0, .., n_W-1]."""
-        meta = self._meta([n if error is None else 0], error, device if device is not None else self.shard_layout.device)
+        meta = self._meta(
+            [n if error is None else 0], error, device if device is not None else self.shard_layout.device
+        )
         return meta[:, 0].tolist()
 
     def _batch_offset(self, sizes) -> int:
         """Rows of the concatenated batch before this rank's."""
-        return sum(sizes[:self.rank]) if self.mode != "local" else 0
+        return sum(sizes[: self.rank]) if self.mode != "local" else 0
 
 
 class StreamAndPartition(MemoryState):
@@ -263,16 +269,19 @@ class StreamAndPartition(MemoryState):
             checks.run()
         except (ValueError, TypeError) as exc:
             err = exc
-        sizes = self._meta([positives.shape[0] if isinstance(positives, torch.Tensor) else 0], err,
-                           self.log_z.device)[:, 0].tolist()
-        idx = ops.sample_negatives(positives, num_negatives, self.n_rows, self._seed,
-                                   self._offset + self._batch_offset(sizes) * num_negatives)
+        sizes = self._meta([positives.shape[0] if isinstance(positives, torch.Tensor) else 0], err, self.log_z.device)[
+            :, 0
+        ].tolist()
+        idx = ops.sample_negatives(
+            positives, num_negatives, self.n_rows, self._seed, self._offset + self._batch_offset(sizes) * num_negatives
+        )
         self._advance(sum(sizes) * num_negatives)
         return idx
 
     # ---------------------------------------------------------------- updates
-    def _check_update(self, index, values: Sequence[torch.Tensor], names: Sequence[str], dim: int, device, momentum,
-                      defer: bool):
+    def _check_update(
+        self, index, values: Sequence[torch.Tensor], names: Sequence[str], dim: int, device, momentum, defer: bool
+    ):
         for name, v in zip(names, values):
             V.matrix(name, v, dim=dim)
             if v.device != device:
@@ -290,8 +299,14 @@ class StreamAndPartition(MemoryState):
         return index, checks
 
     @torch.no_grad()
-    def _update_banks_(self, banks: Sequence[torch.Tensor], index: torch.Tensor, values: Sequence[torch.Tensor],
-                       names: Sequence[str], momentum: float) -> None:
+    def _update_banks_(
+        self,
+        banks: Sequence[torch.Tensor],
+        index: torch.Tensor,
+        values: Sequence[torch.Tensor],
+        names: Sequence[str],
+        momentum: float,
+    ) -> None:
         """``bank[i] <- normalize(m * bank[i] + (1 - m) * value)`` of each (bank, value) pair at
         ``index`` (docs/math.md §4; last occurrence wins). Distributed modes all-gather (index, values)
         in rank order: replicated ranks apply all of it, sharded ranks the rows they own, so the
@@ -300,8 +315,9 @@ class StreamAndPartition(MemoryState):
         bank0 = banks[0]
         err, checks = None, None
         try:
-            index, checks = self._check_update(index, values, names, bank0.shape[1], bank0.device, momentum,
-                                               defer=self.mode == "local")
+            index, checks = self._check_update(
+                index, values, names, bank0.shape[1], bank0.device, momentum, defer=self.mode == "local"
+            )
         except (ValueError, TypeError) as exc:
             err = exc
         if self.mode == "local":
@@ -324,7 +340,7 @@ class StreamAndPartition(MemoryState):
                 return
         D = bank0.shape[1]
         for j, bank in enumerate(banks):
-            ops.bank_momentum_update_(bank, idx_all, val_all[:, j * D:(j + 1) * D], momentum, backend=self.backend)
+            ops.bank_momentum_update_(bank, idx_all, val_all[:, j * D : (j + 1) * D], momentum, backend=self.backend)
 
 
 def memory_modules(model: nn.Module):
@@ -340,7 +356,9 @@ def check_loadable(model: nn.Module, state_dict, prefix: str = "") -> None:
     for key, mine in model.state_dict().items():
         other = state_dict.get(prefix + key)
         if isinstance(other, torch.Tensor) and isinstance(mine, torch.Tensor) and other.shape != mine.shape:
-            raise RuntimeError(f"{type(model).__name__}.load_state_dict: {prefix + key} has shape "
-                               f"{tuple(other.shape)} in the checkpoint but {tuple(mine.shape)} here; nothing was loaded")
+            raise RuntimeError(
+                f"{type(model).__name__}.load_state_dict: {prefix + key} has shape "
+                f"{tuple(other.shape)} in the checkpoint but {tuple(mine.shape)} here; nothing was loaded"
+            )
     for name, mod in memory_modules(model):
         mod.check_state_dict(state_dict, prefix + (name + "." if name else ""))

@@ -27,6 +27,7 @@ the kernels run after it.
 Tensor scalars (``logit_scale``, ``bias``, ``log_z``) are value checks of the call like the
 others (sign and finiteness, read with them); float scalars are checked on the host at once.
 """
+
 import collections
 import math
 import numbers
@@ -105,8 +106,10 @@ def poll_deferred(block: bool = False) -> None:
         _PENDING.popleft()
         failed = p.failures()
         if failed:
-            raise ValueError("an earlier call failed its deferred input checks (its results are invalid and it "
-                             "changed no bank or queue): " + "; ".join(failed))
+            raise ValueError(
+                "an earlier call failed its deferred input checks (its results are invalid and it "
+                "changed no bank or queue): " + "; ".join(failed)
+            )
 
 
 def check_errors() -> None:
@@ -213,16 +216,20 @@ def stream(seed, offset, draws: int):
     seed = integer("seed", seed, lo=0, hi=STREAM_LIMIT)
     offset = integer("offset", offset, lo=0, hi=STREAM_LIMIT)
     if offset > STREAM_LIMIT - draws:
-        raise ValueError(f"offset + B*K = {offset} + {draws} exceeds the stream's counters [0, 2**63): "
-                         f"use an offset <= {STREAM_LIMIT - draws}")
+        raise ValueError(
+            f"offset + B*K = {offset} + {draws} exceeds the stream's counters [0, 2**63): "
+            f"use an offset <= {STREAM_LIMIT - draws}"
+        )
     return seed, offset
 
 
 def dense_rows(name: str, t: torch.Tensor) -> None:
     """A 2-D tensor about to be written row by row: its rows must not overlap in memory."""
     if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
-        raise ValueError(f"{name} rows overlap in memory (strides {t.stride()} for shape {tuple(t.shape)}): "
-                         f"a {name} must be a dense (N, D) layout")
+        raise ValueError(
+            f"{name} rows overlap in memory (strides {t.stride()} for shape {tuple(t.shape)}): "
+            f"a {name} must be a dense (N, D) layout"
+        )
 
 
 def _byte_span(t: torch.Tensor):
@@ -235,8 +242,12 @@ def bank_layout(bank: torch.Tensor, value: torch.Tensor) -> None:
     parallel, so they must not overlap one another, and ``value`` must not share the bank's bytes."""
     dense_rows("bank", bank)
     # In a traced graph the storages are fakes: the kernels check it at run time.
-    if (bank.numel() and value.numel() and not torch.compiler.is_compiling()
-            and bank.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()):
+    if (
+        bank.numel()
+        and value.numel()
+        and not torch.compiler.is_compiling()
+        and bank.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+    ):
         (b0, b1), (v0, v1) = _byte_span(bank), _byte_span(value)
         if not (b1 < v0 or v1 < b0):
             raise ValueError("value overlaps the bank in memory: pass a copy (value.clone())")
@@ -291,8 +302,12 @@ class ValueChecks:
             # CPU fast path, one reduction: the sum of finite values is finite unless it overflows,
             # which the exact (two-op) test below then rules out. On CUDA the exact test alone is
             # queued for run().
-            if (t.device.type == "cpu" and _MODE != "deferred" and not torch.compiler.is_compiling()
-                    and bool(torch.isfinite(t.detach().sum(dtype=torch.float32)))):
+            if (
+                t.device.type == "cpu"
+                and _MODE != "deferred"
+                and not torch.compiler.is_compiling()
+                and bool(torch.isfinite(t.detach().sum(dtype=torch.float32)))
+            ):
                 return
             self._add(~torch.isfinite(t.detach()).all(), f"{name} has non-finite values (nan or inf)")
 

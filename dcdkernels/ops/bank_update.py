@@ -1,4 +1,5 @@
 """Dispatch point of ``bank_momentum_update_`` (docs/math.md §4, contract in csrc/KERNELS.md)."""
+
 import math
 
 import torch
@@ -32,13 +33,25 @@ def bank_momentum_update_(bank, index, value, momentum, *, backend="auto"):
     if not V.is_real(momentum):
         raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
     momentum = float(momentum)
-    if (isinstance(bank, Tensor) and not torch.compiler.is_compiling() and bank.is_inference()
-            and not torch.is_inference_mode_enabled()):
-        raise ValueError("bank is an inference tensor: it can be updated in place only under torch.inference_mode() "
-                         "(create the bank outside inference mode, or clone it)")
-    if (backend in ("auto", "cpu") and isinstance(bank, Tensor) and bank.device.type == "cpu"
-            and not (bank.requires_grad and torch.is_grad_enabled()) and isinstance(value, Tensor)
-            and not torch.compiler.is_compiling() and _ext.has_kernel("bank_momentum_update_", "CPU")):
+    if (
+        isinstance(bank, Tensor)
+        and not torch.compiler.is_compiling()
+        and bank.is_inference()
+        and not torch.is_inference_mode_enabled()
+    ):
+        raise ValueError(
+            "bank is an inference tensor: it can be updated in place only under torch.inference_mode() "
+            "(create the bank outside inference mode, or clone it)"
+        )
+    if (
+        backend in ("auto", "cpu")
+        and isinstance(bank, Tensor)
+        and bank.device.type == "cpu"
+        and not (bank.requires_grad and torch.is_grad_enabled())
+        and isinstance(value, Tensor)
+        and not torch.compiler.is_compiling()
+        and _ext.has_kernel("bank_momentum_update_", "CPU")
+    ):
         try:
             _ext.cpp_op("bank_momentum_update_")(bank, index, value.detach(), momentum)
             return bank

@@ -9,6 +9,7 @@ style): the weight of every row in the scalar is known in the forward, so the fo
 computes the key gradient and backward only scales the saved gradients (CPU with key
 gradients: 3 matmuls instead of 4).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -20,9 +21,16 @@ from .sampled_contrast import _needs_grad, refuse_double_backward
 
 
 @torch.library.custom_op("dcdkernels::dense_contrast", mutates_args=())
-def dense_contrast_op(anchor: Tensor, keys: Tensor, target: Optional[Tensor], positive: Optional[Tensor],
-                      logit_scale: Tensor, bias: Optional[Tensor], compute_grad: bool,
-                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def dense_contrast_op(
+    anchor: Tensor,
+    keys: Tensor,
+    target: Optional[Tensor],
+    positive: Optional[Tensor],
+    logit_scale: Tensor,
+    bias: Optional[Tensor],
+    compute_grad: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = backends.kernel("dense_contrast", backend)
     return tuple(fn(anchor, keys, target, positive, logit_scale, bias, compute_grad))
 
@@ -40,9 +48,17 @@ def _(anchor, keys, target, positive, logit_scale, bias, compute_grad, backend):
 
 
 @torch.library.custom_op("dcdkernels::dense_contrast_backward_keys", mutates_args=())
-def dense_contrast_backward_keys_op(anchor: Tensor, keys: Tensor, target: Optional[Tensor], positive: Optional[Tensor],
-                                    logit_scale: Tensor, bias: Optional[Tensor], lse: Tensor, grad_rows: Tensor,
-                                    backend: str) -> Tensor:
+def dense_contrast_backward_keys_op(
+    anchor: Tensor,
+    keys: Tensor,
+    target: Optional[Tensor],
+    positive: Optional[Tensor],
+    logit_scale: Tensor,
+    bias: Optional[Tensor],
+    lse: Tensor,
+    grad_rows: Tensor,
+    backend: str,
+) -> Tensor:
     fn = backends.kernel("dense_contrast_backward_keys", backend)
     return fn(anchor, keys, target, positive, logit_scale, bias, lse, grad_rows)
 
@@ -58,8 +74,9 @@ def _setup_context(ctx, inputs, output):
     ctx.backend, ctx.has_bias = backend, bias is not None
     ctx.dtypes = (anchor.dtype, keys.dtype, None if positive is None else positive.dtype)
     ctx.keys_need_grad = keys.requires_grad
-    ctx.save_for_backward(anchor, keys, target, positive, logit_scale, bias, lse, grad_anchor, grad_positive,
-                          grad_scalars)
+    ctx.save_for_backward(
+        anchor, keys, target, positive, logit_scale, bias, lse, grad_anchor, grad_positive, grad_scalars
+    )
 
 
 def _backward(ctx, g_loss, g_lse, g_ga, g_gp, g_gs):
@@ -71,8 +88,9 @@ def _backward(ctx, g_loss, g_lse, g_ga, g_gp, g_gs):
     d_anchor = (grad_anchor * g[:, None]).to(ctx.dtypes[0])
     d_keys = None
     if ctx.keys_need_grad:
-        d_keys = dense_contrast_backward_keys_op(anchor, keys, target, positive, logit_scale, bias, lse, g,
-                                                 ctx.backend).to(ctx.dtypes[1])
+        d_keys = dense_contrast_backward_keys_op(
+            anchor, keys, target, positive, logit_scale, bias, lse, g, ctx.backend
+        ).to(ctx.dtypes[1])
     d_positive = (grad_positive * g[:, None]).to(ctx.dtypes[2]) if positive is not None else None
     d_scale = (grad_scalars[0] * g).sum()
     d_bias = (grad_scalars[1] * g).sum() if ctx.has_bias else None
@@ -83,9 +101,17 @@ dense_contrast_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("dcdkernels::dense_contrast_reduced", mutates_args=())
-def dense_contrast_reduced_op(anchor: Tensor, keys: Tensor, target: Optional[Tensor], positive: Optional[Tensor],
-                              logit_scale: Tensor, bias: Optional[Tensor], row_weight: Tensor, keys_grad: bool,
-                              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def dense_contrast_reduced_op(
+    anchor: Tensor,
+    keys: Tensor,
+    target: Optional[Tensor],
+    positive: Optional[Tensor],
+    logit_scale: Tensor,
+    bias: Optional[Tensor],
+    row_weight: Tensor,
+    keys_grad: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = backends.kernel("dense_contrast_reduced", backend)
     return tuple(fn(anchor, keys, target, positive, logit_scale, bias, row_weight, keys_grad))
 
@@ -98,8 +124,15 @@ def _(anchor, keys, target, positive, logit_scale, bias, row_weight, keys_grad, 
     empty = anchor.new_empty((0,), dtype=acc)
     grad_positive = anchor.new_empty((B, D), dtype=acc) if positive is not None else empty
     grad_keys = keys.new_empty(keys.shape, dtype=acc) if keys_grad else empty.clone()
-    return (anchor.new_empty((), dtype=acc), rows, rows.clone(), anchor.new_empty((B, D), dtype=acc), grad_positive,
-            grad_keys, anchor.new_empty((2,), dtype=acc))
+    return (
+        anchor.new_empty((), dtype=acc),
+        rows,
+        rows.clone(),
+        anchor.new_empty((B, D), dtype=acc),
+        grad_positive,
+        grad_keys,
+        anchor.new_empty((2,), dtype=acc),
+    )
 
 
 def _setup_context_reduced(ctx, inputs, output):
@@ -116,8 +149,9 @@ def _backward_reduced(ctx, g_loss, g_rows, g_lse, g_ga, g_gp, g_gk, g_gs):
         return (None,) * 9
     refuse_double_backward("dense_contrast")
     if ctx.needs_input_grad[1] and not ctx.keys_grad:
-        raise RuntimeError("dense_contrast_reduced: the keys need a gradient but the forward computed none "
-                           "(keys_grad=False)")
+        raise RuntimeError(
+            "dense_contrast_reduced: the keys need a gradient but the forward computed none (keys_grad=False)"
+        )
     rows, grad_anchor, grad_positive, grad_keys, grad_scalars = ctx.saved_tensors
     g = g_loss.to(grad_anchor.dtype)
     # grad_output = 1 (a loss term of weight 1, or loss.backward() itself): the saved gradients
@@ -128,6 +162,7 @@ def _backward_reduced(ctx, g_loss, g_rows, g_lse, g_ga, g_gp, g_gk, g_gs):
 
     def scaled(grad, dtype):
         return (grad if unit else grad * g).to(dtype)
+
     d_anchor = scaled(grad_anchor, ctx.dtypes[0])
     d_keys = scaled(grad_keys, ctx.dtypes[1]) if ctx.keys_grad else None
     d_positive = scaled(grad_positive, ctx.dtypes[2]) if ctx.dtypes[2] is not None else None
@@ -141,8 +176,19 @@ dense_contrast_reduced_op.register_autograd(_backward_reduced, setup_context=_se
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def dense_contrast(anchor, keys, target=None, *, positive=None, logit_scale, bias=None, weight=None,
-                   reduction="none", backend="auto", return_lse=False):
+def dense_contrast(
+    anchor,
+    keys,
+    target=None,
+    *,
+    positive=None,
+    logit_scale,
+    bias=None,
+    weight=None,
+    reduction="none",
+    backend="auto",
+    return_lse=False,
+):
     """Per-row InfoNCE (B,) of anchors against dense keys (docs/math.md §2), times ``weight`` if given.
 
     Exactly one of ``target`` (B,) int64 (the positive is key ``target_b``: in-batch, class
@@ -191,14 +237,16 @@ def dense_contrast(anchor, keys, target=None, *, positive=None, logit_scale, bia
             c = torch.full((B,), 1 / B if reduction == "mean" else 1.0, dtype=acc, device=anchor.device)
         else:
             c = weight.to(acc) / B if reduction == "mean" else weight.to(acc)
-        loss, _, lse, _, _, _, _ = dense_contrast_reduced_op(anchor.contiguous(), keys.contiguous(), target, positive,
-                                                             s, b, c, keys.requires_grad, backend)
+        loss, _, lse, _, _, _, _ = dense_contrast_reduced_op(
+            anchor.contiguous(), keys.contiguous(), target, positive, s, b, c, keys.requires_grad, backend
+        )
         return (loss, lse) if return_lse else loss
     if backend == "eager":
         per_row, lse = reference.dense_contrast(anchor, keys, target, positive=positive, logit_scale=s, bias=b)
     else:
-        per_row, lse, _, _, _ = dense_contrast_op(anchor.contiguous(), keys.contiguous(), target, positive, s, b,
-                                                  needs_grad, backend)
+        per_row, lse, _, _, _ = dense_contrast_op(
+            anchor.contiguous(), keys.contiguous(), target, positive, s, b, needs_grad, backend
+        )
     if weight is not None:
         per_row = per_row * weight.to(per_row.dtype)
     out = per_row.mean() if reduction == "mean" else per_row.sum() if reduction == "sum" else per_row

@@ -3,6 +3,7 @@
 Both CRD directions at the same indices (student anchor vs teacher bank, teacher anchor vs
 student bank) and the consistency KL(p^t || p^s), from one read of both banks' rows.
 """
+
 import math
 from typing import NamedTuple, Optional, Tuple
 
@@ -15,26 +16,73 @@ from .sampled_contrast import LOSS_TYPES, _needs_grad, refuse_double_backward, v
 
 
 class DualContrastOutput(NamedTuple):
-    loss_s: Tensor       # (B,) student anchor vs teacher bank
-    loss_t: Tensor       # (B,) teacher anchor vs student bank
+    loss_s: Tensor  # (B,) student anchor vs teacher bank
+    loss_t: Tensor  # (B,) teacher anchor vs student bank
     consistency: Tensor  # (B,) consistency * KL(p^t || p^s); zeros when consistency == 0
-    lse_s: Tensor        # (B,) LSE of the student-direction logits (no gradient)
-    lse_t: Tensor        # (B,) LSE of the teacher-direction logits (no gradient)
+    lse_s: Tensor  # (B,) LSE of the student-direction logits (no gradient)
+    lse_t: Tensor  # (B,) LSE of the teacher-direction logits (no gradient)
 
 
 @torch.library.custom_op("dcdkernels::dual_sampled_contrast", mutates_args=())
-def dual_sampled_contrast_op(anchor_s: Tensor, anchor_t: Tensor, bank_s: Tensor, bank_t: Tensor, index: Tensor,
-                             logit_scale: Tensor, bias: Optional[Tensor], log_z: Optional[Tensor], loss_type: int,
-                             compute_kl: bool, num_negatives: int, seed: int, offset: int, compute_grad: bool,
-                             noise_rows: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def dual_sampled_contrast_op(
+    anchor_s: Tensor,
+    anchor_t: Tensor,
+    bank_s: Tensor,
+    bank_t: Tensor,
+    index: Tensor,
+    logit_scale: Tensor,
+    bias: Optional[Tensor],
+    log_z: Optional[Tensor],
+    loss_type: int,
+    compute_kl: bool,
+    num_negatives: int,
+    seed: int,
+    offset: int,
+    compute_grad: bool,
+    noise_rows: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = backends.kernel("dual_sampled_contrast", backend)
-    return tuple(fn(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl,
-                    num_negatives, seed, offset, compute_grad, noise_rows))
+    return tuple(
+        fn(
+            anchor_s,
+            anchor_t,
+            bank_s,
+            bank_t,
+            index,
+            logit_scale,
+            bias,
+            log_z,
+            loss_type,
+            compute_kl,
+            num_negatives,
+            seed,
+            offset,
+            compute_grad,
+            noise_rows,
+        )
+    )
 
 
 @dual_sampled_contrast_op.register_fake
-def _(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl, num_negatives,
-      seed, offset, compute_grad, noise_rows, backend):
+def _(
+    anchor_s,
+    anchor_t,
+    bank_s,
+    bank_t,
+    index,
+    logit_scale,
+    bias,
+    log_z,
+    loss_type,
+    compute_kl,
+    num_negatives,
+    seed,
+    offset,
+    compute_grad,
+    noise_rows,
+    backend,
+):
     B, D = anchor_s.shape
     acc = V.accumulation_dtype(anchor_s, anchor_t, bank_s, bank_t)
     losses, lse = anchor_s.new_empty((3, B), dtype=acc), anchor_s.new_empty((2, B), dtype=acc)
@@ -63,8 +111,24 @@ def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
     d_bias = (grad_scalars[1] * g).sum() if ctx.has_bias else None
     # v = l - log Z per direction: dL^s/dlog Z_s = -dL^s/dbeta (the KL has no log Z).
     d_log_z = -(grad_scalars[1, :2] * g[:2]).sum(dim=1) if ctx.has_log_z else None
-    return (d_s.to(ctx.dtypes[0]), d_t.to(ctx.dtypes[1]), None, None, None, d_scale, d_bias, d_log_z,
-            None, None, None, None, None, None, None, None)
+    return (
+        d_s.to(ctx.dtypes[0]),
+        d_t.to(ctx.dtypes[1]),
+        None,
+        None,
+        None,
+        d_scale,
+        d_bias,
+        d_log_z,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 dual_sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)
@@ -75,23 +139,41 @@ def _log_z_pair(log_z, device, dtype, checks) -> Tensor:
     value checks of the call."""
     if isinstance(log_z, Tensor):
         if log_z.shape != (2,) or not log_z.is_floating_point():
-            raise ValueError(f"log_z must be (log Z_s, log Z_t): a float (2,) tensor or a pair of floats, got "
-                             f"{log_z.dtype} of shape {tuple(log_z.shape)}")
+            raise ValueError(
+                f"log_z must be (log Z_s, log Z_t): a float (2,) tensor or a pair of floats, got "
+                f"{log_z.dtype} of shape {tuple(log_z.shape)}"
+            )
         if log_z.device != device and log_z.device.type != "cpu":
             raise ValueError(f"log_z is on {log_z.device} but the anchors are on {device}")
         lz = log_z.to(device=device, dtype=dtype)
         checks.finite("log_z", lz)
         return lz
     if not isinstance(log_z, (tuple, list)):
-        raise TypeError(f"log_z must be (log Z_s, log Z_t): a pair of floats or a (2,) tensor, got "
-                        f"{type(log_z).__name__} {log_z!r}")
+        raise TypeError(
+            f"log_z must be (log Z_s, log Z_t): a pair of floats or a (2,) tensor, got {type(log_z).__name__} {log_z!r}"
+        )
     if len(log_z) != 2:
         raise ValueError(f"log_z must be (log Z_s, log Z_t), got {len(log_z)} values")
     return torch.stack([V.scalar("log_z", v, device=device, dtype=dtype, checks=checks) for v in log_z])
 
 
-def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
-                          log_z=None, consistency=0.0, num_negatives=None, seed=0, offset=0, backend="auto"):
+def dual_sampled_contrast(
+    anchor_s,
+    anchor_t,
+    bank_s,
+    bank_t,
+    index,
+    *,
+    logit_scale,
+    bias=None,
+    loss="infonce",
+    log_z=None,
+    consistency=0.0,
+    num_negatives=None,
+    seed=0,
+    offset=0,
+    backend="auto",
+):
     """Both directions of CRD at the same indices, plus ``consistency * KL(p^t || p^s)`` per row.
 
     Student anchor ``anchor_s`` is scored against ``bank_t`` rows, teacher anchor ``anchor_t``
@@ -99,15 +181,18 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
     floats or a (2,) tensor). Returns a :class:`DualContrastOutput` of per-row tensors.
     """
     checks = V.ValueChecks()
-    index, K, seed, offset = validate_sampled(anchor_s, bank_t, index, loss, log_z, num_negatives, checks, "bank_t",
-                                              "anchor_s", seed=seed, offset=offset)
+    index, K, seed, offset = validate_sampled(
+        anchor_s, bank_t, index, loss, log_z, num_negatives, checks, "bank_t", "anchor_s", seed=seed, offset=offset
+    )
     V.matrix("anchor_t", anchor_t, device=anchor_s.device)
     if anchor_t.shape != anchor_s.shape:
         raise ValueError(f"anchor_t has shape {tuple(anchor_t.shape)} but anchor_s has {tuple(anchor_s.shape)}")
     V.matrix("bank_s", bank_s, device=anchor_s.device, dim=anchor_s.shape[1])
     if bank_s.shape[0] != bank_t.shape[0] or bank_s.stride(1) != 1:
-        raise ValueError(f"bank_s must have contiguous rows and as many rows as bank_t, got {tuple(bank_s.shape)} "
-                         f"and {tuple(bank_t.shape)}")
+        raise ValueError(
+            f"bank_s must have contiguous rows and as many rows as bank_t, got {tuple(bank_s.shape)} "
+            f"and {tuple(bank_t.shape)}"
+        )
     if bank_s.dtype != bank_t.dtype:
         raise TypeError(f"bank_s ({bank_s.dtype}) and bank_t ({bank_t.dtype}) must share one dtype")
     checks.finite("anchor_t", anchor_t)
@@ -128,19 +213,48 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_sc
         if index.dim() == 1:
             index = reference.sample_negatives(index, K, bank_s.shape[0], seed, offset)
         loss_s, loss_t, kl, lse_s, lse_t = reference.dual_sampled_contrast(
-            anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s, bias=b, loss=loss, log_z=lz,
-            compute_kl=compute_kl)
+            anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s, bias=b, loss=loss, log_z=lz, compute_kl=compute_kl
+        )
     else:
         losses, lse, _, _ = dual_sampled_contrast_op(
-            anchor_s.contiguous(), anchor_t.contiguous(), bank_s.detach(), bank_t.detach(), index, s, b, lz, LOSS_TYPES[loss], compute_kl,
-            K, seed, offset, _needs_grad(anchor_s, anchor_t, s, b, lz), 0, backend)
+            anchor_s.contiguous(),
+            anchor_t.contiguous(),
+            bank_s.detach(),
+            bank_t.detach(),
+            index,
+            s,
+            b,
+            lz,
+            LOSS_TYPES[loss],
+            compute_kl,
+            K,
+            seed,
+            offset,
+            _needs_grad(anchor_s, anchor_t, s, b, lz),
+            0,
+            backend,
+        )
         loss_s, loss_t, kl = losses.unbind(0)
         lse_s, lse_t = lse.unbind(0)
     return DualContrastOutput(loss_s, loss_t, kl * consistency, lse_s, lse_t)
 
 
-def dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
-                                  log_z=None, compute_kl=False, noise_rows=0, compute_grad=True, backend="auto"):
+def dual_sampled_contrast_outputs(
+    anchor_s,
+    anchor_t,
+    bank_s,
+    bank_t,
+    index,
+    *,
+    logit_scale,
+    bias=None,
+    loss="infonce",
+    log_z=None,
+    compute_kl=False,
+    noise_rows=0,
+    compute_grad=True,
+    backend="auto",
+):
     """The kernels' four outputs ``(losses (3, B), lse (2, B), grad_anchors (4, B, D),
     grad_scalars (2, 3, B))`` (csrc/KERNELS.md) for an explicit (B, K+1) ``index`` in which
     entries outside [0, bank rows) mark absent columns (in both directions); NCE's
@@ -154,9 +268,35 @@ def dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, *, 
     backend = backends.resolve(backend, anchor_s.device, "dual_sampled_contrast", acc, dim=anchor_s.shape[1])
     s, b, lz = (None if t is None else t.detach().to(acc) for t in (logit_scale, bias, log_z))
     if backend == "eager":
-        return reference.dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale=s,
-                                                       bias=b, loss=loss, log_z=lz, compute_kl=compute_kl,
-                                                       noise_rows=noise_rows, compute_grad=compute_grad)
-    return dual_sampled_contrast_op(anchor_s.contiguous(), anchor_t.contiguous(), bank_s.detach(), bank_t.detach(),
-                                    index, s, b, lz, LOSS_TYPES[loss], compute_kl, 0, 0, 0, compute_grad, noise_rows,
-                                    backend)
+        return reference.dual_sampled_contrast_outputs(
+            anchor_s,
+            anchor_t,
+            bank_s,
+            bank_t,
+            index,
+            logit_scale=s,
+            bias=b,
+            loss=loss,
+            log_z=lz,
+            compute_kl=compute_kl,
+            noise_rows=noise_rows,
+            compute_grad=compute_grad,
+        )
+    return dual_sampled_contrast_op(
+        anchor_s.contiguous(),
+        anchor_t.contiguous(),
+        bank_s.detach(),
+        bank_t.detach(),
+        index,
+        s,
+        b,
+        lz,
+        LOSS_TYPES[loss],
+        compute_kl,
+        0,
+        0,
+        0,
+        compute_grad,
+        noise_rows,
+        backend,
+    )

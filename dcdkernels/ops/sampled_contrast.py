@@ -3,6 +3,7 @@
 The fused backends compute the loss, the per-row LSE and every gradient in one pass over the
 gathered rows; the registered autograd formula only scales the saved gradients by grad_output.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -16,17 +17,56 @@ MAX_SAMPLED_NEGATIVES = 2**31  # K of in-kernel sampling: int32 columns in the k
 
 
 @torch.library.custom_op("dcdkernels::sampled_contrast", mutates_args=())
-def sampled_contrast_op(anchor: Tensor, bank: Tensor, index: Tensor, logit_scale: Tensor, bias: Optional[Tensor],
-                        log_z: Optional[Tensor], loss_type: int, num_negatives: int, seed: int, offset: int,
-                        compute_grad: bool, noise_rows: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def sampled_contrast_op(
+    anchor: Tensor,
+    bank: Tensor,
+    index: Tensor,
+    logit_scale: Tensor,
+    bias: Optional[Tensor],
+    log_z: Optional[Tensor],
+    loss_type: int,
+    num_negatives: int,
+    seed: int,
+    offset: int,
+    compute_grad: bool,
+    noise_rows: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     fn = backends.kernel("sampled_contrast", backend)
-    return tuple(fn(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset, compute_grad,
-                    noise_rows))
+    return tuple(
+        fn(
+            anchor,
+            bank,
+            index,
+            logit_scale,
+            bias,
+            log_z,
+            loss_type,
+            num_negatives,
+            seed,
+            offset,
+            compute_grad,
+            noise_rows,
+        )
+    )
 
 
 @sampled_contrast_op.register_fake
-def _(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset, compute_grad, noise_rows,
-      backend):
+def _(
+    anchor,
+    bank,
+    index,
+    logit_scale,
+    bias,
+    log_z,
+    loss_type,
+    num_negatives,
+    seed,
+    offset,
+    compute_grad,
+    noise_rows,
+    backend,
+):
     B, D = anchor.shape
     acc = V.accumulation_dtype(anchor, bank)
     rows = anchor.new_empty((B,), dtype=acc)
@@ -66,16 +106,19 @@ def refuse_double_backward(op: str) -> None:
     raise as soon as a second-order graph is requested (``create_graph=True`` runs the backward
     with grad mode on), rather than return zeros for the second derivative."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{op}: the fused backends do not support double backward (create_graph=True); "
-                           f"use backend='eager' for higher-order gradients")
+        raise RuntimeError(
+            f"{op}: the fused backends do not support double backward (create_graph=True); "
+            f"use backend='eager' for higher-order gradients"
+        )
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, name_bank="bank", anchor_name="anchor",
-                     seed=0, offset=0):
+def validate_sampled(
+    anchor, bank, index, loss, log_z, num_negatives, checks, name_bank="bank", anchor_name="anchor", seed=0, offset=0
+):
     """Shared checks of the sampled ops. Returns the int64 index, K (0 for a 2-D index) and the
     stream's (seed, offset) as ints."""
     V.matrix(anchor_name, anchor)
@@ -98,7 +141,9 @@ def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, na
         seed, offset = V.stream(seed, offset, B * K)
     else:
         if num_negatives is not None and num_negatives is not False and num_negatives != 0:
-            raise ValueError("num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives")
+            raise ValueError(
+                "num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives"
+            )
         if index.shape[1] < 2:
             raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
     checks.index_in_range("index", index, bank.shape[0])
@@ -106,8 +151,21 @@ def validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, na
     return index, K, seed, offset
 
 
-def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None,
-                     num_negatives=None, seed=0, offset=0, backend="auto", return_lse=False):
+def sampled_contrast(
+    anchor,
+    bank,
+    index,
+    *,
+    logit_scale,
+    bias=None,
+    loss="infonce",
+    log_z=None,
+    num_negatives=None,
+    seed=0,
+    offset=0,
+    backend="auto",
+    return_lse=False,
+):
     """Per-row contrastive loss (B,) of anchors against gathered bank rows (docs/math.md §1).
 
     ``index`` is (B, K+1) int64 (column 0 the positive row), or (B,) positives together with
@@ -118,8 +176,9 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
     the per-row LSE of the logits (no gradient), from which the first-batch log Z is formed.
     """
     checks = V.ValueChecks()
-    index, K, seed, offset = validate_sampled(anchor, bank, index, loss, log_z, num_negatives, checks, seed=seed,
-                                              offset=offset)
+    index, K, seed, offset = validate_sampled(
+        anchor, bank, index, loss, log_z, num_negatives, checks, seed=seed, offset=offset
+    )
     acc = V.accumulation_dtype(anchor, bank)
     s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True, checks=checks)
     b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc, checks=checks)
@@ -133,13 +192,36 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
         per_row, lse = reference.sampled_contrast(anchor, bank, index, logit_scale=s, bias=b, loss=loss, log_z=lz)
     else:
         per_row, lse, _, _ = sampled_contrast_op(
-            anchor.contiguous(), bank.detach(), index, s, b, lz, LOSS_TYPES[loss], K, seed, offset,
-            _needs_grad(anchor, s, b, lz), 0, backend)
+            anchor.contiguous(),
+            bank.detach(),
+            index,
+            s,
+            b,
+            lz,
+            LOSS_TYPES[loss],
+            K,
+            seed,
+            offset,
+            _needs_grad(anchor, s, b, lz),
+            0,
+            backend,
+        )
     return (per_row, lse) if return_lse else per_row
 
 
-def sampled_contrast_outputs(anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None, noise_rows=0,
-                             compute_grad=True, backend="auto"):
+def sampled_contrast_outputs(
+    anchor,
+    bank,
+    index,
+    *,
+    logit_scale,
+    bias=None,
+    loss="infonce",
+    log_z=None,
+    noise_rows=0,
+    compute_grad=True,
+    backend="auto",
+):
     """The kernels' four outputs ``(loss, lse, grad_anchor, grad_scalars)`` (csrc/KERNELS.md) for an
     explicit (B, K+1) ``index`` in which entries outside [0, bank rows) mark absent columns; NCE's
     ``c = K / noise_rows`` (0: the bank's rows). For callers that combine the results over slices
@@ -151,7 +233,29 @@ def sampled_contrast_outputs(anchor, bank, index, *, logit_scale, bias=None, los
     backend = backends.resolve(backend, anchor.device, "sampled_contrast", acc, dim=anchor.shape[1])
     s, b, lz = (None if t is None else t.detach().to(acc) for t in (logit_scale, bias, log_z))
     if backend == "eager":
-        return reference.sampled_contrast_outputs(anchor, bank, index, logit_scale=s, bias=b, loss=loss, log_z=lz,
-                                                  noise_rows=noise_rows, compute_grad=compute_grad)
-    return sampled_contrast_op(anchor.contiguous(), bank.detach(), index, s, b, lz, LOSS_TYPES[loss], 0, 0, 0,
-                               compute_grad, noise_rows, backend)
+        return reference.sampled_contrast_outputs(
+            anchor,
+            bank,
+            index,
+            logit_scale=s,
+            bias=b,
+            loss=loss,
+            log_z=lz,
+            noise_rows=noise_rows,
+            compute_grad=compute_grad,
+        )
+    return sampled_contrast_op(
+        anchor.contiguous(),
+        bank.detach(),
+        index,
+        s,
+        b,
+        lz,
+        LOSS_TYPES[loss],
+        0,
+        0,
+        0,
+        compute_grad,
+        noise_rows,
+        backend,
+    )

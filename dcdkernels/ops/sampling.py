@@ -1,5 +1,6 @@
 """Negative sampling: the counter-based uniform stream the kernels draw from (docs/math.md §1d), and a
 vectorised class-conditional sampler replacing RepDistiller's per-sample ``np.random.choice``."""
+
 import torch
 
 from .. import reference
@@ -11,9 +12,15 @@ def sample_negatives(positive, num_negatives, n_rows, seed=0, offset=0):
     """The exact (B, K+1) index the fused kernels use for ``index=positive, num_negatives=K``:
     column 0 = ``positive``, negative k of row b drawn from the counter-based stream at
     ``offset + b*K + k - 1`` (so advance ``offset`` by B*K per step for fresh negatives)."""
-    if not isinstance(positive, torch.Tensor) or positive.dim() != 1 or positive.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"positive must be a 1-D integer tensor, got {getattr(positive, 'dtype', type(positive))} "
-                         f"of shape {tuple(getattr(positive, 'shape', ()))}")
+    if (
+        not isinstance(positive, torch.Tensor)
+        or positive.dim() != 1
+        or positive.dtype not in (torch.int64, torch.int32)
+    ):
+        raise ValueError(
+            f"positive must be a 1-D integer tensor, got {getattr(positive, 'dtype', type(positive))} "
+            f"of shape {tuple(getattr(positive, 'shape', ()))}"
+        )
     K = V.integer("num_negatives", num_negatives, lo=1, hi=MAX_SAMPLED_NEGATIVES)
     n_rows = V.integer("n_rows", n_rows, lo=1, hi=2**31)
     seed, offset = V.stream(seed, offset, positive.shape[0] * K)
@@ -33,8 +40,9 @@ class ClassConditionalSampler:
         labels = _integer_tensor("labels", labels)
         if labels.numel() == 0 or labels.min() < 0:
             raise ValueError("labels must be a non-empty tensor of class ids >= 0")
-        self.num_classes = (V.integer("num_classes", num_classes, lo=1) if num_classes is not None
-                            else int(labels.max().item()) + 1)
+        self.num_classes = (
+            V.integer("num_classes", num_classes, lo=1) if num_classes is not None else int(labels.max().item()) + 1
+        )
         if labels.max() >= self.num_classes:
             raise ValueError(f"labels has class ids >= num_classes={self.num_classes}")
         self.labels = labels

@@ -2,6 +2,7 @@
 (SupCon, Khosla et al. 2020; PCKD's category contrast). Semantics, including rows with no
 positive: ``reference/supcon_contrast.py``; kernel contract: csrc/KERNELS.md.
 """
+
 import math
 from typing import Tuple
 
@@ -16,8 +17,16 @@ REDUCTIONS = ("none", "mean", "sum")
 
 
 @torch.library.custom_op("dcdkernels::supcon_contrast", mutates_args=())
-def supcon_contrast_op(anchors: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor, logit_scale: Tensor,
-                       eps: float, exclude_self: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def supcon_contrast_op(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    logit_scale: Tensor,
+    eps: float,
+    exclude_self: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
     """Per-row loss (R,) and the backward's stats (3, R) = [row max, S + eps, positives]."""
     fn = backends.kernel("supcon_contrast", backend)
     return tuple(fn(anchors, labels, keys, key_labels, logit_scale, eps, exclude_self))
@@ -31,9 +40,18 @@ def _(anchors, labels, keys, key_labels, logit_scale, eps, exclude_self, backend
 
 
 @torch.library.custom_op("dcdkernels::supcon_contrast_backward", mutates_args=())
-def supcon_contrast_backward_op(anchors: Tensor, labels: Tensor, keys: Tensor, key_labels: Tensor,
-                                logit_scale: Tensor, stats: Tensor, grad_rows: Tensor, exclude_self: bool,
-                                keys_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def supcon_contrast_backward_op(
+    anchors: Tensor,
+    labels: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    logit_scale: Tensor,
+    stats: Tensor,
+    grad_rows: Tensor,
+    exclude_self: bool,
+    keys_grad: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_anchors (R, D), grad_keys (N, D) or (0,), d/d logit_scale (0-d)) for ``grad_rows``."""
     fn = backends.kernel("supcon_contrast_backward", backend)
     return tuple(fn(anchors, labels, keys, key_labels, logit_scale, stats, grad_rows, exclude_self, keys_grad))
@@ -56,12 +74,23 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, g_stats):
     anchors, labels, keys, key_labels, logit_scale, stats = ctx.saved_tensors
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph=True
-        raise RuntimeError("supcon_contrast: double backward (create_graph=True) is not supported; use "
-                           "backend='eager' for higher-order gradients")
+        raise RuntimeError(
+            "supcon_contrast: double backward (create_graph=True) is not supported; use "
+            "backend='eager' for higher-order gradients"
+        )
     keys_grad = ctx.needs_input_grad[2]
-    ga, gk, gs = supcon_contrast_backward_op(anchors, labels, keys, key_labels, logit_scale, stats,
-                                             g_loss.to(stats.dtype).contiguous(), ctx.exclude_self, keys_grad,
-                                             ctx.backend)
+    ga, gk, gs = supcon_contrast_backward_op(
+        anchors,
+        labels,
+        keys,
+        key_labels,
+        logit_scale,
+        stats,
+        g_loss.to(stats.dtype).contiguous(),
+        ctx.exclude_self,
+        keys_grad,
+        ctx.backend,
+    )
     d_anchors = ga.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
     d_keys = gk.to(ctx.dtypes[1]) if keys_grad else None
     d_scale = gs.to(logit_scale.dtype) if ctx.needs_input_grad[4] else None
@@ -78,8 +107,19 @@ def _labels(name, t, device, rows):
     return t.reshape(-1)
 
 
-def supcon_contrast(anchors, labels, keys=None, key_labels=None, *, logit_scale, weight=None, eps=EPS,
-                    exclude_self=True, reduction="mean", backend="auto"):
+def supcon_contrast(
+    anchors,
+    labels,
+    keys=None,
+    key_labels=None,
+    *,
+    logit_scale,
+    weight=None,
+    eps=EPS,
+    exclude_self=True,
+    reduction="mean",
+    backend="auto",
+):
     """SupCon loss of ``anchors`` (R, D) with integer ``labels`` (R,) against themselves
     (``keys=None``) or against ``keys`` (N, D) with ``key_labels`` (N,).
 
@@ -118,8 +158,9 @@ def supcon_contrast(anchors, labels, keys=None, key_labels=None, *, logit_scale,
     backend = backends.resolve(backend, anchors.device, "supcon_contrast", acc)
     checks.run()
     if backend == "eager":
-        per_row = reference.supcon_contrast(anchors, labels, keys, key_labels, logit_scale=s, eps=float(eps),
-                                            exclude_self=exclude_self)
+        per_row = reference.supcon_contrast(
+            anchors, labels, keys, key_labels, logit_scale=s, eps=float(eps), exclude_self=exclude_self
+        )
     else:
         a = anchors.contiguous()
         k, lk = (a, labels) if keys is None else (keys.contiguous(), key_labels)

@@ -3,6 +3,7 @@
 Readable first, fast never: every backend is tested against these functions and every benchmark
 uses them (or the RepDistiller/MoCo-style code in ``benchmarks/``) as the baseline.
 """
+
 from .bank_update import bank_momentum_update_, queue_enqueue_
 from .dense_contrast import dense_contrast
 from .dual_sampled_contrast import dual_sampled_contrast, dual_sampled_contrast_outputs

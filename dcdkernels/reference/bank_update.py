@@ -1,4 +1,5 @@
 """Oracle for docs/math.md §4: in-place momentum update of memory rows and FIFO queue enqueue."""
+
 import math
 
 import torch
@@ -55,7 +56,7 @@ def queue_enqueue_(queue, pointer, keys):
         return (pointer + B) % K
     # A host pointer: at most two slice copies (benchmarks/test_bench_state.py: as fast as MoCo's).
     first = min(B, K - pointer)
-    queue[pointer:pointer + first] = keys[:first]
+    queue[pointer : pointer + first] = keys[:first]
     if first < B:
-        queue[:B - first] = keys[first:]
+        queue[: B - first] = keys[first:]
     return (pointer + B) % K

@@ -3,6 +3,7 @@
 Materialises the (B, M) logits (or (B, 1+M) with a separate positive key) and applies
 cross-entropy per row, as MoCo's and CoCoRD's code do.
 """
+
 import torch
 
 

@@ -3,6 +3,7 @@
 Student direction: z_s against bank_t rows; teacher direction: z_t against bank_s rows.
 KL_b = KL(p^t_b || p^s_b) with p = softmax over the K+1 columns.
 """
+
 import math
 
 import torch
@@ -10,8 +11,9 @@ import torch
 from .sampled_contrast import nce_loss_from_logits, sampled_contrast_outputs, sampled_logits
 
 
-def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
-                          log_z=None, compute_kl=True):
+def dual_sampled_contrast(
+    anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce", log_z=None, compute_kl=True
+):
     """Returns (loss_s, loss_t, kl, lse_s, lse_t), each (B,). ``log_z`` = (log Z_s, log Z_t) for NCE."""
     l_s = sampled_logits(anchor_s, bank_t.detach(), index, logit_scale, bias)
     l_t = sampled_logits(anchor_t, bank_s.detach(), index, logit_scale, bias)
@@ -47,8 +49,21 @@ def _present_log_softmax(anchor, bank, index, present, s, bias, dtype):
     return rows, dots, masked - finite[:, None]
 
 
-def dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, *, logit_scale, bias=None, loss="infonce",
-                                  log_z=None, compute_kl=False, noise_rows=0, compute_grad=True):
+def dual_sampled_contrast_outputs(
+    anchor_s,
+    anchor_t,
+    bank_s,
+    bank_t,
+    index,
+    *,
+    logit_scale,
+    bias=None,
+    loss="infonce",
+    log_z=None,
+    compute_kl=False,
+    noise_rows=0,
+    compute_grad=True,
+):
     """The four outputs of the fused kernels (csrc/KERNELS.md), absent columns included:
     ``losses (3, B) = [L^s, L^t, KL]``, ``lse (2, B) = [LSE^s, LSE^t]``,
     ``grad_anchors (4, B, D) = [dL^s/dz_s, dL^t/dz_t, dKL/dz_s, dKL/dz_t]`` and
@@ -63,8 +78,11 @@ def dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, *, 
     gives KL 0 and zero KL gradients. ``dKL/dl^s_k = p^s_k - p^t_k``,
     ``dKL/dl^t_k = p^t_k (f_k - F)`` (``f = l^t - l^s``, ``F = sum_P p^t f``), ``dKL/dbeta = 0``.
     """
-    dtype = torch.float64 if torch.float64 in (anchor_s.dtype, anchor_t.dtype, bank_s.dtype, bank_t.dtype) \
+    dtype = (
+        torch.float64
+        if torch.float64 in (anchor_s.dtype, anchor_t.dtype, bank_s.dtype, bank_t.dtype)
         else torch.float32
+    )
     s = torch.as_tensor(logit_scale, dtype=dtype).detach()
     b = None if bias is None else torch.as_tensor(bias, dtype=dtype).detach()
     lz = [None, None] if log_z is None else torch.as_tensor(log_z, dtype=dtype).detach()
@@ -89,14 +107,16 @@ def dual_sampled_contrast_outputs(anchor_s, anchor_t, bank_s, bank_t, index, *, 
         f = torch.where(present, (dots_t - dots_s) * s, torch.zeros_like(p_t))  # l^t - l^s (beta cancels)
         F = (p_t * f).sum(dim=1, keepdim=True)
         slope_s, slope_t = p_s - p_t, p_t * (f - F)
-        ga_kl = torch.stack([s * torch.einsum("bk,bkd->bd", slope_s, rows_t),
-                             s * torch.einsum("bk,bkd->bd", slope_t, rows_s)])
+        ga_kl = torch.stack(
+            [s * torch.einsum("bk,bkd->bd", slope_s, rows_t), s * torch.einsum("bk,bkd->bd", slope_t, rows_s)]
+        )
         ds_kl = (slope_s * dots_s).sum(dim=1) + (slope_t * dots_t).sum(dim=1)
     losses, lse = torch.stack([loss_s, loss_t, kl]), torch.stack([lse_s, lse_t])
     if not compute_grad:
         empty = losses.new_empty((0,))
         return losses, lse, empty, empty.clone()
     grad_anchors = torch.cat([ga_s[None], ga_t[None], ga_kl])
-    grad_scalars = torch.stack([torch.stack([gs_s[0], gs_t[0], ds_kl]),
-                                torch.stack([gs_s[1], gs_t[1], torch.zeros_like(ds_kl)])])
+    grad_scalars = torch.stack(
+        [torch.stack([gs_s[0], gs_t[0], ds_kl]), torch.stack([gs_s[1], gs_t[1], torch.zeros_like(ds_kl)])]
+    )
     return losses, lse, grad_anchors, grad_scalars

@@ -4,6 +4,7 @@ Negative k (1..K) of anchor row b is ``(mix32(ctr_lo ^ mix32(ctr_hi ^ key)) * N)
 ``ctr = offset + b*K + k - 1`` (see csrc/KERNELS.md). uint32 arithmetic is emulated on int64
 tensors by masking after every multiply (the low 32 bits of a wrapped int64 product are exact).
 """
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -30,7 +31,9 @@ def rng_key(seed: int) -> int:
     return _mix32_int((seed & _MASK32) ^ _mix32_int((seed >> 32) ^ 0x9E3779B9))
 
 
-def sample_negatives(positive: torch.Tensor, num_negatives: int, n_rows: int, seed: int, offset: int = 0) -> torch.Tensor:
+def sample_negatives(
+    positive: torch.Tensor, num_negatives: int, n_rows: int, seed: int, offset: int = 0
+) -> torch.Tensor:
     """(B, K+1) int64 index: column 0 = ``positive``, columns 1..K uniform over [0, n_rows)."""
     if not 0 < n_rows < 2**31:
         raise ValueError(f"n_rows must be in [1, 2**31), got {n_rows}")
@@ -38,8 +41,10 @@ def sample_negatives(positive: torch.Tensor, num_negatives: int, n_rows: int, se
     # The stream's domain (checked for users in dcdkernels/ops/_validate.py::stream): the int64
     # counters below must not wrap.
     if not (0 <= seed < 2**63 and 0 <= offset <= 2**63 - B * K):
-        raise ValueError(f"seed and offset must lie in the negative stream's domain (0 <= seed < 2**63, "
-                         f"0 <= offset <= 2**63 - B*K), got seed={seed}, offset={offset}")
+        raise ValueError(
+            f"seed and offset must lie in the negative stream's domain (0 <= seed < 2**63, "
+            f"0 <= offset <= 2**63 - B*K), got seed={seed}, offset={offset}"
+        )
     key = rng_key(seed)
     ctr = offset + torch.arange(B * K, dtype=torch.int64, device=positive.device)
     lo, hi = ctr & _MASK32, ctr >> 32

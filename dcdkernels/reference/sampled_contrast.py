@@ -3,6 +3,7 @@
 This is what RepDistiller and every eager user write: gather a (B, K+1, D) tensor, batched
 matrix-vector product, then the loss. It materialises everything on purpose: it is the reference.
 """
+
 import math
 
 import torch
@@ -58,8 +59,9 @@ def sampled_contrast(anchor, bank, index, *, logit_scale, bias=None, loss="infon
     return per_row, lse.detach()
 
 
-def sampled_contrast_outputs(anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None, noise_rows=0,
-                             compute_grad=True):
+def sampled_contrast_outputs(
+    anchor, bank, index, *, logit_scale, bias=None, loss="infonce", log_z=None, noise_rows=0, compute_grad=True
+):
     """The four outputs of the fused kernels (csrc/KERNELS.md), absent columns included:
     ``(loss (B,), lse (B,), grad_anchor (B, D), grad_scalars (2, B) = [dL/ds, dL/dbeta])`` in fp32
     (fp64 for fp64 inputs); the gradients are ``(0,)`` without ``compute_grad``.

@@ -13,13 +13,15 @@ A row with no positive (|P_i| = 0) has L_i = 0 and no gradient: the official cod
 diagonal; with a separate key set, key row i is taken as anchor row i's own copy (SupContrast's
 ``contrast_mode="one"``) unless ``exclude_self=False``, then no column is excluded.
 """
+
 import torch
 
 EPS = 1e-7  # SupContrast / PCKD ``helper/losses.py``
 
 
-def supcon_contrast(anchors, labels, keys=None, key_labels=None, *, logit_scale, weight=None, eps=EPS,
-                    exclude_self=True):
+def supcon_contrast(
+    anchors, labels, keys=None, key_labels=None, *, logit_scale, weight=None, eps=EPS, exclude_self=True
+):
     """Per-row SupCon loss (R,) (times ``weight`` if given); gradients flow to the anchors, the
     keys and a learnable ``logit_scale``."""
     if keys is None:

@@ -1,4 +1,5 @@
 """``python -m dcdkernels.train ...`` and the ``dcdkernels-train`` console script."""
+
 import sys
 
 

@@ -7,6 +7,7 @@ underscores); like mdistiller's and torchdistill's configs it may group them in 
 (``data:``, ``model:``, ``solver:``, ``distill:``, ``run:``, any name): sections are flattened.
 ``loss_kwargs:`` (a mapping) is passed verbatim to the loss module's constructor.
 """
+
 import argparse
 import dataclasses
 import datetime
@@ -83,23 +84,58 @@ class Config:
 # 64, SGD lr 0.05 momentum 0.9 wd 5e-4, lr x0.1 at epochs 150, 180, 210; lr 0.01 for MobileNetV2
 # and the ShuffleNets; nce_k 16384), and a CPU-sized recipe for the embedded digits.
 DATASET_DEFAULTS = {
-    "cifar100": dict(teacher="resnet32x4", student="resnet8x4", epochs=240, teacher_epochs=240, batch_size=64,
-                     lr=0.05, teacher_lr=0.05, lr_decay_epochs=[150, 180, 210],
-                     teacher_lr_decay_epochs=[150, 180, 210], nce_k=16384, augment=True, num_workers=4),
+    "cifar100": dict(
+        teacher="resnet32x4",
+        student="resnet8x4",
+        epochs=240,
+        teacher_epochs=240,
+        batch_size=64,
+        lr=0.05,
+        teacher_lr=0.05,
+        lr_decay_epochs=[150, 180, 210],
+        teacher_lr_decay_epochs=[150, 180, 210],
+        nce_k=16384,
+        augment=True,
+        num_workers=4,
+    ),
     # digits: 1,438 training rows. nce_k = 512 negatives per anchor: K must stay well below the
     # ~1,290 rows of the other classes an anchor can draw from (sampling with replacement only in
     # the degenerate case) and K/N = 0.36 keeps the NCE noise prior meaningful.
-    "digits": dict(teacher="digits_teacher", student="digits_student", epochs=20, teacher_epochs=20, batch_size=64,
-                   lr=0.05, teacher_lr=0.05, lr_decay_epochs=[12, 15, 18], teacher_lr_decay_epochs=[12, 15, 18],
-                   nce_k=512, augment=False, threads=1, num_workers=0),
+    "digits": dict(
+        teacher="digits_teacher",
+        student="digits_student",
+        epochs=20,
+        teacher_epochs=20,
+        batch_size=64,
+        lr=0.05,
+        teacher_lr=0.05,
+        lr_decay_epochs=[12, 15, 18],
+        teacher_lr_decay_epochs=[12, 15, 18],
+        nce_k=512,
+        augment=False,
+        threads=1,
+        num_workers=0,
+    ),
     # An ImageNet-style folder (DIR/train, DIR/val): torchvision resnet34 -> resnet18 and the schedule
     # of torchdistill's ILSVRC-2012 CRD config (configs/sample/ilsvrc2012/crd/resnet18_from_resnet50.yaml:
     # 20 epochs, SGD lr 1e-4 momentum 0.9 wd 5e-4, x0.1 at epochs 5 and 15, K = 16,384), see
     # configs/imagenet_crd.yaml. Pass the teacher with --teacher-ckpt (torchvision's weights load); without
     # one it is trained first with the PyTorch ImageNet example's recipe (90 epochs, lr 0.1, x0.1 every 30).
-    "imagefolder": dict(teacher="resnet34", student="resnet18", epochs=20, teacher_epochs=90, batch_size=256,
-                        lr=1e-4, teacher_lr=0.1, lr_decay_epochs=[5, 15], teacher_lr_decay_epochs=[30, 60],
-                        nce_k=16384, augment=True, image_size=224, num_workers=8),
+    "imagefolder": dict(
+        teacher="resnet34",
+        student="resnet18",
+        epochs=20,
+        teacher_epochs=90,
+        batch_size=256,
+        lr=1e-4,
+        teacher_lr=0.1,
+        lr_decay_epochs=[5, 15],
+        teacher_lr_decay_epochs=[30, 60],
+        nce_k=16384,
+        augment=True,
+        image_size=224,
+        num_workers=8,
+    ),
 }
 # threads=1 on digits: the 8x8 models are far too small to gain from intra-op parallelism, and on a
 # shared CPU a 2-thread torch pool loses up to 10x waiting at its barriers for a descheduled core.
@@ -121,6 +157,7 @@ def _kv(text):
     k, v = text.split("=", 1)
     try:
         import yaml
+
         v = yaml.safe_load(v)
     except Exception:
         pass
@@ -131,18 +168,25 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="dcdkernels-train",
         description="Train (or load) a teacher, then distill a student with a dcdkernels loss. "
-                    "Default: CRD + CE with RepDistiller's weights on scikit-learn's digits.",
-        epilog="Defaults that depend on the dataset (override any of them): " + "; ".join(
-            f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DATASET_DEFAULTS.items())
+        "Default: CRD + CE with RepDistiller's weights on scikit-learn's digits.",
+        epilog="Defaults that depend on the dataset (override any of them): "
+        + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for name, d in DATASET_DEFAULTS.items())
         + ". Loss weights default to RepDistiller's for the method (kd: -r 0.1 -a 0.9 -b 0; crd: -r 1 -a 0 "
-          "-b 0.8; crd+kd: -a 1 -b 0.8; dcd/icd: -r 1 -a 0 -b 1). Other defaults: seed 0, kd_T 4, feat_dim 128, "
-          "nce_t 0.07, nce_m 0.5, weight_decay 5e-4, momentum 0.9, lr_decay_rate 0.1, backend auto.",
-        argument_default=argparse.SUPPRESS)
+        "-b 0.8; crd+kd: -a 1 -b 0.8; dcd/icd: -r 1 -a 0 -b 1). Other defaults: seed 0, kd_T 4, feat_dim 128, "
+        "nce_t 0.07, nce_m 0.5, weight_decay 5e-4, momentum 0.9, lr_decay_rate 0.1, backend auto.",
+        argument_default=argparse.SUPPRESS,
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=tuple(DATASET_DEFAULTS),
-                   help="digits (embedded), cifar100 or imagefolder (both need --data-dir)")
-    g.add_argument("--data-dir", help="cifar100: the python version (cifar-100-python/ folder, its parent, or the "
-                                      ".tar.gz); imagefolder: a folder with train/ and val/ class sub-folders")
+    g.add_argument(
+        "--dataset",
+        choices=tuple(DATASET_DEFAULTS),
+        help="digits (embedded), cifar100 or imagefolder (both need --data-dir)",
+    )
+    g.add_argument(
+        "--data-dir",
+        help="cifar100: the python version (cifar-100-python/ folder, its parent, or the "
+        ".tar.gz); imagefolder: a folder with train/ and val/ class sub-folders",
+    )
     g.add_argument("--image-size", type=int, help="imagefolder: training crop size (224)")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes (0: load in the main process)")
     g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, help="DataLoader pin_memory (default: CUDA)")
@@ -152,11 +196,16 @@ def build_parser():
     g = p.add_argument_group("models")
     g.add_argument("--teacher", help="teacher architecture (see --list-models)")
     g.add_argument("--student", help="student architecture")
-    g.add_argument("--teacher-ckpt", help="load the teacher from this checkpoint instead of training it "
-                                          "({'model': state_dict} as RepDistiller, or a bare state_dict)")
+    g.add_argument(
+        "--teacher-ckpt",
+        help="load the teacher from this checkpoint instead of training it "
+        "({'model': state_dict} as RepDistiller, or a bare state_dict)",
+    )
     g.add_argument("--list-models", action="store_true", help="print the model zoo and exit")
     g = p.add_argument_group("distillation")
-    g.add_argument("--method", help=f"one of {', '.join(METHODS)}, optionally '+kd' (e.g. crd+kd); ce = no distillation")
+    g.add_argument(
+        "--method", help=f"one of {', '.join(METHODS)}, optionally '+kd' (e.g. crd+kd); ce = no distillation"
+    )
     g.add_argument("--backend", choices=BACKENDS, help="backend of the contrastive losses")
     g.add_argument("-r", "--gamma", type=float, help="CE weight (default: RepDistiller's for the method)")
     g.add_argument("-a", "--alpha", type=float, help="KD weight")
@@ -166,11 +215,20 @@ def build_parser():
     g.add_argument("--nce-k", type=int, help="negatives per anchor (CRD; memory-form DCD/ICD)")
     g.add_argument("--nce-t", type=float, help="NCE temperature (0.07)")
     g.add_argument("--nce-m", type=float, help="memory momentum (0.5)")
-    g.add_argument("--memory-mode", choices=("local", "replicated", "sharded"),
-                   help="memory of CRD / memory-form DCD / CoCoRD under torchrun: replicated (the default with "
-                        "WORLD_SIZE > 1: every rank holds the banks) or sharded (rank r holds ceil(N/W) rows)")
-    g.add_argument("--loss-arg", dest="loss_args", action="append", type=_kv, metavar="KEY=VALUE",
-                   help="extra keyword argument of the loss module's constructor (repeatable)")
+    g.add_argument(
+        "--memory-mode",
+        choices=("local", "replicated", "sharded"),
+        help="memory of CRD / memory-form DCD / CoCoRD under torchrun: replicated (the default with "
+        "WORLD_SIZE > 1: every rank holds the banks) or sharded (rank r holds ceil(N/W) rows)",
+    )
+    g.add_argument(
+        "--loss-arg",
+        dest="loss_args",
+        action="append",
+        type=_kv,
+        metavar="KEY=VALUE",
+        help="extra keyword argument of the loss module's constructor (repeatable)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -189,17 +247,28 @@ def build_parser():
     g.add_argument("--threads", type=int, help="torch.set_num_threads (digits default 1; 0 = all cores)")
     g.add_argument("--out-dir", help="run folder (default runs/<name>)")
     g.add_argument("--name", help="run name (default: dataset_method_student_timestamp)")
-    g.add_argument("--resume", nargs="?", const="auto",
-                   help="continue the run in --out-dir (or the given run folder / checkpoint file)")
-    g.add_argument("--compare-eager", action="store_true",
-                   help="train the student again, same seed, with backend='eager' losses; compare both")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        help="continue the run in --out-dir (or the given run folder / checkpoint file)",
+    )
+    g.add_argument(
+        "--compare-eager",
+        action="store_true",
+        help="train the student again, same seed, with backend='eager' losses; compare both",
+    )
     g.add_argument("--baseline", action="store_true", help="also train the student without distillation (CE only)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     g.add_argument("--save-every", type=int, help="checkpoint every N epochs")
-    g.add_argument("--save-every-steps", type=int,
-                   help="also checkpoint every N steps inside an epoch, so a killed run resumes mid-epoch")
-    g.add_argument("--teacher-cache", help="folder of trained teachers reused across runs ('' to disable; "
-                                           "default runs/teachers)")
+    g.add_argument(
+        "--save-every-steps",
+        type=int,
+        help="also checkpoint every N steps inside an epoch, so a killed run resumes mid-epoch",
+    )
+    g.add_argument(
+        "--teacher-cache", help="folder of trained teachers reused across runs ('' to disable; default runs/teachers)"
+    )
     return p
 
 
@@ -221,6 +290,7 @@ def _flatten_yaml(obj, path="") -> dict:
 
 def load_yaml(path) -> dict:
     import yaml
+
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
@@ -234,6 +304,7 @@ def make_config(argv=None, **overrides) -> Config:
     ns = vars(build_parser().parse_args([] if argv is None else list(argv)))
     if ns.pop("list_models", False):
         from .models import model_names
+
         print("\n".join(model_names()))
         raise SystemExit(0)
     values = {}
@@ -252,6 +323,7 @@ def make_config(argv=None, **overrides) -> Config:
 
 def finalize(cfg: Config) -> Config:
     from . import distill
+
     if cfg.dataset not in DATASET_DEFAULTS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
     for k, v in DATASET_DEFAULTS[cfg.dataset].items():
@@ -267,10 +339,14 @@ def finalize(cfg: Config) -> Config:
         cfg.teacher_lr_decay_epochs = _int_list(cfg.teacher_lr_decay_epochs)
     if cfg.dataset == "cifar100":
         from .models import LOW_LR_MODELS, canonical_name
+
         # RepDistiller: "set different learning rate from these 4 models"
         if canonical_name(cfg.student) in LOW_LR_MODELS and cfg.lr == DATASET_DEFAULTS["cifar100"]["lr"]:
             cfg.lr = 0.01
-        if canonical_name(cfg.teacher) in LOW_LR_MODELS and cfg.teacher_lr == DATASET_DEFAULTS["cifar100"]["teacher_lr"]:
+        if (
+            canonical_name(cfg.teacher) in LOW_LR_MODELS
+            and cfg.teacher_lr == DATASET_DEFAULTS["cifar100"]["teacher_lr"]
+        ):
             cfg.teacher_lr = 0.01
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")

@@ -15,12 +15,13 @@ and the contrastive negatives of a batch are drawn with
 of other classes) in the main process.
 
 Determinism: the order of epoch ``e`` is ``DistributedSampler(seed, epoch=e)``; the random
-augmentation of sample ``i`` in epoch ``e`` is drawn from torch's RNG seeded with
-``(seed, epoch, i)`` (inside whichever worker loads it; restored after it in the main process), and the negatives from a generator
-seeded with ``(seed, epoch, rank)``. An epoch therefore depends only on the seed and its number,
-whatever the number of workers, and a run resumed at a checkpoint (epoch boundary or mid-epoch)
-replays exactly the batches of an uninterrupted run.
+augmentation of sample ``i`` in epoch ``e`` is drawn from torch's RNG seeded with ``(seed, epoch,
+i)`` (inside whichever worker loads it; restored after it in the main process), and the negatives
+from a generator seeded with ``(seed, epoch, rank)``. An epoch therefore depends only on the seed
+and its number, whatever the number of workers, and a run resumed at a checkpoint (epoch boundary or
+mid-epoch) replays exactly the batches of an uninterrupted run.
 """
+
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ def _tv():
 class Dataset:
     """A train and a test split (torch Datasets of ``(raw image, label)``, no transform), the
     transforms that turn a raw image into network input, and the training labels."""
+
     name: str
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
@@ -112,8 +114,9 @@ def load_digits(train_subset=None, test_subset=None):
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as exc:  # pragma: no cover - sklearn is a train extra
-        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn "
-                          "(or pip install dcdkernels[train])") from exc
+        raise ImportError(
+            "the digits dataset needs scikit-learn: pip install scikit-learn (or pip install dcdkernels[train])"
+        ) from exc
     bunch = _load()
     x = np.asarray(bunch.images, dtype=np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     y = np.asarray(bunch.target, dtype=np.int64)
@@ -131,8 +134,18 @@ def load_digits(train_subset=None, test_subset=None):
     norm = T.Normalize([float(tr.mean())], [float(tr.std())])
     train = _subset(TensorImages(tr, labels[train_rows]), train_subset)
     test = _subset(TensorImages(images[test_rows], labels[test_rows]), test_subset)
-    return Dataset("digits", train, test, 10, 1, 8, _targets(train), T.Compose([T.RandomCrop(8, padding=1), norm]),
-                   norm, class_names=[str(i) for i in range(10)])
+    return Dataset(
+        "digits",
+        train,
+        test,
+        10,
+        1,
+        8,
+        _targets(train),
+        T.Compose([T.RandomCrop(8, padding=1), norm]),
+        norm,
+        class_names=[str(i) for i in range(10)],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +157,8 @@ def _missing_cifar(data_dir):
         f"CIFAR-100 was not found under --data-dir {where}. dcdkernels downloads nothing: fetch the "
         f"python version ({CIFAR100_URL}) yourself and pass --data-dir pointing at either the archive "
         f"cifar-100-python.tar.gz, the folder holding it, the extracted cifar-100-python/ folder (with "
-        f"its 'train', 'test' and 'meta' pickles), or the folder that contains cifar-100-python/.")
+        f"its 'train', 'test' and 'meta' pickles), or the folder that contains cifar-100-python/."
+    )
 
 
 def _cifar_root(data_dir):
@@ -157,8 +171,11 @@ def _cifar_root(data_dir):
         return d
     if os.path.isdir(d) and os.path.basename(d) == "cifar-100-python":
         return os.path.dirname(d)
-    archives = [d] if os.path.isfile(d) else [os.path.join(d, n) for n in
-                                              ("cifar-100-python.tar.gz", "cifar-100-python.tgz", "cifar-100-python.tar")]
+    archives = (
+        [d]
+        if os.path.isfile(d)
+        else [os.path.join(d, n) for n in ("cifar-100-python.tar.gz", "cifar-100-python.tgz", "cifar-100-python.tar")]
+    )
     for arc in archives:
         if os.path.isfile(arc) and tarfile.is_tarfile(arc):
             root = os.path.dirname(arc)
@@ -176,6 +193,7 @@ def _cifar100_class():
     class LocalCIFAR100(torchvision.datasets.CIFAR100):
         """torchvision's CIFAR100 with a presence check instead of its md5s: nothing is downloaded,
         so the checksums would only reject the tests' small CIFAR-format archives."""
+
         train_list = [["train", None]]
         test_list = [["test", None]]
         meta = {"filename": "meta", "key": "fine_label_names", "md5": None}
@@ -196,9 +214,18 @@ def load_cifar100(data_dir, train_subset=None, test_subset=None):
     norm = [T.ToTensor(), T.Normalize(CIFAR100_MEAN, CIFAR100_STD)]
     names = list(train.classes)
     train, test = _subset(train, train_subset), _subset(test, test_subset)
-    return Dataset("cifar100", train, test, 100, 3, 32, _targets(train),
-                   T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] + norm), T.Compose(norm),
-                   class_names=names)
+    return Dataset(
+        "cifar100",
+        train,
+        test,
+        100,
+        3,
+        32,
+        _targets(train),
+        T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] + norm),
+        T.Compose(norm),
+        class_names=names,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +237,10 @@ def load_imagefolder(data_dir, train_subset=None, test_subset=None, image_size=2
     Resize(image_size * 256 / 224) + CenterCrop(image_size) for evaluation, ImageNet mean/std."""
     torchvision, T = _tv()
     if not data_dir or not os.path.isdir(os.path.join(data_dir, "train")):
-        raise FileNotFoundError(f"--dataset imagefolder: --data-dir {data_dir!r} must hold a train/ folder of class "
-                                "sub-folders (and val/ or test/), the ImageNet layout")
+        raise FileNotFoundError(
+            f"--dataset imagefolder: --data-dir {data_dir!r} must hold a train/ folder of class "
+            "sub-folders (and val/ or test/), the ImageNet layout"
+        )
     val = next((os.path.join(data_dir, n) for n in ("val", "test") if os.path.isdir(os.path.join(data_dir, n))), None)
     if val is None:
         raise FileNotFoundError(f"--dataset imagefolder: {data_dir} has train/ but no val/ (or test/) folder")
@@ -223,9 +252,18 @@ def load_imagefolder(data_dir, train_subset=None, test_subset=None, image_size=2
     size = int(image_size)
     names = list(train.classes)
     train, test = _subset(train, train_subset), _subset(test, test_subset)
-    return Dataset("imagefolder", train, test, len(names), 3, size, _targets(train),
-                   T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + norm),
-                   T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)] + norm), class_names=names)
+    return Dataset(
+        "imagefolder",
+        train,
+        test,
+        len(names),
+        3,
+        size,
+        _targets(train),
+        T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + norm),
+        T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)] + norm),
+        class_names=names,
+    )
 
 
 def load_dataset(name, data_dir=None, train_subset=None, test_subset=None, image_size=None):
@@ -252,8 +290,9 @@ class _EpochIndices(Sampler):
     in persistent workers) and can start ``start`` samples into the epoch (mid-epoch resume)."""
 
     def __init__(self, n, rank, world_size, shuffle, seed):
-        self.inner = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                        drop_last=False)
+        self.inner = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch):
@@ -264,7 +303,7 @@ class _EpochIndices(Sampler):
         return list(iter(self.inner))
 
     def __iter__(self):
-        for i in self.order()[self.start:]:
+        for i in self.order()[self.start :]:
             yield i, self.epoch
 
     def __len__(self):
@@ -303,6 +342,7 @@ class _TrainView(torch.utils.data.Dataset):
 def _seed_worker(worker_id):
     """numpy / random in a worker from torch's per-worker seed (nothing here draws from them)."""
     import random
+
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
@@ -317,18 +357,44 @@ class TrainLoader:
     batches into the epoch without loading them (their negatives are still drawn, so the stream
     continues exactly)."""
 
-    def __init__(self, dataset: Dataset, batch_size=64, shuffle=True, augment=True, seed=0, rank=0, world_size=1,
-                 nce_k=0, two_views=False, device="cpu", num_workers=0, pin_memory=False):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size=64,
+        shuffle=True,
+        augment=True,
+        seed=0,
+        rank=0,
+        world_size=1,
+        nce_k=0,
+        two_views=False,
+        device="cpu",
+        num_workers=0,
+        pin_memory=False,
+    ):
         self.batch_size, self.seed, self.rank, self.nce_k = batch_size, seed, rank, nce_k
         self.device = torch.device(device)
         transform = dataset.augment_transform if augment else dataset.eval_transform
-        view = _TrainView(dataset.train, transform, dataset.augment_transform if two_views else None, seed,
-                          random=augment or two_views)
+        view = _TrainView(
+            dataset.train,
+            transform,
+            dataset.augment_transform if two_views else None,
+            seed,
+            random=augment or two_views,
+        )
         self.sampler = _EpochIndices(len(dataset.train), rank, world_size, shuffle, seed)
         self.generator = torch.Generator()
-        self.loader = DataLoader(view, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=self.generator,
-                                 worker_init_fn=_seed_worker if num_workers > 0 else None, drop_last=False)
+        self.loader = DataLoader(
+            view,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            generator=self.generator,
+            worker_init_fn=_seed_worker if num_workers > 0 else None,
+            drop_last=False,
+        )
         self.negatives = ClassConditionalSampler(dataset.train_labels, dataset.num_classes) if nce_k else None
         self.epoch = 0
 
@@ -349,7 +415,7 @@ class TrainLoader:
         order = self.sampler.order()
         if self.negatives is not None:  # the skipped batches' negatives: the stream advances as before
             for s in range(skip):
-                idx = torch.tensor(order[s * self.batch_size:(s + 1) * self.batch_size], dtype=torch.int64)
+                idx = torch.tensor(order[s * self.batch_size : (s + 1) * self.batch_size], dtype=torch.int64)
                 self.negatives(idx, self.nce_k, generator=g_neg)
         self.sampler.start = skip * self.batch_size
         try:
@@ -373,8 +439,7 @@ class _EvalView(torch.utils.data.Dataset):
         return self.transform(raw), int(y)
 
 
-def eval_batches(dataset: Dataset, batch_size=256, rank=0, world_size=1, device="cpu", num_workers=0,
-                 pin_memory=False):
+def eval_batches(dataset: Dataset, batch_size=256, rank=0, world_size=1, device="cpu", num_workers=0, pin_memory=False):
     """Deterministic, un-augmented batches ``(x, y)`` of this rank's share of the test split."""
     view = Subset(_EvalView(dataset.test, dataset.eval_transform), range(rank, len(dataset.test), world_size))
     loader = DataLoader(view, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
@@ -389,6 +454,7 @@ def write_fake_cifar100(folder, n_train=200, n_test=100, seed=0, as_archive=Fals
     """Writes a tiny CIFAR-100-format ``cifar-100-python/`` (or its .tar.gz) under ``folder``:
     random uint8 images whose class shifts their mean colour, for tests and smoke runs."""
     import pickle
+
     rng = np.random.RandomState(seed)
     root = os.path.join(folder, "cifar-100-python")
     os.makedirs(root, exist_ok=True)
@@ -397,16 +463,29 @@ def write_fake_cifar100(folder, n_train=200, n_test=100, seed=0, as_archive=Fals
         base = (labels[:, None] * 2.5).astype(np.int64)
         data = np.clip(rng.randint(0, 64, size=(n, 3072)) + base, 0, 255).astype(np.uint8)
         with open(os.path.join(root, name), "wb") as fh:
-            pickle.dump({"data": data, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
-                         "filenames": [f"img{i}.png" for i in range(n)]}, fh)
+            pickle.dump(
+                {
+                    "data": data,
+                    "fine_labels": labels.tolist(),
+                    "coarse_labels": (labels // 5).tolist(),
+                    "filenames": [f"img{i}.png" for i in range(n)],
+                },
+                fh,
+            )
     with open(os.path.join(root, "meta"), "wb") as fh:
-        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
-                     "coarse_label_names": [f"super{i}" for i in range(20)]}, fh)
+        pickle.dump(
+            {
+                "fine_label_names": [f"class{i}" for i in range(100)],
+                "coarse_label_names": [f"super{i}" for i in range(20)],
+            },
+            fh,
+        )
     if as_archive:
         arc = os.path.join(folder, "cifar-100-python.tar.gz")
         with tarfile.open(arc, "w:gz") as tf:
             tf.add(root, arcname="cifar-100-python")
         import shutil
+
         shutil.rmtree(root)
         return arc
     return root
@@ -416,6 +495,7 @@ def write_image_folder(folder, classes=3, per_class=12, size=32, seed=0, splits=
     """Writes a tiny ImageFolder (``folder/<split>/class<c>/<i>.png``, RGB ``size`` px) whose class
     shifts the mean colour, for tests and smoke runs. Returns ``folder``."""
     from PIL import Image
+
     rng = np.random.RandomState(seed)
     for split in splits:
         for c in range(classes):

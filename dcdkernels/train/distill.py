@@ -16,6 +16,7 @@ transform: the image rotated by 0, 90, 180 and 270 degrees, image-major, view 0 
 CE, the trainer's KD and the accuracy use the normal rows only, as the authors' loop. ``+kd`` sets ``alpha`` = 1
 (RepDistiller's CRD+KD convention) on top of the method's weights (pckd+kd would count KD twice).
 """
+
 import inspect
 from typing import Optional
 
@@ -49,8 +50,9 @@ def normalize_method(method: str) -> str:
     parts = m.split("+")
     base = [p for p in parts if p != "kd"] or ["kd"]
     if len(base) != 1 or base[0] not in BASE_METHODS or len(parts) > 2 or (len(parts) == 2 and "kd" not in parts):
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally '+kd' "
-                         f"(e.g. crd+kd)")
+        raise ValueError(
+            f"unknown method {method!r}: use one of {', '.join(BASE_METHODS)}, optionally '+kd' (e.g. crd+kd)"
+        )
     b = base[0]
     if len(parts) == 2 and b in ("kd", "ce"):
         raise ValueError(f"{method!r}: '+kd' combines KD with a feature method (crd+kd, dcd+kd, ...)")
@@ -97,7 +99,7 @@ def kd_loss(logits_s, logits_t, T):
     classes, averaged over the batch."""
     p_s = F.log_softmax(logits_s / T, dim=1)
     p_t = F.softmax(logits_t / T, dim=1)
-    return F.kl_div(p_s, p_t, reduction="sum") * (T ** 2) / logits_s.shape[0]
+    return F.kl_div(p_s, p_t, reduction="sum") * (T**2) / logits_s.shape[0]
 
 
 def _accepts(fn, name):
@@ -140,13 +142,23 @@ def memory_mode(cfg) -> str:
     return cfg.memory_mode or "replicated"
 
 
-def build_criterion(cfg, method: str, s_dim: int, t_dim: int, n_data: int, num_classes: int, backend: str,
-                    student: nn.Module, teacher: nn.Module):
+def build_criterion(
+    cfg,
+    method: str,
+    s_dim: int,
+    t_dim: int,
+    n_data: int,
+    num_classes: int,
+    backend: str,
+    student: nn.Module,
+    teacher: nn.Module,
+):
     """The loss module of ``method`` (None for ce/kd)."""
     base, _ = split_method(method)
     if base in ("ce", "kd"):
         return None
     from .. import losses
+
     kw = criterion_kwargs(cfg, base)
     mem = dict(memory_mode=memory_mode(cfg))
     if base == "crd":
@@ -167,8 +179,7 @@ def build_criterion(cfg, method: str, s_dim: int, t_dim: int, n_data: int, num_c
     if base == "pckd":
         # CE stays in the trainer (gamma, normal rows); the module's own KD (preview-weighted, T = kd_T)
         # keeps the official weight 0 unless --loss-arg kd_weight=...; four views per image
-        args = dict(backend=backend, ce_weight=0.0, kd_temperature=cfg.kd_T, num_views=PCKD_VIEWS,
-                    n_cls=num_classes)
+        args = dict(backend=backend, ce_weight=0.0, kd_temperature=cfg.kd_T, num_views=PCKD_VIEWS, n_cls=num_classes)
         args.update(kw)
         return losses.PCKDLoss(s_dim, t_dim, **args)
     raise ValueError(base)
@@ -187,8 +198,17 @@ class Distiller(nn.Module):
     the optimizer, not in this module's ``state_dict`` and not wrapped by DDP.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], criterion: Optional[nn.Module], method: str,
-                 gamma: float, alpha: float, beta: float, kd_T: float = 4.0):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Optional[nn.Module],
+        criterion: Optional[nn.Module],
+        method: str,
+        gamma: float,
+        alpha: float,
+        beta: float,
+        kd_T: float = 4.0,
+    ):
         super().__init__()
         self.student = student
         self.criterion = criterion
@@ -262,7 +282,9 @@ class Distiller(nn.Module):
             f_s2 = self.student(x2, is_feat=True)[0][-1]
             return c(f_s, f_t, f_s2, x_s=batch["x"], x_s2=x2)
         if self.base == "pckd":
-            return c(f_s, f_t, logits_s, logits_t, batch["y"], get_classifier(self.student), get_classifier(self.teacher))
+            return c(
+                f_s, f_t, logits_s, logits_t, batch["y"], get_classifier(self.student), get_classifier(self.teacher)
+            )
         raise ValueError(self.base)
 
     def loss_terms(self):

@@ -17,6 +17,7 @@ list match; they are re-implemented here, not copied. Two small CNNs (``digits_t
 ``digits_student``) serve the embedded 8x8 digits dataset and train on a CPU in seconds;
 ``resnet18`` / ``resnet34`` are torchvision's (ImageNet-style inputs, ``--dataset imagefolder``).
 """
+
 import math
 
 import torch
@@ -111,7 +112,6 @@ class CifarResNet(nn.Module):
         self.feat_dim = c
         _kaiming_fan_out(self)
 
-
     def forward(self, x, is_feat=False, preact=False):
         return _three_stage_forward(self, self.fc, x, is_feat, preact)
 
@@ -138,8 +138,9 @@ class _WideBlock(nn.Module):
 class _WideGroup(nn.Module):
     def __init__(self, n, c_in, c_out, stride):
         super().__init__()
-        self.layer = nn.Sequential(*[_WideBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1)
-                                     for j in range(n)])
+        self.layer = nn.Sequential(
+            *[_WideBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1) for j in range(n)]
+        )
 
     def forward(self, x):
         return self.layer(x)
@@ -160,7 +161,6 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(ch[3], num_classes)
         self.feat_dim = ch[3]
         _he_normal_fan_out(self)
-
 
     def forward(self, x, is_feat=False, preact=False):
         f0 = self.conv1(x)
@@ -208,7 +208,6 @@ class VGG(nn.Module):
         self.feat_dim = 512
         _he_normal_fan_out(self, linear_std=0.01)
 
-
     def forward(self, x, is_feat=False, preact=False):
         h = x.shape[2]
         f0 = F.relu(self.block0(x))
@@ -242,10 +241,14 @@ class _InvRes(nn.Module):
         hidden = c_in * t
         self.residual = stride == 1 and c_in == c_out
         self.conv = nn.Sequential(
-            nn.Conv2d(c_in, hidden, 1, 1, 0, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.Conv2d(c_in, hidden, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, c_out, 1, 1, 0, bias=False), nn.BatchNorm2d(c_out),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(c_out),
         )
 
     def forward(self, x):
@@ -255,8 +258,15 @@ class _InvRes(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes=100, t=6, width=0.5, in_channels=3):
         super().__init__()
-        setting = [(1, 16, 1, 1), (t, 24, 2, 1), (t, 32, 3, 2), (t, 64, 4, 2), (t, 96, 3, 1), (t, 160, 3, 2),
-                   (t, 320, 1, 1)]
+        setting = [
+            (1, 16, 1, 1),
+            (t, 24, 2, 1),
+            (t, 32, 3, 2),
+            (t, 64, 4, 2),
+            (t, 96, 3, 1),
+            (t, 160, 3, 2),
+            (t, 320, 1, 1),
+        ]
         c = int(32 * width)
         self.conv1 = _conv_bn_relu(in_channels, c, 3, 2)
         self.blocks = nn.ModuleList()
@@ -272,7 +282,6 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         self.feat_dim = self.last_channel
         _he_normal_fan_out(self, linear_std=0.01)
-
 
     def forward(self, x, is_feat=False, preact=False):
         f0 = self.conv1(x)
@@ -331,13 +340,14 @@ class ShuffleNetV1(nn.Module):
             units = []
             for i in range(n):
                 # a stride-2 unit concatenates its input, so its branch makes planes - c_in channels
-                units.append(_ShuffleV1Unit(c, planes - (c if i == 0 else 0), 2 if i == 0 else 1, groups, last=(i == n - 1)))
+                units.append(
+                    _ShuffleV1Unit(c, planes - (c if i == 0 else 0), 2 if i == 0 else 1, groups, last=(i == n - 1))
+                )
                 c = planes
             stages.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(c, num_classes)
         self.feat_dim = c
-
 
     def forward(self, x, is_feat=False, preact=False):
         return _three_stage_forward(self, self.linear, x, is_feat, preact)
@@ -395,14 +405,15 @@ class ShuffleNetV2(nn.Module):
         c = 24
         stages = []
         for ch, n in zip(out_channels[:3], num_blocks):
-            stages.append(nn.Sequential(_ShuffleV2Down(c, ch), *[_ShuffleV2Unit(ch, last=(i == n - 1)) for i in range(n)]))
+            stages.append(
+                nn.Sequential(_ShuffleV2Down(c, ch), *[_ShuffleV2Unit(ch, last=(i == n - 1)) for i in range(n)])
+            )
             c = ch
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = nn.Conv2d(c, out_channels[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.linear = nn.Linear(out_channels[3], num_classes)
         self.feat_dim = out_channels[3]
-
 
     def forward(self, x, is_feat=False, preact=False):
         f0 = F.relu(self.bn1(self.conv1(x)))
@@ -430,13 +441,14 @@ class DigitsCNN(nn.Module):
         c = in_channels
         self.stages = nn.ModuleList()
         for w in widths:
-            self.stages.append(nn.Sequential(nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)))
+            self.stages.append(
+                nn.Sequential(nn.Conv2d(c, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+            )
             c = w
         self.pool_after = set(pool_after)
         self.fc = nn.Linear(c, num_classes)
         self.feat_dim = c
         _kaiming_fan_out(self)
-
 
     def forward(self, x, is_feat=False, preact=False):
         feats = []

@@ -14,6 +14,7 @@ Each phase writes ``checkpoint.pt`` every ``--save-every`` epochs (student, loss
 ``result.json`` when it ends; ``--resume`` skips finished phases and continues the others from
 their checkpoint, replaying exactly the batches of an uninterrupted run (see ``data.py``).
 """
+
 import json
 import math
 import os
@@ -129,6 +130,7 @@ class PeakMemory:
                     self.linux = False
             if not self.linux:
                 import resource
+
                 self.start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return self
 
@@ -138,6 +140,7 @@ class PeakMemory:
         if self.linux:
             return max(0, (_proc_status_kb("VmHWM") or 0) - self.start_rss) * 1024
         import resource
+
         return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.start_rss) * 1024
 
     def __exit__(self, *exc):
@@ -166,7 +169,7 @@ def seed_everything(seed):
 def lr_at(epoch, base_lr, decay_epochs, rate):
     """RepDistiller's ``adjust_learning_rate`` (1-based epoch): ``base * rate ** #{d : epoch > d}``."""
     steps = sum(int(epoch > d) for d in (decay_epochs or []))
-    return base_lr * (rate ** steps)
+    return base_lr * (rate**steps)
 
 
 def rng_state():
@@ -238,6 +241,7 @@ def resolved_backend(backend, device, op="dual_sampled_contrast"):
     """What ``backend`` means on ``device`` for ``op`` (for the report)."""
     try:
         from .. import backends
+
         r = backends.resolve(backend, device, op)
         return r if backend != "auto" else f"auto->{r}"
     except Exception as exc:  # noqa: BLE001 - reported, not raised
@@ -267,8 +271,17 @@ def _build(cfg, phase, dataset, rt):
             fs, _ = model.eval()(probe, is_feat=True)
             ft, _ = teacher.eval()(probe, is_feat=True)
         model.train()
-        criterion = distill_mod.build_criterion(cfg, method, fs[-1].numel() // 2, ft[-1].numel() // 2,
-                                                dataset.n_train, dataset.num_classes, phase.backend, model, teacher)
+        criterion = distill_mod.build_criterion(
+            cfg,
+            method,
+            fs[-1].numel() // 2,
+            ft[-1].numel() // 2,
+            dataset.n_train,
+            dataset.num_classes,
+            phase.backend,
+            model,
+            teacher,
+        )
     weights = distill_mod.default_weights(method, cfg.dataset)
     if phase.name in ("student", "student_eager"):
         weights = dict(gamma=cfg.gamma, alpha=cfg.alpha, beta=cfg.beta)
@@ -311,26 +324,47 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
     base = distill_mod.split_method(phase.method)[0]
     workers, pin = loader_options(cfg, rt)
     loader = data_mod.TrainLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, rank=rt.rank,
-        world_size=rt.world_size, nce_k=cfg.nce_k if distill_mod.uses_memory(cfg, base) and not _in_kernel_negatives(cfg) else 0,
-        two_views=base in distill_mod.TWO_VIEWS, device=rt.device, num_workers=workers, pin_memory=pin)
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
+        nce_k=cfg.nce_k if distill_mod.uses_memory(cfg, base) and not _in_kernel_negatives(cfg) else 0,
+        two_views=base in distill_mod.TWO_VIEWS,
+        device=rt.device,
+        num_workers=workers,
+        pin_memory=pin,
+    )
 
     net = module
     if rt.distributed:
         # The loss modules' memory (banks, queues, log Z, streams) is distributed-correct by itself
         # (memory_mode, see dcdkernels.memory) and not made of buffers: DDP never touches it.
         net = nn.parallel.DistributedDataParallel(
-            module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            module,
+            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             broadcast_buffers=False,  # BatchNorm statistics: per rank, broadcast from rank 0 at epoch ends
-            find_unused_parameters=base in ("cocord", "pckd") or (module.criterion is not None and not module.beta))
+            find_unused_parameters=base in ("cocord", "pckd") or (module.criterion is not None and not module.beta),
+        )
 
     steps_per_epoch = len(loader)
     total_steps = phase.epochs * steps_per_epoch
     bar = None
     if cfg.progress and rt.main and start_epoch < phase.epochs:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"{phase.title}", unit="step",
-                   dynamic_ncols=True, mininterval=0.5, leave=True, file=sys.stderr)
+
+        bar = tqdm(
+            total=total_steps,
+            initial=start_epoch * steps_per_epoch,
+            desc=f"{phase.title}",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+            leave=True,
+            file=sys.stderr,
+        )
     mem = PeakMemory(rt.device)
     wall0 = time.perf_counter()
     test_acc = history[-1]["test_acc"] if history else float("nan")
@@ -347,7 +381,12 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
             t0 = time.perf_counter()
             seen, skip = 0, 0
             if mid is not None and mid["epoch"] == epoch:  # resume inside this epoch
-                sums, part_sums, seen, skip = mid["sums"].clone(), dict(mid["part_sums"]), mid["seen"], mid["batches_done"]
+                sums, part_sums, seen, skip = (
+                    mid["sums"].clone(),
+                    dict(mid["part_sums"]),
+                    mid["seen"],
+                    mid["batches_done"],
+                )
                 t0 -= mid["elapsed"]
             for i, batch in loader.batches(skip):  # from the first batch not trained before the checkpoint
                 if mid is not None:
@@ -361,24 +400,47 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
                 n = batch["y"].numel()
                 seen += n
                 with torch.no_grad():
-                    sums += torch.tensor([float(loss.detach()) * n, float((logits.argmax(1) == batch["y"]).sum()), n],
-                                         dtype=torch.float64)
+                    sums += torch.tensor(
+                        [float(loss.detach()) * n, float((logits.argmax(1) == batch["y"]).sum()), n],
+                        dtype=torch.float64,
+                    )
                     for k, v in parts.items():
                         part_sums[k] = part_sums.get(k, 0.0) + float(v.detach()) * n
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0 and i + 1 < steps_per_epoch:
-                    _save_checkpoint(cfg, phase, module, optimizer, epoch - 1, step, history, train_time, rt,
-                                     phase_dir, mid_epoch=dict(epoch=epoch, batches_done=i + 1, sums=sums.clone(),
-                                                               part_sums=dict(part_sums), seen=seen,
-                                                               elapsed=time.perf_counter() - t0))
+                    _save_checkpoint(
+                        cfg,
+                        phase,
+                        module,
+                        optimizer,
+                        epoch - 1,
+                        step,
+                        history,
+                        train_time,
+                        rt,
+                        phase_dir,
+                        mid_epoch=dict(
+                            epoch=epoch,
+                            batches_done=i + 1,
+                            sums=sums.clone(),
+                            part_sums=dict(part_sums),
+                            seen=seen,
+                            elapsed=time.perf_counter() - t0,
+                        ),
+                    )
                     rt.barrier()  # a checkpoint exists once every rank has written its file
                     _test_kill_hook(step)
                 if bar is not None:
                     el = time.perf_counter() - t0
                     bar.update(1)
                     if i % 5 == 0 or i == steps_per_epoch - 1:
-                        bar.set_postfix(ep=f"{epoch}/{phase.epochs}", loss=f"{sums[0] / sums[2]:.3f}",
-                                        acc=f"{100 * sums[1] / sums[2]:.1f}", test=f"{test_acc:.1f}",
-                                        sps=f"{seen * rt.world_size / max(el, 1e-9):.0f}", refresh=False)
+                        bar.set_postfix(
+                            ep=f"{epoch}/{phase.epochs}",
+                            loss=f"{sums[0] / sums[2]:.3f}",
+                            acc=f"{100 * sums[1] / sums[2]:.1f}",
+                            test=f"{test_acc:.1f}",
+                            sps=f"{seen * rt.world_size / max(el, 1e-9):.0f}",
+                            refresh=False,
+                        )
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             epoch_time = time.perf_counter() - t0
@@ -389,12 +451,28 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
             loss_avg, train_acc = tot[0] / tot[2], 100.0 * tot[1] / tot[2]
             parts_avg = {k: v / tot[2] for k, v in zip(sorted(part_sums), tot[3:])}
             test_acc, test_loss = evaluate(module.student, dataset, rt, cfg=cfg)
-            history.append(dict(epoch=epoch, lr=lr, loss=loss_avg, train_acc=train_acc, test_acc=test_acc,
-                                test_loss=test_loss, parts=parts_avg, epoch_time=epoch_time, step=step,
-                                samples=int(tot[2])))
+            history.append(
+                dict(
+                    epoch=epoch,
+                    lr=lr,
+                    loss=loss_avg,
+                    train_acc=train_acc,
+                    test_acc=test_acc,
+                    test_loss=test_loss,
+                    parts=parts_avg,
+                    epoch_time=epoch_time,
+                    step=step,
+                    samples=int(tot[2]),
+                )
+            )
             if bar is not None:
-                bar.set_postfix(ep=f"{epoch}/{phase.epochs}", loss=f"{loss_avg:.3f}", acc=f"{train_acc:.1f}",
-                                test=f"{test_acc:.1f}", sps=f"{tot[2] / max(epoch_time, 1e-9):.0f}")
+                bar.set_postfix(
+                    ep=f"{epoch}/{phase.epochs}",
+                    loss=f"{loss_avg:.3f}",
+                    acc=f"{train_acc:.1f}",
+                    test=f"{test_acc:.1f}",
+                    sps=f"{tot[2] / max(epoch_time, 1e-9):.0f}",
+                )
             if epoch % max(1, cfg.save_every) == 0 or epoch == phase.epochs:
                 _save_checkpoint(cfg, phase, module, optimizer, epoch, step, history, train_time, rt, phase_dir)
     if bar is not None:
@@ -402,15 +480,29 @@ def run_phase(cfg, phase, dataset, rt, out_dir, resume=False):
     wall = time.perf_counter() - wall0
     samples = sum(h["samples"] for h in history)
     res = dict(
-        phase=phase.name, title=phase.title, arch=canonical_name(phase.arch), method=phase.method,
-        backend=phase.backend, backend_resolved=(resolved_backend(phase.backend, rt.device, contrast_op(cfg, phase.method))
-                          if module.criterion is not None else "-"),
-        epochs=phase.epochs, test_acc=history[-1]["test_acc"] if history else float("nan"),
+        phase=phase.name,
+        title=phase.title,
+        arch=canonical_name(phase.arch),
+        method=phase.method,
+        backend=phase.backend,
+        backend_resolved=(
+            resolved_backend(phase.backend, rt.device, contrast_op(cfg, phase.method))
+            if module.criterion is not None
+            else "-"
+        ),
+        epochs=phase.epochs,
+        test_acc=history[-1]["test_acc"] if history else float("nan"),
         best_acc=max((h["test_acc"] for h in history), default=float("nan")),
-        train_time_s=train_time, steps=step, steps_per_s=step / train_time if train_time > 0 else float("nan"),
+        train_time_s=train_time,
+        steps=step,
+        steps_per_s=step / train_time if train_time > 0 else float("nan"),
         samples_per_s=samples / train_time if train_time > 0 else float("nan"),
-        peak_memory_bytes=mem.peak, memory_kind=mem.kind, wall_s_this_process=wall,
-        resumed_from_epoch=start_epoch, world_size=rt.world_size, history=history,
+        peak_memory_bytes=mem.peak,
+        memory_kind=mem.kind,
+        wall_s_this_process=wall,
+        resumed_from_epoch=start_epoch,
+        world_size=rt.world_size,
+        history=history,
         weights=dict(gamma=module.gamma, alpha=module.alpha, beta=module.beta),
         params=sum(p.numel() for p in module.student.parameters()),
         n_train=len(dataset.train),
@@ -446,15 +538,32 @@ def _test_kill_hook(step):
 
 def _save_checkpoint(cfg, phase, module, optimizer, epoch, step, history, train_time, rt, phase_dir, mid_epoch=None):
     """``epoch`` = epochs completed; ``mid_epoch`` = progress inside the next one, if any."""
-    state = dict(phase=phase.name, epoch=epoch, step=step, history=history, train_time=train_time, rng=rng_state(),
-                 loader=dict(seed=cfg.seed, next_epoch=epoch + 1, world_size=rt.world_size, rank=rt.rank),
-                 module=module.state_dict(), optimizer=optimizer.state_dict(), config=cfg.to_dict(),
-                 mid_epoch=mid_epoch)
+    state = dict(
+        phase=phase.name,
+        epoch=epoch,
+        step=step,
+        history=history,
+        train_time=train_time,
+        rng=rng_state(),
+        loader=dict(seed=cfg.seed, next_epoch=epoch + 1, world_size=rt.world_size, rank=rt.rank),
+        module=module.state_dict(),
+        optimizer=optimizer.state_dict(),
+        config=cfg.to_dict(),
+        mid_epoch=mid_epoch,
+    )
     atomic_save(state, _ckpt_paths(phase_dir, rt.rank))
     if rt.main and mid_epoch is None:
         # RepDistiller-style student snapshot (``{'model': state_dict}``), loadable as a teacher
-        atomic_save({"model": module.student.state_dict(), "arch": canonical_name(phase.arch), "epoch": epoch,
-                     "accuracy": history[-1]["test_acc"], "dataset": cfg.dataset}, os.path.join(phase_dir, "model.pt"))
+        atomic_save(
+            {
+                "model": module.student.state_dict(),
+                "arch": canonical_name(phase.arch),
+                "epoch": epoch,
+                "accuracy": history[-1]["test_acc"],
+                "dataset": cfg.dataset,
+            },
+            os.path.join(phase_dir, "model.pt"),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,9 +573,11 @@ def _teacher_key(cfg):
     sub = f"_n{cfg.train_subset}" if cfg.train_subset else ""
     if cfg.dataset == "imagefolder":  # which folder, at which crop size
         sub += f"_{os.path.basename(os.path.abspath(cfg.data_dir or ''))}_i{cfg.image_size}"
-    return (f"{cfg.dataset}{sub}_{canonical_name(cfg.teacher)}_e{cfg.teacher_epochs}_lr{cfg.teacher_lr}"
-            f"_d{'-'.join(map(str, cfg.teacher_lr_decay_epochs or []))}_b{cfg.batch_size}"
-            f"_aug{int(bool(cfg.augment))}_s{cfg.seed}_w{os.environ.get('WORLD_SIZE', '1')}.pt")
+    return (
+        f"{cfg.dataset}{sub}_{canonical_name(cfg.teacher)}_e{cfg.teacher_epochs}_lr{cfg.teacher_lr}"
+        f"_d{'-'.join(map(str, cfg.teacher_lr_decay_epochs or []))}_b{cfg.batch_size}"
+        f"_aug{int(bool(cfg.augment))}_s{cfg.seed}_w{os.environ.get('WORLD_SIZE', '1')}.pt"
+    )
 
 
 def load_teacher_file(path, dataset, rt, arch=None):
@@ -476,7 +587,7 @@ def load_teacher_file(path, dataset, rt, arch=None):
         state = state.state_dict()
     arch = (ck.get("arch") if isinstance(ck, dict) else None) or arch
     model = build_model(arch, dataset.num_classes, dataset.in_channels)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     model.load_state_dict(state)
     return model.to(rt.device).eval(), arch
 
@@ -505,23 +616,52 @@ def get_teacher(cfg, dataset, rt, out_dir, resume):
             res = read_json(earlier)
             res["trained"] = True
             return teacher, res
-        res = dict(phase="teacher", title=f"teacher {arch}", arch=arch, method="ce", backend="-", backend_resolved="-",
-                   test_acc=acc, best_acc=acc, source=source[0], epochs=0, train_time_s=None, steps_per_s=None,
-                   samples_per_s=None, peak_memory_bytes=None, history=[], trained=False,
-                   params=sum(p.numel() for p in teacher.parameters()))
+        res = dict(
+            phase="teacher",
+            title=f"teacher {arch}",
+            arch=arch,
+            method="ce",
+            backend="-",
+            backend_resolved="-",
+            test_acc=acc,
+            best_acc=acc,
+            source=source[0],
+            epochs=0,
+            train_time_s=None,
+            steps_per_s=None,
+            samples_per_s=None,
+            peak_memory_bytes=None,
+            history=[],
+            trained=False,
+            params=sum(p.numel() for p in teacher.parameters()),
+        )
         if rt.main and source[1] != "run folder":
-            atomic_save({"model": teacher.state_dict(), "arch": arch, "accuracy": acc, "dataset": cfg.dataset},
-                        run_copy)
+            atomic_save(
+                {"model": teacher.state_dict(), "arch": arch, "accuracy": acc, "dataset": cfg.dataset}, run_copy
+            )
         rt.barrier()
         return teacher, res
-    phase = Phase("teacher", f"teacher {cfg.teacher}", cfg.teacher, "ce", "eager", cfg.teacher_epochs, cfg.teacher_lr,
-                  cfg.teacher_lr_decay_epochs)
+    phase = Phase(
+        "teacher",
+        f"teacher {cfg.teacher}",
+        cfg.teacher,
+        "ce",
+        "eager",
+        cfg.teacher_epochs,
+        cfg.teacher_lr,
+        cfg.teacher_lr_decay_epochs,
+    )
     res, module = run_phase(cfg, phase, dataset, rt, out_dir, resume=resume)
     res["trained"] = True
     teacher = module.student.eval()
     if rt.main:
-        blob = {"model": teacher.state_dict(), "arch": canonical_name(cfg.teacher), "accuracy": res["test_acc"],
-                "dataset": cfg.dataset, "epochs": cfg.teacher_epochs}
+        blob = {
+            "model": teacher.state_dict(),
+            "arch": canonical_name(cfg.teacher),
+            "accuracy": res["test_acc"],
+            "dataset": cfg.dataset,
+            "epochs": cfg.teacher_epochs,
+        }
         atomic_save(blob, run_copy)
         if cache:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -566,31 +706,66 @@ def _train(cfg, rt):
     rt.barrier()
     dataset = data_mod.load_dataset(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.image_size)
     base, plus_kd = distill_mod.split_method(cfg.method)
-    log(rt, f"dcdkernels-train: {cfg.dataset} ({len(dataset.train)} train / {len(dataset.test)} test, "
-            f"{dataset.num_classes} classes), teacher {cfg.teacher}, student {cfg.student}, method {cfg.method} "
-            f"(gamma {cfg.gamma:g}, alpha {cfg.alpha:g}, beta {cfg.beta:g}), backend {cfg.backend} "
-            f"[{resolved_backend(cfg.backend, rt.device, contrast_op(cfg, cfg.method))}], device {rt.device}, world {rt.world_size}, "
-            f"torch threads {torch.get_num_threads()}, run folder {out_dir}")
-    results = dict(config=cfg.to_dict(), dataset=dict(name=dataset.name, n_train=len(dataset.train),
-                                                      n_test=len(dataset.test), num_classes=dataset.num_classes),
-                   environment=_environment(rt), phases={})
+    log(
+        rt,
+        f"dcdkernels-train: {cfg.dataset} ({len(dataset.train)} train / {len(dataset.test)} test, "
+        f"{dataset.num_classes} classes), teacher {cfg.teacher}, student {cfg.student}, method {cfg.method} "
+        f"(gamma {cfg.gamma:g}, alpha {cfg.alpha:g}, beta {cfg.beta:g}), backend {cfg.backend} "
+        f"[{resolved_backend(cfg.backend, rt.device, contrast_op(cfg, cfg.method))}], "
+        f"device {rt.device}, world {rt.world_size}, "
+        f"torch threads {torch.get_num_threads()}, run folder {out_dir}",
+    )
+    results = dict(
+        config=cfg.to_dict(),
+        dataset=dict(
+            name=dataset.name, n_train=len(dataset.train), n_test=len(dataset.test), num_classes=dataset.num_classes
+        ),
+        environment=_environment(rt),
+        phases={},
+    )
     teacher = None
     if base != "ce" or cfg.baseline:
         if base != "ce":
             teacher, results["phases"]["teacher"] = get_teacher(cfg, dataset, rt, out_dir, resume)
     if cfg.baseline and base != "ce":
-        ph = Phase("baseline", f"student {cfg.student} CE only", cfg.student, "ce", "eager", cfg.epochs, cfg.lr,
-                   cfg.lr_decay_epochs)
+        ph = Phase(
+            "baseline",
+            f"student {cfg.student} CE only",
+            cfg.student,
+            "ce",
+            "eager",
+            cfg.epochs,
+            cfg.lr,
+            cfg.lr_decay_epochs,
+        )
         results["phases"]["baseline"], _ = run_phase(cfg, ph, dataset, rt, out_dir, resume)
     title = f"student {cfg.student} {cfg.method}"
-    ph = Phase("student", title + f" [{cfg.backend}]", cfg.student, cfg.method, cfg.backend, cfg.epochs, cfg.lr,
-               cfg.lr_decay_epochs, teacher)
+    ph = Phase(
+        "student",
+        title + f" [{cfg.backend}]",
+        cfg.student,
+        cfg.method,
+        cfg.backend,
+        cfg.epochs,
+        cfg.lr,
+        cfg.lr_decay_epochs,
+        teacher,
+    )
     results["phases"]["student"], _ = run_phase(cfg, ph, dataset, rt, out_dir, resume)
     if cfg.compare_eager and base in ("ce", "kd"):
         log(rt, f"--compare-eager: method {cfg.method} has no contrastive loss module, nothing to compare")
     elif cfg.compare_eager:
-        ph = Phase("student_eager", title + " [eager]", cfg.student, cfg.method, "eager", cfg.epochs, cfg.lr,
-                   cfg.lr_decay_epochs, teacher)
+        ph = Phase(
+            "student_eager",
+            title + " [eager]",
+            cfg.student,
+            cfg.method,
+            "eager",
+            cfg.epochs,
+            cfg.lr,
+            cfg.lr_decay_epochs,
+            teacher,
+        )
         results["phases"]["student_eager"], _ = run_phase(cfg, ph, dataset, rt, out_dir, resume)
     results["total_wall_s_this_process"] = time.perf_counter() - t_start
     if rt.main:
@@ -608,10 +783,16 @@ def _train(cfg, rt):
 
 
 def _environment(rt):
-    env = dict(torch=torch.__version__, device=str(rt.device), threads=torch.get_num_threads(),
-               world_size=rt.world_size, python=sys.version.split()[0])
+    env = dict(
+        torch=torch.__version__,
+        device=str(rt.device),
+        threads=torch.get_num_threads(),
+        world_size=rt.world_size,
+        python=sys.version.split()[0],
+    )
     try:
         from .. import backends
+
         env["backends"] = {k: dict(available=v[0], detail=v[1]) for k, v in backends.availability().items()}
     except Exception as exc:  # noqa: BLE001
         env["backends"] = str(exc)
@@ -631,21 +812,36 @@ def _f(v, spec):
 
 def format_table(results):
     ph = results["phases"]
-    rows = [("model", "method", "backend", "test acc %", "best %", "epochs", "train s", "steps/s", "samples/s",
-             "peak mem")]
+    rows = [
+        ("model", "method", "backend", "test acc %", "best %", "epochs", "train s", "steps/s", "samples/s", "peak mem")
+    ]
     for key in ("teacher", "baseline", "student", "student_eager"):
         r = ph.get(key)
         if not r:
             continue
-        label = {"teacher": "teacher", "baseline": "student (no distill)", "student": "student",
-                 "student_eager": "student"}[key]
+        label = {
+            "teacher": "teacher",
+            "baseline": "student (no distill)",
+            "student": "student",
+            "student_eager": "student",
+        }[key]
         method = "ce" if key in ("teacher", "baseline") else r["method"]
         if key == "teacher" and not r.get("trained", True):
             method = "loaded"
-        rows.append((f"{label} {r['arch']}", method, r.get("backend_resolved", "-"), _f(r["test_acc"], ".2f"),
-                     _f(r.get("best_acc"), ".2f"), str(r.get("epochs", "-")), _f(r.get("train_time_s"), ".1f"),
-                     _f(r.get("steps_per_s"), ".1f"), _f(r.get("samples_per_s"), ".0f"),
-                     fmt_bytes(r.get("peak_memory_bytes"))))
+        rows.append(
+            (
+                f"{label} {r['arch']}",
+                method,
+                r.get("backend_resolved", "-"),
+                _f(r["test_acc"], ".2f"),
+                _f(r.get("best_acc"), ".2f"),
+                str(r.get("epochs", "-")),
+                _f(r.get("train_time_s"), ".1f"),
+                _f(r.get("steps_per_s"), ".1f"),
+                _f(r.get("samples_per_s"), ".0f"),
+                fmt_bytes(r.get("peak_memory_bytes")),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     line = "+".join("-" * (w + 2) for w in widths)
     out = [line]
@@ -655,17 +851,21 @@ def format_table(results):
             out.append(line)
     out.append(line)
     cfg = results["config"]
-    head = (f"{results['dataset']['name']}: {results['dataset']['n_train']} train / {results['dataset']['n_test']} test; "
-            f"weights gamma(CE) {cfg['gamma']:g}, alpha(KD) {cfg['alpha']:g}, beta({cfg['method']}) {cfg['beta']:g}; "
-            f"peak mem = {(ph.get('student') or {}).get('memory_kind', '')}")
+    head = (
+        f"{results['dataset']['name']}: {results['dataset']['n_train']} train / {results['dataset']['n_test']} test; "
+        f"weights gamma(CE) {cfg['gamma']:g}, alpha(KD) {cfg['alpha']:g}, beta({cfg['method']}) {cfg['beta']:g}; "
+        f"peak mem = {(ph.get('student') or {}).get('memory_kind', '')}"
+    )
     out.insert(0, head)
     s, e = ph.get("student"), ph.get("student_eager")
     if s and e:
         sp = (s["steps_per_s"] / e["steps_per_s"]) if s.get("steps_per_s") and e.get("steps_per_s") else float("nan")
         mem_s, mem_e = s.get("peak_memory_bytes"), e.get("peak_memory_bytes")
-        out.append(f"{s['backend_resolved']} vs eager: accuracy {s['test_acc']:.2f}% vs {e['test_acc']:.2f}% "
-                   f"(diff {s['test_acc'] - e['test_acc']:+.2f}), train time {s['train_time_s']:.1f}s vs "
-                   f"{e['train_time_s']:.1f}s (speed-up x{sp:.2f}), peak memory {fmt_bytes(mem_s)} vs {fmt_bytes(mem_e)}")
+        out.append(
+            f"{s['backend_resolved']} vs eager: accuracy {s['test_acc']:.2f}% vs {e['test_acc']:.2f}% "
+            f"(diff {s['test_acc'] - e['test_acc']:+.2f}), train time {s['train_time_s']:.1f}s vs "
+            f"{e['train_time_s']:.1f}s (speed-up x{sp:.2f}), peak memory {fmt_bytes(mem_s)} vs {fmt_bytes(mem_e)}"
+        )
         if "eager" in str(s.get("backend_resolved", "")):
             out.append("note: no fused kernel is available here, so both runs used the eager losses")
     return "\n".join(out)
@@ -675,6 +875,7 @@ def plot_curves(results, path):
     """Test accuracy and training loss per epoch of every trained phase (PNG, Agg backend)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:  # noqa: BLE001 - optional
@@ -685,9 +886,13 @@ def plot_curves(results, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, r in phases:
         ep = [h["epoch"] for h in r["history"]]
-        label = f"{key}: {r['arch']} {r['method'] if key.startswith('student') else 'ce'} ({r.get('backend_resolved', '-')})"
-        style = dict(linestyle="--" if key == "student_eager" else "-",
-                     marker=("x" if key == "student_eager" else "o") if len(ep) <= 40 else None, markersize=4)
+        method = r["method"] if key.startswith("student") else "ce"
+        label = f"{key}: {r['arch']} {method} ({r.get('backend_resolved', '-')})"
+        style = dict(
+            linestyle="--" if key == "student_eager" else "-",
+            marker=("x" if key == "student_eager" else "o") if len(ep) <= 40 else None,
+            markersize=4,
+        )
         axes[0].plot(ep, [h["test_acc"] for h in r["history"]], label=label, **style)
         axes[1].plot(ep, [h["loss"] for h in r["history"]], label=label, **style)
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")

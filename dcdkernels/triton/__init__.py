@@ -5,6 +5,7 @@ On a GPU they compile for the device (triton 3.6 and later). On CPU tensors they
 interpreter, which must be switched on with ``TRITON_INTERPRET=1`` before this package is first
 imported (``triton.jit`` reads it when the kernels are defined).
 """
+
 from .bank_update import bank_momentum_update_
 from .dense_contrast import dense_contrast, dense_contrast_backward_keys, dense_contrast_reduced
 from .dual_sampled_contrast import dual_sampled_contrast

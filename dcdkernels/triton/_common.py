@@ -6,6 +6,7 @@ direction (anchor against rows), and the merge of per-chunk partials. Host helpe
 argument checks (the shape checks that keep every access in bounds), launch parameters, and the
 split of the K+1 columns into chunks (one program per (anchor, chunk); docs/math.md §1, csrc/KERNELS.md).
 """
+
 import contextlib
 import functools
 import math
@@ -99,13 +100,43 @@ def nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c):
 def direction_init(BLOCK_D: tl.constexpr):
     """Empty online state of one direction (one anchor against gathered rows):
     ``(m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a)``, the slots of ``direction_step``."""
-    return (float("-inf"), 0.0, 0.0, 0.0, tl.zeros([BLOCK_D], dtype=tl.float32), 0.0, 0.0, 0.0,
-            tl.zeros([BLOCK_D], dtype=tl.float32))
+    return (
+        float("-inf"),
+        0.0,
+        0.0,
+        0.0,
+        tl.zeros([BLOCK_D], dtype=tl.float32),
+        0.0,
+        0.0,
+        0.0,
+        tl.zeros([BLOCK_D], dtype=tl.float32),
+    )
 
 
 @triton.jit
-def direction_step(m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, q, tile, s, beta, cols, valid, log_z, log_c_eps,
-                    log1p_eps_c, LOSS_TYPE: tl.constexpr, SOFTMAX_GRAD: tl.constexpr, NCE_GRAD: tl.constexpr):
+def direction_step(
+    m,
+    l,
+    c,
+    d0,
+    a,
+    nce_loss,
+    nce_c,
+    nce_slope,
+    nce_a,
+    q,
+    tile,
+    s,
+    beta,
+    cols,
+    valid,
+    log_z,
+    log_c_eps,
+    log1p_eps_c,
+    LOSS_TYPE: tl.constexpr,
+    SOFTMAX_GRAD: tl.constexpr,
+    NCE_GRAD: tl.constexpr,
+):
     """Folds one gathered tile (BLOCK_K, BLOCK_D) of columns ``cols`` into the online state of one
     direction, anchor ``q`` against the rows of ``tile`` (logits ``s <q, row> + beta``):
     ``m`` running max, ``l = sum w``, ``d0`` the positive's dot, with SOFTMAX_GRAD ``c = sum w d``
@@ -146,9 +177,22 @@ def chunk_scales(stats_ptr, b, num_chunks, M_SLOT: tl.constexpr, NUM_STATS: tl.c
 
 
 @triton.jit
-def merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC: tl.constexpr, NUM_VECS: tl.constexpr,
-                        M_SLOT: tl.constexpr, NUM_STATS: tl.constexpr, m_ref, offs_d, d_mask, D,
-                        RESCALE: tl.constexpr, BLOCK_D: tl.constexpr):
+def merge_chunk_vectors(
+    vec_ptr,
+    stats_ptr,
+    b,
+    num_chunks,
+    VEC: tl.constexpr,
+    NUM_VECS: tl.constexpr,
+    M_SLOT: tl.constexpr,
+    NUM_STATS: tl.constexpr,
+    m_ref,
+    offs_d,
+    d_mask,
+    D,
+    RESCALE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """``sum_c w_c vec[b, c, VEC, offs_d]`` over the chunks of anchor ``b`` (workspace ``vec``
     (B, chunks, NUM_VECS, D)), with ``w_c = e^(stats[b, c, M_SLOT] - m_ref)`` for online-softmax
     partials (RESCALE) and ``w_c = 1`` for plain sums."""
@@ -166,8 +210,9 @@ def merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC: tl.constexpr, NU
 def load_row_slice(bank_ptr, stride_bn, N, row, offs_d, d_mask):
     """Slice ``offs_d`` of bank row ``row`` in fp32; zeros if ``row`` is outside [0, N)."""
     row_valid = (row >= 0) & (row < N)
-    return tl.load(bank_ptr + tl.where(row_valid, row, 0) * stride_bn + offs_d, mask=d_mask & row_valid,
-                   other=0.0).to(tl.float32)
+    return tl.load(bank_ptr + tl.where(row_valid, row, 0) * stride_bn + offs_d, mask=d_mask & row_valid, other=0.0).to(
+        tl.float32
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,8 +248,10 @@ def scalar_arg(tensor, device):
 
 def check_kernel_dtype(name, tensor):
     if tensor.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name}: the Triton kernels take float32, bfloat16 or float16, got {tensor.dtype} "
-                        "(float64 runs on the 'cpu' and 'eager' backends)")
+        raise TypeError(
+            f"{name}: the Triton kernels take float32, bfloat16 or float16, got {tensor.dtype} "
+            "(float64 runs on the 'cpu' and 'eager' backends)"
+        )
 
 
 def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
@@ -234,8 +281,10 @@ def check_sampled_args(anchor, banks, index, loss_type, log_z, num_negatives):
             raise ValueError("in-kernel sampling needs fewer than 2**32 bank rows")
         return num_negatives
     if index.shape[1] < 2 or num_negatives != 0:
-        raise ValueError(f"index must be (B, K+1), K >= 1, with num_negatives=0, or (B,) with num_negatives=K > 0;"
-                         f" got shape {tuple(index.shape)} and num_negatives={num_negatives}")
+        raise ValueError(
+            f"index must be (B, K+1), K >= 1, with num_negatives=0, or (B,) with num_negatives=K > 0;"
+            f" got shape {tuple(index.shape)} and num_negatives={num_negatives}"
+        )
     return index.shape[1] - 1
 
 
@@ -262,8 +311,9 @@ def plan_chunks(batch, cols, block_k, device, num_chunks=None):
     tiles = triton.cdiv(cols, block_k)
     if num_chunks is None:
         if device.type == "cuda":
-            num_chunks = min(triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch),
-                             triton.cdiv(tiles, MIN_TILES_PER_CHUNK))
+            num_chunks = min(
+                triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch), triton.cdiv(tiles, MIN_TILES_PER_CHUNK)
+            )
         else:
             num_chunks = 1
     num_chunks = max(1, min(int(num_chunks), tiles, MAX_CHUNKS))

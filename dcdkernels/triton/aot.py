@@ -17,6 +17,7 @@ without a GPU (issue 18).
 ``python -m dcdkernels.triton.aot [--arch 90 80] [--pythonpath DIR] [--json OUT]`` prints one line
 per variant (registers, spills, shared memory) and exits 1 on any compile error.
 """
+
 import argparse
 import contextlib
 import itertools
@@ -31,8 +32,15 @@ import torch
 
 H100_SMS = 132
 _TRITON_MODULES = ("bank_update", "dense_contrast", "sampled_contrast", "dual_sampled_contrast")
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-                torch.int32: "i32", torch.bool: "i1", torch.uint8: "u8"}
+_DTYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.bool: "i1",
+    torch.uint8: "u8",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +57,7 @@ class _Recorder:
             entry = _specialise(self.module, self.name, self.fn, grid, args, kwargs)
             entry["call"] = _CALL[0]
             self.log.append(entry)
+
         return launch
 
 
@@ -59,6 +68,7 @@ def _kernels(module):
     """The module's kernels as JIT functions (under ``TRITON_INTERPRET=1`` they are interpreted
     functions: their JIT twin gives the parameters, and the compile runs in a child without it)."""
     import triton
+
     out = {}
     for name, obj in vars(module).items():
         if not name.endswith("_kernel"):
@@ -72,6 +82,7 @@ def _kernels(module):
 
 def _modules():
     import importlib
+
     return {m: importlib.import_module(f"dcdkernels.triton.{m}") for m in _TRITON_MODULES}
 
 
@@ -79,6 +90,7 @@ def _modules():
 def _recording(sm_count):
     """Kernels replaced by recorders, the GPU's SM count given, and no real CUDA call."""
     from . import _common
+
     log, saved = [], []
     mods = _modules()
     try:
@@ -108,7 +120,7 @@ def _value_spec(value):
     if isinstance(value, int):
         if value == 1:
             return "constexpr", 1, False
-        return ("i32" if -2**31 <= value < 2**31 else "i64"), None, value % 16 == 0
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), None, value % 16 == 0
     if isinstance(value, float):
         return "fp32", None, False
     if value is None:
@@ -118,6 +130,7 @@ def _value_spec(value):
 
 def _constexpr_value(value):
     import triton.language as tl
+
     if isinstance(value, tl.constexpr):
         value = value.value
     if isinstance(value, tl.dtype):
@@ -154,14 +167,23 @@ def _specialise(module, name, fn, grid, args, kwargs):
         if div16:
             divisible.append(i)
     grid = tuple(int(g) for g in (grid if isinstance(grid, tuple) else (grid,)))
-    return {"module": module, "kernel": name, "signature": signature, "constexprs": constexprs,
-            "divisible": divisible, "num_warps": int(options.get("num_warps", 4)),
-            "num_stages": int(options.get("num_stages", 3)), "grid": grid}
+    return {
+        "module": module,
+        "kernel": name,
+        "signature": signature,
+        "constexprs": constexprs,
+        "divisible": divisible,
+        "num_warps": int(options.get("num_warps", 4)),
+        "num_stages": int(options.get("num_stages", 3)),
+        "grid": grid,
+    }
 
 
 def variant_key(launch):
-    return json.dumps({k: launch[k] for k in ("module", "kernel", "signature", "constexprs", "divisible",
-                                              "num_warps", "num_stages")}, sort_keys=True)
+    return json.dumps(
+        {k: launch[k] for k in ("module", "kernel", "signature", "constexprs", "divisible", "num_warps", "num_stages")},
+        sort_keys=True,
+    )
 
 
 def _compile_one(job):
@@ -181,8 +203,12 @@ def _compile_one(job):
 SWEEP_D = (3, 16, 64, 128, 130, 256, 512, 1024, 2048, 4096)
 SWEEP_BK = ((1, 16384), (64, 16384), (256, 16384), (1024, 100), (4, 1))
 SWEEP_BM = ((1, 7), (16, 4096), (64, 65536), (256, 65536), (1024, 4096))
-DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-               (torch.float32, torch.bfloat16))
+DTYPE_PAIRS = (
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16),
+)
 SAMPLED_DTYPE_PAIRS = DTYPE_PAIRS[1:2] + DTYPE_PAIRS[3:]  # no dot: the dtypes change no constexpr
 BANK_ROWS = 65536
 SEED, OFFSET = 2**40 + 7, 2**33 + 5  # as in training: 64-bit seeds and offsets
@@ -201,15 +227,37 @@ def _sweep_calls(mods):
     def sampled_call(B, K, D, adt, bdt, loss, sampled, bias, grad):
         index = torch.empty((B,) if sampled else (B, K + 1), dtype=torch.int64, device=dev)
         mods["sampled_contrast"].sampled_contrast(
-            rows(B, D, adt), rows(BANK_ROWS, D, bdt), index, scale(), scale() if bias else None,
-            torch.tensor(1.0, device=dev) if loss else None, loss, K if sampled else 0, SEED, OFFSET, grad)
+            rows(B, D, adt),
+            rows(BANK_ROWS, D, bdt),
+            index,
+            scale(),
+            scale() if bias else None,
+            torch.tensor(1.0, device=dev) if loss else None,
+            loss,
+            K if sampled else 0,
+            SEED,
+            OFFSET,
+            grad,
+        )
 
     def dual_call(B, K, D, adt, bdt, loss, sampled, bias, grad, kl):
         index = torch.empty((B,) if sampled else (B, K + 1), dtype=torch.int64, device=dev)
         mods["dual_sampled_contrast"].dual_sampled_contrast(
-            rows(B, D, adt), rows(B, D, adt), rows(BANK_ROWS, D, bdt), rows(BANK_ROWS, D, bdt), index, scale(),
-            scale() if bias else None, torch.zeros(2, device=dev) if loss else None, loss, kl,
-            K if sampled else 0, SEED, OFFSET, grad)
+            rows(B, D, adt),
+            rows(B, D, adt),
+            rows(BANK_ROWS, D, bdt),
+            rows(BANK_ROWS, D, bdt),
+            index,
+            scale(),
+            scale() if bias else None,
+            torch.zeros(2, device=dev) if loss else None,
+            loss,
+            kl,
+            K if sampled else 0,
+            SEED,
+            OFFSET,
+            grad,
+        )
 
     def dense_call(B, M, D, adt, bdt, positive, bias, grad):
         dense = mods["dense_contrast"]
@@ -218,26 +266,36 @@ def _sweep_calls(mods):
         b = scale() if bias else None
         _, lse, *_ = dense.dense_contrast(rows(B, D, adt), rows(M, D, bdt), target, pos, scale(), b, grad)
         if grad:
-            dense.dense_contrast_backward_keys(rows(B, D, adt), rows(M, D, bdt), target, pos, scale(), b, lse,
-                                               torch.empty((B,), device=dev))
+            dense.dense_contrast_backward_keys(
+                rows(B, D, adt), rows(M, D, bdt), target, pos, scale(), b, lse, torch.empty((B,), device=dev)
+            )
 
     def bank_call(B, D, adt, bdt):
-        mods["bank_update"].bank_momentum_update_(rows(BANK_ROWS, D, bdt), torch.empty((B,), dtype=torch.int64,
-                                                                                        device=dev),
-                                                  rows(B, D, adt), 0.5)
+        mods["bank_update"].bank_momentum_update_(
+            rows(BANK_ROWS, D, bdt), torch.empty((B,), dtype=torch.int64, device=dev), rows(B, D, adt), 0.5
+        )
 
     flags = list(itertools.product((0, 1), (False, True), (False, True), (False, True)))
     for D, (adt, bdt) in itertools.product(SWEEP_D, DTYPE_PAIRS):
         for (B, K), f in itertools.product(SWEEP_BK if (adt, bdt) in SAMPLED_DTYPE_PAIRS else (), flags):
-            desc = dict(B=B, K=K, D=D, anchor=_DTYPE_NAMES[adt], bank=_DTYPE_NAMES[bdt], loss=f[0], sampled=f[1],
-                        bias=f[2], grad=f[3])
+            desc = dict(
+                B=B,
+                K=K,
+                D=D,
+                anchor=_DTYPE_NAMES[adt],
+                bank=_DTYPE_NAMES[bdt],
+                loss=f[0],
+                sampled=f[1],
+                bias=f[2],
+                grad=f[3],
+            )
             yield "sampled_contrast", desc, lambda a=(B, K, D, adt, bdt, *f): sampled_call(*a)
             for kl in (False, True):
                 yield "dual_sampled_contrast", dict(desc, kl=kl), lambda a=(B, K, D, adt, bdt, *f, kl): dual_call(*a)
-        for (B, M), positive, bias, grad in itertools.product(SWEEP_BM, (False, True), (False, True),
-                                                               (False, True)):
-            desc = dict(B=B, M=M, D=D, anchor=_DTYPE_NAMES[adt], bank=_DTYPE_NAMES[bdt], positive=positive,
-                        bias=bias, grad=grad)
+        for (B, M), positive, bias, grad in itertools.product(SWEEP_BM, (False, True), (False, True), (False, True)):
+            desc = dict(
+                B=B, M=M, D=D, anchor=_DTYPE_NAMES[adt], bank=_DTYPE_NAMES[bdt], positive=positive, bias=bias, grad=grad
+            )
             yield "dense_contrast", desc, lambda a=(B, M, D, adt, bdt, positive, bias, grad): dense_call(*a)
         for B, _ in SWEEP_BK:
             desc = dict(B=B, D=D, anchor=_DTYPE_NAMES[adt], bank=_DTYPE_NAMES[bdt])
@@ -249,6 +307,7 @@ def record(sm_count=H100_SMS):
     GPU with ``sm_count`` SMs (132 is also what every GPU's grids use under
     ``torch.use_deterministic_algorithms``). Shapes a launcher rejects are skipped."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with _recording(sm_count) as log, FakeTensorMode(allow_non_fake_inputs=True):
         for op, desc, call in _sweep_calls(_modules()):
             _CALL[0] = (op, desc)
@@ -273,13 +332,15 @@ def variants(launches):
 # ----------------------------------------------------------------------------------------------
 def _tools():
     import triton
+
     base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     return {t: os.path.join(base, t) for t in ("cuobjdump", "nvdisasm", "ptxas")}
 
 
 def describe(v):
-    cs = ",".join(f"{k}={(c['tl'] if isinstance(c, dict) else c)}" for k, c in sorted(v["constexprs"].items())
-                  if k.isupper())
+    cs = ",".join(
+        f"{k}={(c['tl'] if isinstance(c, dict) else c)}" for k, c in sorted(v["constexprs"].items()) if k.isupper()
+    )
     ptrs = ",".join(f"{k}:{t[1:]}" for k, t in v["signature"].items() if t.startswith("*"))
     return f"{v['kernel']}[{cs}; warps={v['num_warps']}; {ptrs}]"
 
@@ -288,14 +349,15 @@ def _resources_from_cubin(cubin, name):
     """(registers, stack bytes, spill stores, spill loads) of the kernel from its cubin: REG and
     STACK from ``cuobjdump --dump-resource-usage``, spills as the SASS's local stores/loads."""
     import tempfile
+
     tools = _tools()
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run([tools["cuobjdump"], "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
-        sass = subprocess.run([tools["cuobjdump"], "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        res = subprocess.run(
+            [tools["cuobjdump"], "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([tools["cuobjdump"], "-sass", f.name], capture_output=True, text=True, check=True).stdout
     reg = int(re.search(r"REG:(\d+)", res).group(1))
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
     return reg, stack, len(re.findall(r"\bSTL(\.\w+)*\b", sass)), len(re.findall(r"\bLDL(\.\w+)*\b", sass))
@@ -304,6 +366,7 @@ def _resources_from_cubin(cubin, name):
 def compile_variant(v, arch, keep_asm=False):
     """Compile one variant for sm_``arch``; returns a dict of its resources (raises on error)."""
     import importlib
+
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -314,12 +377,25 @@ def compile_variant(v, arch, keep_asm=False):
     constexprs = {k: (tl.dtype(c["tl"]) if isinstance(c, dict) else c) for k, c in v["constexprs"].items()}
     attrs = {(i,): [["tt.divisibility", 16]] for i in v["divisible"]}
     src = ASTSource(fn=fn, signature=dict(v["signature"]), constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", int(arch), 32),
-                            options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]})
+    kernel = triton.compile(
+        src,
+        target=GPUTarget("cuda", int(arch), 32),
+        options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
+    )
     reg, stack, stl, ldl = _resources_from_cubin(kernel.asm["cubin"], v["kernel"])
-    out = {"kernel": v["kernel"], "variant": describe(v), "arch": int(arch), "triton": triton.__version__,
-           "registers": reg, "stack": stack, "spill_stores": stl, "spill_loads": ldl,
-           "shared": int(kernel.metadata.shared), "num_warps": v["num_warps"], "grid": v.get("grid")}
+    out = {
+        "kernel": v["kernel"],
+        "variant": describe(v),
+        "arch": int(arch),
+        "triton": triton.__version__,
+        "registers": reg,
+        "stack": stack,
+        "spill_stores": stl,
+        "spill_loads": ldl,
+        "shared": int(kernel.metadata.shared),
+        "num_warps": v["num_warps"],
+        "grid": v.get("grid"),
+    }
     if keep_asm:
         out["ttgir"], out["ptx"] = kernel.asm["ttgir"], kernel.asm["ptx"]
     return out
@@ -333,6 +409,7 @@ def compile_all(vs, archs, jobs=1, progress=True, keep_asm=False):
     if jobs > 1:
         import concurrent.futures
         import multiprocessing
+
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             outs = pool.map(_compile_one, work, chunksize=4)
             for i, (r, e) in enumerate(outs):
@@ -352,17 +429,37 @@ def compile_in_subprocess(vs, archs, pythonpath="", python=sys.executable, timeo
     """Compile in a child (without ``TRITON_INTERPRET``) whose ``sys.path`` starts with
     ``pythonpath`` when given (another Triton). Returns (results, errors, its Triton version)."""
     import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "variants.json"), os.path.join(tmp, "results.json")
         with open(src, "w") as f:
             json.dump(vs, f)
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(([pythonpath] if pythonpath else []) + [root]
-                                            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONPATH"] = os.pathsep.join(
+            ([pythonpath] if pythonpath else []) + [root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         env.pop("TRITON_INTERPRET", None)
-        proc = subprocess.run([python, "-m", "dcdkernels.triton.aot", "--from-json", src, "--results", dst,
-                               "--jobs", str(jobs), *(["--keep-asm"] if keep_asm else []), "--arch", *map(str, archs)], env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [
+                python,
+                "-m",
+                "dcdkernels.triton.aot",
+                "--from-json",
+                src,
+                "--results",
+                dst,
+                "--jobs",
+                str(jobs),
+                *(["--keep-asm"] if keep_asm else []),
+                "--arch",
+                *map(str, archs),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if not os.path.exists(dst):
             raise RuntimeError(f"the compile child failed (rc {proc.returncode}): {proc.stderr[-3000:]}")
         with open(dst) as f:
@@ -384,6 +481,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
+
     t0 = time.time()
     if args.from_json:
         with open(args.from_json) as f:
@@ -409,8 +507,10 @@ def main(argv=None):
             json.dump({"results": results, "errors": errors, "triton": version}, f)
     if not args.from_json:
         for r in results:
-            print(f"triton {r['triton']} sm_{r['arch']} regs {r['registers']:3d} stack {r['stack']:5d} "
-                  f"spills {r['spill_stores']}/{r['spill_loads']} smem {r['shared']:6d} {r['variant']}")
+            print(
+                f"triton {r['triton']} sm_{r['arch']} regs {r['registers']:3d} stack {r['stack']:5d} "
+                f"spills {r['spill_stores']}/{r['spill_loads']} smem {r['shared']:6d} {r['variant']}"
+            )
         print(f"triton {version}: {len(results)} compiled, {len(errors)} errors, {time.time() - t0:.0f} s")
         for e in errors:
             print("COMPILE ERROR", e)
@@ -420,16 +520,20 @@ def main(argv=None):
 def tile_key(launch):
     """The kernel, its tiling constexprs (``BLOCK_*``), dot dtype, bank dtype and warps: what
     sets the register and shared-memory footprint (the boolean flags add or drop code inside it)."""
-    tiles = {k: v for k, v in launch["constexprs"].items() if k.startswith("BLOCK_") or k in ("DOT_DTYPE",
-                                                                                               "BANK_IS_BF16")}
+    tiles = {
+        k: v for k, v in launch["constexprs"].items() if k.startswith("BLOCK_") or k in ("DOT_DTYPE", "BANK_IS_BF16")
+    }
     return json.dumps({"kernel": launch["kernel"], "tiles": tiles, "num_warps": launch["num_warps"]}, sort_keys=True)
 
 
 def _weight(v):
     """The heaviest variant first: most flags on (NCE, KL, bias, gradients, sampling), then the most
     dtype conversions (mixed fp32/16-bit pointers: the worst spills in the review)."""
-    flags = sum(1 for k, c in v["constexprs"].items() if k.isupper() and not k.startswith("BLOCK_")
-                and isinstance(c, (bool, int)) and not isinstance(c, dict) and c)
+    flags = sum(
+        1
+        for k, c in v["constexprs"].items()
+        if k.isupper() and not k.startswith("BLOCK_") and isinstance(c, (bool, int)) and not isinstance(c, dict) and c
+    )
     ptrs = {t for t in v["signature"].values() if t in ("*fp32", "*bf16", "*fp16")}
     return (flags, len(ptrs), variant_key(v))
 

@@ -8,6 +8,7 @@ last occurrence and writes nothing, so every destination row is written by exact
 from its pre-update value. No (B, D) temporary is made. Math is fp32; the row is normalised by
 ``max(||x||, 1e-12)`` and rounded once to the bank dtype.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -39,9 +40,20 @@ def _pow2_scale_for(amax):
 
 @triton.jit
 def _bank_momentum_update_kernel(
-    bank_ptr, stride_bn, value_ptr, stride_vb, stride_vd, sorted_index_ptr, order_ptr,
-    B, N, D, momentum, one_minus_momentum,
-    BANK_IS_BF16: tl.constexpr, BLOCK_D: tl.constexpr,
+    bank_ptr,
+    stride_bn,
+    value_ptr,
+    stride_vb,
+    stride_vd,
+    sorted_index_ptr,
+    order_ptr,
+    B,
+    N,
+    D,
+    momentum,
+    one_minus_momentum,
+    BANK_IS_BF16: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     i = tl.program_id(0)
     row = tl.load(sorted_index_ptr + i)
@@ -104,8 +116,19 @@ def bank_momentum_update_(bank, index, value, momentum):
     m = float(momentum)
     with device_guard(bank):
         _bank_momentum_update_kernel[(B,)](
-            bank, bank.stride(0), value, value.stride(0), value.stride(1), sorted_index, order,
-            B, N, D, m, 1.0 - m,
-            BANK_IS_BF16=bank.dtype == torch.bfloat16, BLOCK_D=min(triton.next_power_of_2(D), MAX_BLOCK_D),
+            bank,
+            bank.stride(0),
+            value,
+            value.stride(0),
+            value.stride(1),
+            sorted_index,
+            order,
+            B,
+            N,
+            D,
+            m,
+            1.0 - m,
+            BANK_IS_BF16=bank.dtype == torch.bfloat16,
+            BLOCK_D=min(triton.next_power_of_2(D), MAX_BLOCK_D),
             enable_fp_fusion=False,  # m * x + (1 - m) * v rounded as on the CPU: no FMA contraction
         )

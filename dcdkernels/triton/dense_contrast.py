@@ -27,6 +27,7 @@ fp32 ("ieee", not TF32) otherwise. The interpreter always uses fp32. In the keys
 fp16, ``g (P - onehot)`` is scaled per key by a power of two before it is rounded to fp16 (and
 the product scaled back in fp32): unscaled, ``g p`` underflows fp16 at B = 256, p < 1.5e-5.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -55,30 +56,73 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr, positive_ptr, stride_pb,
-                    stride_pd, offs_m, m_mask, offs_v, v_mask, M, D, HAS_POSITIVE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
+def _positive_terms(
+    anchor_rows,
+    stride_ad,
+    keys_ptr,
+    stride_kn,
+    stride_kd,
+    target_ptr,
+    positive_ptr,
+    stride_pb,
+    stride_pd,
+    offs_m,
+    m_mask,
+    offs_v,
+    v_mask,
+    M,
+    D,
+    HAS_POSITIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
     """The positive column of each anchor: its dot product ``d_pos`` and its row's D slice. MoCo
     (``HAS_POSITIVE``): a separate row per anchor; else key ``target_b`` (out of range: d = 0)."""
     if HAS_POSITIVE:
         pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
         d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pd, m_mask, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_pd, mask=m_mask[:, None] & v_mask[None, :],
-                            other=0.0).to(tl.float32)
+        pos_slice = tl.load(
+            pos_rows + offs_v[None, :] * stride_pd, mask=m_mask[:, None] & v_mask[None, :], other=0.0
+        ).to(tl.float32)
     else:
         target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
         t_valid = m_mask & (target >= 0) & (target < M)
         pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
         d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_kd, t_valid, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :],
-                            other=0.0).to(tl.float32)
+        pos_slice = tl.load(
+            pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :], other=0.0
+        ).to(tl.float32)
     return d_pos, pos_slice
 
 
 @triton.jit
-def _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
-                   mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-                   HAS_POSITIVE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _store_outputs(
+    m_i,
+    l_i,
+    c_i,
+    acc,
+    s,
+    l_pos,
+    d_pos,
+    pos_slice,
+    anchor_rows,
+    stride_ad,
+    offs_m,
+    m_mask,
+    offs_v,
+    mv_mask,
+    first,
+    B,
+    D,
+    loss_ptr,
+    lse_ptr,
+    grad_anchor_ptr,
+    grad_positive_ptr,
+    grad_scalars_ptr,
+    HAS_POSITIVE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """The outputs of BLOCK_M rows from their softmax state over every column (m, l, c, acc)."""
     lse = m_i + tl.log(l_i)
     tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
@@ -97,16 +141,38 @@ def _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, 
 
 @triton.jit
 def _dense_contrast_fwd_kernel(
-    anchor_ptr, stride_ab, stride_ad,
-    keys_ptr, stride_kn, stride_kd,
-    target_ptr, positive_ptr, stride_pb, stride_pd,
-    scale_ptr, bias_ptr,
-    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-    part_stats_ptr, part_acc_ptr,
-    B, M, D, keys_per_split,
-    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    anchor_ptr,
+    stride_ab,
+    stride_ad,
+    keys_ptr,
+    stride_kn,
+    stride_kd,
+    target_ptr,
+    positive_ptr,
+    stride_pb,
+    stride_pd,
+    scale_ptr,
+    bias_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_anchor_ptr,
+    grad_positive_ptr,
+    grad_scalars_ptr,
+    part_stats_ptr,
+    part_acc_ptr,
+    B,
+    M,
+    D,
+    keys_per_split,
+    HAS_POSITIVE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -123,9 +189,26 @@ def _dense_contrast_fwd_kernel(
     if HAS_BIAS:
         beta = tl.load(bias_ptr)
     anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-    d_pos, pos_slice = _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr,
-                                       positive_ptr, stride_pb, stride_pd, offs_m, m_mask, offs_v, v_mask, M, D,
-                                       HAS_POSITIVE, BLOCK_M, BLOCK_DK)
+    d_pos, pos_slice = _positive_terms(
+        anchor_rows,
+        stride_ad,
+        keys_ptr,
+        stride_kn,
+        stride_kd,
+        target_ptr,
+        positive_ptr,
+        stride_pb,
+        stride_pd,
+        offs_m,
+        m_mask,
+        offs_v,
+        v_mask,
+        M,
+        D,
+        HAS_POSITIVE,
+        BLOCK_M,
+        BLOCK_DK,
+    )
     l_pos = s * d_pos + beta
     if HAS_POSITIVE:
         # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
@@ -153,8 +236,9 @@ def _dense_contrast_fwd_kernel(
             kd = k0 + offs_k
             kd_mask = kd < D
             q = tl.load(anchor_rows + kd[None, :] * stride_ad, mask=m_mask[:, None] & kd_mask[None, :], other=0.0)
-            kt = tl.load(key_rows[None, :] + kd[:, None] * stride_kd, mask=kd_mask[:, None] & n_mask[None, :],
-                         other=0.0)
+            kt = tl.load(
+                key_rows[None, :] + kd[:, None] * stride_kd, mask=kd_mask[:, None] & n_mask[None, :], other=0.0
+            )
             dots = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), dots, input_precision="ieee")
         # Every tile holds at least one real column, so m_new is finite from the first tile on.
         logits = tl.where(n_mask[None, :], s * dots + beta, float("-inf"))
@@ -164,8 +248,9 @@ def _dense_contrast_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if COMPUTE_GRAD:
             c_i = c_i * alpha + tl.sum(p * dots, axis=1)
-            v = tl.load(key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :],
-                        other=0.0)
+            v = tl.load(
+                key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :], other=0.0
+            )
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
         m_i = m_new
@@ -180,22 +265,66 @@ def _dense_contrast_fwd_kernel(
             out = (pid_s.to(tl.int64) * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :]
             tl.store(part_acc_ptr + out, acc, mask=mv_mask)
     else:
-        _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
-                       mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-                       HAS_POSITIVE, COMPUTE_GRAD, BLOCK_M)
+        _store_outputs(
+            m_i,
+            l_i,
+            c_i,
+            acc,
+            s,
+            l_pos,
+            d_pos,
+            pos_slice,
+            anchor_rows,
+            stride_ad,
+            offs_m,
+            m_mask,
+            offs_v,
+            mv_mask,
+            first,
+            B,
+            D,
+            loss_ptr,
+            lse_ptr,
+            grad_anchor_ptr,
+            grad_positive_ptr,
+            grad_scalars_ptr,
+            HAS_POSITIVE,
+            COMPUTE_GRAD,
+            BLOCK_M,
+        )
 
 
 @triton.jit
 def _dense_contrast_merge_kernel(
-    anchor_ptr, stride_ab, stride_ad,
-    keys_ptr, stride_kn, stride_kd,
-    target_ptr, positive_ptr, stride_pb, stride_pd,
-    scale_ptr, bias_ptr,
-    loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-    part_stats_ptr, part_acc_ptr,
-    B, M, D, num_splits,
-    HAS_POSITIVE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    anchor_ptr,
+    stride_ab,
+    stride_ad,
+    keys_ptr,
+    stride_kn,
+    stride_kd,
+    target_ptr,
+    positive_ptr,
+    stride_pb,
+    stride_pd,
+    scale_ptr,
+    bias_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_anchor_ptr,
+    grad_positive_ptr,
+    grad_scalars_ptr,
+    part_stats_ptr,
+    part_acc_ptr,
+    B,
+    M,
+    D,
+    num_splits,
+    HAS_POSITIVE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Merges the key splits' softmax states (flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
     l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
@@ -225,27 +354,85 @@ def _dense_contrast_merge_kernel(
         l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
         if COMPUTE_GRAD:
             c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
-            part = tl.load(part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
-                           mask=mv_mask, other=0.0)
+            part = tl.load(
+                part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :], mask=mv_mask, other=0.0
+            )
             acc = acc * alpha[:, None] + w[:, None] * part
         m_i = m_new
-    d_pos, pos_slice = _positive_terms(anchor_rows, stride_ad, keys_ptr, stride_kn, stride_kd, target_ptr,
-                                       positive_ptr, stride_pb, stride_pd, offs_m, m_mask, offs_v, v_mask, M, D,
-                                       HAS_POSITIVE, BLOCK_M, BLOCK_DK)
+    d_pos, pos_slice = _positive_terms(
+        anchor_rows,
+        stride_ad,
+        keys_ptr,
+        stride_kn,
+        stride_kd,
+        target_ptr,
+        positive_ptr,
+        stride_pb,
+        stride_pd,
+        offs_m,
+        m_mask,
+        offs_v,
+        v_mask,
+        M,
+        D,
+        HAS_POSITIVE,
+        BLOCK_M,
+        BLOCK_DK,
+    )
     l_pos = s * d_pos + beta
-    _store_outputs(m_i, l_i, c_i, acc, s, l_pos, d_pos, pos_slice, anchor_rows, stride_ad, offs_m, m_mask, offs_v,
-                   mv_mask, first, B, D, loss_ptr, lse_ptr, grad_anchor_ptr, grad_positive_ptr, grad_scalars_ptr,
-                   HAS_POSITIVE, COMPUTE_GRAD, BLOCK_M)
+    _store_outputs(
+        m_i,
+        l_i,
+        c_i,
+        acc,
+        s,
+        l_pos,
+        d_pos,
+        pos_slice,
+        anchor_rows,
+        stride_ad,
+        offs_m,
+        m_mask,
+        offs_v,
+        mv_mask,
+        first,
+        B,
+        D,
+        loss_ptr,
+        lse_ptr,
+        grad_anchor_ptr,
+        grad_positive_ptr,
+        grad_scalars_ptr,
+        HAS_POSITIVE,
+        COMPUTE_GRAD,
+        BLOCK_M,
+    )
 
 
 @triton.jit
 def _dense_contrast_bwd_keys_kernel(
-    anchor_ptr, stride_ab, stride_ad,
-    keys_ptr, stride_kn, stride_kd,
-    target_ptr, scale_ptr, bias_ptr, lse_ptr, grad_rows_ptr, grad_keys_ptr,
-    B, M, D,
-    HAS_TARGET: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    anchor_ptr,
+    stride_ab,
+    stride_ad,
+    keys_ptr,
+    stride_kn,
+    stride_kd,
+    target_ptr,
+    scale_ptr,
+    bias_ptr,
+    lse_ptr,
+    grad_rows_ptr,
+    grad_keys_ptr,
+    B,
+    M,
+    D,
+    HAS_TARGET: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -272,8 +459,9 @@ def _dense_contrast_bwd_keys_kernel(
             kd = k0 + offs_k
             kd_mask = kd < D
             k = tl.load(key_rows + kd[None, :] * stride_kd, mask=n_mask[:, None] & kd_mask[None, :], other=0.0)
-            qt = tl.load(anchor_rows[None, :] + kd[:, None] * stride_ad, mask=kd_mask[:, None] & m_mask[None, :],
-                         other=0.0)
+            qt = tl.load(
+                anchor_rows[None, :] + kd[:, None] * stride_ad, mask=kd_mask[:, None] & m_mask[None, :], other=0.0
+            )
             dots_t = tl.dot(k.to(DOT_DTYPE), qt.to(DOT_DTYPE), dots_t, input_precision="ieee")
         # Rows past B get g = 0 (and lse = 0 keeps their p finite).
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
@@ -282,8 +470,9 @@ def _dense_contrast_bwd_keys_kernel(
         if HAS_TARGET:
             target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
             grad_t -= tl.where(offs_n[:, None] == target[None, :], g[None, :], 0.0)
-        q = tl.load(anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :],
-                    other=0.0)
+        q = tl.load(
+            anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :], other=0.0
+        )
         if DOT_DTYPE == tl.float16:
             # fp16 has no range for g p (1/B times a probability near 1/M underflows: B = 256,
             # M = 65,536 gives 6e-8, fp16's smallest subnormal). Each key's row of G is scaled by
@@ -322,11 +511,12 @@ def _num_warps(rows, cols):
 
 
 def _fp32_dot_tiles(block, num_warps):
-    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64 (and the keys
-    backward with mixed fp32/16-bit inputs at any D): at most 32 rows per step and 8 warps. The AOT sweep (``python -m benchmarks.static_resources``) found spills
-    there otherwise: the forward at 16 x 64 x 128 with 4 warps (46 spill stores) and at 32 x 64 x
-    128 with 8 (44), the keys backward with mixed fp32/bf16 inputs at 64 x 64 x 128 (up to 43 on
-    sm_80); 32 x 32 x 128 at 8 warps takes 128 registers and no stack."""
+    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64 (and the keys backward with
+    mixed fp32/16-bit inputs at any D): at most 32 rows per step and 8 warps. The AOT sweep
+    (``python -m benchmarks.static_resources``) found spills there otherwise: the forward at 16 x 64
+    x 128 with 4 warps (46 spill stores) and at 32 x 64 x 128 with 8 (44), the keys backward with
+    mixed fp32/bf16 inputs at 64 x 64 x 128 (up to 43 on sm_80); 32 x 32 x 128 at 8 warps takes 128
+    registers and no stack."""
     return min(block, 32), 8
 
 
@@ -340,8 +530,9 @@ def _check(anchor, keys, target, positive):
     if (target is None) == (positive is None):
         raise ValueError("dense_contrast: give exactly one of target (B,) and positive (B, D)")
     if target is not None and (target.dtype != torch.int64 or target.shape != anchor.shape[:1]):
-        raise ValueError(f"target must be int64 of shape (B,) = ({anchor.shape[0]},), got {target.dtype} "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"target must be int64 of shape (B,) = ({anchor.shape[0]},), got {target.dtype} {tuple(target.shape)}"
+        )
     if positive is not None:
         check_kernel_dtype("positive", positive)
         if positive.shape != anchor.shape:
@@ -395,30 +586,63 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
         block_n = min(block_n, 32)
     if dot_dtype == tl.float32 and block_dv >= 64:
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
-    splits, keys_per_split = plan_key_splits(triton.cdiv(B, block_m) * slices, M, block_n,
-                                             sm_count(device) if anchor.is_cuda else None, num_splits)
+    splits, keys_per_split = plan_key_splits(
+        triton.cdiv(B, block_m) * slices, M, block_n, sm_count(device) if anchor.is_cuda else None, num_splits
+    )
     split = splits > 1
     part_stats = torch.empty((splits, 3, B) if split else (0,), **f32)
     part_acc = torch.empty((splits, B, D) if split and compute_grad else (0,), **f32)
     has_positive = positive is not None
-    args = (anchor, anchor.stride(0), anchor.stride(1),
-            keys, keys.stride(0), keys.stride(1),
-            anchor if has_positive else target,
-            positive if has_positive else anchor,
-            positive.stride(0) if has_positive else 0, positive.stride(1) if has_positive else 0,
-            logit_scale, logit_scale if bias is None else bias,
-            loss, lse, grad_anchor, grad_positive, grad_scalars, part_stats, part_acc)
+    args = (
+        anchor,
+        anchor.stride(0),
+        anchor.stride(1),
+        keys,
+        keys.stride(0),
+        keys.stride(1),
+        anchor if has_positive else target,
+        positive if has_positive else anchor,
+        positive.stride(0) if has_positive else 0,
+        positive.stride(1) if has_positive else 0,
+        logit_scale,
+        logit_scale if bias is None else bias,
+        loss,
+        lse,
+        grad_anchor,
+        grad_positive,
+        grad_scalars,
+        part_stats,
+        part_acc,
+    )
     flags = dict(HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad))
     with device_guard(anchor):
         _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices, splits)](
-            *args, B, M, D, keys_per_split, **flags, DOT_DTYPE=dot_dtype, SPLIT=split,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+            *args,
+            B,
+            M,
+            D,
+            keys_per_split,
+            **flags,
+            DOT_DTYPE=dot_dtype,
+            SPLIT=split,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_DK=_block(D, MAX_BLOCK_DK),
+            BLOCK_DV=block_dv,
             num_warps=num_warps,
         )
         if split:
             _dense_contrast_merge_kernel[(triton.cdiv(B, block_m), slices)](
-                *args, B, M, D, splits, **flags,
-                BLOCK_M=block_m, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv, num_warps=num_warps,
+                *args,
+                B,
+                M,
+                D,
+                splits,
+                **flags,
+                BLOCK_M=block_m,
+                BLOCK_DK=_block(D, MAX_BLOCK_DK),
+                BLOCK_DV=block_dv,
+                num_warps=num_warps,
             )
     return loss, lse, grad_anchor, grad_positive, grad_scalars
 
@@ -447,13 +671,28 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     has_target = target is not None
     with device_guard(anchor):
         _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
-            anchor, anchor.stride(0), anchor.stride(1),
-            keys, keys.stride(0), keys.stride(1),
-            target if has_target else lse, logit_scale, logit_scale if bias is None else bias, lse, grad_rows,
+            anchor,
+            anchor.stride(0),
+            anchor.stride(1),
+            keys,
+            keys.stride(0),
+            keys.stride(1),
+            target if has_target else lse,
+            logit_scale,
+            logit_scale if bias is None else bias,
+            lse,
+            grad_rows,
             grad_keys,
-            B, M, D,
-            HAS_TARGET=has_target, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=_block(D, MAX_BLOCK_DK), BLOCK_DV=block_dv,
+            B,
+            M,
+            D,
+            HAS_TARGET=has_target,
+            HAS_BIAS=bias is not None,
+            DOT_DTYPE=dot_dtype,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_DK=_block(D, MAX_BLOCK_DK),
+            BLOCK_DV=block_dv,
             num_warps=num_warps,
         )
     return grad_keys
@@ -463,8 +702,9 @@ def dense_contrast_reduced(anchor, keys, target, positive, logit_scale, bias, ro
     """Same arguments and outputs as the C++ op ``dcdkernels_C::dense_contrast_reduced``:
     ``(loss (), rows (B,), lse (B,), grad_anchor (B, D), grad_positive, grad_keys, grad_scalars (2,))``
     of ``loss = sum_b c_b L_b``, ``c`` = ``row_weight``; grad_keys is (0,) when not ``keys_grad``."""
-    rows, lse, grad_anchor, grad_positive, grad_scalars = dense_contrast(anchor, keys, target, positive, logit_scale,
-                                                                         bias, True)
+    rows, lse, grad_anchor, grad_positive, grad_scalars = dense_contrast(
+        anchor, keys, target, positive, logit_scale, bias, True
+    )
     c = row_weight.to(torch.float32)
     if keys_grad:
         grad_keys = dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bias, lse, c)
@@ -472,5 +712,12 @@ def dense_contrast_reduced(anchor, keys, target, positive, logit_scale, bias, ro
         grad_keys = torch.empty((0,), dtype=torch.float32, device=anchor.device)
     if positive is not None:
         grad_positive.mul_(c[:, None])
-    return ((rows * c).sum(), rows, lse, grad_anchor.mul_(c[:, None]), grad_positive, grad_keys,
-            grad_scalars.mul_(c).sum(dim=1))
+    return (
+        (rows * c).sum(),
+        rows,
+        lse,
+        grad_anchor.mul_(c[:, None]),
+        grad_positive,
+        grad_keys,
+        grad_scalars.mul_(c).sum(dim=1),
+    )

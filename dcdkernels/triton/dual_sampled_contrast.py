@@ -17,38 +17,54 @@ With ``F = sum p^t f``: ``KL = F - LSE^t + LSE^s``, ``dKL/dz_s = s (a_s/l_s - su
 ``dKL/dz_t = s (sum p^t f bank_s-row - F a_t/l_t)``, and ``dKL/ds`` is the same two terms with
 ``d`` in place of the rows; ``dKL/dbeta = 0``.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
-                      column_rows, device_guard, direction_init, direction_step, load_row_slice, merge_chunk_vectors,
-                      nce_constants, num_warps_for, plan_chunks, scalar_arg)
+from ._common import (
+    MERGE_BLOCK_D,
+    as_int64,
+    block_k_for,
+    check_kernel_dtype,
+    check_sampled_args,
+    chunk_scales,
+    column_rows,
+    device_guard,
+    direction_init,
+    direction_step,
+    load_row_slice,
+    merge_chunk_vectors,
+    nce_constants,
+    num_warps_for,
+    plan_chunks,
+    scalar_arg,
+)
 from .rng import rng_key
 
 # Statistics of one (anchor, chunk): a block of DIR_STATS per direction (s at 0, t at DIR_STATS),
 # then the KL sums.
-DIR_M = tl.constexpr(0)          # running max of the logits
-DIR_L = tl.constexpr(1)          # sum w
-DIR_C = tl.constexpr(2)          # sum w d
-DIR_D0 = tl.constexpr(3)         # d_0 (chunk 0; 0 elsewhere)
-DIR_NCE_LOSS = tl.constexpr(4)   # NCE: sum of the column losses
-DIR_NCE_C = tl.constexpr(5)      # NCE: sum dL/dl d
+DIR_M = tl.constexpr(0)  # running max of the logits
+DIR_L = tl.constexpr(1)  # sum w
+DIR_C = tl.constexpr(2)  # sum w d
+DIR_D0 = tl.constexpr(3)  # d_0 (chunk 0; 0 elsewhere)
+DIR_NCE_LOSS = tl.constexpr(4)  # NCE: sum of the column losses
+DIR_NCE_C = tl.constexpr(5)  # NCE: sum dL/dl d
 DIR_NCE_SLOPE = tl.constexpr(6)  # NCE: sum dL/dl
 DIR_STATS = tl.constexpr(7)
 STAT_S = tl.constexpr(0)
 STAT_T = tl.constexpr(7)
-STAT_KL_F = tl.constexpr(14)     # sum w^t f
-STAT_KL_DS = tl.constexpr(15)    # sum w^t d^s
-STAT_KL_FDT = tl.constexpr(16)   # sum w^t f d^t
+STAT_KL_F = tl.constexpr(14)  # sum w^t f
+STAT_KL_DS = tl.constexpr(15)  # sum w^t d^s
+STAT_KL_FDT = tl.constexpr(16)  # sum w^t f d^t
 NUM_STATS = tl.constexpr(17)
 # D-long vectors of one (anchor, chunk).
-VEC_A_S = tl.constexpr(0)        # sum w^s bank_t-row
-VEC_A_T = tl.constexpr(1)        # sum w^t bank_s-row
-VEC_NCE_S = tl.constexpr(2)      # NCE: sum dL^s/dl bank_t-row
-VEC_NCE_T = tl.constexpr(3)      # NCE: sum dL^t/dl bank_s-row
-VEC_KL_RT = tl.constexpr(4)      # sum w^t bank_t-row
-VEC_KL_FRS = tl.constexpr(5)     # sum w^t f bank_s-row
+VEC_A_S = tl.constexpr(0)  # sum w^s bank_t-row
+VEC_A_T = tl.constexpr(1)  # sum w^t bank_s-row
+VEC_NCE_S = tl.constexpr(2)  # NCE: sum dL^s/dl bank_t-row
+VEC_NCE_T = tl.constexpr(3)  # NCE: sum dL^t/dl bank_s-row
+VEC_KL_RT = tl.constexpr(4)  # sum w^t bank_t-row
+VEC_KL_FRS = tl.constexpr(5)  # sum w^t f bank_s-row
 NUM_VECS = tl.constexpr(6)
 
 
@@ -60,9 +76,27 @@ def plane_offset(PLANE: tl.constexpr, B, D):
 
 
 @triton.jit
-def _store_direction(stats, vecs, D, offs_d, d_mask, m, l, c, d0, nce_loss, nce_c, nce_slope, a, nce_a,
-                     BASE: tl.constexpr, VEC_A: tl.constexpr, VEC_NCE: tl.constexpr, SOFTMAX_GRAD: tl.constexpr,
-                     NCE_GRAD: tl.constexpr):
+def _store_direction(
+    stats,
+    vecs,
+    D,
+    offs_d,
+    d_mask,
+    m,
+    l,
+    c,
+    d0,
+    nce_loss,
+    nce_c,
+    nce_slope,
+    a,
+    nce_a,
+    BASE: tl.constexpr,
+    VEC_A: tl.constexpr,
+    VEC_NCE: tl.constexpr,
+    SOFTMAX_GRAD: tl.constexpr,
+    NCE_GRAD: tl.constexpr,
+):
     tl.store(stats + BASE + DIR_M, m)
     tl.store(stats + BASE + DIR_L, l)
     tl.store(stats + BASE + DIR_C, c)
@@ -78,14 +112,40 @@ def _store_direction(stats, vecs, D, offs_d, d_mask, m, l, c, d0, nce_loss, nce_
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _dual_sampled_contrast_partial_kernel(
-    anchor_s_ptr, stride_sb, stride_sd, anchor_t_ptr, stride_tb, stride_td,
-    bank_s_ptr, stride_bsn, bank_t_ptr, stride_btn, N,
-    index_ptr, stride_ib, stride_ic,
-    scale_ptr, bias_ptr, log_z_ptr,
-    stats_ptr, vec_ptr,
-    D, COLS, cols_per_chunk, num_negatives, seed, offset, log_c_eps, log1p_eps_c,
-    LOSS_TYPE: tl.constexpr, COMPUTE_KL: tl.constexpr, SAMPLED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    anchor_s_ptr,
+    stride_sb,
+    stride_sd,
+    anchor_t_ptr,
+    stride_tb,
+    stride_td,
+    bank_s_ptr,
+    stride_bsn,
+    bank_t_ptr,
+    stride_btn,
+    N,
+    index_ptr,
+    stride_ib,
+    stride_ic,
+    scale_ptr,
+    bias_ptr,
+    log_z_ptr,
+    stats_ptr,
+    vec_ptr,
+    D,
+    COLS,
+    cols_per_chunk,
+    num_negatives,
+    seed,
+    offset,
+    log_c_eps,
+    log1p_eps_c,
+    LOSS_TYPE: tl.constexpr,
+    COMPUTE_KL: tl.constexpr,
+    SAMPLED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # Softmax vectors serve InfoNCE and the KL; NCE has its own plain sums.
     softmax_grad = COMPUTE_GRAD and (LOSS_TYPE == 0 or COMPUTE_KL)
@@ -120,18 +180,63 @@ def _dual_sampled_contrast_partial_kernel(
     col_end = tl.minimum(col_start + cols_per_chunk, COLS)
     for start in range(col_start, col_end, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        rows, valid = column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives,
-                                  SAMPLED)
+        rows, valid = column_rows(
+            index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives, SAMPLED
+        )
         mask = valid[:, None] & d_mask[None, :]
         row_t = tl.load(bank_t_ptr + rows[:, None] * stride_btn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         row_s = tl.load(bank_s_ptr + rows[:, None] * stride_bsn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         # Student: z_s against bank_t rows; teacher: z_t against bank_s rows.
-        (m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s, dots_s, logits_s, alpha_s,
-         w_s) = direction_step(m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s, q_s, row_t, s,
-                                beta, cols, valid, log_z_s, log_c_eps, log1p_eps_c, LOSS_TYPE, softmax_grad, nce_grad)
-        (m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t, dots_t, logits_t, alpha_t,
-         w_t) = direction_step(m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t, q_t, row_s, s,
-                                beta, cols, valid, log_z_t, log_c_eps, log1p_eps_c, LOSS_TYPE, softmax_grad, nce_grad)
+        (m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s, dots_s, logits_s, alpha_s, w_s) = (
+            direction_step(
+                m_s,
+                l_s,
+                c_s,
+                d0_s,
+                a_s,
+                nce_loss_s,
+                nce_c_s,
+                nce_slope_s,
+                nce_a_s,
+                q_s,
+                row_t,
+                s,
+                beta,
+                cols,
+                valid,
+                log_z_s,
+                log_c_eps,
+                log1p_eps_c,
+                LOSS_TYPE,
+                softmax_grad,
+                nce_grad,
+            )
+        )
+        (m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t, dots_t, logits_t, alpha_t, w_t) = (
+            direction_step(
+                m_t,
+                l_t,
+                c_t,
+                d0_t,
+                a_t,
+                nce_loss_t,
+                nce_c_t,
+                nce_slope_t,
+                nce_a_t,
+                q_t,
+                row_s,
+                s,
+                beta,
+                cols,
+                valid,
+                log_z_t,
+                log_c_eps,
+                log1p_eps_c,
+                LOSS_TYPE,
+                softmax_grad,
+                nce_grad,
+            )
+        )
         if COMPUTE_KL:
             # f is finite on invalid columns too (their logits are beta), where w_t = 0.
             f = logits_t - logits_s
@@ -145,10 +250,48 @@ def _dual_sampled_contrast_partial_kernel(
     slot = b.to(tl.int64) * tl.num_programs(1) + chunk
     stats = stats_ptr + slot * NUM_STATS
     vecs = vec_ptr + slot * NUM_VECS * D
-    _store_direction(stats, vecs, D, offs_d, d_mask, m_s, l_s, c_s, d0_s, nce_loss_s, nce_c_s, nce_slope_s, a_s,
-                     nce_a_s, STAT_S, VEC_A_S, VEC_NCE_S, softmax_grad, nce_grad)
-    _store_direction(stats, vecs, D, offs_d, d_mask, m_t, l_t, c_t, d0_t, nce_loss_t, nce_c_t, nce_slope_t, a_t,
-                     nce_a_t, STAT_T, VEC_A_T, VEC_NCE_T, softmax_grad, nce_grad)
+    _store_direction(
+        stats,
+        vecs,
+        D,
+        offs_d,
+        d_mask,
+        m_s,
+        l_s,
+        c_s,
+        d0_s,
+        nce_loss_s,
+        nce_c_s,
+        nce_slope_s,
+        a_s,
+        nce_a_s,
+        STAT_S,
+        VEC_A_S,
+        VEC_NCE_S,
+        softmax_grad,
+        nce_grad,
+    )
+    _store_direction(
+        stats,
+        vecs,
+        D,
+        offs_d,
+        d_mask,
+        m_t,
+        l_t,
+        c_t,
+        d0_t,
+        nce_loss_t,
+        nce_c_t,
+        nce_slope_t,
+        a_t,
+        nce_a_t,
+        STAT_T,
+        VEC_A_T,
+        VEC_NCE_T,
+        softmax_grad,
+        nce_grad,
+    )
     tl.store(stats + STAT_KL_F, kl_f)
     tl.store(stats + STAT_KL_DS, kl_ds)
     tl.store(stats + STAT_KL_FDT, kl_fdt)
@@ -182,13 +325,30 @@ def _merge_direction(stats, c_mask, m_ref, scale_c, s, beta, has_pos, BASE: tl.c
 
 @triton.jit
 def _dual_sampled_contrast_merge_kernel(
-    stats_ptr, vec_ptr, num_chunks,
-    bank_s_ptr, stride_bsn, bank_t_ptr, stride_btn, N, index_ptr, stride_ib,
-    scale_ptr, bias_ptr,
-    losses_ptr, lse_ptr, grad_anchors_ptr, grad_scalars_ptr,
-    B, D,
-    LOSS_TYPE: tl.constexpr, COMPUTE_KL: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    stats_ptr,
+    vec_ptr,
+    num_chunks,
+    bank_s_ptr,
+    stride_bsn,
+    bank_t_ptr,
+    stride_btn,
+    N,
+    index_ptr,
+    stride_ib,
+    scale_ptr,
+    bias_ptr,
+    losses_ptr,
+    lse_ptr,
+    grad_anchors_ptr,
+    grad_scalars_ptr,
+    B,
+    D,
+    LOSS_TYPE: tl.constexpr,
+    COMPUTE_KL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -202,10 +362,12 @@ def _dual_sampled_contrast_merge_kernel(
     _, _, m_ref_t, scale_t = chunk_scales(stats_ptr, b, num_chunks, STAT_T + DIR_M, NUM_STATS, BLOCK_C)
     row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
     has_pos = (row0 >= 0) & (row0 < N)
-    inv_l_s, lse_s, c_s, loss_s, gscale_s, gbias_s = _merge_direction(stats, c_mask, m_ref_s, scale_s, s, beta,
-                                                                      has_pos, STAT_S, LOSS_TYPE)
-    inv_l_t, lse_t, c_t, loss_t, gscale_t, gbias_t = _merge_direction(stats, c_mask, m_ref_t, scale_t, s, beta,
-                                                                      has_pos, STAT_T, LOSS_TYPE)
+    inv_l_s, lse_s, c_s, loss_s, gscale_s, gbias_s = _merge_direction(
+        stats, c_mask, m_ref_s, scale_s, s, beta, has_pos, STAT_S, LOSS_TYPE
+    )
+    inv_l_t, lse_t, c_t, loss_t, gscale_t, gbias_t = _merge_direction(
+        stats, c_mask, m_ref_t, scale_t, s, beta, has_pos, STAT_T, LOSS_TYPE
+    )
     kl = 0.0
     gscale_kl = 0.0
     F = 0.0
@@ -235,26 +397,122 @@ def _dual_sampled_contrast_merge_kernel(
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         if LOSS_TYPE == 0 or COMPUTE_KL:
-            p_s_rt = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_A_S, NUM_VECS, STAT_S + DIR_M,
-                                         NUM_STATS, m_ref_s, offs_d, d_mask, D, True, BLOCK_D) * inv_l_s
-            p_t_rs = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_A_T, NUM_VECS, STAT_T + DIR_M,
-                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) * inv_l_t
+            p_s_rt = (
+                merge_chunk_vectors(
+                    vec_ptr,
+                    stats_ptr,
+                    b,
+                    num_chunks,
+                    VEC_A_S,
+                    NUM_VECS,
+                    STAT_S + DIR_M,
+                    NUM_STATS,
+                    m_ref_s,
+                    offs_d,
+                    d_mask,
+                    D,
+                    True,
+                    BLOCK_D,
+                )
+                * inv_l_s
+            )
+            p_t_rs = (
+                merge_chunk_vectors(
+                    vec_ptr,
+                    stats_ptr,
+                    b,
+                    num_chunks,
+                    VEC_A_T,
+                    NUM_VECS,
+                    STAT_T + DIR_M,
+                    NUM_STATS,
+                    m_ref_t,
+                    offs_d,
+                    d_mask,
+                    D,
+                    True,
+                    BLOCK_D,
+                )
+                * inv_l_t
+            )
         if LOSS_TYPE == 0:
             # zeros for an absent positive's row (load_row_slice)
             grad_s = s * (p_s_rt - load_row_slice(bank_t_ptr, stride_btn, N, row0, offs_d, d_mask))
             grad_t = s * (p_t_rs - load_row_slice(bank_s_ptr, stride_bsn, N, row0, offs_d, d_mask))
         else:
-            grad_s = s * merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_NCE_S, NUM_VECS, STAT_S + DIR_M,
-                                             NUM_STATS, m_ref_s, offs_d, d_mask, D, False, BLOCK_D)
-            grad_t = s * merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_NCE_T, NUM_VECS, STAT_T + DIR_M,
-                                             NUM_STATS, m_ref_t, offs_d, d_mask, D, False, BLOCK_D)
+            grad_s = s * merge_chunk_vectors(
+                vec_ptr,
+                stats_ptr,
+                b,
+                num_chunks,
+                VEC_NCE_S,
+                NUM_VECS,
+                STAT_S + DIR_M,
+                NUM_STATS,
+                m_ref_s,
+                offs_d,
+                d_mask,
+                D,
+                False,
+                BLOCK_D,
+            )
+            grad_t = s * merge_chunk_vectors(
+                vec_ptr,
+                stats_ptr,
+                b,
+                num_chunks,
+                VEC_NCE_T,
+                NUM_VECS,
+                STAT_T + DIR_M,
+                NUM_STATS,
+                m_ref_t,
+                offs_d,
+                d_mask,
+                D,
+                False,
+                BLOCK_D,
+            )
         kl_grad_s = tl.zeros([BLOCK_D], dtype=tl.float32)
         kl_grad_t = tl.zeros([BLOCK_D], dtype=tl.float32)
         if COMPUTE_KL:
-            p_t_rt = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_KL_RT, NUM_VECS, STAT_T + DIR_M,
-                                         NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) * inv_l_t
-            p_t_f_rs = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, VEC_KL_FRS, NUM_VECS, STAT_T + DIR_M,
-                                           NUM_STATS, m_ref_t, offs_d, d_mask, D, True, BLOCK_D) * inv_l_t
+            p_t_rt = (
+                merge_chunk_vectors(
+                    vec_ptr,
+                    stats_ptr,
+                    b,
+                    num_chunks,
+                    VEC_KL_RT,
+                    NUM_VECS,
+                    STAT_T + DIR_M,
+                    NUM_STATS,
+                    m_ref_t,
+                    offs_d,
+                    d_mask,
+                    D,
+                    True,
+                    BLOCK_D,
+                )
+                * inv_l_t
+            )
+            p_t_f_rs = (
+                merge_chunk_vectors(
+                    vec_ptr,
+                    stats_ptr,
+                    b,
+                    num_chunks,
+                    VEC_KL_FRS,
+                    NUM_VECS,
+                    STAT_T + DIR_M,
+                    NUM_STATS,
+                    m_ref_t,
+                    offs_d,
+                    d_mask,
+                    D,
+                    True,
+                    BLOCK_D,
+                )
+                * inv_l_t
+            )
             kl_grad_s = s * (p_s_rt - p_t_rt)
             kl_grad_t = s * (p_t_f_rs - F * p_t_rs)
         out = grad_anchors_ptr + b.to(tl.int64) * D + offs_d
@@ -264,8 +522,26 @@ def _dual_sampled_contrast_merge_kernel(
         tl.store(out + plane_offset(3, B, D), kl_grad_t, mask=d_mask)
 
 
-def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale, bias, log_z, loss_type, compute_kl,
-                          num_negatives, seed, offset, compute_grad, noise_rows=0, *, num_chunks=None, block_k=None):
+def dual_sampled_contrast(
+    anchor_s,
+    anchor_t,
+    bank_s,
+    bank_t,
+    index,
+    logit_scale,
+    bias,
+    log_z,
+    loss_type,
+    compute_kl,
+    num_negatives,
+    seed,
+    offset,
+    compute_grad,
+    noise_rows=0,
+    *,
+    num_chunks=None,
+    block_k=None,
+):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::dual_sampled_contrast``:
     ``(losses (3, B), lse (2, B), grad_anchors (4, B, D) or (0,), grad_scalars (2, 3, B) or (0,))``,
     fp32. ``num_chunks`` and ``block_k`` override the split of the K+1 columns (tests, tuning).
@@ -274,8 +550,10 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale
     check_kernel_dtype("anchor_t", anchor_t)
     K = check_sampled_args(anchor_s, {"bank_s": bank_s, "bank_t": bank_t}, index, loss_type, log_z, num_negatives)
     if anchor_t.shape != anchor_s.shape or bank_s.shape != bank_t.shape:
-        raise ValueError(f"anchor_t/bank_s must match anchor_s/bank_t: {tuple(anchor_t.shape)} vs "
-                         f"{tuple(anchor_s.shape)}, {tuple(bank_s.shape)} vs {tuple(bank_t.shape)}")
+        raise ValueError(
+            f"anchor_t/bank_s must match anchor_s/bank_t: {tuple(anchor_t.shape)} vs "
+            f"{tuple(anchor_s.shape)}, {tuple(bank_s.shape)} vs {tuple(bank_t.shape)}"
+        )
     if log_z is not None and log_z.numel() != 2:
         raise ValueError(f"log_z must be (2,) = [log Z_s, log Z_t], got shape {tuple(log_z.shape)}")
     B, D = anchor_s.shape
@@ -299,25 +577,65 @@ def dual_sampled_contrast(anchor_s, anchor_t, bank_s, bank_t, index, logit_scale
     grad_scalars = torch.empty((2, 3, B) if compute_grad else (0,), **f32)
     sampled = index.dim() == 1
     merge_block_d = min(block_d, MERGE_BLOCK_D)
-    flags = dict(LOSS_TYPE=loss_type, COMPUTE_KL=bool(compute_kl), HAS_BIAS=bias is not None,
-                 COMPUTE_GRAD=bool(compute_grad))
+    flags = dict(
+        LOSS_TYPE=loss_type, COMPUTE_KL=bool(compute_kl), HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad)
+    )
     with device_guard(anchor_s):
         _dual_sampled_contrast_partial_kernel[(B, chunks)](
-            anchor_s, anchor_s.stride(0), anchor_s.stride(1), anchor_t, anchor_t.stride(0), anchor_t.stride(1),
-            bank_s, bank_s.stride(0), bank_t, bank_t.stride(0), N,
-            index, index.stride(0), 0 if sampled else index.stride(1),
-            logit_scale, logit_scale if bias is None else bias, logit_scale if log_z is None else log_z,
-            stats, vec,
-            D, cols, cols_per_chunk, K, as_int64(seed), as_int64(offset), log_c_eps, log1p_eps_c,
-            SAMPLED=sampled, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps_for(block_d, NUM_VECS.value),
+            anchor_s,
+            anchor_s.stride(0),
+            anchor_s.stride(1),
+            anchor_t,
+            anchor_t.stride(0),
+            anchor_t.stride(1),
+            bank_s,
+            bank_s.stride(0),
+            bank_t,
+            bank_t.stride(0),
+            N,
+            index,
+            index.stride(0),
+            0 if sampled else index.stride(1),
+            logit_scale,
+            logit_scale if bias is None else bias,
+            logit_scale if log_z is None else log_z,
+            stats,
+            vec,
+            D,
+            cols,
+            cols_per_chunk,
+            K,
+            as_int64(seed),
+            as_int64(offset),
+            log_c_eps,
+            log1p_eps_c,
+            SAMPLED=sampled,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=num_warps_for(block_d, NUM_VECS.value),
             **flags,
         )
         _dual_sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
-            stats, vec, chunks,
-            bank_s, bank_s.stride(0), bank_t, bank_t.stride(0), N, index, index.stride(0),
-            logit_scale, logit_scale if bias is None else bias,
-            losses, lse, grad_anchors, grad_scalars,
-            B, D,
-            BLOCK_C=triton.next_power_of_2(chunks), BLOCK_D=merge_block_d, **flags,
+            stats,
+            vec,
+            chunks,
+            bank_s,
+            bank_s.stride(0),
+            bank_t,
+            bank_t.stride(0),
+            N,
+            index,
+            index.stride(0),
+            logit_scale,
+            logit_scale if bias is None else bias,
+            losses,
+            lse,
+            grad_anchors,
+            grad_scalars,
+            B,
+            D,
+            BLOCK_C=triton.next_power_of_2(chunks),
+            BLOCK_D=merge_block_d,
+            **flags,
         )
     return losses, lse, grad_anchors, grad_scalars

@@ -7,6 +7,7 @@ int64, whose wrap-around has the same bits as uint64's, and split into its two 3
 32 bits, so truncating it afterwards is exact whatever the sign). The final draw
 ``(uint64(h) * N) >> 32`` is the high word of a 32x32-bit product: exact in uint64 since N < 2^32.
 """
+
 import triton
 import triton.language as tl
 

@@ -19,35 +19,71 @@ backward only scales it by grad_output. A column whose row lies outside [0, N) i
 (csrc/KERNELS.md): never read, it adds nothing to any sum, and an absent positive adds no
 ``-l_0`` / ``-row_0`` term.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (MERGE_BLOCK_D, as_int64, block_k_for, check_kernel_dtype, check_sampled_args, chunk_scales,
-                      column_rows, device_guard, direction_init, direction_step, load_row_slice, merge_chunk_vectors,
-                      nce_constants, num_warps_for, plan_chunks, scalar_arg)
+from ._common import (
+    MERGE_BLOCK_D,
+    as_int64,
+    block_k_for,
+    check_kernel_dtype,
+    check_sampled_args,
+    chunk_scales,
+    column_rows,
+    device_guard,
+    direction_init,
+    direction_step,
+    load_row_slice,
+    merge_chunk_vectors,
+    nce_constants,
+    num_warps_for,
+    plan_chunks,
+    scalar_arg,
+)
 from .rng import rng_key
 
 # Slots of the per-(anchor, chunk) statistics in the workspace.
-STAT_M = tl.constexpr(0)          # running max of the logits
-STAT_L = tl.constexpr(1)          # sum e^(l_k - m)
-STAT_C = tl.constexpr(2)          # InfoNCE: sum e^(l_k - m) d_k; NCE: sum dL/dl_k d_k
-STAT_D0 = tl.constexpr(3)         # d_0 = <q, positive row> (chunk 0, positive present; 0 elsewhere)
-STAT_NCE_LOSS = tl.constexpr(4)   # NCE: sum of the per-column losses
+STAT_M = tl.constexpr(0)  # running max of the logits
+STAT_L = tl.constexpr(1)  # sum e^(l_k - m)
+STAT_C = tl.constexpr(2)  # InfoNCE: sum e^(l_k - m) d_k; NCE: sum dL/dl_k d_k
+STAT_D0 = tl.constexpr(3)  # d_0 = <q, positive row> (chunk 0, positive present; 0 elsewhere)
+STAT_NCE_LOSS = tl.constexpr(4)  # NCE: sum of the per-column losses
 STAT_NCE_SLOPE = tl.constexpr(5)  # NCE: sum dL/dl_k (= dL/dbeta)
 NUM_STATS = tl.constexpr(6)
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _sampled_contrast_partial_kernel(
-    anchor_ptr, stride_ab, stride_ad,
-    bank_ptr, stride_bn, N,
-    index_ptr, stride_ib, stride_ic,
-    scale_ptr, bias_ptr, log_z_ptr,
-    stats_ptr, vec_ptr,
-    D, COLS, cols_per_chunk, num_negatives, seed, offset, log_c_eps, log1p_eps_c,
-    LOSS_TYPE: tl.constexpr, SAMPLED: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    anchor_ptr,
+    stride_ab,
+    stride_ad,
+    bank_ptr,
+    stride_bn,
+    N,
+    index_ptr,
+    stride_ib,
+    stride_ic,
+    scale_ptr,
+    bias_ptr,
+    log_z_ptr,
+    stats_ptr,
+    vec_ptr,
+    D,
+    COLS,
+    cols_per_chunk,
+    num_negatives,
+    seed,
+    offset,
+    log_c_eps,
+    log1p_eps_c,
+    LOSS_TYPE: tl.constexpr,
+    SAMPLED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -69,13 +105,35 @@ def _sampled_contrast_partial_kernel(
     col_end = tl.minimum(col_start + cols_per_chunk, COLS)
     for start in range(col_start, col_end, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        rows, valid = column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives,
-                                  SAMPLED)
-        tile = tl.load(bank_ptr + rows[:, None] * stride_bn + offs_d[None, :],
-                       mask=valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        rows, valid = column_rows(
+            index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives, SAMPLED
+        )
+        tile = tl.load(
+            bank_ptr + rows[:, None] * stride_bn + offs_d[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0
+        ).to(tl.float32)
         m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, _, _, _, _ = direction_step(
-            m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, q, tile, s, beta, cols, valid, log_z, log_c_eps,
-            log1p_eps_c, LOSS_TYPE, COMPUTE_GRAD and LOSS_TYPE == 0, COMPUTE_GRAD and LOSS_TYPE == 1)
+            m,
+            l,
+            c,
+            d0,
+            a,
+            nce_loss,
+            nce_c,
+            nce_slope,
+            nce_a,
+            q,
+            tile,
+            s,
+            beta,
+            cols,
+            valid,
+            log_z,
+            log_c_eps,
+            log1p_eps_c,
+            LOSS_TYPE,
+            COMPUTE_GRAD and LOSS_TYPE == 0,
+            COMPUTE_GRAD and LOSS_TYPE == 1,
+        )
     if LOSS_TYPE == 1:
         c = nce_c
         a = nce_a
@@ -94,13 +152,27 @@ def _sampled_contrast_partial_kernel(
 
 @triton.jit
 def _sampled_contrast_merge_kernel(
-    stats_ptr, vec_ptr, num_chunks,
-    bank_ptr, stride_bn, N, index_ptr, stride_ib,
-    scale_ptr, bias_ptr,
-    loss_ptr, lse_ptr, grad_anchor_ptr, grad_scalars_ptr,
-    B, D,
-    LOSS_TYPE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    stats_ptr,
+    vec_ptr,
+    num_chunks,
+    bank_ptr,
+    stride_bn,
+    N,
+    index_ptr,
+    stride_ib,
+    scale_ptr,
+    bias_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_anchor_ptr,
+    grad_scalars_ptr,
+    B,
+    D,
+    LOSS_TYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -135,8 +207,22 @@ def _sampled_contrast_merge_kernel(
         tl.store(grad_scalars_ptr + B + b, grad_bias, mask=first)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
-        acc = merge_chunk_vectors(vec_ptr, stats_ptr, b, num_chunks, 0, 1, STAT_M, NUM_STATS, m_ref, offs_d, d_mask, D,
-                                  LOSS_TYPE == 0, BLOCK_D)
+        acc = merge_chunk_vectors(
+            vec_ptr,
+            stats_ptr,
+            b,
+            num_chunks,
+            0,
+            1,
+            STAT_M,
+            NUM_STATS,
+            m_ref,
+            offs_d,
+            d_mask,
+            D,
+            LOSS_TYPE == 0,
+            BLOCK_D,
+        )
         if LOSS_TYPE == 0:
             # dL/dq = s (sum_k p_k row_k - row_0): gather the positive row's slice once more
             # (zeros when it is absent).
@@ -146,8 +232,23 @@ def _sampled_contrast_merge_kernel(
         tl.store(grad_anchor_ptr + b.to(tl.int64) * D + offs_d, grad, mask=d_mask)
 
 
-def sampled_contrast(anchor, bank, index, logit_scale, bias, log_z, loss_type, num_negatives, seed, offset,
-                     compute_grad, noise_rows=0, *, num_chunks=None, block_k=None):
+def sampled_contrast(
+    anchor,
+    bank,
+    index,
+    logit_scale,
+    bias,
+    log_z,
+    loss_type,
+    num_negatives,
+    seed,
+    offset,
+    compute_grad,
+    noise_rows=0,
+    *,
+    num_chunks=None,
+    block_k=None,
+):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::sampled_contrast``:
     ``(loss (B,), lse (B,), grad_anchor (B, D) or (0,), grad_scalars (2, B) or (0,))``, fp32.
     ``noise_rows``: NCE's N in ``c = K / N`` (0: the bank's rows).
@@ -179,22 +280,57 @@ def sampled_contrast(anchor, bank, index, logit_scale, bias, log_z, loss_type, n
     merge_block_d = min(block_d, MERGE_BLOCK_D)
     with device_guard(anchor):
         _sampled_contrast_partial_kernel[(B, chunks)](
-            anchor, anchor.stride(0), anchor.stride(1),
-            bank, bank.stride(0), N,
-            index, index.stride(0), 0 if sampled else index.stride(1),
-            logit_scale, logit_scale if bias is None else bias, logit_scale if log_z is None else log_z,
-            stats, vec,
-            D, cols, cols_per_chunk, K, as_int64(seed), as_int64(offset), log_c_eps, log1p_eps_c,
-            LOSS_TYPE=loss_type, SAMPLED=sampled, HAS_BIAS=bias is not None, COMPUTE_GRAD=compute_grad,
-            BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps_for(block_d, 1),
+            anchor,
+            anchor.stride(0),
+            anchor.stride(1),
+            bank,
+            bank.stride(0),
+            N,
+            index,
+            index.stride(0),
+            0 if sampled else index.stride(1),
+            logit_scale,
+            logit_scale if bias is None else bias,
+            logit_scale if log_z is None else log_z,
+            stats,
+            vec,
+            D,
+            cols,
+            cols_per_chunk,
+            K,
+            as_int64(seed),
+            as_int64(offset),
+            log_c_eps,
+            log1p_eps_c,
+            LOSS_TYPE=loss_type,
+            SAMPLED=sampled,
+            HAS_BIAS=bias is not None,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=num_warps_for(block_d, 1),
         )
         _sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
-            stats, vec, chunks,
-            bank, bank.stride(0), N, index, index.stride(0),
-            logit_scale, logit_scale if bias is None else bias,
-            loss, lse, grad_anchor, grad_scalars,
-            B, D,
-            LOSS_TYPE=loss_type, HAS_BIAS=bias is not None, COMPUTE_GRAD=compute_grad,
-            BLOCK_C=triton.next_power_of_2(chunks), BLOCK_D=merge_block_d,
+            stats,
+            vec,
+            chunks,
+            bank,
+            bank.stride(0),
+            N,
+            index,
+            index.stride(0),
+            logit_scale,
+            logit_scale if bias is None else bias,
+            loss,
+            lse,
+            grad_anchor,
+            grad_scalars,
+            B,
+            D,
+            LOSS_TYPE=loss_type,
+            HAS_BIAS=bias is not None,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_C=triton.next_power_of_2(chunks),
+            BLOCK_D=merge_block_d,
         )
     return loss, lse, grad_anchor, grad_scalars

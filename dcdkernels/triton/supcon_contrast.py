@@ -13,6 +13,7 @@ tile by tile. Anchors kernel, grid (R / BLOCK_M, D / BLOCK_DV): ``grad_a = s G K
 the per-row ``sum_j G_ij d_ij`` of d/ds. Keys kernel, grid (N / BLOCK_N, D / BLOCK_DV):
 ``grad_k = s G^T A``. Dots in fp32 ("ieee").
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -27,8 +28,20 @@ MIN_DOT = 16
 
 
 @triton.jit
-def _dots(a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr):
+def _dots(
+    a_ptr,
+    stride_a,
+    offs_m,
+    m_mask,
+    k_ptr,
+    stride_k,
+    offs_n,
+    n_mask,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_N) fp32 dots <a_i, k_j> over the full D (rows with unit inner stride)."""
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a
     k_rows = k_ptr + offs_n.to(tl.int64)[None, :] * stride_k
@@ -55,9 +68,25 @@ def _coefficients(dots, s, offs_m, m_mask, offs_n, n_mask, la, lk, m_i, inv_den,
 
 
 @triton.jit
-def _supcon_fwd_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr, scale_ptr, loss_ptr, stats_ptr,
-                       R, N, D, eps, EXCLUDE_SELF: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr):
+def _supcon_fwd_kernel(
+    a_ptr,
+    stride_a,
+    la_ptr,
+    k_ptr,
+    stride_k,
+    lk_ptr,
+    scale_ptr,
+    loss_ptr,
+    stats_ptr,
+    R,
+    N,
+    D,
+    eps,
+    EXCLUDE_SELF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < R
     s = tl.load(scale_ptr)
@@ -70,8 +99,9 @@ def _supcon_fwd_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr, scale_p
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         lk = tl.load(lk_ptr + offs_n, mask=n_mask, other=-1)
-        logits = s * _dots(a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D,
-                           BLOCK_M, BLOCK_N, BLOCK_DK)
+        logits = s * _dots(
+            a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_DK
+        )
         logits = tl.where(n_mask[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))  # the self column counts in the max
         keep = n_mask[None, :]
@@ -102,10 +132,27 @@ def _load_row_state(stats_ptr, g_ptr, offs_m, m_mask, R):
 
 
 @triton.jit
-def _supcon_bwd_anchors_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr, scale_ptr, stats_ptr, g_ptr,
-                               grad_a_ptr, grad_s_ptr, R, N, D, EXCLUDE_SELF: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                               BLOCK_DV: tl.constexpr):
+def _supcon_bwd_anchors_kernel(
+    a_ptr,
+    stride_a,
+    la_ptr,
+    k_ptr,
+    stride_k,
+    lk_ptr,
+    scale_ptr,
+    stats_ptr,
+    g_ptr,
+    grad_a_ptr,
+    grad_s_ptr,
+    R,
+    N,
+    D,
+    EXCLUDE_SELF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < R
     pid_v = tl.program_id(1)
@@ -123,8 +170,11 @@ def _supcon_bwd_anchors_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr,
         dots = _dots(a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_DK)
         G = _coefficients(dots, s, offs_m, m_mask, offs_n, n_mask, la, lk, m_i, inv_den, inv_np, g, EXCLUDE_SELF)
         gs += tl.sum(G * dots, axis=1)
-        v = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * stride_k + offs_v[None, :],
-                    mask=n_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+        v = tl.load(
+            k_ptr + offs_n.to(tl.int64)[:, None] * stride_k + offs_v[None, :],
+            mask=n_mask[:, None] & v_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(G, v, acc, input_precision="ieee")
     out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
     tl.store(grad_a_ptr + out, s * acc, mask=m_mask[:, None] & v_mask[None, :])
@@ -132,10 +182,26 @@ def _supcon_bwd_anchors_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr,
 
 
 @triton.jit
-def _supcon_bwd_keys_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr, scale_ptr, stats_ptr, g_ptr,
-                            grad_k_ptr, R, N, D, EXCLUDE_SELF: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                            BLOCK_DV: tl.constexpr):
+def _supcon_bwd_keys_kernel(
+    a_ptr,
+    stride_a,
+    la_ptr,
+    k_ptr,
+    stride_k,
+    lk_ptr,
+    scale_ptr,
+    stats_ptr,
+    g_ptr,
+    grad_k_ptr,
+    R,
+    N,
+    D,
+    EXCLUDE_SELF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -150,8 +216,11 @@ def _supcon_bwd_keys_kernel(a_ptr, stride_a, la_ptr, k_ptr, stride_k, lk_ptr, sc
         m_i, inv_den, inv_np, g = _load_row_state(stats_ptr, g_ptr, offs_m, m_mask, R)
         dots = _dots(a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_DK)
         G = _coefficients(dots, s, offs_m, m_mask, offs_n, n_mask, la, lk, m_i, inv_den, inv_np, g, EXCLUDE_SELF)
-        a = tl.load(a_ptr + offs_m.to(tl.int64)[:, None] * stride_a + offs_v[None, :],
-                    mask=m_mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + offs_m.to(tl.int64)[:, None] * stride_a + offs_v[None, :],
+            mask=m_mask[:, None] & v_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(tl.trans(G), a, acc, input_precision="ieee")
     out = offs_n.to(tl.int64)[:, None] * D + offs_v[None, :]
     tl.store(grad_k_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
@@ -187,15 +256,28 @@ def supcon_contrast(anchors, labels, keys, key_labels, logit_scale, eps, exclude
     block_m = _block(R, MAX_BLOCK_M)
     with device_guard(anchors):
         _supcon_fwd_kernel[(triton.cdiv(R, block_m),)](
-            anchors, anchors.stride(0), labels, keys, keys.stride(0), key_labels,
-            scalar_arg(logit_scale, anchors.device), loss, stats, R, N, D, float(eps),
-            EXCLUDE_SELF=bool(exclude_self), BLOCK_M=block_m, BLOCK_N=_block(N, MAX_BLOCK_N),
-            BLOCK_DK=_block(D, MAX_BLOCK_DK))
+            anchors,
+            anchors.stride(0),
+            labels,
+            keys,
+            keys.stride(0),
+            key_labels,
+            scalar_arg(logit_scale, anchors.device),
+            loss,
+            stats,
+            R,
+            N,
+            D,
+            float(eps),
+            EXCLUDE_SELF=bool(exclude_self),
+            BLOCK_M=block_m,
+            BLOCK_N=_block(N, MAX_BLOCK_N),
+            BLOCK_DK=_block(D, MAX_BLOCK_DK),
+        )
     return loss, stats
 
 
-def supcon_contrast_backward(anchors, labels, keys, key_labels, logit_scale, stats, grad_rows, exclude_self,
-                             keys_grad):
+def supcon_contrast_backward(anchors, labels, keys, key_labels, logit_scale, stats, grad_rows, exclude_self, keys_grad):
     """Same arguments and outputs as the C++ op ``dcdkernels_C::supcon_contrast_backward``:
     ``(grad_anchors (R, D), grad_keys (N, D) or (0,), grad_scale ())`` fp32."""
     labels, key_labels = _check(anchors, labels, keys, key_labels)
@@ -211,15 +293,38 @@ def supcon_contrast_backward(anchors, labels, keys, key_labels, logit_scale, sta
     grad_a = torch.empty((R, D), **f32)
     grad_s_rows = torch.empty((R,), **f32)
     grad_k = torch.empty((N, D) if keys_grad else (0,), **f32)
-    block_m, block_n, block_dk, block_dv = _block(R, MAX_BLOCK_M), _block(N, MAX_BLOCK_N), _block(D, MAX_BLOCK_DK), \
-        _block(D, MAX_BLOCK_DV)
+    block_m, block_n, block_dk, block_dv = (
+        _block(R, MAX_BLOCK_M),
+        _block(N, MAX_BLOCK_N),
+        _block(D, MAX_BLOCK_DK),
+        _block(D, MAX_BLOCK_DV),
+    )
     common = (anchors, anchors.stride(0), labels, keys, keys.stride(0), key_labels, s, stats, g)
     with device_guard(anchors):
         _supcon_bwd_anchors_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_dv))](
-            *common, grad_a, grad_s_rows, R, N, D, EXCLUDE_SELF=bool(exclude_self),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+            *common,
+            grad_a,
+            grad_s_rows,
+            R,
+            N,
+            D,
+            EXCLUDE_SELF=bool(exclude_self),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_DK=block_dk,
+            BLOCK_DV=block_dv,
+        )
         if keys_grad:
             _supcon_bwd_keys_kernel[(triton.cdiv(N, block_n), triton.cdiv(D, block_dv))](
-                *common, grad_k, R, N, D, EXCLUDE_SELF=bool(exclude_self),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv)
+                *common,
+                grad_k,
+                R,
+                N,
+                D,
+                EXCLUDE_SELF=bool(exclude_self),
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_DK=block_dk,
+                BLOCK_DV=block_dv,
+            )
     return grad_a, grad_k, grad_s_rows.sum()
