@@ -20,7 +20,6 @@ import torch
 
 from .. import ops
 from ..ops import _validate as V
-from ..reference import rng as _rng
 from . import comm
 from . import sharded as Sh
 from .state import StreamAndPartition, init_rows
@@ -244,15 +243,7 @@ class MemoryBank(StreamAndPartition):
         q_all = comm.all_gather_rows(anchor.detach(), sizes, group)
         idx_all = comm.all_gather_rows(index, sizes, group)
         K = n_cols - 1
-        seed, offset, n_rows = self._seed, self._offset, self.n_rows
-        if sampled:
-
-            def index_fn(b0, b1):
-                return _rng.sample_negatives(idx_all[b0:b1], K, n_rows, seed, offset + b0 * K)
-        else:
-
-            def index_fn(b0, b1):
-                return idx_all[b0:b1]
+        index_fn = self.gathered_index_fn(idx_all, sampled, K)
 
         def run(loss_, need_grad, need_lse):
             p = Sh.shard_partials(
@@ -260,7 +251,7 @@ class MemoryBank(StreamAndPartition):
                 index_fn,
                 self.bank,
                 self.row_start,
-                n_rows,
+                self.n_rows,
                 n_cols,
                 logit_scale=s,
                 bias=b,

@@ -19,7 +19,6 @@ import torch
 from .. import ops
 from ..ops import _validate as V
 from ..ops.dual_sampled_contrast import DualContrastOutput
-from ..reference import rng as _rng
 from . import comm
 from . import sharded as Sh
 from .state import INITS, StreamAndPartition, init_rows
@@ -318,15 +317,7 @@ class PairedMemoryBank(StreamAndPartition):
         qt_all = comm.all_gather_rows(anchor_t.detach(), sizes, group)
         idx_all = comm.all_gather_rows(index, sizes, group)
         K = n_cols - 1
-        seed, offset, n_rows = self._seed, self._offset, self.n_rows
-        if sampled:
-
-            def index_fn(b0, b1):
-                return _rng.sample_negatives(idx_all[b0:b1], K, n_rows, seed, offset + b0 * K)
-        else:
-
-            def index_fn(b0, b1):
-                return idx_all[b0:b1]
+        index_fn = self.gathered_index_fn(idx_all, sampled, K)
 
         def run(loss_, need_grad, need_kl):
             p = Sh.dual_shard_partials(
@@ -336,7 +327,7 @@ class PairedMemoryBank(StreamAndPartition):
                 self.bank_s,
                 self.bank_t,
                 self.row_start,
-                n_rows,
+                self.n_rows,
                 n_cols,
                 logit_scale=s,
                 bias=b,

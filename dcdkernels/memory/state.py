@@ -203,6 +203,15 @@ class StreamAndPartition(MemoryState):
         """(seed, offset) of the negative stream."""
         return self._seed, self._offset
 
+    def gathered_index_fn(self, idx_all: torch.Tensor, sampled: bool, num_negatives: int):
+        """``index_fn(b0, b1)`` over the all-gathered batch for sharded scoring: the explicit
+        (B, K+1) rows ``b0..b1-1``, or their positives plus the K negatives this stream draws for
+        them at the current offset (the rows a single process would score)."""
+        if not sampled:
+            return lambda b0, b1: idx_all[b0:b1]
+        K, seed, offset, n_rows = num_negatives, self._seed, self._offset, self.n_rows
+        return lambda b0, b1: _rng.sample_negatives(idx_all[b0:b1], K, n_rows, seed, offset + b0 * K)
+
     def set_rng_state(self, seed: int, offset: int = 0) -> None:
         if seed < 0 or offset < 0:
             raise ValueError("seed and offset must be non-negative")
