@@ -474,3 +474,17 @@ def test_value_checks_op_passes_opcheck():
     torch.library.opcheck(value_checks_op, (torch.tensor([False, False]), "a\x1fb", False))
     with pytest.raises(ValueError, match="^b$"):
         value_checks_op(torch.tensor([False, True]), "a\x1fb", False)
+
+
+@pytest.mark.parametrize("which", ["f_s", "f_t"])
+def test_class5_dcd_in_batch_rejects_non_finite_features(which):
+    """Issue 15 class 5: the in-batch DCD loss gave a NaN loss for NaN features with no error."""
+    torch.manual_seed(0)
+    loss = dcdkernels.DCDLoss(8, 6)
+    f = {"f_s": torch.randn(4, 8), "f_t": torch.randn(4, 6)}
+    f[which][1, 2] = float("nan")
+    with pytest.raises(ValueError, match=which):
+        loss(f["f_s"], f["f_t"])
+    f[which][1, 2] = float("inf")
+    with pytest.raises(ValueError, match=which):
+        loss(f["f_s"], f["f_t"])

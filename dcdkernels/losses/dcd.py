@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..memory import check_loadable
+from ..ops import _validate as V
 from ._common import Embed, PairedMemoryLoss, check_features, no_autocast, remap_paired_memory_keys, rename_keys
 
 
@@ -164,6 +165,10 @@ class DCDLoss(PairedMemoryLoss):
             idx, index, num_negatives = self._check_memory_inputs(f_s, f_t, idx, contrast_idx, self.nce_k)
         else:
             check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
+            checks = V.ValueChecks()  # no state to guard here, but never a silent NaN loss
+            checks.finite("f_s", f_s)
+            checks.finite("f_t", f_t)
+            checks.run(deferrable=True)
         z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)
         with no_autocast(z_s.device):
             s = self.logit_scale()
