@@ -7,7 +7,11 @@ def main(argv=None):
     from .config import make_config
     from .trainer import train
 
-    cfg = make_config(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = make_config(sys.argv[1:] if argv is None else argv)
+    except (ValueError, FileNotFoundError) as exc:  # a bad option or config file: no traceback
+        print(f"dcdkernels-train: error: {exc}", file=sys.stderr)
+        return 2
     train(cfg)
     return 0
 

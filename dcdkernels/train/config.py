@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -316,6 +317,10 @@ def make_config(argv=None, **overrides) -> Config:
     values.update(overrides)
     kw = dict(values.pop("loss_kwargs", {}) or {})
     kw.update(loss_args)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(k for k in values if k not in known and k != "loss_args")
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} (from {cfg_path or 'the arguments'}); see --help")
     cfg = Config(**{k: v for k, v in values.items() if k != "loss_args"})
     cfg.loss_kwargs = kw
     return finalize(cfg)
@@ -350,6 +355,7 @@ def finalize(cfg: Config) -> Config:
             cfg.teacher_lr = 0.01
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    check_values(cfg)
     if cfg.name is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.name = f"{cfg.dataset}_{cfg.method.replace('+', '-')}_{cfg.student}_{stamp}"
@@ -362,6 +368,60 @@ def finalize(cfg: Config) -> Config:
     if cfg.teacher_cache is None:
         cfg.teacher_cache = os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "teachers")
     return cfg
+
+
+# Ranges of the numeric options, checked once the defaults are filled in (flags, YAML keys and
+# Python overrides alike), so that a bad value fails here naming the option, not deep in torch.
+_RANGES = {
+    "epochs": (int, 1, None),
+    "batch_size": (int, 1, None),
+    "teacher_epochs": (int, 1, None),
+    "feat_dim": (int, 1, None),
+    "nce_k": (int, 1, None),
+    "image_size": (int, 8, None),
+    "num_workers": (int, 0, None),
+    "seed": (int, 0, 2**63 - 1),
+    "threads": (int, 0, None),
+    "save_every": (int, 1, None),
+    "save_every_steps": (int, 0, None),
+    "train_subset": (int, 1, None),
+    "test_subset": (int, 1, None),
+    "lr": (float, 0.0, None),
+    "teacher_lr": (float, 0.0, None),
+    "kd_T": (float, 0.0, None),
+    "nce_t": (float, 0.0, None),
+    "nce_m": (float, 0.0, 1.0),
+    "momentum": (float, 0.0, 1.0),
+    "lr_decay_rate": (float, 0.0, 1.0),
+    "weight_decay": (float, 0.0, None),
+    "gamma": (float, 0.0, None),
+    "alpha": (float, 0.0, None),
+    "beta": (float, 0.0, None),
+}
+_OPEN_LOW = ("lr", "teacher_lr", "kd_T", "nce_t")  # must be > 0, not only >= 0
+
+
+def check_values(cfg: Config) -> None:
+    """Raise a ``ValueError`` naming the option (``--flag`` / YAML key) for a value of the wrong
+    type or out of its range. ``None`` means "the dataset's default" and is not checked."""
+    for key, (kind, low, high) in _RANGES.items():
+        v = getattr(cfg, key)
+        if v is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+            raise ValueError(f"{flag} ({key}) must be {'a number' if kind is float else 'an integer'}, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{flag} ({key}) must be finite, got {v!r}")
+        bad_low = v <= low if key in _OPEN_LOW else v < low
+        if bad_low or (high is not None and v > high):
+            top = f"{high}]" if high is not None else "inf)"
+            rng = f"{'(' if key in _OPEN_LOW else '['}{low}, {top}"
+            raise ValueError(f"{flag} ({key}) must be in {rng}, got {v!r}")
+    for key in ("lr_decay_epochs", "teacher_lr_decay_epochs"):
+        for e in getattr(cfg, key) or []:
+            if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+                raise ValueError(f"--{key.replace('_', '-')} ({key}) must be epochs >= 1, got {getattr(cfg, key)!r}")
 
 
 def dump(cfg: Config, path):
