@@ -237,15 +237,23 @@ def _byte_span(t: torch.Tensor):
     return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size() - 1
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def bank_layout(bank: torch.Tensor, value: torch.Tensor) -> None:
     """The bank update's layout (twin of ``csrc/common/layout.h``): the bank's rows are written in
     parallel, so they must not overlap one another, and ``value`` must not share the bank's bytes."""
     dense_rows("bank", bank)
-    # In a traced graph the storages are fakes: the kernels check it at run time.
+    # In a traced graph (or under FakeTensorMode, as the AOT sweep runs the launchers) the
+    # storages are fakes without addresses: the kernels check it at run time.
     if (
         bank.numel()
         and value.numel()
         and not torch.compiler.is_compiling()
+        and not _is_fake(bank)
         and bank.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
     ):
         (b0, b1), (v0, v1) = _byte_span(bank), _byte_span(value)

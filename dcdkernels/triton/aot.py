@@ -31,7 +31,7 @@ import time
 import torch
 
 H100_SMS = 132
-_TRITON_MODULES = ("bank_update", "dense_contrast", "sampled_contrast", "dual_sampled_contrast")
+_TRITON_MODULES = ("bank_update", "dense_contrast", "sampled_contrast", "dual_sampled_contrast", "supcon_contrast")
 _DTYPE_NAMES = {
     torch.float32: "fp32",
     torch.bfloat16: "bf16",
@@ -203,6 +203,8 @@ def _compile_one(job):
 SWEEP_D = (3, 16, 64, 128, 130, 256, 512, 1024, 2048, 4096)
 SWEEP_BK = ((1, 16384), (64, 16384), (256, 16384), (1024, 100), (4, 1))
 SWEEP_BM = ((1, 7), (16, 4096), (64, 65536), (256, 65536), (1024, 4096))
+# supcon_contrast: R anchors (self-contrast, or against R/2 keys), SupCon's and PCKD's sizes
+SWEEP_SUPCON_R = (1, 16, 1024, 4096)
 DTYPE_PAIRS = (
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
@@ -275,6 +277,15 @@ def _sweep_calls(mods):
             rows(BANK_ROWS, D, bdt), torch.empty((B,), dtype=torch.int64, device=dev), rows(B, D, adt), 0.5
         )
 
+    def supcon_call(R, N, D, adt, bdt, exclude_self, keys_grad):
+        sup = mods["supcon_contrast"]
+        anchors, keys = rows(R, D, adt), rows(N, D, bdt)
+        labels, key_labels = (torch.empty((n,), dtype=torch.int64, device=dev) for n in (R, N))
+        _, stats = sup.supcon_contrast(anchors, labels, keys, key_labels, scale(), 1e-7, exclude_self)
+        sup.supcon_contrast_backward(
+            anchors, labels, keys, key_labels, scale(), stats, torch.empty((R,), device=dev), exclude_self, keys_grad
+        )
+
     flags = list(itertools.product((0, 1), (False, True), (False, True), (False, True)))
     for D, (adt, bdt) in itertools.product(SWEEP_D, DTYPE_PAIRS):
         for (B, K), f in itertools.product(SWEEP_BK if (adt, bdt) in SAMPLED_DTYPE_PAIRS else (), flags):
@@ -300,6 +311,18 @@ def _sweep_calls(mods):
         for B, _ in SWEEP_BK:
             desc = dict(B=B, D=D, anchor=_DTYPE_NAMES[adt], bank=_DTYPE_NAMES[bdt])
             yield "bank_momentum_update_", desc, lambda a=(B, D, adt, bdt): bank_call(*a)
+        for R, exclude_self, keys_grad in itertools.product(SWEEP_SUPCON_R, (False, True), (False, True)):
+            N = R if exclude_self else max(1, R // 2)  # self-contrast: keys = anchors; else a second set
+            desc = dict(
+                R=R,
+                N=N,
+                D=D,
+                anchor=_DTYPE_NAMES[adt],
+                keys=_DTYPE_NAMES[bdt],
+                exclude_self=exclude_self,
+                keys_grad=keys_grad,
+            )
+            yield "supcon_contrast", desc, lambda a=(R, N, D, adt, bdt, exclude_self, keys_grad): supcon_call(*a)
 
 
 def record(sm_count=H100_SMS):
