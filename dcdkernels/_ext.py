@@ -26,6 +26,19 @@ def _read_build_note():
         return {}  # built by CMake or an older setup.py, or never built
 
 
+# Constants shared with the kernels: defined once, in csrc/common/constants.h, and published by _C
+# (csrc/extension.cpp). The one fallback, for a missing _C or one built before it published them
+# (then only the Triton grids use it): 132, the value of kDeterministicSms there.
+DETERMINISTIC_SMS = int(getattr(_C, "DETERMINISTIC_SMS", 132))
+# Largest D of the CUDA gather kernels, per op (no CUDA kernels run without _C; rebuild a _C
+# that predates these attributes).
+CUDA_MAX_DIM = {
+    op: int(getattr(_C, f"CUDA_MAX_DIM_{op.upper()}"))
+    for op in ("sampled_contrast", "dual_sampled_contrast")
+    if hasattr(_C, f"CUDA_MAX_DIM_{op.upper()}")
+}
+
+
 BUILD_NOTE = _read_build_note()
 if _C is None and BUILD_NOTE.get("why_no_ext"):
     LOAD_ERROR = f"{LOAD_ERROR} ({BUILD_NOTE['why_no_ext']})"

@@ -17,10 +17,10 @@ from . import _ext
 BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
 
 # Largest feature dimension D a GPU kernel takes, where it has a limit (the CPU kernels and the
-# oracle have none). CUDA: a row group of at most kMaxGroup = 256 threads (cuda/layout.cuh) holds
-# kMaxFloatsPerThread floats per thread (8 in dual_sampled_contrast.cu, 32 in sampled_contrast.cu).
-# Triton: the sampled kernels hold a row in registers, D <= triton/_common.py's MAX_D.
-_CUDA_MAX_DIM = {"sampled_contrast": 256 * 32, "dual_sampled_contrast": 256 * 8}
+# oracle have none). CUDA: a row group of at most kMaxGroup threads holds at most a fixed number
+# of floats per thread (csrc/common/constants.h, read from _C). Triton: the sampled kernels hold a
+# row in registers, D <= triton/_common.py's MAX_D.
+_CUDA_MAX_DIM = _ext.CUDA_MAX_DIM
 _TRITON_MAX_DIM_OPS = ("sampled_contrast", "dual_sampled_contrast")
 
 

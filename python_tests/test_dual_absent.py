@@ -7,7 +7,6 @@ choice of ``backend="auto"`` and the int64 plane offsets of the Triton dual laun
 import functools
 import importlib
 import math
-import re
 import types
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from conftest import TOL, devices, fused_backends
 
 import dcdkernels
-from dcdkernels import backends, reference
+from dcdkernels import _ext, backends, reference
 from dcdkernels.ops.dual_sampled_contrast import dual_sampled_contrast_op, dual_sampled_contrast_outputs
 
 dual_ops = importlib.import_module("dcdkernels.ops.dual_sampled_contrast")
@@ -402,22 +401,11 @@ def test_shard_merge(device, backend, bounds):
 # ------------------------------------------------------------------------------------------------
 # Defect 6: "auto" picks a backend whose D limit admits the call
 # ------------------------------------------------------------------------------------------------
-def _cuda_limits_from_source():
-    utils = (ROOT / "csrc/cuda/layout.cuh").read_text()
-    group = int(re.search(r"constexpr int kMaxGroup = (\d+);", utils).group(1))
-    per_thread = {
-        op: int(
-            re.search(r"constexpr int kMaxFloatsPerThread = (\d+);", (ROOT / f"csrc/cuda/{op}.cu").read_text()).group(1)
-        )
-        for op in ("sampled_contrast", "dual_sampled_contrast")
-    }
-    return {op: group * n for op, n in per_thread.items()}
-
-
 def test_cuda_dim_limits_match_the_kernels():
-    for op, limit in _cuda_limits_from_source().items():
-        assert backends.max_dim(op, "cuda") == limit
-    assert backends.max_dim("dual_sampled_contrast", "cuda") == 2048
+    # The limits are defined once (csrc/common/constants.h) and published by _C.
+    assert _ext._C is not None, _ext.LOAD_ERROR
+    assert backends.max_dim("sampled_contrast", "cuda") == _ext._C.CUDA_MAX_DIM_SAMPLED_CONTRAST
+    assert backends.max_dim("dual_sampled_contrast", "cuda") == _ext._C.CUDA_MAX_DIM_DUAL_SAMPLED_CONTRAST == 2048
     assert backends.max_dim("dense_contrast", "cuda") is None
 
 

@@ -90,13 +90,12 @@ def test_bank_beyond_2_pow_31_elements_uses_64_bit_offsets(device, backend):
 def test_deterministic_mode_sizes_gpu_grids_independently_of_the_device():
     """torch.use_deterministic_algorithms(True) fixes the number of SMs the CUDA and Triton grids
     are sized for, so the reduction split does not depend on the GPU model (README, Guarantees)."""
-    import pathlib
-    import re
-
+    from dcdkernels import _ext
     from dcdkernels.triton import _common
 
-    header = (pathlib.Path(__file__).parents[1] / "csrc" / "cuda" / "launch.cuh").read_text()
-    assert int(re.search(r"kDeterministicSms = (\d+);", header).group(1)) == _common.DETERMINISTIC_SMS
+    # One constant (csrc/common/constants.h), published by _C and read by the Triton launchers.
+    assert _ext._C is not None, _ext.LOAD_ERROR
+    assert _ext._C.DETERMINISTIC_SMS == _common.DETERMINISTIC_SMS == _ext.DETERMINISTIC_SMS
     torch.use_deterministic_algorithms(True)
     try:
         # No device query happens (there may be no GPU here): the constant is returned.

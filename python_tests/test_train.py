@@ -14,6 +14,8 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from fake_data import write_fake_cifar100  # noqa: E402
+
 from dcdkernels.train import data as D  # noqa: E402
 from dcdkernels.train import distill, make_config, train  # noqa: E402
 from dcdkernels.train.models import build_model, get_classifier, model_names  # noqa: E402
@@ -183,10 +185,10 @@ def test_digits_split_and_batches():
 def test_fake_cifar100_and_missing_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="data-dir"):
         D.load_cifar100(str(tmp_path / "nothing"))
-    arc = D.write_fake_cifar100(str(tmp_path / "a"), n_train=64, n_test=32, as_archive=True)
+    arc = write_fake_cifar100(str(tmp_path / "a"), n_train=64, n_test=32, as_archive=True)
     ds = D.load_cifar100(arc)  # extracted next to the archive, then torchvision's CIFAR100
     assert len(ds.train) == 64 and ds.num_classes == 100 and ds.train_labels.shape == (64,)
-    root = D.write_fake_cifar100(str(tmp_path / "b"), n_train=64, n_test=32)
+    root = write_fake_cifar100(str(tmp_path / "b"), n_train=64, n_test=32)
     for where in (root, os.path.dirname(root)):
         assert len(D.load_cifar100(where).test) == 32
     x = ds.augment_transform(ds.train[0][0])  # RandomCrop(32, 4) + flip + normalise, torchvision
@@ -195,7 +197,7 @@ def test_fake_cifar100_and_missing_data(tmp_path):
 
 
 def test_cifar100_end_to_end(tmp_path):
-    root = D.write_fake_cifar100(str(tmp_path), n_train=96, n_test=32)
+    root = write_fake_cifar100(str(tmp_path), n_train=96, n_test=32)
     cfg = make_config(
         [
             "--dataset",

@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("torchvision")
 
+from fake_data import write_image_folder  # noqa: E402
+
 from dcdkernels.train import data as D  # noqa: E402
 from dcdkernels.train import make_config, train  # noqa: E402
 
@@ -43,7 +45,7 @@ TINY_MODELS = ["--teacher", "digits_teacher", "--student", "digits_student"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return D.write_image_folder(str(tmp_path_factory.mktemp("imgs")), classes=3, per_class=12, size=32)
+    return write_image_folder(str(tmp_path_factory.mktemp("imgs")), classes=3, per_class=12, size=32)
 
 
 @pytest.fixture(scope="module")

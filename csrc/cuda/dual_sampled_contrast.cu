@@ -35,8 +35,8 @@ namespace dcdkernels {
 namespace gpu {
 namespace {
 
-// Per-thread register budget: two anchor slices and up to six row-sum slices of NV * V floats.
-constexpr int kMaxFloatsPerThread = 8;
+// Per-thread register budget (common/constants.h, which also gives the D limit to Python).
+constexpr int kMaxFloatsPerThread = kDualMaxFloatsPerThread;
 
 // Rows (of each bank) a group gathers per step.
 template <int NV>

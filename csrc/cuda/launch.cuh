@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "common/constants.h"
+
 namespace dcdkernels {
 namespace gpu {
 
@@ -21,13 +23,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Under torch.use_deterministic_algorithms(True) grids are sized for this many SMs whatever the
-// GPU, so the split of every reduction (and so every rounding) does not depend on the device.
-// Same constant as DETERMINISTIC_SMS in dcdkernels/triton/_common.py.
-constexpr int kDeterministicSms = 132;
-
 // Number of SMs that grids are sized for: the current device's (to fill them), or
-// kDeterministicSms in deterministic mode.
+// kDeterministicSms (common/constants.h) in deterministic mode.
 inline int sm_count() {
   if (at::globalContext().deterministicAlgorithms()) return kDeterministicSms;
   int device = 0, count = 0;

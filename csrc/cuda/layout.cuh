@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/constants.h"
 #include "common/rng.h"
 #include "cuda/elements.cuh"
 #include "cuda/launch.cuh"
@@ -73,7 +74,7 @@ inline ColumnRows column_rows(const at::Tensor& index, int64_t B, int64_t num_ne
 // is a whole block (tpr threads), for D > 32 * NV * V.
 
 constexpr int kGatherBlock = 128;  // threads per block when a row group fits in a warp
-constexpr int kMaxGroup = 256;     // largest row group (= block)
+// kMaxGroup (common/constants.h): the largest row group (= block).
 constexpr int kCtasPerSm =
     64;  // grid target of the split-K gather: ~8 waves (small tail), partials < 0.5% of the reads
 

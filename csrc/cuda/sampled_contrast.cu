@@ -31,8 +31,8 @@ namespace dcdkernels {
 namespace gpu {
 namespace {
 
-// Per-thread register budget: the anchor slice and the row-sum slice are NV * V floats each.
-constexpr int kMaxFloatsPerThread = 32;
+// Per-thread register budget (common/constants.h, which also gives the D limit to Python).
+constexpr int kMaxFloatsPerThread = kSampledMaxFloatsPerThread;
 
 // Rows a group gathers per step: more rows in flight when each thread holds fewer fragments.
 template <int NV>

@@ -16,8 +16,8 @@ Single bank (``shard_partials``, ``MemoryBank``): ``sampled_contrast_outputs``.
 Paired banks (``dual_shard_partials``, ``PairedMemoryBank``): ``dual_sampled_contrast_outputs``,
 both CRD directions and the consistency KL (derivation in ``dual_shard_partials``).
 
-Nothing here talks to the process group except ``all_reduce_partials``; ``merge_partials`` does
-the same merge in one process (tests).
+Nothing here talks to the process group except ``all_reduce_partials`` (python_tests/test_memory.py
+does the same merge in one process).
 """
 
 import math
@@ -62,18 +62,6 @@ def _empty(B, fields_per_group, plain_fields, with_m, acc, dev) -> Partials:
 
 def _rescale(m_local: torch.Tensor, m_global: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m_local), torch.exp(m_local - m_global), torch.zeros_like(m_local))
-
-
-def merge_partials(parts: List[Partials]) -> Partials:
-    """Merge the partials of every shard in one process (what the all-reduces do across ranks)."""
-    m, scaled = None, [torch.zeros_like(t) for t in parts[0].scaled]
-    if parts[0].m is not None:
-        m = torch.stack([p.m for p in parts]).amax(0)
-        for p in parts:
-            w = _rescale(p.m, m)
-            for g, t in enumerate(p.scaled):
-                scaled[g] += t * w[:, g : g + 1]
-    return Partials(m, scaled, sum(p.plain for p in parts))
 
 
 def all_reduce_partials(p: Partials, group) -> Partials:

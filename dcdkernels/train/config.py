@@ -142,10 +142,6 @@ DATASET_DEFAULTS = {
 # shared CPU a 2-thread torch pool loses up to 10x waiting at its barriers for a descheduled core.
 
 
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
 def _int_list(text):
     if isinstance(text, (list, tuple)):
         return [int(v) for v in text]

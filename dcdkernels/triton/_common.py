@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _ext
 from .rng import sample_index
 
 NCE_EPS = 1e-7
@@ -224,9 +225,9 @@ def device_guard(tensor):
 
 
 # Under torch.use_deterministic_algorithms(True) grids are sized for this many SMs whatever the
-# GPU, so the split of every reduction (and so every rounding) does not depend on the device.
-# Same constant as kDeterministicSms in csrc/cuda/launch.cuh.
-DETERMINISTIC_SMS = 132
+# GPU, so the split of every reduction (and so every rounding) does not depend on the device. The
+# CUDA kernels' constant (kDeterministicSms, csrc/common/constants.h), read from dcdkernels._C.
+DETERMINISTIC_SMS = _ext.DETERMINISTIC_SMS
 
 
 def sm_count(device):
