@@ -393,6 +393,8 @@ def compile_variant(v, arch, keep_asm=False):
         "spill_stores": stl,
         "spill_loads": ldl,
         "shared": int(kernel.metadata.shared),
+        # gathers software-pipelined into shared memory (cp.async), for the in-flight bytes
+        "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local"),
         "num_warps": v["num_warps"],
         "grid": v.get("grid"),
     }

@@ -146,6 +146,7 @@ def _dual_sampled_contrast_partial_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # Softmax vectors serve InfoNCE and the KL; NCE has its own plain sums.
     softmax_grad = COMPUTE_GRAD and (LOSS_TYPE == 0 or COMPUTE_KL)
@@ -178,7 +179,9 @@ def _dual_sampled_contrast_partial_kernel(
 
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, COLS)
-    for start in range(col_start, col_end, BLOCK_K):
+    # Software-pipelined gather (cp.async into shared memory): NUM_STAGES - 1 tiles in flight
+    # while one is used, without holding them in registers (pipeline_stages).
+    for start in tl.range(col_start, col_end, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         rows, valid = column_rows(
             index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives, SAMPLED
@@ -522,6 +525,20 @@ def _dual_sampled_contrast_merge_kernel(
         tl.store(out + plane_offset(3, B, D), kl_grad_t, mask=d_mask)
 
 
+PIPELINE_BYTES = 32 * 1024  # gathered bytes in flight per program, through the pipeline
+
+
+def pipeline_stages(tile_bytes):
+    """Stages of the partial kernel's gather loop for a tile (both banks' rows) of ``tile_bytes``:
+    ``NUM_STAGES - 1`` tiles (2 to 4) in flight per program, PIPELINE_BYTES when tiles allow.
+    The kernel holds ~200 registers per thread (two directions, the KL, six D-long partial
+    vectors), so only 1-2 programs fit on an SM; with the loads held in registers that was
+    8-16 KiB in flight per SM against the 24.9 KiB Little's-law floor of
+    ``benchmarks/static_resources.py``. In shared memory the tiles cost no registers: 32-64 KiB
+    per SM at D = 128 and 2048 (bf16), at most max(PIPELINE_BYTES, 2 tiles) of shared memory."""
+    return 1 + min(4, max(2, triton.cdiv(PIPELINE_BYTES, tile_bytes)))
+
+
 def dual_sampled_contrast(
     anchor_s,
     anchor_t,
@@ -612,6 +629,7 @@ def dual_sampled_contrast(
             SAMPLED=sampled,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
+            NUM_STAGES=pipeline_stages(block_k * block_d * (bank_s.element_size() + bank_t.element_size())),
             num_warps=num_warps_for(block_d, NUM_VECS.value),
             **flags,
         )
