@@ -18,10 +18,10 @@ Latency hiding of the memory-bound gathers (Little's law): to keep HBM busy an S
 **24.9 KiB per SM** (H100: 17.4 KiB). Bytes in flight per SM = resident programs x the bytes one
 program has issued before it must wait. Triton gather programs load a whole
 ``BLOCK_K x BLOCK_D`` tile per bank before using it (the dual partial: ``NUM_STAGES - 1`` such
-tiles, its loop software-pipelined into shared memory, checked by the cp.async ops of its TTGIR); the CUDA gather threads issue ``R x NV``
-16-byte fragments per step (csrc/cuda/sampled_contrast.cu, dual_sampled_contrast.cu). The grids
-of the Triton gathers hold ``PROGRAMS_PER_SM`` (4) programs per SM, so resident programs are
-``min(occupancy, 4)``.
+tiles, its loop software-pipelined into shared memory, checked by the cp.async ops of its TTGIR);
+the CUDA gather threads issue ``R x NV`` 16-byte fragments per step (csrc/cuda/sampled_contrast.cu,
+dual_sampled_contrast.cu). The grids of the Triton gathers hold ``PROGRAMS_PER_SM`` (4) programs
+per SM, so resident programs are ``min(occupancy, 4)``.
 """
 
 import argparse

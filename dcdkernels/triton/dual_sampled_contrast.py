@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    MAXNREG,
     MERGE_BLOCK_D,
     as_int64,
     block_k_for,
@@ -581,7 +582,10 @@ def dual_sampled_contrast(
     logit_scale, bias, log_z = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
 
     block_d = triton.next_power_of_2(D)
-    block_k = block_k or block_k_for(block_d, rows_per_column=2)
+    # Tiles of TILE_ELEMENTS 16-bit elements (the same bytes, so the same pipeline_stages, and 32
+    # registers of rows per thread at 4 warps): fp32 banks gather half the columns per step.
+    column_bytes = bank_s.element_size() + bank_t.element_size()
+    block_k = block_k or block_k_for(block_d, rows_per_column=triton.cdiv(column_bytes, 2))
     chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
     stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
     vec = torch.empty((B, chunks, NUM_VECS.value, D), **f32) if compute_grad else stats
@@ -629,8 +633,9 @@ def dual_sampled_contrast(
             SAMPLED=sampled,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
-            NUM_STAGES=pipeline_stages(block_k * block_d * (bank_s.element_size() + bank_t.element_size())),
+            NUM_STAGES=pipeline_stages(block_k * block_d * column_bytes),
             num_warps=num_warps_for(block_d, NUM_VECS.value),
+            maxnreg=MAXNREG,
             **flags,
         )
         _dual_sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
@@ -654,6 +659,7 @@ def dual_sampled_contrast(
             D,
             BLOCK_C=triton.next_power_of_2(chunks),
             BLOCK_D=merge_block_d,
+            maxnreg=MAXNREG,
             **flags,
         )
     return losses, lse, grad_anchors, grad_scalars
