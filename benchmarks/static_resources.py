@@ -248,7 +248,7 @@ def render(results, errors, launches, c_rows):
         "",
         f"- Triton: {len(results)} cubins ({len({r['variant'] for r in results})} configurations x sm_90/sm_80 x "
         f"triton {', '.join(sorted({r['triton'] for r in results}))}), {len(errors)} compile errors, "
-        f"{len(spills)} with spills:",
+        f"{len(spills)} with spills" + (":" if spills else "."),
     ]
     lines += [
         f"  - {r['triton']} sm_{r['arch']}: {r['spill_stores']} spill store(s), {r['stack']} B stack, "
