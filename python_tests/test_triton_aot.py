@@ -89,51 +89,23 @@ def _check(compiled):
     results, errors, version = compiled
     assert not errors, f"triton {version}: {len(errors)} compile errors:\n" + "\n".join(errors[:20])
     assert results
-    spills = [r for r in results if (r["spill_stores"] or r["spill_loads"]) and not _known_spill(r)]
+    spills = [r for r in results if r["spill_stores"] or r["spill_loads"] or r["stack"]]
     assert not spills, f"triton {version}: {len(spills)} cubins spill registers:\n" + "\n".join(
         f"sm_{r['arch']} {r['registers']} regs, {r['spill_stores']} spill stores: {r['variant']}" for r in spills[:20]
     )
     from benchmarks import static_resources as S
 
-    low, known = [], []
+    low, gathers = [], set()
     for r in results:
         f = S.triton_gather_in_flight(r) if r["arch"] == 90 else None
-        if f and f[2] in S.HEADLINE["D"] and f[0] < S.FLOOR_BYTES:  # the headline (memory-bound) sizes
-            line = f"{r['registers']} regs, {f[0] / 1024:.1f} KiB in flight: {r['variant']}"
-            (known if r["kernel"] in KNOWN_BELOW_FLOOR else low).append(line)
+        if f and f[2] in S.HEADLINE["D"]:  # the headline (memory-bound) sizes
+            gathers.add(r["kernel"])
+            if f[0] < S.FLOOR_BYTES:
+                low.append(f"{r['registers']} regs, {f[0] / 1024:.1f} KiB in flight: {r['variant']}")
+    assert gathers == set(S.GATHER_KERNELS), gathers
     assert not low, f"triton {version}: gathers below the {S.FLOOR_BYTES / 1024:.1f} KiB/SM floor:\n" + "\n".join(
         low[:20]
     )
-    if known:
-        print(f"known below the floor ({len(known)}; see KNOWN_BELOW_FLOOR):", *known[:5], sep="\n  ")
-
-
-# Spills the sweep still finds (triton 3.8, sm_90 only; triton 3.6 and sm_80 have none): one
-# 8-byte stack slot with one spill store and one load each, at sizes off the headline ones (D =
-# 256 with fp32 anchors on a bf16 bank; D <= 16 with B <= 16). Listed with their bound, so that
-# any other spill, or a larger one, fails.
-KNOWN_SPILLS = [
-    ("_sampled_contrast_partial_kernel", ("BLOCK_D=256,BLOCK_K=16", "anchor_ptr:fp32,bank_ptr:bf16"), 8, 1),
-    ("_dense_contrast_bwd_keys_kernel", ("BLOCK_DK=16,BLOCK_DV=16,BLOCK_M=16,", "anchor_ptr:fp32,keys_ptr:fp32"), 8, 1),
-]
-
-
-def _known_spill(r):
-    return any(
-        r["kernel"] == kernel
-        and all(p in r["variant"] for p in parts)
-        and r["stack"] <= stack
-        and r["spill_stores"] <= stores
-        for kernel, parts, stack, stores in KNOWN_SPILLS
-    )
-
-
-# A finding of the static report, not fixed here (benchmarks/results/static/resources.md): the
-# dual partial holds two banks' rows per column and 200+ registers per thread, so 1-2 programs
-# per SM, 8-16 KiB in flight against the 24.9 KiB floor at D = 2048 / 128. Raising it needs a
-# larger tile without more registers per thread (the dual kernels are being reworked on another
-# branch). Any other gather below the floor fails.
-KNOWN_BELOW_FLOOR = {"_dual_sampled_contrast_partial_kernel"}
 
 
 def test_aot_compile_venv_triton(compiled38):

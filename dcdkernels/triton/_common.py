@@ -31,6 +31,11 @@ PROGRAMS_PER_SM = 4
 MAX_CHUNKS = 1024
 # Width of the D slice that one merge program writes.
 MERGE_BLOCK_D = 256
+# The launch option ``maxnreg`` (PTX ``.maxnreg``) of the dual kernels: without it ptxas may cap
+# their registers at an occupancy step and spill (168 on sm_80 with triton 3.8 for the partial
+# with fp32 banks, 40 for the merge with triton 3.6 on sm_90; the AOT sweep of
+# ``python -m benchmarks.static_resources``); with it, no spill.
+MAXNREG = 255
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -297,8 +302,10 @@ def num_warps_for(block_d, vectors):
 
 
 def block_k_for(block_d, rows_per_column=1):
-    """Columns per gathered tile: TILE_ELEMENTS in all (``rows_per_column`` banks read per column)."""
-    return max(1, min(MAX_BLOCK_K, TILE_ELEMENTS // (block_d * rows_per_column)))
+    """Columns per gathered tile, a power of two: at most TILE_ELEMENTS in all (``rows_per_column``
+    rows of 16-bit elements read per column)."""
+    k = max(1, min(MAX_BLOCK_K, TILE_ELEMENTS // (block_d * rows_per_column)))
+    return 1 << (k.bit_length() - 1)
 
 
 def plan_chunks(batch, cols, block_k, device, num_chunks=None):

@@ -101,6 +101,9 @@ def _recording(sm_count):
             if hasattr(mod, "device_guard"):
                 saved.append((mod, "device_guard", mod.device_guard))
                 mod.device_guard = lambda tensor: contextlib.nullcontext()
+            if hasattr(mod, "bank_layout"):  # fake tensors share data_ptr 0: every pair would "overlap"
+                saved.append((mod, "bank_layout", mod.bank_layout))
+                mod.bank_layout = lambda bank, value: None
         saved.append((_common, "_sm_count", _common._sm_count))
         _common._sm_count = lambda index: sm_count
         saved.append((torch.cuda, "current_device", torch.cuda.current_device))
@@ -141,7 +144,7 @@ def _constexpr_value(value):
 def _specialise(module, name, fn, grid, args, kwargs):
     params = fn.params
     names = [p.name for p in params]
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     bound = dict(zip(names, args))
     bound.update(kwargs)
     signature, constexprs, divisible = {}, {}, []
@@ -176,12 +179,16 @@ def _specialise(module, name, fn, grid, args, kwargs):
         "num_warps": int(options.get("num_warps", 4)),
         "num_stages": int(options.get("num_stages", 3)),
         "grid": grid,
+        **({"maxnreg": int(options["maxnreg"])} if options.get("maxnreg") else {}),
     }
 
 
 def variant_key(launch):
     return json.dumps(
-        {k: launch[k] for k in ("module", "kernel", "signature", "constexprs", "divisible", "num_warps", "num_stages")},
+        {
+            k: launch.get(k)
+            for k in ("module", "kernel", "signature", "constexprs", "divisible", "num_warps", "num_stages", "maxnreg")
+        },
         sort_keys=True,
     )
 
@@ -211,7 +218,9 @@ DTYPE_PAIRS = (
     (torch.float16, torch.float16),
     (torch.float32, torch.bfloat16),
 )
-SAMPLED_DTYPE_PAIRS = DTYPE_PAIRS[1:2] + DTYPE_PAIRS[3:]  # no dot: the dtypes change no constexpr
+# No dot in the sampled kernels: the dtypes change no constexpr but the dual partial's NUM_STAGES
+# (from the tile's bytes: fp32 and bf16 banks).
+SAMPLED_DTYPE_PAIRS = DTYPE_PAIRS[:2] + DTYPE_PAIRS[3:]
 BANK_ROWS = 65536
 SEED, OFFSET = 2**40 + 7, 2**33 + 5  # as in training: 64-bit seeds and offsets
 
@@ -403,7 +412,11 @@ def compile_variant(v, arch, keep_asm=False):
     kernel = triton.compile(
         src,
         target=GPUTarget("cuda", int(arch), 32),
-        options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]},
+        options={
+            "num_warps": v["num_warps"],
+            "num_stages": v["num_stages"],
+            **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {}),
+        },
     )
     reg, stack, stl, ldl = _resources_from_cubin(kernel.asm["cubin"], v["kernel"])
     out = {
@@ -416,6 +429,8 @@ def compile_variant(v, arch, keep_asm=False):
         "spill_stores": stl,
         "spill_loads": ldl,
         "shared": int(kernel.metadata.shared),
+        # gathers software-pipelined into shared memory (cp.async), for the in-flight bytes
+        "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local"),
         "num_warps": v["num_warps"],
         "grid": v.get("grid"),
     }
@@ -541,10 +556,12 @@ def main(argv=None):
 
 
 def tile_key(launch):
-    """The kernel, its tiling constexprs (``BLOCK_*``), dot dtype, bank dtype and warps: what
+    """The kernel, its tiling constexprs (``BLOCK_*``, ``NUM_STAGES``), dot dtype, bank dtype and warps: what
     sets the register and shared-memory footprint (the boolean flags add or drop code inside it)."""
     tiles = {
-        k: v for k, v in launch["constexprs"].items() if k.startswith("BLOCK_") or k in ("DOT_DTYPE", "BANK_IS_BF16")
+        k: v
+        for k, v in launch["constexprs"].items()
+        if k.startswith("BLOCK_") or k in ("DOT_DTYPE", "BANK_IS_BF16", "NUM_STAGES")
     }
     return json.dumps({"kernel": launch["kernel"], "tiles": tiles, "num_warps": launch["num_warps"]}, sort_keys=True)
 

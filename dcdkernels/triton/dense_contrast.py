@@ -511,8 +511,8 @@ def _num_warps(rows, cols):
 
 
 def _fp32_dot_tiles(block, num_warps):
-    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64 (and the keys backward with
-    mixed fp32/16-bit inputs at any D): at most 32 rows per step and 8 warps. The AOT sweep
+    """Tiles of the full-fp32 (FMA, not tensor-core) dot path at BLOCK_DV >= 64 (and the keys backward's
+    fp32 dot at any D): at most 32 rows per step and 8 warps. The AOT sweep
     (``python -m benchmarks.static_resources``) found spills there otherwise: the forward at 16 x 64
     x 128 with 4 warps (46 spill stores) and at 32 x 64 x 128 with 8 (44), the keys backward with
     mixed fp32/bf16 inputs at 64 x 64 x 128 (up to 43 on sm_80); 32 x 32 x 128 at 8 warps takes 128
@@ -666,7 +666,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     block_m = _block(B, MAX_BLOCK_M)
     num_warps = _num_warps(block_n, block_dv)
     dot_dtype = _dot_dtype(anchor, keys)
-    if dot_dtype == tl.float32 and (block_dv >= 64 or anchor.dtype != keys.dtype):
+    if dot_dtype == tl.float32:  # at every D: all-fp32 16 x 64 x 16 with 4 warps spills (triton 3.8, sm_90)
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     has_target = target is not None
     with device_guard(anchor):

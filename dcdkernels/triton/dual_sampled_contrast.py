@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    MAXNREG,
     MERGE_BLOCK_D,
     as_int64,
     block_k_for,
@@ -146,6 +147,7 @@ def _dual_sampled_contrast_partial_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # Softmax vectors serve InfoNCE and the KL; NCE has its own plain sums.
     softmax_grad = COMPUTE_GRAD and (LOSS_TYPE == 0 or COMPUTE_KL)
@@ -178,7 +180,9 @@ def _dual_sampled_contrast_partial_kernel(
 
     col_start = chunk * cols_per_chunk
     col_end = tl.minimum(col_start + cols_per_chunk, COLS)
-    for start in range(col_start, col_end, BLOCK_K):
+    # Software-pipelined gather (cp.async into shared memory): NUM_STAGES - 1 tiles in flight
+    # while one is used, without holding them in registers (pipeline_stages).
+    for start in tl.range(col_start, col_end, BLOCK_K, num_stages=NUM_STAGES):
         cols = start + tl.arange(0, BLOCK_K)
         rows, valid = column_rows(
             index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives, SAMPLED
@@ -522,6 +526,20 @@ def _dual_sampled_contrast_merge_kernel(
         tl.store(out + plane_offset(3, B, D), kl_grad_t, mask=d_mask)
 
 
+PIPELINE_BYTES = 32 * 1024  # gathered bytes in flight per program, through the pipeline
+
+
+def pipeline_stages(tile_bytes):
+    """Stages of the partial kernel's gather loop for a tile (both banks' rows) of ``tile_bytes``:
+    ``NUM_STAGES - 1`` tiles (2 to 4) in flight per program, PIPELINE_BYTES when tiles allow.
+    The kernel holds ~200 registers per thread (two directions, the KL, six D-long partial
+    vectors), so only 1-2 programs fit on an SM; with the loads held in registers that was
+    8-16 KiB in flight per SM against the 24.9 KiB Little's-law floor of
+    ``benchmarks/static_resources.py``. In shared memory the tiles cost no registers: 32-64 KiB
+    per SM at D = 128 and 2048 (bf16), at most max(PIPELINE_BYTES, 2 tiles) of shared memory."""
+    return 1 + min(4, max(2, triton.cdiv(PIPELINE_BYTES, tile_bytes)))
+
+
 def dual_sampled_contrast(
     anchor_s,
     anchor_t,
@@ -564,7 +582,10 @@ def dual_sampled_contrast(
     logit_scale, bias, log_z = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
 
     block_d = triton.next_power_of_2(D)
-    block_k = block_k or block_k_for(block_d, rows_per_column=2)
+    # Tiles of TILE_ELEMENTS 16-bit elements (the same bytes, so the same pipeline_stages, and 32
+    # registers of rows per thread at 4 warps): fp32 banks gather half the columns per step.
+    column_bytes = bank_s.element_size() + bank_t.element_size()
+    block_k = block_k or block_k_for(block_d, rows_per_column=triton.cdiv(column_bytes, 2))
     chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
     stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
     vec = torch.empty((B, chunks, NUM_VECS.value, D), **f32) if compute_grad else stats
@@ -612,7 +633,9 @@ def dual_sampled_contrast(
             SAMPLED=sampled,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
+            NUM_STAGES=pipeline_stages(block_k * block_d * column_bytes),
             num_warps=num_warps_for(block_d, NUM_VECS.value),
+            maxnreg=MAXNREG,
             **flags,
         )
         _dual_sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
@@ -636,6 +659,7 @@ def dual_sampled_contrast(
             D,
             BLOCK_C=triton.next_power_of_2(chunks),
             BLOCK_D=merge_block_d,
+            maxnreg=MAXNREG,
             **flags,
         )
     return losses, lse, grad_anchors, grad_scalars

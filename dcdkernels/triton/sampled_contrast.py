@@ -232,6 +232,14 @@ def _sampled_contrast_merge_kernel(
         tl.store(grad_anchor_ptr + b.to(tl.int64) * D + offs_d, grad, mask=d_mask)
 
 
+def _partial_warps(block_d):
+    """Warps of the partial kernel: num_warps_for, except 2 at BLOCK_D = 256. With 4 there, ptxas
+    (triton 3.8, sm_90) fits the kernel into 128 registers (4 programs per SM) and spills one
+    8-byte slot; with 2 it takes 187 registers and no stack, 4 programs per SM still (the
+    AOT sweep, ``python -m benchmarks.static_resources``), so the same 32 KiB in flight per SM."""
+    return 2 if block_d == 256 else num_warps_for(block_d, 1)
+
+
 def sampled_contrast(
     anchor,
     bank,
@@ -308,7 +316,7 @@ def sampled_contrast(
             COMPUTE_GRAD=compute_grad,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
-            num_warps=num_warps_for(block_d, 1),
+            num_warps=_partial_warps(block_d),
         )
         _sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
             stats,
