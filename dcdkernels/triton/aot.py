@@ -101,9 +101,6 @@ def _recording(sm_count):
             if hasattr(mod, "device_guard"):
                 saved.append((mod, "device_guard", mod.device_guard))
                 mod.device_guard = lambda tensor: contextlib.nullcontext()
-            if hasattr(mod, "bank_layout"):  # fake tensors share data_ptr 0: every pair would "overlap"
-                saved.append((mod, "bank_layout", mod.bank_layout))
-                mod.bank_layout = lambda bank, value: None
         saved.append((_common, "_sm_count", _common._sm_count))
         _common._sm_count = lambda index: sm_count
         saved.append((torch.cuda, "current_device", torch.cuda.current_device))
