@@ -101,14 +101,7 @@ class PairedMemoryBank(StreamAndPartition):
             f"z_mode={self.z_mode!r}, world_size={self.world_size}"
         )
 
-    @property
-    def num_local_rows(self) -> int:
-        return self.row_end - self.row_start
-
     # ---------------------------------------------------------------- scoring
-    def forward(self, *args, **kwargs):
-        return self.score(*args, **kwargs)
-
     def _check_score_args(
         self, anchor_s, anchor_t, index, num_negatives, loss, logit_scale, bias, consistency, update_state, update_index
     ):

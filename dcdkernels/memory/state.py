@@ -77,6 +77,11 @@ class MemoryState(nn.Module):
             layout = [n_rows, 1, 0]
         self._add_state("shard_layout", torch.tensor(layout, dtype=torch.int64, device=device))
 
+    @property
+    def num_local_rows(self) -> int:
+        """Rows held by this rank (all of them unless sharded)."""
+        return self.row_end - self.row_start
+
     # ---------------------------------------------------------------- state tensors
     def _add_state(self, name: str, tensor: torch.Tensor) -> None:
         object.__setattr__(self, name, tensor)
@@ -202,6 +207,9 @@ class StreamAndPartition(MemoryState):
     def rng_state(self):
         """(seed, offset) of the negative stream."""
         return self._seed, self._offset
+
+    def forward(self, *args, **kwargs):
+        return self.score(*args, **kwargs)
 
     def gathered_index_fn(self, idx_all: torch.Tensor, sampled: bool, num_negatives: int):
         """``index_fn(b0, b1)`` over the all-gathered batch for sharded scoring: the explicit
