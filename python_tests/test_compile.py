@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import backend_params
+from helpers import backend_params
 
 import dcdkernels
 

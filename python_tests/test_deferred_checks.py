@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import devices, fused_backends
+from helpers import devices, fused_backends
 
 import dcdkernels
 from dcdkernels import MemoryBank, MomentumQueue

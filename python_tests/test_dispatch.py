@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import BACKENDS
 
 import dcdkernels
 from dcdkernels import backends
@@ -128,3 +129,12 @@ def test_float64_is_refused_by_gpu_backends_and_routed_to_eager_by_auto():
     q, bank, idx = _inputs()
     with pytest.raises(TypeError, match="does not support float64"):
         dcdkernels.sampled_contrast(q.double(), bank.double(), idx, logit_scale=1.0, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_backend_whose_device_is_present_is_available(backend):
+    """The kernel grid skips a backend only for a missing device or optional dependency: where its
+    device is present, the backend must be usable (a CUDA build that silently lost its kernels, or
+    a CPU-only _C, fails here rather than skipping every CUDA test)."""
+    ok, why = dcdkernels.availability()[backend]
+    assert ok, why

@@ -5,7 +5,7 @@ contents included. The batches cross the end of the memory, so the wrap-around i
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import close_fp32 as _close
+from helpers import close_fp32 as _close
 
 from dcdkernels.integrations import CrossBatchMemory, NTXentMemoryLoss, PMLNTXentLoss, PMLSupConLoss
 

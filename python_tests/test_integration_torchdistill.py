@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import close_fp32 as _close
+from helpers import close_fp32 as _close
 from torch import nn
 
 pytest.importorskip("torchdistill")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, backend_params
+from helpers import TOL, backend_params
 from torch import nn
 
 import dcdkernels

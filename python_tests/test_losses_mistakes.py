@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backend_params
+from helpers import backend_params
 
 from dcdkernels import reference
 from dcdkernels.losses import CoCoRDLoss, CRDLoss, DCDLoss

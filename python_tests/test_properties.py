@@ -4,7 +4,7 @@ add up to over 1,000 cases on a CPU-only CI machine (CPU kernels + Triton interp
 
 import pytest
 import torch
-from conftest import TOL, backend_params
+from helpers import TOL, backend_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

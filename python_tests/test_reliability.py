@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import backend_params
+from helpers import backend_params
 
 import dcdkernels
 

@@ -36,15 +36,6 @@ TINY = [
 ]
 
 
-def _fused_available():
-    from dcdkernels import backends
-
-    try:
-        return backends.resolve("auto", torch.device("cpu"), "dual_sampled_contrast") != "eager"
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     """One small digits teacher for the whole module (8 epochs on 256 rows)."""
@@ -140,7 +131,6 @@ def test_resume_is_identical(tmp_path, teacher_ckpt):
 FUSED_EAGER_TOLERANCE = 2.0  # accuracy points on the 359 digits test images (about 7 images)
 
 
-@pytest.mark.skipif(not _fused_available(), reason="no fused CPU kernel (dcdkernels._C not built)")
 def test_fused_and_eager_agree(tmp_path, teacher_ckpt):
     """Same seed, backend auto (fused C++ kernels) vs eager: the same accuracy within
     FUSED_EAGER_TOLERANCE points (kernels sum in another order, so trajectories differ by rounding)."""
