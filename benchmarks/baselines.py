@@ -260,20 +260,13 @@ class ContrastMemory(nn.Module):
         momentum = self.params[4].item()
         batchSize = v1.size(0)
         outputSize = self.memory_v1.size(0)
-        inputSize = self.memory_v1.size(1)
         if idx is None:
             if self.multinomial is None:
                 self.multinomial = AliasMethod(outputSize, v1.device)
-            idx = self.multinomial.draw(batchSize * (self.K + 1)).view(batchSize, -1)
+            idx = self.multinomial.draw(batchSize * (K + 1)).view(batchSize, -1)
             idx.select(1, 0).copy_(y.data)
-        weight_v1 = torch.index_select(self.memory_v1, 0, idx.view(-1)).detach()
-        weight_v1 = _match(weight_v1, v2).view(batchSize, K + 1, inputSize)
-        out_v2 = torch.bmm(weight_v1, v2.view(batchSize, inputSize, 1))
-        out_v2 = torch.exp(torch.div(out_v2, T))
-        weight_v2 = torch.index_select(self.memory_v2, 0, idx.view(-1)).detach()
-        weight_v2 = _match(weight_v2, v1).view(batchSize, K + 1, inputSize)
-        out_v1 = torch.bmm(weight_v2, v1.view(batchSize, inputSize, 1))
-        out_v1 = torch.exp(torch.div(out_v1, T))
+        out_v2 = repdistiller_scores(v2, self.memory_v1, idx, T)
+        out_v1 = repdistiller_scores(v1, self.memory_v2, idx, T)
         if Z_v1 < 0:
             self.params[2] = out_v1.mean() * outputSize
             Z_v1 = self.params[2].clone().detach().item()
@@ -282,20 +275,8 @@ class ContrastMemory(nn.Module):
             Z_v2 = self.params[3].clone().detach().item()
         out_v1 = torch.div(out_v1, Z_v1).contiguous()
         out_v2 = torch.div(out_v2, Z_v2).contiguous()
-        with torch.no_grad():
-            l_pos = torch.index_select(self.memory_v1, 0, y.view(-1))
-            l_pos.mul_(momentum)
-            l_pos.add_(torch.mul(v1, 1 - momentum))
-            l_norm = l_pos.pow(2).sum(1, keepdim=True).pow(0.5)
-            updated_v1 = l_pos.div(l_norm)
-            self.memory_v1.index_copy_(0, y, updated_v1)
-
-            ab_pos = torch.index_select(self.memory_v2, 0, y.view(-1))
-            ab_pos.mul_(momentum)
-            ab_pos.add_(torch.mul(v2, 1 - momentum))
-            ab_norm = ab_pos.pow(2).sum(1, keepdim=True).pow(0.5)
-            updated_v2 = ab_pos.div(ab_norm)
-            self.memory_v2.index_copy_(0, y, updated_v2)
+        repdistiller_memory_update_(self.memory_v1, y, v1, momentum)
+        repdistiller_memory_update_(self.memory_v2, y, v2, momentum)
         return out_v1, out_v2
 
 

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_BUDGET = 470.0  # seconds: 8 minutes less a margin for start-up and the last write
 BUDGETS = {"build": 200, "info": 20, "tests": 120, "multi_device": 20, "sanitizer": 70, "determinism": 20, "bench": 130}
 MAX_FILES = 8
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]  # every pytest child run
 # The kernel test grid (every backend x dtype x shape); with -k below only its GPU backends run.
 TEST_FILES = [
     "python_tests/test_sampled_contrast.py",
@@ -194,7 +195,7 @@ def _info(run, budget):
 
 def _tests(run, budget):
     rc, tail = run.sh(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "-k", "not cpu", *TEST_FILES],
+        [*PYTEST, "--tb=short", "-k", "not cpu", *TEST_FILES],
         budget,
         tail=30,
     )
@@ -207,18 +208,7 @@ def _multi_device(run, budget):
     if torch.cuda.device_count() < 2:
         return "skipped: one GPU", []
     rc, tail = run.sh(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-rs",
-            "python_tests/test_deferred_checks.py",
-            "-k",
-            "non_current_device or flags_device",
-        ],
+        [*PYTEST, "-rs", "python_tests/test_deferred_checks.py", "-k", "non_current_device or flags_device"],
         budget,
     )
     return ("passed" if rc == 0 else f"FAILED (rc {rc})"), tail
@@ -270,12 +260,7 @@ def _bench(run, budget):
     js = os.path.join(tmp, "bench.json")
     rc, tail = run.sh(
         [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
+            *PYTEST,
             "benchmarks/test_bench_ops.py",
             "benchmarks/test_bench_methods.py",
             "--benchmark-only",

@@ -48,6 +48,29 @@ def _sampled_inputs(size, dtype, dual=False):
     return idx, banks, anchors
 
 
+def pick_step(provider, eager, fused):
+    """The step ``provider`` times: the eager baseline, ``torch.compile`` of it, or the fused call."""
+    if provider == "eager":
+        return eager
+    return compiled(eager) if provider == "compile" else fused
+
+
+def nce_steps(q, bank, idx, Z, provider):
+    """(eager, fused) of CRD's NCE over one bank with an explicit (B, K+1) index: RepDistiller's
+    code at partition Z, and ``sampled_contrast(loss="nce")`` on ``provider``."""
+    log_z = math.log(Z)
+
+    def eager():
+        return BL.crd_nce_sampled(q, bank, idx, T, Z)
+
+    def fused():
+        return dcdkernels.sampled_contrast(
+            q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
+        ).mean()
+
+    return eager, fused
+
+
 def _eager_gather_bytes(size, dtype, banks=1):
     """Dominant eager transient: the (B, K+1, D) gather per bank (+ its fp32 cast for bf16)."""
     n = size.B * (size.K + 1) * size.D
@@ -71,18 +94,11 @@ def test_sampled_contrast(bench, case, size, dtype, provider):
     pos = idx[:, 0].contiguous()
     if case.startswith("nce"):
         Z = BL.repdistiller_first_z(q.detach(), bank, idx, T)
-        log_z = math.log(Z)
         if case == "nce":
-
-            def eager():
-                return BL.crd_nce_sampled(q, bank, idx, T, Z)
-
-            def fused():
-                return dcdkernels.sampled_contrast(
-                    q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
-                ).mean()
+            eager, fused = nce_steps(q, bank, idx, Z, provider)
         else:
             sampler = BL.AliasMethod(size.N, CFG.device)
+            log_z = math.log(Z)
 
             def eager():  # RepDistiller's ImageNet path: draw B(K+1), overwrite column 0, score
                 draw = sampler.draw(size.B * (size.K + 1)).view(size.B, -1)
@@ -115,7 +131,7 @@ def test_sampled_contrast(bench, case, size, dtype, provider):
             return dcdkernels.sampled_contrast(q, bank, idx, logit_scale=s, bias=b, backend=provider).mean()
 
         leaves = [q, s, b]
-    fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
+    fn = pick_step(provider, eager, fused)
     nbytes, note = _analytic(provider, size, dtype)
     bench.run(
         grad_step(fn, leaves),
@@ -173,7 +189,7 @@ def test_dual_sampled_contrast(bench, case, size, dtype, provider):
             return out.loss_s.mean() + out.consistency.mean()
 
         leaves = [z_s, z_t, s, b]
-    fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
+    fn = pick_step(provider, eager, fused)
     nbytes, note = _analytic(provider, size, dtype, banks=2, anchors=2)
     bench.run(
         grad_step(fn, leaves),
@@ -259,11 +275,7 @@ def test_dense_contrast(bench, case, size, dtype, provider):
         }
         analytic_fused = (grads, "fused: fp32 grads of q and keys only")
         bytes_read = 2 * size.keys_bytes(e)  # keys are read in the forward and in the key-gradient pass
-    fns = {"eager": eager, "eager-lightly": eager_lightly}
-    if provider == "compile":
-        fn = compiled(eager)
-    else:
-        fn = fns.get(provider, fused)
+    fn = eager_lightly if provider == "eager-lightly" else pick_step(provider, eager, fused)
     nbytes, note = analytic.get(provider, analytic_fused if provider in ("cpu", "triton", "cuda") else (None, ""))
     bench.run(
         grad_step(fn, leaves),
@@ -316,7 +328,7 @@ def test_supcon_contrast(bench, case, size, dtype, provider):
         def fused():
             return dcdkernels.supcon_contrast(q, labels, logit_scale=1 / T, reduction="mean", backend=provider)
 
-        fn = compiled(eager) if provider == "compile" else eager if provider == "eager" else fused
+        fn = pick_step(provider, eager, fused)
     if provider.startswith("eager"):
         nbytes, note = 6 * size.B * size.B * 4, "~6 (B, B) fp32 buffers: logits, masks, exp, log_prob"
     elif provider in ("cpu", "triton", "cuda"):
@@ -367,7 +379,7 @@ def test_bank_update(bench, case, size, dtype, provider):
     def fused():
         dcdkernels.bank_momentum_update_(bank, y, v, 0.5, backend=provider)
 
-    fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
+    fn = pick_step(provider, eager, fused)
     e = ELEM[dtype]
     if provider == "eager":
         nbytes, note = 4 * size.B * size.D * 4, "RepDistiller: ~4 (B, D) temporaries (index_select, mul, norm, div)"

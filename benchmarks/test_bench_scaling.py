@@ -16,8 +16,8 @@ import pytest
 import dcdkernels
 from benchmarks import baselines as BL
 from benchmarks import sizes as S
-from benchmarks.harness import CFG, ELEM, FUSED, compiled, grad_step, peak_transient_bytes, skip_reason
-from benchmarks.test_bench_ops import _analytic, _sampled_inputs
+from benchmarks.harness import CFG, ELEM, FUSED, grad_step, peak_transient_bytes, skip_reason
+from benchmarks.test_bench_ops import _analytic, _sampled_inputs, nce_steps, pick_step
 
 T = 0.07
 
@@ -30,17 +30,7 @@ def _points(axis):
 def test_scaling(bench, case, size, dtype, provider):
     idx, (bank,), (q,) = _sampled_inputs(size, dtype)
     Z = BL.repdistiller_first_z(q.detach(), bank, idx, T)
-    log_z = math.log(Z)
-
-    def eager():
-        return BL.crd_nce_sampled(q, bank, idx, T, Z)
-
-    def fused():
-        return dcdkernels.sampled_contrast(
-            q, bank, idx, logit_scale=1 / T, loss="nce", log_z=log_z, backend=provider
-        ).mean()
-
-    fn = {"eager": eager, "compile": compiled(eager) if provider == "compile" else None}.get(provider, fused)
+    fn = pick_step(provider, *nce_steps(q, bank, idx, Z, provider))
     nbytes, note = _analytic(provider, size, dtype)
     bench.run(
         grad_step(fn, [q]),

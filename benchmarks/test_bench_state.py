@@ -18,8 +18,19 @@ from dcdkernels.reference import queue_enqueue_
 from dcdkernels.train.models import build_model
 
 
-def _ours():
-    return "cuda" if CFG.device.type == "cuda" else "cpu"
+def _run(bench, provider, eager, ours, *, op, case, size, bytes_read):
+    """Time ``eager`` (provider "eager") or the library's ``ours``, reported under the device's
+    provider name (``cpu`` or ``cuda``)."""
+    bench.run(
+        eager if provider == "eager" else ours,
+        family="state",
+        op=op,
+        case=case,
+        size=size,
+        dtype="fp32",
+        provider=provider if provider == "eager" else ("cuda" if CFG.device.type == "cuda" else "cpu"),
+        bytes_read=bytes_read,
+    )
 
 
 class _Size:
@@ -61,17 +72,7 @@ def test_ema_foreach_vs_loop(bench, provider):
         foreach()
         for p, q in zip(dst, b):
             torch.testing.assert_close(p, q)
-    prov = provider if provider == "eager" else _ours()
-    bench.run(
-        loop if provider == "eager" else foreach,
-        family="state",
-        op="ema",
-        case="foreach",
-        size=size,
-        dtype="fp32",
-        provider=prov,
-        bytes_read=3 * 4 * size.dims()["params"],
-    )
+    _run(bench, provider, loop, foreach, op="ema", case="foreach", size=size, bytes_read=3 * 4 * size.dims()["params"])
 
 
 @pytest.mark.parametrize("provider", ["eager", "ours"])
@@ -92,14 +93,4 @@ def test_queue_enqueue(bench, provider):
     def ring():
         state["ptr"] = queue_enqueue_(queue, state["ptr"], keys)
 
-    prov = provider if provider == "eager" else _ours()
-    bench.run(
-        moco if provider == "eager" else ring,
-        family="state",
-        op="enqueue",
-        case="",
-        size=size,
-        dtype="fp32",
-        provider=prov,
-        bytes_read=2 * 4 * B * D,
-    )
+    _run(bench, provider, moco, ring, op="enqueue", case="", size=size, bytes_read=2 * 4 * B * D)

@@ -81,6 +81,14 @@ def rename_keys(state_dict, prefix: str, mapping) -> None:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
+# RepDistiller's and ICD's ``Embed`` wraps its Linear: ``embed_*.linear.*`` -> this ``Embed``'s keys.
+EMBED_LINEAR_KEYS = (
+    ("embed_s.linear.weight", "embed_s.weight"),
+    ("embed_s.linear.bias", "embed_s.bias"),
+    ("embed_t.linear.weight", "embed_t.weight"),
+    ("embed_t.linear.bias", "embed_t.bias"),
+)
+
 MEMORY_MODES = ("local", "replicated", "sharded")
 
 
@@ -243,6 +251,15 @@ def check_features(**named) -> int:
         elif t.device != device:
             raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
     return batch
+
+
+def finite_checks(**named) -> V.ValueChecks:
+    """``ValueChecks`` with a ``finite`` check of every named tensor that is not None, in order."""
+    checks = V.ValueChecks()
+    for name, t in named.items():
+        if t is not None:
+            checks.finite(name, t)
+    return checks
 
 
 def check_batch_index(idx: Optional[Tensor], batch: int) -> Tensor:

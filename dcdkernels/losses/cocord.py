@@ -21,11 +21,11 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..memory import MomentumQueue, check_loadable
-from ..ops import _validate as V
 from ._common import (
     MEMORY_MODES,
     check_features,
     ema_,
+    finite_checks,
     first_linear_in_features,
     freeze_,
     make_projector,
@@ -227,19 +227,7 @@ class CoCoRDLoss(nn.Module):
             B = check_features(
                 f_s=(f_s, s_dim), f_t=(f_t, t_dim), f_s2=(f_s2, s_dim), f_slow=(f_slow, s_dim), f_slow2=(f_slow2, s_dim)
             )
-            checks = V.ValueChecks()
-            for name, t in (
-                ("f_s", f_s),
-                ("f_t", f_t),
-                ("f_s2", f_s2),
-                ("f_slow", f_slow),
-                ("f_slow2", f_slow2),
-                ("x_s", x_s),
-                ("x_s2", x_s2),
-            ):
-                if t is not None:
-                    checks.finite(name, t)
-            checks.run()
+            finite_checks(f_s=f_s, f_t=f_t, f_s2=f_s2, f_slow=f_slow, f_slow2=f_slow2, x_s=x_s, x_s2=x_s2).run()
             if use_pred:
                 if f_s2 is None:
                     raise ValueError("CoCoRD's prediction term needs the student features of the second view (f_s2)")

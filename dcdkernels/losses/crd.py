@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..memory import check_loadable
-from ._common import Embed, PairedMemoryLoss, no_autocast, remap_paired_memory_keys, rename_keys
+from ._common import EMBED_LINEAR_KEYS, Embed, PairedMemoryLoss, no_autocast, remap_paired_memory_keys, rename_keys
 
 
 class CRDLoss(PairedMemoryLoss):
@@ -185,16 +185,7 @@ def _remap_repdistiller_keys(
 ) -> None:
     """RepDistiller's and this library's former ``CRDLoss`` keys -> ours (in place), then the
     whole state dict is validated before anything loads."""
-    rename_keys(
-        state_dict,
-        prefix,
-        [
-            ("embed_s.linear.weight", "embed_s.weight"),
-            ("embed_s.linear.bias", "embed_s.bias"),
-            ("embed_t.linear.weight", "embed_t.weight"),
-            ("embed_t.linear.bias", "embed_t.bias"),
-        ],
-    )
+    rename_keys(state_dict, prefix, EMBED_LINEAR_KEYS)
     params = state_dict.pop(prefix + "contrast.params", None)
     if params is not None and prefix + "log_z" not in state_dict and prefix + "memory.log_z" not in state_dict:
         z = torch.as_tensor(params)[2:4].detach().double().cpu()

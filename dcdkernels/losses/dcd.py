@@ -16,8 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..memory import check_loadable
-from ..ops import _validate as V
-from ._common import Embed, PairedMemoryLoss, check_features, no_autocast, remap_paired_memory_keys, rename_keys
+from ._common import (
+    EMBED_LINEAR_KEYS,
+    Embed,
+    PairedMemoryLoss,
+    check_features,
+    finite_checks,
+    no_autocast,
+    remap_paired_memory_keys,
+    rename_keys,
+)
 
 
 class DCDLoss(PairedMemoryLoss):
@@ -165,10 +173,7 @@ class DCDLoss(PairedMemoryLoss):
             idx, index, num_negatives = self._check_memory_inputs(f_s, f_t, idx, contrast_idx, self.nce_k)
         else:
             check_features(f_s=(f_s, self.embed_s.in_features), f_t=(f_t, self.embed_t.in_features))
-            checks = V.ValueChecks()  # no state to guard here, but never a silent NaN loss
-            checks.finite("f_s", f_s)
-            checks.finite("f_t", f_t)
-            checks.run(deferrable=True)
+            finite_checks(f_s=f_s, f_t=f_t).run(deferrable=True)  # no state to guard, but never a silent NaN loss
         z_s, z_t = self.embed_s(f_s), self.embed_t(f_t)
         with no_autocast(z_s.device):
             s = self.logit_scale()
@@ -239,10 +244,7 @@ def _remap_official_keys(
         [
             ("params.tau", "log_scale" if module.trainable else "fixed_scale"),
             ("params.b", "bias"),
-            ("embed_s.linear.weight", "embed_s.weight"),
-            ("embed_s.linear.bias", "embed_s.bias"),
-            ("embed_t.linear.weight", "embed_t.weight"),
-            ("embed_t.linear.bias", "embed_t.bias"),
+            *EMBED_LINEAR_KEYS,
         ],
     )
     if module.memory is not None:

@@ -20,11 +20,8 @@ import torch
 
 from .. import ops
 from ..ops import _validate as V
-from . import comm
 from . import sharded as Sh
-from .state import StreamAndPartition, init_rows
-
-_LOSSES = ("infonce", "nce")
+from .state import SCORE_LOSSES, StreamAndPartition, check_rows_dim_dtype, init_rows, wants_grad
 
 
 class MemoryBank(StreamAndPartition):
@@ -54,6 +51,8 @@ class MemoryBank(StreamAndPartition):
     buffers, see ``dcdkernels.memory.state``).
     """
 
+    BANK_NAMES = ("bank",)
+
     def __init__(
         self,
         n_rows: int,
@@ -73,10 +72,7 @@ class MemoryBank(StreamAndPartition):
         shard_chunk: int = 1 << 18,
     ):
         super().__init__()
-        if not isinstance(n_rows, int) or not isinstance(dim, int) or n_rows < 1 or dim < 1:
-            raise ValueError(f"n_rows and dim must be positive ints, got {n_rows!r}, {dim!r}")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+        check_rows_dim_dtype("n_rows", n_rows, dim, dtype)
         self.dim, self.shard_chunk = dim, int(shard_chunk)
         self._init_state(n_rows, mode=mode, process_group=process_group, backend=backend, device=device)
         self._add_state(
@@ -85,36 +81,15 @@ class MemoryBank(StreamAndPartition):
         )
         self._init_stream(seed=seed, offset=offset, log_z_shape=(), z_mode=z_mode, z_momentum=z_momentum, device=device)
 
-    def extra_repr(self):
-        rows = f"rows [{self.row_start}, {self.row_end}) of " if self.mode == "sharded" else ""
-        return (
-            f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={self.bank.dtype}, mode={self.mode!r}, "
-            f"z_mode={self.z_mode!r}, world_size={self.world_size}"
-        )
-
     # ---------------------------------------------------------------- scoring
     def _check_score_args(self, anchor, index, num_negatives, loss, logit_scale, bias):
         V.matrix("anchor", anchor, dim=self.dim)
         if anchor.device != self.bank.device:
             raise ValueError(f"anchor is on {anchor.device} but the bank is on {self.bank.device}")
-        if loss not in _LOSSES:
+        if loss not in SCORE_LOSSES:
             raise ValueError(f"loss must be 'infonce' or 'nce', got {loss!r}")
-        index = V.index_tensor("index", index, device=anchor.device, rows=anchor.shape[0])
-        if index.dim() == 1:
-            if not isinstance(num_negatives, int) or num_negatives < 1:
-                raise ValueError("a 1-D index holds only the positives: pass num_negatives=K >= 1 to sample negatives")
-            n_cols = num_negatives + 1
-        else:
-            if num_negatives:
-                raise ValueError(
-                    "num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives"
-                )
-            if index.shape[1] < 2:
-                raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
-            n_cols = index.shape[1]
-        acc = V.accumulation_dtype(anchor, self.bank)
-        s = V.scalar("logit_scale", logit_scale, device=anchor.device, dtype=acc, positive=True)
-        b = None if bias is None else V.scalar("bias", bias, device=anchor.device, dtype=acc)
+        index, n_cols = self._check_score_index(index, num_negatives, anchor)
+        s, b = self._check_scale_bias(logit_scale, bias, anchor.device, V.accumulation_dtype(anchor, self.bank))
         # Distributed: checked here so that every rank raises together. Locally the op checks its
         # inputs; this module checks again only when checks are deferred (CUDA), to guard log Z.
         checks = None
@@ -157,24 +132,11 @@ class MemoryBank(StreamAndPartition):
             index_dim = index.dim()
         except (ValueError, TypeError) as exc:
             err = exc
-        want_grad = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (anchor, logit_scale, bias)
-        )
+        want_grad = wants_grad(anchor, logit_scale, bias)
         B = anchor.shape[0] if err is None else 0
-        meta = self._meta(
-            [B, n_cols, index_dim, _LOSSES.index(loss) if loss in _LOSSES else -1, int(want_grad), int(return_lse)],
-            err,
-            self.bank.device,
-        )
-        for col, what in (
-            (1, "number of columns K+1"),
-            (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
-            (3, "loss"),
-        ):
-            if len(set(meta[:, col].tolist())) != 1:
-                raise ValueError(f"every rank must score with the same {what}; got {meta[:, col].tolist()} per rank")
+        meta = self._score_meta(err, B, n_cols, index_dim, loss, [int(want_grad), int(return_lse)])
         sizes = meta[:, 0].tolist()
-        start = sum(sizes[: self.rank])
+        start = self._batch_offset(sizes)
         sampled = index_dim == 1
         if self.mode == "sharded":
             return self._score_sharded(
@@ -231,31 +193,20 @@ class MemoryBank(StreamAndPartition):
     def _score_sharded(
         self, anchor, index, n_cols, s, b, loss, sizes, start, sampled, any_grad, any_lse, want_grad, return_lse
     ):
-        group = self.process_group
         B_local, D = anchor.shape
-        q_all = comm.all_gather_rows(anchor.detach(), sizes, group)
-        idx_all = comm.all_gather_rows(index, sizes, group)
+        (q_all,), index_fn = self._gather_for_shards([anchor], index, sizes, sampled, n_cols)
         K = n_cols - 1
-        index_fn = self.gathered_index_fn(idx_all, sampled, K)
 
         def run(loss_, need_grad, need_lse):
             p = Sh.shard_partials(
                 q_all,
                 index_fn,
                 self.bank,
-                self.row_start,
-                self.n_rows,
-                n_cols,
-                logit_scale=s,
-                bias=b,
-                loss=loss_,
-                log_z=self.log_z if loss_ == "nce" else None,
                 need_grad=need_grad,
                 need_lse=need_lse,
-                backend=self.backend,
-                chunk=self.shard_chunk,
+                **self._shard_kwargs(n_cols, s, b, loss_),
             )
-            p = Sh.all_reduce_partials(p, group)
+            p = Sh.all_reduce_partials(p, self.process_group)
             return Sh.finalize(p, loss=loss_, logit_scale=s, bias=b, need_grad=need_grad, need_lse=need_lse, D=D)
 
         was_set = self._log_z_set

@@ -19,11 +19,9 @@ import torch
 from .. import ops
 from ..ops import _validate as V
 from ..ops.dual_sampled_contrast import DualContrastOutput
-from . import comm
 from . import sharded as Sh
-from .state import INITS, StreamAndPartition, init_rows
+from .state import INITS, SCORE_LOSSES, StreamAndPartition, check_rows_dim_dtype, init_rows, wants_grad
 
-_LOSSES = ("infonce", "nce")
 PAIRED_INITS = INITS + ("torch_rng",)
 
 
@@ -50,6 +48,8 @@ class PairedMemoryBank(StreamAndPartition):
     them in the same order; batch sizes may differ).
     """
 
+    BANK_NAMES = ("bank_s", "bank_t")
+
     def __init__(
         self,
         n_rows: int,
@@ -69,10 +69,7 @@ class PairedMemoryBank(StreamAndPartition):
         shard_chunk: int = 1 << 18,
     ):
         super().__init__()
-        if not isinstance(n_rows, int) or not isinstance(dim, int) or n_rows < 1 or dim < 1:
-            raise ValueError(f"n_rows and dim must be positive ints, got {n_rows!r}, {dim!r}")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+        check_rows_dim_dtype("n_rows", n_rows, dim, dtype)
         if init not in PAIRED_INITS:
             raise ValueError(f"init must be one of {PAIRED_INITS}, got {init!r}")
         if init == "torch_rng" and mode == "sharded":
@@ -94,13 +91,6 @@ class PairedMemoryBank(StreamAndPartition):
             seed=seed, offset=offset, log_z_shape=(2,), z_mode=z_mode, z_momentum=z_momentum, device=device
         )
 
-    def extra_repr(self):
-        rows = f"rows [{self.row_start}, {self.row_end}) of " if self.mode == "sharded" else ""
-        return (
-            f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={self.bank_s.dtype}, mode={self.mode!r}, "
-            f"z_mode={self.z_mode!r}, world_size={self.world_size}"
-        )
-
     # ---------------------------------------------------------------- scoring
     def _check_score_args(
         self, anchor_s, anchor_t, index, num_negatives, loss, logit_scale, bias, consistency, update_state, update_index
@@ -111,7 +101,7 @@ class PairedMemoryBank(StreamAndPartition):
             raise ValueError(f"anchor_t has shape {tuple(anchor_t.shape)} but anchor_s has {tuple(anchor_s.shape)}")
         if anchor_s.device != self.bank_s.device:
             raise ValueError(f"anchor_s is on {anchor_s.device} but the banks are on {self.bank_s.device}")
-        if loss not in _LOSSES:
+        if loss not in SCORE_LOSSES:
             raise ValueError(f"loss must be 'infonce' or 'nce', got {loss!r}")
         if not isinstance(consistency, (float, int)) or not consistency >= 0:
             raise ValueError(f"consistency must be a float >= 0, got {consistency!r}")
@@ -119,22 +109,9 @@ class PairedMemoryBank(StreamAndPartition):
             raise ValueError("the consistency KL is defined for loss='infonce' only")
         if loss == "nce" and not self._log_z_set and not update_state:
             raise RuntimeError("Z is not set yet: run a training batch or load a state first")
-        index = V.index_tensor("index", index, device=anchor_s.device, rows=anchor_s.shape[0])
-        if index.dim() == 1:
-            if not isinstance(num_negatives, int) or num_negatives < 1:
-                raise ValueError("a 1-D index holds only the positives: pass num_negatives=K >= 1 to sample negatives")
-            n_cols = num_negatives + 1
-        else:
-            if num_negatives:
-                raise ValueError(
-                    "num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives"
-                )
-            if index.shape[1] < 2:
-                raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
-            n_cols = index.shape[1]
+        index, n_cols = self._check_score_index(index, num_negatives, anchor_s)
         acc = V.accumulation_dtype(anchor_s, anchor_t, self.bank_s)
-        s = V.scalar("logit_scale", logit_scale, device=anchor_s.device, dtype=acc, positive=True)
-        b = None if bias is None else V.scalar("bias", bias, device=anchor_s.device, dtype=acc)
+        s, b = self._check_scale_bias(logit_scale, bias, anchor_s.device, acc)
         # Every check before any state changes. Distributed: here, so that every rank raises
         # together. Locally the op checks its inputs; the call that sets log Z (and its host-side
         # flag) is checked here, never deferred; other deferred (CUDA) checks guard the log Z EMA.
@@ -197,32 +174,17 @@ class PairedMemoryBank(StreamAndPartition):
             index_dim = index.dim()
         except (ValueError, TypeError, RuntimeError) as exc:
             err = exc
-        want_grad = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (anchor_s, anchor_t, logit_scale, bias)
-        )
+        want_grad = wants_grad(anchor_s, anchor_t, logit_scale, bias)
         B = anchor_s.shape[0] if err is None else 0
-        meta = self._meta(
-            [
-                B,
-                n_cols,
-                index_dim,
-                _LOSSES.index(loss) if loss in _LOSSES else -1,
-                int(want_grad),
-                int(bool(consistency)),
-                int(update_state),
-            ],
+        meta = self._score_meta(
             err,
-            self.bank_s.device,
+            B,
+            n_cols,
+            index_dim,
+            loss,
+            [int(want_grad), int(bool(consistency)), int(update_state)],
+            same=((5, "consistency on/off"), (6, "update_state")),
         )
-        for col, what in (
-            (1, "number of columns K+1"),
-            (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
-            (3, "loss"),
-            (5, "consistency on/off"),
-            (6, "update_state"),
-        ):
-            if len(set(meta[:, col].tolist())) != 1:
-                raise ValueError(f"every rank must score with the same {what}; got {meta[:, col].tolist()} per rank")
         sizes = meta[:, 0].tolist()
         start = self._batch_offset(sizes)
         sampled = index_dim == 1
@@ -304,13 +266,8 @@ class PairedMemoryBank(StreamAndPartition):
         sets_z,
         ema,
     ):
-        group = self.process_group
         B_local = anchor_s.shape[0]
-        qs_all = comm.all_gather_rows(anchor_s.detach(), sizes, group)
-        qt_all = comm.all_gather_rows(anchor_t.detach(), sizes, group)
-        idx_all = comm.all_gather_rows(index, sizes, group)
-        K = n_cols - 1
-        index_fn = self.gathered_index_fn(idx_all, sampled, K)
+        (qs_all, qt_all), index_fn = self._gather_for_shards([anchor_s, anchor_t], index, sizes, sampled, n_cols)
 
         def run(loss_, need_grad, need_kl):
             p = Sh.dual_shard_partials(
@@ -319,20 +276,12 @@ class PairedMemoryBank(StreamAndPartition):
                 index_fn,
                 self.bank_s,
                 self.bank_t,
-                self.row_start,
-                self.n_rows,
-                n_cols,
-                logit_scale=s,
-                bias=b,
-                loss=loss_,
-                log_z=self.log_z if loss_ == "nce" else None,
                 need_grad=need_grad,
                 need_lse=True,
                 need_kl=need_kl,
-                backend=self.backend,
-                chunk=self.shard_chunk,
+                **self._shard_kwargs(n_cols, s, b, loss_),
             )
-            p = Sh.all_reduce_partials(p, group)
+            p = Sh.all_reduce_partials(p, self.process_group)
             return Sh.finalize_dual(
                 p,
                 qs_all,

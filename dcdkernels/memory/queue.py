@@ -10,7 +10,7 @@ import torch
 from ..ops import _validate as V
 from ..reference import queue_enqueue_
 from . import comm
-from .state import MemoryState, init_rows
+from .state import MemoryState, check_rows_dim_dtype, init_rows
 
 # The queue holds keys, not dataset rows: there is nothing to shard by row. "sharded" is accepted
 # (every loss takes the same memory modes) and means a replicated queue.
@@ -45,10 +45,7 @@ class MomentumQueue(MemoryState):
         device=None,
     ):
         super().__init__()
-        if not isinstance(size, int) or not isinstance(dim, int) or size < 1 or dim < 1:
-            raise ValueError(f"size and dim must be positive ints, got {size!r}, {dim!r}")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+        check_rows_dim_dtype("size", size, dim, dtype)
         self.size, self.dim = size, dim
         self._init_state(
             size,

@@ -29,7 +29,21 @@ from ..reference import rng as _rng
 from . import comm
 
 INITS = ("uniform", "normal", "zeros", "empty")
+SCORE_LOSSES = ("infonce", "nce")  # the losses a bank scores with (``loss=``)
 _INIT_BLOCK = 1 << 14  # rows per independently seeded init block: the init does not depend on W
+
+
+def check_rows_dim_dtype(rows_name: str, n_rows, dim, dtype) -> None:
+    """Constructor checks shared by every memory module: positive int sizes, a float storage dtype."""
+    if not isinstance(n_rows, int) or not isinstance(dim, int) or n_rows < 1 or dim < 1:
+        raise ValueError(f"{rows_name} and dim must be positive ints, got {n_rows!r}, {dim!r}")
+    if dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+
+
+def wants_grad(*values) -> bool:
+    """Whether autograd records this call: grad mode on and any tensor among ``values`` requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in values)
 
 
 def init_rows(n_rows: int, dim: int, start: int, end: int, *, init: str, seed: int, dtype, device) -> torch.Tensor:
@@ -185,6 +199,57 @@ class MemoryState(nn.Module):
 class StreamAndPartition(MemoryState):
     """``MemoryState`` with the counter-based negative stream and log Z (the banks)."""
 
+    BANK_NAMES: Sequence[str] = ()  # the bank state tensors (one storage dtype), set by each bank class
+
+    def extra_repr(self):
+        rows = f"rows [{self.row_start}, {self.row_end}) of " if self.mode == "sharded" else ""
+        dtype = getattr(self, self.BANK_NAMES[0]).dtype
+        return (
+            f"{rows}n_rows={self.n_rows}, dim={self.dim}, dtype={dtype}, mode={self.mode!r}, "
+            f"z_mode={self.z_mode!r}, world_size={self.world_size}"
+        )
+
+    @staticmethod
+    def _check_score_index(index, num_negatives, anchor: torch.Tensor):
+        """The scored ``index`` as int64 and its number of columns K+1: (B, K+1) explicit, or (B,)
+        positives with ``num_negatives=K`` drawn from the stream."""
+        index = V.index_tensor("index", index, device=anchor.device, rows=anchor.shape[0])
+        if index.dim() == 1:
+            if not isinstance(num_negatives, int) or num_negatives < 1:
+                raise ValueError("a 1-D index holds only the positives: pass num_negatives=K >= 1 to sample negatives")
+            return index, num_negatives + 1
+        if num_negatives:
+            raise ValueError(
+                "num_negatives is only for a 1-D index of positives; a (B, K+1) index already holds the negatives"
+            )
+        if index.shape[1] < 2:
+            raise ValueError(f"index must be (B, K+1) with K >= 1 negatives, got shape {tuple(index.shape)}")
+        return index, index.shape[1]
+
+    def _score_meta(self, err, B: int, n_cols: int, index_dim: int, loss, flags, same=()) -> torch.Tensor:
+        """``_meta`` of ``[B, K+1, index dim, loss, *flags]`` (ints) per rank. Raises unless every
+        rank scores with the same K+1, kind of index and loss, and the same flag in each
+        ``(column, what)`` of ``same``."""
+        loss_id = SCORE_LOSSES.index(loss) if loss in SCORE_LOSSES else -1
+        device = getattr(self, self.BANK_NAMES[0]).device
+        meta = self._meta([B, n_cols, index_dim, loss_id, *flags], err, device)
+        for col, what in (
+            (1, "number of columns K+1"),
+            (2, "kind of index (explicit (B, K+1) or sampled (B,))"),
+            (3, "loss"),
+            *same,
+        ):
+            if len(set(meta[:, col].tolist())) != 1:
+                raise ValueError(f"every rank must score with the same {what}; got {meta[:, col].tolist()} per rank")
+        return meta
+
+    @staticmethod
+    def _check_scale_bias(logit_scale, bias, device, acc):
+        """``logit_scale`` (> 0) and ``bias`` (or None) as 0-d tensors of the accumulation dtype."""
+        s = V.scalar("logit_scale", logit_scale, device=device, dtype=acc, positive=True)
+        b = None if bias is None else V.scalar("bias", bias, device=device, dtype=acc)
+        return s, b
+
     def _init_stream(self, *, seed: int, offset: int, log_z_shape, z_mode: str, z_momentum: float, device) -> None:
         if not isinstance(seed, int) or not isinstance(offset, int) or seed < 0 or offset < 0:
             raise ValueError(f"seed and offset must be non-negative ints, got {seed!r}, {offset!r}")
@@ -219,6 +284,19 @@ class StreamAndPartition(MemoryState):
             return lambda b0, b1: idx_all[b0:b1]
         K, seed, offset, n_rows = num_negatives, self._seed, self._offset, self.n_rows
         return lambda b0, b1: _rng.sample_negatives(idx_all[b0:b1], K, n_rows, seed, offset + b0 * K)
+
+    def _gather_for_shards(self, anchors: Sequence[torch.Tensor], index, sizes, sampled: bool, n_cols: int):
+        """Sharded scoring's inputs: the all-gathered (detached) ``anchors`` of every rank and the
+        ``gathered_index_fn`` of the all-gathered ``index``."""
+        gathered = [comm.all_gather_rows(a.detach(), sizes, self.process_group) for a in anchors]
+        idx_all = comm.all_gather_rows(index, sizes, self.process_group)
+        return gathered, self.gathered_index_fn(idx_all, sampled, n_cols - 1)
+
+    def _shard_kwargs(self, n_cols: int, s, b, loss: str) -> dict:
+        """The arguments every ``sharded.*shard_partials`` call over this rank's rows shares."""
+        shard = dict(row_start=self.row_start, n_rows=self.n_rows, n_cols=n_cols, backend=self.backend)
+        log_z = self.log_z if loss == "nce" else None
+        return dict(shard, logit_scale=s, bias=b, loss=loss, log_z=log_z, chunk=self.shard_chunk)
 
     def set_rng_state(self, seed: int, offset: int = 0) -> None:
         if seed < 0 or offset < 0:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _validate as V
-from .sampled_contrast import _needs_grad, refuse_double_backward
+from .sampled_contrast import _needs_grad, refuse_double_backward, saved_gradients
 
 
 @torch.library.custom_op("dcdkernels::dense_contrast", mutates_args=())
@@ -80,10 +80,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_lse, g_ga, g_gp, g_gs):
-    refuse_double_backward("dense_contrast")
-    anchor, keys, target, positive, logit_scale, bias, lse, grad_anchor, grad_positive, grad_scalars = ctx.saved_tensors
-    if grad_anchor.numel() == 0:
-        raise RuntimeError("dense_contrast: backward called but the forward computed no gradients")
+    saved = saved_gradients(ctx, "dense_contrast", first_grad=7)
+    anchor, keys, target, positive, logit_scale, bias, lse, grad_anchor, grad_positive, grad_scalars = saved
     g = g_loss.to(grad_anchor.dtype)
     d_anchor = (grad_anchor * g[:, None]).to(ctx.dtypes[0])
     d_keys = None

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from . import _validate as V
-from .sampled_contrast import LOSS_TYPES, _needs_grad, refuse_double_backward, validate_sampled
+from .sampled_contrast import LOSS_TYPES, _needs_grad, saved_gradients, validate_sampled
 
 
 class DualContrastOutput(NamedTuple):
@@ -100,10 +100,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
-    refuse_double_backward("dual_sampled_contrast")
-    grad_anchors, grad_scalars = ctx.saved_tensors
-    if grad_anchors.numel() == 0:
-        raise RuntimeError("dual_sampled_contrast: backward called but the forward computed no gradients")
+    grad_anchors, grad_scalars = saved_gradients(ctx, "dual_sampled_contrast")
     g = g_losses.to(grad_anchors.dtype)  # (3, B): [L^s, L^t, KL]
     d_s = grad_anchors[0] * g[0, :, None] + grad_anchors[2] * g[2, :, None]
     d_t = grad_anchors[1] * g[1, :, None] + grad_anchors[3] * g[2, :, None]
@@ -111,24 +108,8 @@ def _backward(ctx, g_losses, g_lse, g_ga, g_gs):
     d_bias = (grad_scalars[1] * g).sum() if ctx.has_bias else None
     # v = l - log Z per direction: dL^s/dlog Z_s = -dL^s/dbeta (the KL has no log Z).
     d_log_z = -(grad_scalars[1, :2] * g[:2]).sum(dim=1) if ctx.has_log_z else None
-    return (
-        d_s.to(ctx.dtypes[0]),
-        d_t.to(ctx.dtypes[1]),
-        None,
-        None,
-        None,
-        d_scale,
-        d_bias,
-        d_log_z,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    # one gradient per input of the op: anchors, banks and index, scalars, then 8 non-tensor arguments
+    return (d_s.to(ctx.dtypes[0]), d_t.to(ctx.dtypes[1]), None, None, None, d_scale, d_bias, d_log_z) + (None,) * 8
 
 
 dual_sampled_contrast_op.register_autograd(_backward, setup_context=_setup_context)

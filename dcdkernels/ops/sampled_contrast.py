@@ -85,10 +85,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_lse, g_anchor_out, g_scalars_out):
-    refuse_double_backward("sampled_contrast")
-    grad_anchor, grad_scalars = ctx.saved_tensors
-    if grad_anchor.numel() == 0:
-        raise RuntimeError("sampled_contrast: backward called but the forward computed no gradients")
+    grad_anchor, grad_scalars = saved_gradients(ctx, "sampled_contrast")
     g = g_loss.to(grad_anchor.dtype)
     d_anchor = (grad_anchor * g[:, None]).to(ctx.anchor_dtype)
     d_scale = (grad_scalars[0] * g).sum()
@@ -110,6 +107,17 @@ def refuse_double_backward(op: str) -> None:
             f"{op}: the fused backends do not support double backward (create_graph=True); "
             f"use backend='eager' for higher-order gradients"
         )
+
+
+def saved_gradients(ctx, op: str, first_grad: int = 0):
+    """``ctx.saved_tensors`` of the fused op ``op``, at the start of its first-order backward:
+    ``refuse_double_backward``, then raise if the forward computed no gradients (its saved
+    ``ctx.saved_tensors[first_grad]`` is empty)."""
+    refuse_double_backward(op)
+    saved = ctx.saved_tensors
+    if saved[first_grad].numel() == 0:
+        raise RuntimeError(f"{op}: backward called but the forward computed no gradients")
+    return saved
 
 
 def _needs_grad(*tensors) -> bool:
