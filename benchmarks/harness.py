@@ -36,7 +36,6 @@ import pytest
 import torch
 
 import dcdkernels
-from dcdkernels import _ext, backends
 
 PROVIDERS = ("eager", "compile", "cpu", "triton", "cuda")
 FUSED = ("cpu", "triton", "cuda")
@@ -89,30 +88,21 @@ def _unavailable(provider: str, ops) -> Optional[str]:
     if provider == "cpu":
         if dev != "cpu":
             return "cpu: the C++ kernels are benchmarked in a CPU session (--bench-device=cpu)"
-        if not avail["cpu"][0]:
-            return f"cpu: {avail['cpu'][1]}"
-        missing = [op for op in ops if not _ext.has_kernel(op, "CPU")]
-        return f"cpu: dcdkernels._C has no CPU kernel for {', '.join(missing)} yet" if missing else None
+        return None  # the C++ CPU kernels are a required part of the build: missing ones fail the run
     if provider == "cuda":
         if dev != "cuda":
             return f"cuda: {avail['cuda'][1]}" if not avail["cuda"][0] else "cuda: CPU session (--bench-device=cpu)"
-        if not avail["cuda"][0]:
-            return f"cuda: {avail['cuda'][1]}"
-        missing = [op for op in ops if not _ext.has_kernel(op, "CUDA")]
-        return f"cuda: dcdkernels._C has no CUDA kernel for {', '.join(missing)} yet" if missing else None
+        return None  # a GPU is here: CUDA kernels that did not build fail the run, they are not skipped
     if provider == "triton":
         if dev != "cuda":
             return (
                 "triton: no GPU; on CPU Triton runs only under the interpreter (TRITON_INTERPRET=1), "
                 "a correctness tool that is not benchmarked"
             )
-        if not avail["triton"][0]:
-            return f"triton: {avail['triton'][1]}"
-        for op in ops:
-            try:
-                backends.kernel(op, "triton")
-            except NotImplementedError as exc:
-                return f"triton: {exc}"
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:  # an optional dependency
+            return f"triton: not installed ({exc})"
         return None
     return f"unknown provider {provider!r}"
 
@@ -291,8 +281,6 @@ class Bench:
                 f"compile: torch.compile ({CFG.compile_backend}) took more than "
                 f"{CFG.compile_timeout:.0f} s to compile at this size (--bench-compile-timeout)"
             )
-        except NotImplementedError as exc:
-            pytest.skip(f"{provider}: {exc}")
         except Exception as exc:
             if provider != "compile":
                 raise
