@@ -69,6 +69,55 @@ struct Columns {
   }
 };
 
+// The columns [k0, k1) of anchor b in blocks of up to `block` (<= kMaxBlock) columns, double-
+// buffered: while the present rows of the current block are used (m() of them at rows();
+// positive(): whether column 0 is the first), those of the next block are already resolved, for
+// prefetching (resolve_next(), then next_m() rows at next_rows()):
+//   for (ColumnBlocks blk(cols, b, k0, k1, block); blk.more(); blk.advance()) {
+//     if (blk.resolve_next()) bank.prefetch(blk.next_rows(), blk.next_m());
+//     ... use blk.rows()[0 .. blk.m()) ...
+//   }
+class ColumnBlocks {
+ public:
+  DCD_INLINE ColumnBlocks(const Columns& cols, int64_t b, int64_t k0, int64_t k1, int64_t block)
+      : cols_(cols), b_(b), k_(k0), k1_(k1), block_(block), n_(std::min(block, k1 - k0)) {
+    m_ = cols_.present(b_, k_, n_, idx_[cur_], positive_[cur_]);
+  }
+
+  DCD_INLINE bool more() const { return k_ < k1_; }
+
+  // Resolves the present rows of the next block; false when there is none.
+  DCD_INLINE bool resolve_next() {
+    n_next_ = std::min(block_, k1_ - (k_ + n_));
+    m_next_ = 0;
+    if (n_next_ <= 0) return false;
+    m_next_ = cols_.present(b_, k_ + n_, n_next_, idx_[cur_ ^ 1], positive_[cur_ ^ 1]);
+    return true;
+  }
+
+  // Moves on to the next block (resolve_next() first).
+  DCD_INLINE void advance() {
+    k_ += n_;
+    n_ = n_next_;
+    m_ = m_next_;
+    cur_ ^= 1;
+  }
+
+  DCD_INLINE const int64_t* rows() const { return idx_[cur_]; }
+  DCD_INLINE int64_t m() const { return m_; }
+  DCD_INLINE bool positive() const { return positive_[cur_]; }
+  DCD_INLINE const int64_t* next_rows() const { return idx_[cur_ ^ 1]; }
+  DCD_INLINE int64_t next_m() const { return m_next_; }
+
+ private:
+  const Columns& cols_;
+  int64_t b_, k_, k1_, block_;
+  int64_t n_, m_ = 0, n_next_ = 0, m_next_ = 0;  // columns in the current / next block, present rows
+  int cur_ = 0;
+  bool positive_[2] = {false, false};
+  int64_t idx_[2][kMaxBlock];
+};
+
 // Builds the column map. Rows are not checked here: both gather kernels skip absent columns
 // (Columns::present).
 inline Columns make_columns(const at::Tensor& index, int64_t B, int64_t num_negatives, int64_t seed, int64_t offset,

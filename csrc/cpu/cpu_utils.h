@@ -63,6 +63,14 @@ inline void check_float_matrix(const at::Tensor& t, const char* name) {
               " must be float32, float64, float16 or bfloat16, got ", dt);
 }
 
+// Anchors (R, D) and keys (M, D) of the dense ops: float matrices of one D.
+inline void check_anchors_keys(const at::Tensor& anchors, const char* name, const at::Tensor& keys) {
+  check_float_matrix(anchors, name);
+  check_float_matrix(keys, "keys");
+  TORCH_CHECK(keys.size(1) == anchors.size(1), "keys have D = ", keys.size(1),
+              " but the anchors have D = ", anchors.size(1));
+}
+
 // A bank is read through its row stride; its rows must be contiguous.
 inline void check_bank(const at::Tensor& bank, const char* name, int64_t D) {
   check_float_matrix(bank, name);

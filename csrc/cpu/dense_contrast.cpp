@@ -80,13 +80,11 @@ struct DenseInputs {
 DenseInputs prepare(const at::Tensor& anchor, const at::Tensor& keys, const std::optional<at::Tensor>& target,
                     const std::optional<at::Tensor>& positive, const at::Tensor& logit_scale,
                     const std::optional<at::Tensor>& bias) {
-  check_float_matrix(anchor, "anchor");
-  check_float_matrix(keys, "keys");
+  check_anchors_keys(anchor, "anchor", keys);
   DenseInputs in;
   in.B = anchor.size(0);
   in.D = anchor.size(1);
   in.M = keys.size(0);
-  TORCH_CHECK(keys.size(1) == in.D, "keys have D = ", keys.size(1), " but the anchors have D = ", in.D);
   TORCH_CHECK(target.has_value() != positive.has_value(), "give exactly one of target and positive");
   in.acc = accumulation_dtype({anchor, keys});
   in.q = anchor.to(in.acc).contiguous();

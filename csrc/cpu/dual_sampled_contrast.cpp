@@ -18,6 +18,7 @@
 // from their block before any read; every sum above runs over the present columns only.
 #include <torch/library.h>
 
+#include "common/gather_args.h"
 #include "cpu/contrast_common.h"
 
 namespace dcdkernels {
@@ -79,7 +80,6 @@ DCD_CPU_CLONES void scan_chunk(const DualProblem<A>& pr, RowReader<A>& bank_s, R
   const VectorSlots& sl = pr.slots;
   const A* zs = pr.zs + b * D;
   const A* zt = pr.zt + b * D;
-  int64_t idx[2][kMaxBlock];
   const A* rows_s[kMaxBlock];
   const A* rows_t[kMaxBlock];
   A ds[kMaxBlock], dt[kMaxBlock], lgs[kMaxBlock], lgt[kMaxBlock];
@@ -89,66 +89,53 @@ DCD_CPU_CLONES void scan_chunk(const DualProblem<A>& pr, RowReader<A>& bank_s, R
   kl = KlState<A>();
   if (pr.grad) std::fill(vec, vec + sl.count * D, A(0));
   auto slot = [&](int64_t s) { return vec + s * D; };
-  // Blocks of n columns, of which m are present (their rows first in idx[cur]).
-  int cur = 0;
-  bool positive[2];
-  int64_t n = std::min(pr.block, k1 - k0);
-  int64_t m = pr.cols.present(b, k0, n, idx[cur], positive[cur]);
-  for (int64_t k = k0; k < k1;) {
-    const int64_t k_next = k + n;
-    const int64_t n_next = std::min(pr.block, k1 - k_next);
-    int64_t m_next = 0;
-    if (n_next > 0) {
-      m_next = pr.cols.present(b, k_next, n_next, idx[cur ^ 1], positive[cur ^ 1]);
-      bank_t.prefetch(idx[cur ^ 1], m_next);
-      bank_s.prefetch(idx[cur ^ 1], m_next);
+  for (ColumnBlocks blk(pr.cols, b, k0, k1, pr.block); blk.more(); blk.advance()) {
+    if (blk.resolve_next()) {
+      bank_t.prefetch(blk.next_rows(), blk.next_m());
+      bank_s.prefetch(blk.next_rows(), blk.next_m());
     }
-    if (m > 0) {
-      bank_t.load(idx[cur], m, rows_t);
-      bank_s.load(idx[cur], m, rows_s);
-      dot_rows(zs, rows_t, m, D, ds);
-      dot_rows(zt, rows_s, m, D, dt);
-      const A fs = absorb_block(st_s, pr.Ps, positive[cur], ds, m, lgs, ws, gs);
-      const A ft = absorb_block(st_t, pr.Pt, positive[cur], dt, m, lgt, wt, gt);
-      if (pr.kl) {
-        kl.wf *= ft;
-        kl.h *= ft;
-        kl.u *= ft;
-        for (int64_t j = 0; j < m; ++j) {
-          const A f = lgt[j] - lgs[j];
-          wtf[j] = wt[j] * f;
-          kl.wf += wtf[j];
-          if (pr.grad) {
-            kl.h += wt[j] * ds[j];
-            kl.u += wtf[j] * dt[j];
-          }
-        }
-      }
-      if (pr.grad) {
-        if (sl.As >= 0) {
-          if (fs != A(1)) scale_vec(fs, slot(sl.As), D);
-          axpy_rows(ws, rows_t, m, D, slot(sl.As));
-          if (ft != A(1)) scale_vec(ft, slot(sl.At), D);
-          axpy_rows(wt, rows_s, m, D, slot(sl.At));
-        }
-        if (sl.Gs >= 0) {
-          axpy_rows(gs, rows_t, m, D, slot(sl.Gs));
-          axpy_rows(gt, rows_s, m, D, slot(sl.Gt));
-        }
-        if (sl.Bt >= 0) {
-          if (ft != A(1)) {
-            scale_vec(ft, slot(sl.Bt), D);
-            scale_vec(ft, slot(sl.E), D);
-          }
-          axpy_rows(wt, rows_t, m, D, slot(sl.Bt));
-          axpy_rows(wtf, rows_s, m, D, slot(sl.E));
+    const int64_t m = blk.m();
+    if (m == 0) continue;
+    bank_t.load(blk.rows(), m, rows_t);
+    bank_s.load(blk.rows(), m, rows_s);
+    dot_rows(zs, rows_t, m, D, ds);
+    dot_rows(zt, rows_s, m, D, dt);
+    const A fs = absorb_block(st_s, pr.Ps, blk.positive(), ds, m, lgs, ws, gs);
+    const A ft = absorb_block(st_t, pr.Pt, blk.positive(), dt, m, lgt, wt, gt);
+    if (pr.kl) {
+      kl.wf *= ft;
+      kl.h *= ft;
+      kl.u *= ft;
+      for (int64_t j = 0; j < m; ++j) {
+        const A f = lgt[j] - lgs[j];
+        wtf[j] = wt[j] * f;
+        kl.wf += wtf[j];
+        if (pr.grad) {
+          kl.h += wt[j] * ds[j];
+          kl.u += wtf[j] * dt[j];
         }
       }
     }
-    k = k_next;
-    n = n_next;
-    m = m_next;
-    cur ^= 1;
+    if (pr.grad) {
+      if (sl.As >= 0) {
+        if (fs != A(1)) scale_vec(fs, slot(sl.As), D);
+        axpy_rows(ws, rows_t, m, D, slot(sl.As));
+        if (ft != A(1)) scale_vec(ft, slot(sl.At), D);
+        axpy_rows(wt, rows_s, m, D, slot(sl.At));
+      }
+      if (sl.Gs >= 0) {
+        axpy_rows(gs, rows_t, m, D, slot(sl.Gs));
+        axpy_rows(gt, rows_s, m, D, slot(sl.Gt));
+      }
+      if (sl.Bt >= 0) {
+        if (ft != A(1)) {
+          scale_vec(ft, slot(sl.Bt), D);
+          scale_vec(ft, slot(sl.E), D);
+        }
+        axpy_rows(wt, rows_t, m, D, slot(sl.Bt));
+        axpy_rows(wtf, rows_s, m, D, slot(sl.E));
+      }
+    }
   }
 }
 
@@ -293,18 +280,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   TORCH_CHECK(bank_s.size(0) == N, "bank_s has ", bank_s.size(0), " rows but bank_t has ", N);
   TORCH_CHECK(bank_s.scalar_type() == bank_t.scalar_type(), "bank_s (", bank_s.scalar_type(), ") and bank_t (",
               bank_t.scalar_type(), ") must share one dtype");
-  TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
-  const bool nce = loss_type == 1;
+  const char* log_z_what = "log_z = (log Z_s, log Z_t) as a (2,) CPU tensor";
+  const bool nce = nce_loss(loss_type, log_z.has_value(), log_z_what);
   double lz_s = 0, lz_t = 0;
   if (nce) {
-    TORCH_CHECK(log_z.has_value() && log_z->numel() == 2 && log_z->device().is_cpu(),
-                "NCE (loss_type 1) needs log_z = (log Z_s, log Z_t) as a (2,) CPU tensor");
+    TORCH_CHECK(log_z->numel() == 2 && log_z->device().is_cpu(), "NCE (loss_type 1) needs ", log_z_what);
     const at::Tensor lz = log_z->to(at::kDouble).contiguous();
     lz_s = lz.data_ptr<double>()[0];
     lz_t = lz.data_ptr<double>()[1];
   }
-  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the banks' rows), got ", noise_rows);
-  const int64_t noise = noise_rows > 0 ? noise_rows : N;
+  const int64_t noise = noise_rows_or(noise_rows, N, "the banks'");
   const at::Tensor index_c = index.contiguous();
   const Columns cols = make_columns(index_c, B, num_negatives, seed, offset, N);
   const double s = scalar_value(logit_scale, "logit_scale");

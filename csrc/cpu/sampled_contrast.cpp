@@ -11,6 +11,7 @@
 // row lies outside [0, N) are absent (csrc/KERNELS.md): dropped from their block before any read.
 #include <torch/library.h>
 
+#include "common/gather_args.h"
 #include "cpu/contrast_common.h"
 
 namespace dcdkernels {
@@ -34,41 +35,25 @@ DCD_CPU_CLONES void scan_chunk(const SampledProblem<A>& pr, RowReader<A>& bank, 
                                DirState<A>& st, A* vec) {
   const int64_t D = pr.D;
   const A* q = pr.q + b * D;
-  int64_t idx[2][kMaxBlock];
   const A* rows[kMaxBlock];
   A d[kMaxBlock], lg[kMaxBlock], w[kMaxBlock], g[kMaxBlock];
   st = DirState<A>();
   if (pr.grad) std::fill(vec, vec + D, A(0));
-  // Blocks of n columns, of which m are present (their rows first in idx[cur]).
-  int cur = 0;
-  bool positive[2];
-  int64_t n = std::min(pr.block, k1 - k0);
-  int64_t m = pr.cols.present(b, k0, n, idx[cur], positive[cur]);
-  for (int64_t k = k0; k < k1;) {
-    const int64_t k_next = k + n;
-    const int64_t n_next = std::min(pr.block, k1 - k_next);
-    int64_t m_next = 0;
-    if (n_next > 0) {
-      m_next = pr.cols.present(b, k_next, n_next, idx[cur ^ 1], positive[cur ^ 1]);
-      bank.prefetch(idx[cur ^ 1], m_next);
-    }
-    if (m > 0) {
-      bank.load(idx[cur], m, rows);
-      dot_rows(q, rows, m, D, d);
-      const A f = absorb_block(st, pr.P, positive[cur], d, m, lg, w, g);
-      if (pr.grad) {
-        if (pr.P.nce) {
-          axpy_rows(g, rows, m, D, vec);
-        } else {
-          if (f != A(1)) scale_vec(f, vec, D);
-          axpy_rows(w, rows, m, D, vec);
-        }
+  for (ColumnBlocks blk(pr.cols, b, k0, k1, pr.block); blk.more(); blk.advance()) {
+    if (blk.resolve_next()) bank.prefetch(blk.next_rows(), blk.next_m());
+    const int64_t m = blk.m();
+    if (m == 0) continue;
+    bank.load(blk.rows(), m, rows);
+    dot_rows(q, rows, m, D, d);
+    const A f = absorb_block(st, pr.P, blk.positive(), d, m, lg, w, g);
+    if (pr.grad) {
+      if (pr.P.nce) {
+        axpy_rows(g, rows, m, D, vec);
+      } else {
+        if (f != A(1)) scale_vec(f, vec, D);
+        axpy_rows(w, rows, m, D, vec);
       }
     }
-    k = k_next;
-    n = n_next;
-    m = m_next;
-    cur ^= 1;
   }
 }
 
@@ -138,12 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cpu(
   check_float_matrix(anchor, "anchor");
   const int64_t B = anchor.size(0), D = anchor.size(1);
   check_bank(bank, "bank", D);
-  TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
-  const bool nce = loss_type == 1;
-  TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z");
-  const int64_t N = bank.size(0);
-  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the bank's rows), got ", noise_rows);
-  const int64_t noise = noise_rows > 0 ? noise_rows : N;
+  const bool nce = nce_loss(loss_type, log_z.has_value(), "log_z");
+  const int64_t N = bank.size(0), noise = noise_rows_or(noise_rows, N, "the bank's");
   const at::Tensor index_c = index.contiguous();
   const Columns cols = make_columns(index_c, B, num_negatives, seed, offset, N);
 

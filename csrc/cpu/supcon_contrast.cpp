@@ -75,13 +75,11 @@ struct SupconInputs {
 
 SupconInputs prepare(const at::Tensor& anchors, const at::Tensor& labels, const at::Tensor& keys,
                      const at::Tensor& key_labels, const at::Tensor& logit_scale) {
-  check_float_matrix(anchors, "anchors");
-  check_float_matrix(keys, "keys");
+  check_anchors_keys(anchors, "anchors", keys);
   SupconInputs in;
   in.R = anchors.size(0);
   in.D = anchors.size(1);
   in.N = keys.size(0);
-  TORCH_CHECK(keys.size(1) == in.D, "keys have D = ", keys.size(1), " but the anchors have D = ", in.D);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == in.R, "labels must be (R,) = (", in.R, ",), got shape ",
               labels.sizes());
   TORCH_CHECK(key_labels.dim() == 1 && key_labels.size(0) == in.N, "key_labels must be (N,) = (", in.N,

@@ -53,6 +53,27 @@ struct TileSmem {
   float scale[kOwn];     // per own row, the rescale factor of its accumulator
 };
 
+// Where a thread of a dense kernel block works: own row `warp` of the block's tile of kOwn rows
+// [first, first + n_own) (of `rows` rows: anchors or keys; tile `tile`), streamed rows by `lane`,
+// and the dims from dim0 of its slice `slice` of the accumulators.
+struct OwnTile {
+  int warp, lane;
+  int64_t first;
+  int n_own;
+  int dim0;
+};
+
+template <int DPT>
+__device__ __forceinline__ OwnTile own_tile(unsigned tile, int64_t rows, unsigned slice) {
+  OwnTile o;
+  o.warp = threadIdx.x / kWarp;
+  o.lane = threadIdx.x % kWarp;
+  o.first = static_cast<int64_t>(tile) * kOwn;
+  o.n_own = static_cast<int>(min(static_cast<int64_t>(kOwn), rows - o.first));
+  o.dim0 = slice * kThreads * DPT;
+  return o;
+}
+
 // dots[h] = <own row own0 + warp, streamed row oth0 + lane + 32 h> over all D. Rows past n_own /
 // n_oth read as zeros. Starts with a barrier: the previous tile's shared data is consumed.
 __device__ __forceinline__ void tile_dots(const Matrix& own, int64_t own0, int n_own, const Matrix& oth, int64_t oth0,
@@ -117,22 +138,15 @@ struct DenseParams {
 template <int DPT>
 __global__ void __launch_bounds__(kThreads, 1) dense_partials_kernel(const DenseParams p) {
   __shared__ TileSmem sm;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  // (k0, k1 before own_tile: in the other order ptxas takes 127 registers instead of 123 at DPT = 8)
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * p.split_keys, k1 = min(k0 + p.split_keys, p.keys.rows);
+  const auto [warp, lane, a0, n_own, dim0] = own_tile<DPT>(blockIdx.y, p.anchor.rows, blockIdx.z);
   const int D = p.dim;
-  const int64_t B = p.anchor.rows, M = p.keys.rows;
-  const int64_t a0 = static_cast<int64_t>(blockIdx.y) * kOwn;
-  const int n_own = static_cast<int>(min(static_cast<int64_t>(kOwn), B - a0));
-  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * p.split_keys, k1 = min(k0 + p.split_keys, M);
-  const int dim0 = blockIdx.z * kThreads * DPT;
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
 
   float m = -INFINITY, l = 0.f, c = 0.f;  // online state of anchor a0 + warp (the same in its lanes)
   float acc[kOwn][DPT];
-#pragma unroll
-  for (int r = 0; r < kOwn; ++r) {
-#pragma unroll
-    for (int i = 0; i < DPT; ++i) acc[r][i] = 0.f;
-  }
+  zero(acc);
 
   for (int64_t kt = k0; kt < k1; kt += kTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), k1 - kt));
@@ -192,20 +206,13 @@ struct KeysGradParams {
 template <int DPT>
 __global__ void __launch_bounds__(kThreads, 1) dense_keys_grad_kernel(const KeysGradParams p) {
   __shared__ TileSmem sm;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const auto [warp, lane, j0, n_own, dim0] = own_tile<DPT>(blockIdx.x, p.keys.rows, blockIdx.y);
   const int D = p.dim;
-  const int64_t B = p.anchor.rows, M = p.keys.rows;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kOwn;
-  const int n_own = static_cast<int>(min(static_cast<int64_t>(kOwn), M - j0));
-  const int dim0 = blockIdx.y * kThreads * DPT;
+  const int64_t B = p.anchor.rows;
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
 
   float acc[kOwn][DPT];
-#pragma unroll
-  for (int r = 0; r < kOwn; ++r) {
-#pragma unroll
-    for (int i = 0; i < DPT; ++i) acc[r][i] = 0.f;
-  }
+  zero(acc);
   for (int64_t bt = 0; bt < B; bt += kTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), B - bt));
     float dots[2];  // <key j0 + warp, anchor bt + lane + 32 h>
@@ -336,21 +343,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_con
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  MergeParams mp{};
-  mp.partials = p.partials;
-  mp.nchunks = p.nsplit;
-  mp.stride = p.stride;
-  mp.B = B;
-  mp.dim = p.dim;
+  MergeParams mp{{p.partials, p.nsplit, p.stride, B, p.dim, p.logit_scale, p.bias, compute_grad}};
   mp.anchor = in.anchor;
   if (target.has_value()) {
     mp.pos = PositiveRows{in.keys, target->data_ptr<int64_t>(), target->stride(0), false};
   } else {
     mp.pos = PositiveRows{matrix_of(*positive, "positive"), nullptr, 0, true};
   }
-  mp.logit_scale = p.logit_scale;
-  mp.bias = p.bias;
-  mp.compute_grad = compute_grad;
   mp.loss = loss.data_ptr<float>();
   mp.lse = lse.data_ptr<float>();
   mp.grad_anchor = compute_grad ? grad_anchor.data_ptr<float>() : nullptr;

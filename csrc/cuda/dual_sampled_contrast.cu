@@ -24,10 +24,12 @@
 
 #include <ATen/ops/empty.h>
 
+#include "common/gather_args.h"
 #include "cuda/elements.cuh"
 #include "cuda/gather.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/layout.cuh"
+#include "cuda/partials.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/softmax.cuh"
 
@@ -103,26 +105,13 @@ struct VectorSlots {
   __host__ __device__ int direction(int v) const { return v == As ? 1 : (v == Gs || v == Gt) ? 0 : 2; }
 };
 
-struct DualParams {
+struct DualParams : GatherParams {  // log_z under NCE: (log Z_s, log Z_t)
   Matrix zs, zt;
   const void* bank_s;
   const void* bank_t;
   int64_t stride_s, stride_t;  // elements between bank rows
-  ColumnRows columns;
-  int64_t cols;  // K + 1
-  int dim;
-  bool vector_loads;  // D % V == 0 and the rows of both banks aligned for V-element loads
-  int tpr;
-  int64_t chunk_cols;
-  int nchunks;
-  const float* logit_scale;
-  const float* bias;   // null: 0
-  const float* log_z;  // NCE: (log Z_s, log Z_t)
-  bool nce, kl, compute_grad;
-  NceConsts nc;
-  VectorSlots vs;
-  float* partials;  // (B, nchunks, stride): kDualScalars scalars, then vs.count D-vectors
-  int64_t stride;
+  bool kl;
+  VectorSlots vs;  // the partial: kDualScalars scalars, then vs.count D-vectors
 };
 
 // Min 1 block per SM: ptxas takes the registers the unrolled state needs (no spills; 64-160).
@@ -131,18 +120,16 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
   constexpr int R = rows_per_step<NV>();
   extern __shared__ float smem[];
-  __shared__ float scratch[kWarp];
-  const GatherPos g = gather_pos(p.tpr, p.nchunks, p.chunk_cols, p.cols);
+  const GatherPos g = gather_pos(p);
   const int tpr = g.tpr, groups = g.groups, t = g.t, D = p.dim;
-  const int64_t b = g.b;
   const TS* bank_s = static_cast<const TS*>(p.bank_s);
   const TT* bank_t = static_cast<const TT*>(p.bank_t);
   const VectorSlots& vs = p.vs;
   const bool soft_vecs = vs.As >= 0, nce_vecs = vs.Gs >= 0, kl_vecs = vs.Bt >= 0;
 
   float zs[NV][V], zt[NV][V];
-  load_slice(zs, p.zs, b, t, tpr, D);
-  load_slice(zt, p.zt, b, t, tpr, D);
+  load_slice(zs, p.zs, g.b, t, tpr, D);
+  load_slice(zt, p.zt, g.b, t, tpr, D);
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f;
   const float log_z_s = p.nce ? p.log_z[0] : 0.f, log_z_t = p.nce ? p.log_z[1] : 0.f;
 
@@ -157,7 +144,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   for (int64_t base = g.c0; base < g.c1; base += groups * R, parity ^= 1) {
     const int64_t col0 = base + g.group * R;
     int64_t row[R];
-    step_rows(row, p.columns, b, col0, g.c1);
+    step_rows(row, p.columns, g.b, col0, g.c1);
     RowFrag<TS, V> xs[R][NV];  // bank_s rows: teacher direction
     RowFrag<TT, V> xt[R][NV];  // bank_t rows: student direction
     load_frags(xs, bank_s, p.stride_s, row, t, tpr, D, p.vector_loads);
@@ -238,6 +225,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
     return;
   }
   // Several groups: stage their states in shared memory and merge them in group order.
+  __shared__ float scratch[kWarp];
   const int span = tpr * NV * V;                    // elements covered by a group (>= D)
   float* gst = smem;                                // [groups][kDualScalars]
   float* gvec = gst + groups * kDualScalars;        // [groups][vs.count][span]
@@ -273,18 +261,11 @@ __global__ void __launch_bounds__(kMaxGroup, 1) dual_partials_kernel(const DualP
   }
 }
 
-struct DualMergeParams {
-  const float* partials;
-  int nchunks;
-  int64_t stride;
-  int64_t B;
-  int dim;
+struct DualMergeParams : MergeInputs {
   Matrix zs, zt, bank_s, bank_t;
   const int64_t* index;  // positive row of anchor b: index[b * index_stride]
   int64_t index_stride;
-  const float* logit_scale;
-  const float* bias;
-  bool nce, kl, compute_grad;
+  bool nce, kl;
   VectorSlots vs;
   float* losses;        // (3, B)
   float* lse;           // (2, B)
@@ -420,7 +401,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
     const at::Tensor& index, const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& log_z, int64_t loss_type, bool compute_kl, int64_t num_negatives, int64_t seed,
     int64_t offset, bool compute_grad, int64_t noise_rows) {
-  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the banks' rows), got ", noise_rows);
   TORCH_CHECK(anchor_s.is_cuda(), "anchor_s must be a CUDA tensor, got ", anchor_s.device());
   const c10::cuda::CUDAGuard guard(anchor_s.device());
   const Matrix zs = matrix_of(anchor_s, "anchor_s"), zt = matrix_of(anchor_t, "anchor_t");
@@ -433,13 +413,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   const Matrix ms = matrix_of(bank_s, "bank_s"), mt = matrix_of(bank_t, "bank_t");
   TORCH_CHECK(bank_s.size(1) == D && bank_t.size(1) == D, "the banks must be (N, D) with D = ", D);
   TORCH_CHECK(D <= 1 || (bank_s.stride(1) == 1 && bank_t.stride(1) == 1), "bank rows must be contiguous");
-  const int64_t N = bank_t.size(0);
+  const int64_t N = bank_t.size(0), noise = noise_rows_or(noise_rows, N, "the banks'");
   TORCH_CHECK(bank_s.size(0) == N, "bank_s has ", bank_s.size(0), " rows but bank_t has ", N);
   TORCH_CHECK(bank_s.scalar_type() == bank_t.scalar_type(), "bank_s (", bank_s.scalar_type(), ") and bank_t (",
               bank_t.scalar_type(), ") must share one dtype");
-  TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
-  const bool nce = loss_type == 1;
-  TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z = (log Z_s, log Z_t)");
+  const bool nce = nce_loss(loss_type, log_z.has_value(), "log_z = (log Z_s, log Z_t)");
   int64_t cols = 0;
   const ColumnRows columns = column_rows(index, B, num_negatives, seed, offset, N, cols);
 
@@ -450,62 +428,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_sampled_contrast
   if (B == 0) return {losses, lse, grad_anchors, grad_scalars};
   TORCH_CHECK(D > 0, "anchor_s has D = 0");
 
-  DualParams p{};
-  p.zs = zs;
-  p.zt = zt;
-  p.bank_s = bank_s.data_ptr();
-  p.bank_t = bank_t.data_ptr();
-  p.stride_s = bank_s.stride(0);
-  p.stride_t = bank_t.stride(0);
-  p.columns = columns;
-  p.cols = cols;
-  p.dim = static_cast<int>(D);
-  p.logit_scale = device_scalar(logit_scale, anchor_s, "logit_scale");
-  p.bias = bias.has_value() ? device_scalar(*bias, anchor_s, "bias") : nullptr;
-  p.log_z = nce ? device_scalar(*log_z, anchor_s, "log_z", 2) : nullptr;
-  p.nce = nce;
-  p.kl = compute_kl;
-  p.compute_grad = compute_grad;
-  p.nc = nce_consts(cols - 1, noise_rows > 0 ? noise_rows : N);
-  p.vs = VectorSlots(compute_grad, nce, compute_kl);
+  DualParams p{gather_params(anchor_s, columns, cols, D, logit_scale, bias, log_z, 2, nce, compute_grad, noise),
+               zs,
+               zt,
+               bank_s.data_ptr(),
+               bank_t.data_ptr(),
+               bank_s.stride(0),
+               bank_t.stride(0),
+               compute_kl,
+               VectorSlots(compute_grad, nce, compute_kl)};
   p.stride = kDualScalars + static_cast<int64_t>(p.vs.count) * D;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials;
   // Both banks share one storage dtype (checked above): 3 instantiations instead of 9 keeps the
   // build of this file within a few minutes on a 2-core CI machine.
   const auto step = [](auto nv_tag) { return rows_per_step<decltype(nv_tag)::value>(); };
-  const auto launch = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
-    using TS = decltype(tag);
-    using TT = TS;
-    constexpr int V = 16 / static_cast<int>(sizeof(TS) > sizeof(TT) ? sizeof(TS) : sizeof(TT));
-    p.tpr = lay.tpr;
-    p.chunk_cols = split.chunk_cols;
-    p.nchunks = split.nchunks;
-    p.vector_loads = D % V == 0 && rows_aligned(bank_s, V * sizeof(TS)) && rows_aligned(bank_t, V * sizeof(TT));
-    partials = at::empty({B * split.nchunks * p.stride}, opts);
-    p.partials = partials.data_ptr<float>();
-    launch_partials<TS, TT, decltype(nv_tag)::value>(p, lay, B, stream);
-  };
-  dispatch_gather<kMaxFloatsPerThread>(bank_s, "bank_s", B, D, cols, step, launch);
+  const bool aligned = rows_aligned(bank_s, 16) && rows_aligned(bank_t, 16);
+  const at::Tensor partials = gather_partials<kMaxFloatsPerThread>(
+      p, bank_s, "bank_s", B, aligned, opts, step, [&](auto tag, auto nv_tag, const RowLayout& lay) {
+        launch_partials<decltype(tag), decltype(tag), decltype(nv_tag)::value>(p, lay, B, stream);
+      });
 
-  DualMergeParams mp{};
-  mp.partials = p.partials;
-  mp.nchunks = p.nchunks;
-  mp.stride = p.stride;
-  mp.B = B;
-  mp.dim = p.dim;
+  DualMergeParams mp{{p.partials, p.nchunks, p.stride, B, p.dim, p.logit_scale, p.bias, compute_grad}};
   mp.zs = zs;
   mp.zt = zt;
   mp.bank_s = ms;
   mp.bank_t = mt;
   mp.index = columns.index;  // column 0 (explicit) or the (B,) positives
   mp.index_stride = columns.stride_b;
-  mp.logit_scale = p.logit_scale;
-  mp.bias = p.bias;
   mp.nce = nce;
   mp.kl = compute_kl;
-  mp.compute_grad = compute_grad;
   mp.vs = p.vs;
   mp.losses = losses.data_ptr<float>();
   mp.lse = lse.data_ptr<float>();

@@ -151,6 +151,16 @@ struct RowFrag {
   }
 };
 
+// Clears a per-thread register array (fragment slices, accumulators).
+template <int NV, int V>
+__device__ __forceinline__ void zero(float (&v)[NV][V]) {
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[j][i] = 0.f;
+  }
+}
+
 // Calls f(T{}) with T the storage type of a bank: float, c10::BFloat16 or c10::Half.
 template <typename F>
 void dispatch_bank_type(const at::Tensor& bank, const char* name, F&& f) {

@@ -1,19 +1,94 @@
-// Device pieces of the split-K gather kernels (sampled_partials_kernel, dual_partials_kernel;
-// layout in layout.cuh): where a thread works, its anchor slice, the bank rows of one step and
-// their fragments, the dots, the weighted row sums held in registers, and the write-out or
+// Pieces of the split-K gather kernels (sampled_partials_kernel, dual_partials_kernel; layout
+// in layout.cuh). Host: the parameters both kernels share and the launch of their partials.
+// Device: where a thread works, its anchor slice, the bank rows of one step and their
+// fragments, the dots, the weighted row sums held in registers, and the write-out or
 // shared-memory staging of those sums for the merge of a block's row groups.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 
 #include "cuda/elements.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/layout.cuh"
+#include "cuda/softmax.cuh"
 
 namespace dcdkernels {
 namespace gpu {
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+// The parameters of every gather kernel (each kernel's own parameters derive from it): the
+// columns of each anchor and their split into chunks, the row layout, the loss scalars and
+// where the partials go. The field order is the kernels' from before this struct: ptxas gave
+// sampled_partials_kernel<float, 4> 121 registers instead of 96 with compute_grad next to nce.
+struct GatherParams {
+  ColumnRows columns;
+  int64_t cols;  // K + 1
+  int dim;
+  bool vector_loads;  // D % V == 0 and the rows of every bank 16-byte aligned
+  int tpr;            // threads per row group
+  int64_t chunk_cols;
+  int nchunks;
+  const float* logit_scale;
+  const float* bias;   // null: 0
+  const float* log_z;  // NCE only: log_z_count values (one per direction)
+  bool nce;
+  NceConsts nc;
+  bool compute_grad;
+  float* partials;  // (B, nchunks, stride)
+  int64_t stride;   // floats per partial
+};
+
+// The fields of GatherParams but the launch geometry (set by gather_partials) and the stride:
+// the scalars on the device of `like`, the NCE constants of K = cols - 1 negatives drawn from
+// `noise` rows.
+inline GatherParams gather_params(const at::Tensor& like, const ColumnRows& columns, int64_t cols, int64_t D,
+                                  const at::Tensor& logit_scale, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& log_z, int64_t log_z_count, bool nce,
+                                  bool compute_grad, int64_t noise) {
+  GatherParams p{};
+  p.columns = columns;
+  p.cols = cols;
+  p.dim = static_cast<int>(D);
+  p.logit_scale = device_scalar(logit_scale, like, "logit_scale");
+  p.bias = bias.has_value() ? device_scalar(*bias, like, "bias") : nullptr;
+  p.log_z = nce ? device_scalar(*log_z, like, "log_z", log_z_count) : nullptr;
+  p.nce = nce;
+  p.nc = nce_consts(cols - 1, noise);
+  p.compute_grad = compute_grad;
+  return p;
+}
+
+// Launches a gather's partials kernel over the B anchors: picks the row layout and the column
+// split over `bank` (dispatch_gather), sets p's geometry (`rows_aligned`: the rows of every bank
+// start on 16 bytes), allocates the B * nchunks partials of p.stride floats and calls
+// launch(T{}, nv_tag, layout). Returns the partials (p.partials points into them).
+template <int MaxFloatsPerThread, typename RowsPerStep, typename F>
+at::Tensor gather_partials(GatherParams& p, const at::Tensor& bank, const char* name, int64_t B, bool rows_aligned,
+                           const at::TensorOptions& opts, const RowsPerStep& rows_per_step, F&& launch) {
+  at::Tensor partials;
+  const auto geometry = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
+    constexpr int V = 16 / static_cast<int>(sizeof(decltype(tag)));
+    p.tpr = lay.tpr;
+    p.chunk_cols = split.chunk_cols;
+    p.nchunks = split.nchunks;
+    p.vector_loads = p.dim % V == 0 && rows_aligned;
+    partials = at::empty({B * split.nchunks * p.stride}, opts);
+    p.partials = partials.data_ptr<float>();
+    launch(tag, nv_tag, lay);
+  };
+  dispatch_gather<MaxFloatsPerThread>(bank, name, B, p.dim, p.cols, rows_per_step, geometry);
+  return partials;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device side.
 
 // Where a thread of a gather block works: thread t of the `tpr` of row group `group` (of
 // `groups` in the block), on columns [c0, c1) of anchor b. Block = (anchor, chunk).
@@ -22,25 +97,16 @@ struct GatherPos {
   int64_t b, c0, c1;
 };
 
-__device__ __forceinline__ GatherPos gather_pos(int tpr, int nchunks, int64_t chunk_cols, int64_t cols) {
+__device__ __forceinline__ GatherPos gather_pos(const GatherParams& p) {
   GatherPos g;
-  g.tpr = tpr;
-  g.groups = blockDim.x / tpr;
-  g.group = threadIdx.x / tpr;
-  g.t = threadIdx.x % tpr;
-  g.b = blockIdx.x / nchunks;
-  g.c0 = (blockIdx.x % nchunks) * chunk_cols;
-  g.c1 = min(g.c0 + chunk_cols, cols);
+  g.tpr = p.tpr;
+  g.groups = blockDim.x / p.tpr;
+  g.group = threadIdx.x / p.tpr;
+  g.t = threadIdx.x % p.tpr;
+  g.b = blockIdx.x / p.nchunks;
+  g.c0 = (blockIdx.x % p.nchunks) * p.chunk_cols;
+  g.c1 = min(g.c0 + p.chunk_cols, p.cols);
   return g;
-}
-
-template <int NV, int V>
-__device__ __forceinline__ void zero(float (&v)[NV][V]) {
-#pragma unroll
-  for (int j = 0; j < NV; ++j) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) v[j][i] = 0.f;
-  }
 }
 
 // This thread's elements of row b of `a`: (t + j tpr) V + i for fragment j; zeros past D.

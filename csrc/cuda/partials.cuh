@@ -45,17 +45,22 @@ struct PositiveRows {
   }
 };
 
-struct MergeParams {
+// What every merge kernel reads besides its own inputs (MergeParams, and dual_merge_kernel's):
+// B anchors of `nchunks` partials of `stride` floats each, D = dim, and the loss scalars.
+struct MergeInputs {
   const float* partials;
   int nchunks;
   int64_t stride;  // floats per partial
   int64_t B;
   int dim;
-  Matrix anchor;
-  PositiveRows pos;
   const float* logit_scale;
   const float* bias;  // null: 0
   bool compute_grad;
+};
+
+struct MergeParams : MergeInputs {
+  Matrix anchor;
+  PositiveRows pos;
   // outputs; the gradients only with compute_grad, grad_positive only with pos.extra_column
   float* loss;
   float* lse;

@@ -19,6 +19,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include "common/gather_args.h"
 #include "cuda/elements.cuh"
 #include "cuda/gather.cuh"
 #include "cuda/launch.cuh"
@@ -40,25 +41,10 @@ constexpr int rows_per_step() {
   return NV >= 4 ? 1 : 4 / NV;
 }
 
-struct SampledParams {
+struct SampledParams : GatherParams {
   Matrix anchor;
   const void* bank;
   int64_t bank_stride;  // elements between bank rows
-  ColumnRows columns;
-  int64_t cols;  // K + 1
-  int dim;
-  bool vector_loads;  // D % V == 0 and rows 16-byte aligned
-  int tpr;            // threads per row group
-  int64_t chunk_cols;
-  int nchunks;
-  const float* logit_scale;
-  const float* bias;   // null: 0
-  const float* log_z;  // NCE only
-  bool nce;
-  NceConsts nc;
-  bool compute_grad;
-  float* partials;  // (B, nchunks, stride), layout of PartialSlot
-  int64_t stride;
 };
 
 // Min 1 block per SM: ptxas takes the registers the unrolled state needs (no spills; 64-160).
@@ -67,14 +53,12 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int R = rows_per_step<NV>();
   extern __shared__ float smem[];
-  __shared__ float scratch[kWarp];
-  const GatherPos g = gather_pos(p.tpr, p.nchunks, p.chunk_cols, p.cols);
+  const GatherPos g = gather_pos(p);
   const int tpr = g.tpr, groups = g.groups, t = g.t, D = p.dim;
-  const int64_t b = g.b;
   const T* bank = static_cast<const T*>(p.bank);
 
   float q[NV][V];  // this thread's elements of the anchor
-  load_slice(q, p.anchor, b, t, tpr, D);
+  load_slice(q, p.anchor, g.b, t, tpr, D);
   const float s = *p.logit_scale, beta = p.bias ? *p.bias : 0.f, log_z = p.nce ? *p.log_z : 0.f;
 
   // The group's online state (identical in all its threads) and this thread's row-sum slice.
@@ -87,7 +71,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
   for (int64_t base = g.c0; base < g.c1; base += groups * R, parity ^= 1) {
     const int64_t col0 = base + g.group * R;
     int64_t row[R];
-    step_rows(row, p.columns, b, col0, g.c1);
+    step_rows(row, p.columns, g.b, col0, g.c1);
     RowFrag<T, V> x[R][NV];
     load_frags(x, bank, p.bank_stride, row, t, tpr, D, p.vector_loads);
 
@@ -127,6 +111,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) sampled_partials_kernel(const Sa
     return;
   }
   // Several groups: stage their states in shared memory and merge them in group order.
+  __shared__ float scratch[kWarp];
   const int span = tpr * NV * V;       // elements covered by a group (>= D)
   float* gs = smem;                    // [groups][kScalars]
   float* gv = gs + groups * kScalars;  // [groups][span]
@@ -175,11 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
   TORCH_CHECK(bank.dim() == 2 && bank.size(1) == D, "bank must be (N, D) with D = ", D, ", got shape ", bank.sizes());
   TORCH_CHECK(D <= 1 || bank.stride(1) == 1, "bank rows must be contiguous (stride(1) == 1), got strides ",
               bank.strides());
-  TORCH_CHECK(loss_type == 0 || loss_type == 1, "loss_type must be 0 (InfoNCE) or 1 (NCE), got ", loss_type);
-  const bool nce = loss_type == 1;
-  TORCH_CHECK(!nce || log_z.has_value(), "NCE (loss_type 1) needs log_z");
-  const int64_t N = bank.size(0);
-  TORCH_CHECK(noise_rows >= 0, "noise_rows must be >= 0 (0: the bank's rows), got ", noise_rows);
+  const bool nce = nce_loss(loss_type, log_z.has_value(), "log_z");
+  const int64_t N = bank.size(0), noise = noise_rows_or(noise_rows, N, "the bank's");
   int64_t cols = 0;
   const ColumnRows columns = column_rows(index, B, num_negatives, seed, offset, N, cols);
 
@@ -190,48 +172,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sampled_contrast_cuda
   if (B == 0) return {loss, lse, grad_anchor, grad_scalars};
   TORCH_CHECK(D > 0, "anchor has D = 0");
 
-  SampledParams p{};
-  p.anchor = q;
-  p.bank = bank.data_ptr();
-  p.bank_stride = bank.stride(0);
-  p.columns = columns;
-  p.cols = cols;
-  p.dim = static_cast<int>(D);
-  p.logit_scale = device_scalar(logit_scale, anchor, "logit_scale");
-  p.bias = bias.has_value() ? device_scalar(*bias, anchor, "bias") : nullptr;
-  p.log_z = nce ? device_scalar(*log_z, anchor, "log_z") : nullptr;
-  p.nce = nce;
-  p.nc = nce_consts(cols - 1, noise_rows > 0 ? noise_rows : N);
-  p.compute_grad = compute_grad;
+  SampledParams p{gather_params(anchor, columns, cols, D, logit_scale, bias, log_z, 1, nce, compute_grad, noise), q,
+                  bank.data_ptr(), bank.stride(0)};
   p.stride = kScalars + (compute_grad ? D : 0);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials;
   const auto step = [](auto nv_tag) { return rows_per_step<decltype(nv_tag)::value>(); };
-  const auto launch = [&](auto tag, auto nv_tag, const RowLayout& lay, const ColumnSplit& split) {
-    using T = decltype(tag);
-    constexpr int V = 16 / static_cast<int>(sizeof(T));
-    p.tpr = lay.tpr;
-    p.chunk_cols = split.chunk_cols;
-    p.nchunks = split.nchunks;
-    p.vector_loads = D % V == 0 && rows_aligned(bank, 16);
-    partials = at::empty({B * split.nchunks * p.stride}, opts);
-    p.partials = partials.data_ptr<float>();
-    launch_partials<T, decltype(nv_tag)::value>(p, lay, B, stream);
-  };
-  dispatch_gather<kMaxFloatsPerThread>(bank, "bank", B, D, cols, step, launch);
+  const at::Tensor partials = gather_partials<kMaxFloatsPerThread>(
+      p, bank, "bank", B, rows_aligned(bank, 16), opts, step, [&](auto tag, auto nv_tag, const RowLayout& lay) {
+        launch_partials<decltype(tag), decltype(nv_tag)::value>(p, lay, B, stream);
+      });
 
-  MergeParams mp{};
-  mp.partials = p.partials;
-  mp.nchunks = p.nchunks;
-  mp.stride = p.stride;
-  mp.B = B;
-  mp.dim = p.dim;
+  MergeParams mp{{p.partials, p.nchunks, p.stride, B, p.dim, p.logit_scale, p.bias, compute_grad}};
   mp.anchor = q;
   mp.pos = PositiveRows{matrix_of(bank, "bank"), columns.index, columns.stride_b, false};  // column 0
-  mp.logit_scale = p.logit_scale;
-  mp.bias = p.bias;
-  mp.compute_grad = compute_grad;
   mp.loss = loss.data_ptr<float>();
   mp.lse = lse.data_ptr<float>();
   mp.grad_anchor = compute_grad ? grad_anchor.data_ptr<float>() : nullptr;
