@@ -188,14 +188,16 @@ def headline_grids(launches):
             continue
         if op == "dense_contrast" and (d.get("M") != HEADLINE["M"] or not d["grad"] or d["bias"]):
             continue
-        key = (op, launch["kernel"], d["B"], d["D"], d.get("positive"))
+        # The dense forward's merge of its key splits is a second launch of the forward kernel.
+        kernel = launch["kernel"] + (" (MERGE)" if launch["constexprs"].get("MERGE") else "")
+        key = (op, kernel, d["B"], d["D"], d.get("positive"))
         if key in seen:
             continue
         seen.add(key)
         grid = launch["grid"]
         programs = int(math.prod(grid))
         label = op + (" (MoCo positive)" if d.get("positive") else " (target)" if op == "dense_contrast" else "")
-        rows.append((label, launch["kernel"], d["B"], d["D"], tuple(grid), programs, programs / SMS))
+        rows.append((label, kernel, d["B"], d["D"], tuple(grid), programs, programs / SMS))
     return rows
 
 
@@ -322,8 +324,9 @@ def render(results, errors, launches, c_rows):
         "and D = 128. It now splits the keys (flash-decoding: `plan_key_splits` targets 2 programs per SM, "
         "at least 4 key tiles per split) and merges the partials in split order (deterministic); see the "
         "grids above.",
-        "- **Merge kernels** (sampled, dual, dense) are one program per anchor block with a serial loop over "
-        "chunks: at B = 64 they fill 0.48 of the SMs. They read B x chunks x D fp32 partials (B = 64, "
+        "- **Merge kernels** (sampled, dual, and the dense forward's MERGE launch) are one program per "
+        "anchor block with a serial loop over chunks: at B = 64 they fill 0.48 of the SMs. They read "
+        "B x chunks x D fp32 partials (B = 64, "
         "9 chunks, D = 128: 0.3 MB, under a microsecond of HBM time): a latency-bound tail after the "
         "gather, not worth a second split. Kept.",
         "- **Bank update**: one program per updated row (B = 64: 0.48 per SM) moving 2 B D elements (64 KB at "

@@ -1,10 +1,13 @@
-"""Pieces shared by the Triton sampled-contrast kernels (one bank and dual bank).
+"""Pieces shared by the Triton kernels: the sampled-contrast kernels (one bank and dual bank)
+and, for the dense and SupCon kernels, the logit scale and bias, the QK tile and the online softmax.
 
-Device functions: the column -> bank row map (explicit index or in-kernel sampling), one step of
-an online softmax, the per-column NCE terms, one gathered tile folded into the online state of a
-direction (anchor against rows), and the merge of per-chunk partials. Host helpers:
-argument checks (the shape checks that keep every access in bounds), launch parameters, and the
-split of the K+1 columns into chunks (one program per (anchor, chunk); docs/math.md §1, csrc/KERNELS.md).
+Device functions: the column -> bank row map (explicit index or in-kernel sampling), the tile of
+dot products of two row blocks (tl.dot), one step of an online softmax, the per-column NCE terms,
+the common starts of the partial and merge programs, one gathered tile folded into the online
+state of a direction (anchor against rows), and the merge of per-chunk partials. Host helpers:
+argument checks (the shape checks that keep every access in bounds), launch parameters, the
+split of the K+1 columns into chunks (one program per (anchor, chunk); docs/math.md §1,
+csrc/KERNELS.md) and the launch plan shared by the sampled launchers (SampledLaunch).
 """
 
 import contextlib
@@ -16,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _ext
-from .rng import sample_index
+from .rng import rng_key, sample_index
 
 NCE_EPS = 1e-7
 # One program keeps a whole embedding (and D-long accumulators) in registers.
@@ -62,6 +65,44 @@ def column_rows(index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, 
 
 
 @triton.jit
+def load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """The logit scale ``s`` and the bias ``beta`` (0 without ``HAS_BIAS``), read in the kernel."""
+    s = tl.load(scale_ptr)
+    beta = 0.0
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr)
+    return s, beta
+
+
+@triton.jit
+def qk_tile(
+    a_rows,
+    stride_ad,
+    a_mask,
+    b_rows,
+    stride_bd,
+    b_mask,
+    D,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
+    """The (BLOCK_A, BLOCK_B) fp32 tile of dot products ``<a_i, b_j>`` over the full D, BLOCK_DK
+    at a time with tl.dot (operands in ``DOT_DTYPE``, "ieee": no TF32). ``a_rows`` are the row
+    pointers as a (BLOCK_A, 1) column, ``b_rows`` a (BLOCK_B,) vector (loaded transposed,
+    (BLOCK_DK, BLOCK_B)); masked rows read as zeros."""
+    dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DK):
+        kd = k0 + tl.arange(0, BLOCK_DK)
+        kd_mask = kd < D
+        a = tl.load(a_rows + kd[None, :] * stride_ad, mask=a_mask[:, None] & kd_mask[None, :], other=0.0)
+        bt = tl.load(b_rows[None, :] + kd[:, None] * stride_bd, mask=kd_mask[:, None] & b_mask[None, :], other=0.0)
+        dots = tl.dot(a.to(DOT_DTYPE), bt.to(DOT_DTYPE), dots, input_precision="ieee")
+    return dots
+
+
+@triton.jit
 def online_softmax_step(m, logits, valid, ROWS: tl.constexpr = False):
     """Folds a block of logits into a running max ``m``: a vector of columns of one row, or with
     ``ROWS`` a (rows, columns) tile with ``m`` the vector of the rows' maxima.
@@ -104,8 +145,8 @@ def nce_column_terms(logits, cols, valid, log_z, log_c_eps, log1p_eps_c):
 
 @triton.jit
 def direction_init(BLOCK_D: tl.constexpr):
-    """Empty online state of one direction (one anchor against gathered rows):
-    ``(m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a)``, the slots of ``direction_step``."""
+    """Empty online state of one direction (one anchor against gathered rows), the tuple
+    ``(m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a)`` that ``direction_step`` carries."""
     return (
         float("-inf"),
         0.0,
@@ -121,15 +162,7 @@ def direction_init(BLOCK_D: tl.constexpr):
 
 @triton.jit
 def direction_step(
-    m,
-    l,
-    c,
-    d0,
-    a,
-    nce_loss,
-    nce_c,
-    nce_slope,
-    nce_a,
+    state,
     q,
     tile,
     s,
@@ -150,6 +183,7 @@ def direction_step(
     the plain sums ``nce_loss``, and with NCE_GRAD ``nce_c = sum g d``, ``nce_slope = sum g``,
     ``nce_a = sum g row`` (``g = dL/dl``). Returns the new state, then the tile's ``dots``,
     ``logits``, the rescale ``alpha`` and the weights ``w`` (the dual kernel's KL sums use them)."""
+    m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a = state
     dots = tl.sum(tile * q[None, :], axis=1)
     logits = s * dots + beta
     d0 += tl.sum(tl.where(cols == 0, dots, 0.0), axis=0)
@@ -165,7 +199,44 @@ def direction_step(
             nce_c += tl.sum(slope * dots, axis=0)
             nce_slope += tl.sum(slope, axis=0)
             nce_a += tl.sum(slope[:, None] * tile, axis=0)
-    return m_new, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, dots, logits, alpha, w
+    return (m_new, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a), dots, logits, alpha, w
+
+
+@triton.jit
+def partial_prologue(scale_ptr, bias_ptr, seed, D, COLS, cols_per_chunk, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Common start of a partial program, grid (B, chunks): anchor ``b``, chunk ``chunk``, the D
+    offsets and mask, ``s``, ``beta``, the sampling key and the chunk's columns [col_start, col_end)."""
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    col_start = chunk * cols_per_chunk
+    col_end = tl.minimum(col_start + cols_per_chunk, COLS)
+    return b, chunk, offs_d, offs_d < D, s, beta, rng_key(seed), col_start, col_end
+
+
+@triton.jit
+def load_anchor(anchor_ptr, b, stride_ab, stride_ad, offs_d, d_mask):
+    """Anchor row ``b`` (its ``offs_d`` slice) in fp32."""
+    return tl.load(anchor_ptr + b.to(tl.int64) * stride_ab + offs_d * stride_ad, mask=d_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def gather_tile(bank_ptr, stride_bn, rows, offs_d, mask):
+    """The (BLOCK_K, BLOCK_D) tile of bank rows ``rows`` in fp32; zeros where not ``mask``."""
+    return tl.load(bank_ptr + rows[:, None] * stride_bn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def merge_prologue(scale_ptr, bias_ptr, index_ptr, stride_ib, N, HAS_BIAS: tl.constexpr):
+    """Common start of a merge program, grid (B, D slices): anchor ``b``, slice ``pid_d``, whether
+    it writes the per-row scalars (slice 0), ``s``, ``beta``, the positive's bank row ``row0`` and
+    whether it is present (an absent positive adds no -l_0 and no -row_0)."""
+    b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
+    row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
+    return b, pid_d, pid_d == 0, s, beta, row0, (row0 >= 0) & (row0 < N)
 
 
 @triton.jit
@@ -333,6 +404,76 @@ def nce_constants(num_negatives, n_rows):
     """(log(c + eps), log1p(eps / c)) with c = K / N, computed in float64 on the host."""
     c = num_negatives / n_rows
     return math.log(c + NCE_EPS), math.log1p(NCE_EPS / c)
+
+
+class SampledLaunch:
+    """What the sampled launchers (one bank and dual) share. The constructor plans the tile and the
+    split of the K+1 columns and allocates the workspace: ``stats`` (B, chunks, num_stats) and,
+    with ``compute_grad``, ``vec`` (B, chunks, num_vecs, D). :meth:`scalars` then gives the
+    arguments that follow the anchors and banks in both kernels (``partial_args``,
+    ``merge_args``) and their shared constexprs (``flags``, ``partial_flags``, ``merge_flags``)."""
+
+    def __init__(
+        self, anchor, bank, index, K, compute_grad, num_stats, num_vecs, num_chunks, block_k, rows_per_column=1
+    ):
+        B, D = anchor.shape
+        self.anchor, self.bank, self.index, self.K, self.compute_grad = anchor, bank, index, K, bool(compute_grad)
+        f32 = dict(dtype=torch.float32, device=anchor.device)
+        self.block_d = triton.next_power_of_2(D)
+        self.block_k = block_k or block_k_for(self.block_d, rows_per_column)
+        self.chunks, self.cols_per_chunk = plan_chunks(B, K + 1, self.block_k, anchor.device, num_chunks)
+        self.stats = torch.empty((B, self.chunks, num_stats), **f32)
+        self.vec = torch.empty((B, self.chunks, num_vecs, D), **f32) if compute_grad else self.stats
+        self.merge_block_d = min(self.block_d, MERGE_BLOCK_D)
+        self.merge_grid = (B, triton.cdiv(D, self.merge_block_d) if compute_grad else 1)
+
+    def scalars(self, logit_scale, bias, log_z, loss_type, seed, offset, noise_rows):
+        """Sets the kernels' arguments from the scalars (0-d fp32 tensors on the device), the loss
+        type, the sampling stream and NCE's ``noise_rows`` (0: the bank's rows)."""
+        if noise_rows < 0:
+            raise ValueError(f"noise_rows must be >= 0 (0: the bank's rows), got {noise_rows}")
+        B, D = self.anchor.shape
+        N = self.bank.shape[0]
+        device = self.anchor.device
+        scale, bias_arg, log_z_arg = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
+        bias_or_scale = scale if bias is None else bias_arg
+        log_c_eps, log1p_eps_c = nce_constants(self.K, noise_rows or N) if loss_type == 1 else (0.0, 0.0)
+        sampled = self.index.dim() == 1
+        self.partial_args = (
+            N,
+            self.index,
+            self.index.stride(0),
+            0 if sampled else self.index.stride(1),
+            scale,
+            bias_or_scale,
+            scale if log_z is None else log_z_arg,
+            self.stats,
+            self.vec,
+            D,
+            self.K + 1,
+            self.cols_per_chunk,
+            self.K,
+            as_int64(seed),
+            as_int64(offset),
+            log_c_eps,
+            log1p_eps_c,
+        )
+        self.merge_args = (
+            self.stats,
+            self.vec,
+            self.chunks,
+            N,
+            self.index,
+            self.index.stride(0),
+            scale,
+            bias_or_scale,
+            B,
+            D,
+        )
+        self.flags = dict(LOSS_TYPE=loss_type, HAS_BIAS=bias is not None, COMPUTE_GRAD=self.compute_grad)
+        self.partial_flags = dict(SAMPLED=sampled, BLOCK_K=self.block_k, BLOCK_D=self.block_d)
+        self.merge_flags = dict(BLOCK_C=triton.next_power_of_2(self.chunks), BLOCK_D=self.merge_block_d)
+        return self
 
 
 def as_int64(value):

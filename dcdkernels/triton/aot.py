@@ -553,12 +553,13 @@ def main(argv=None):
 
 
 def tile_key(launch):
-    """The kernel, its tiling constexprs (``BLOCK_*``, ``NUM_STAGES``), dot dtype, bank dtype and warps: what
-    sets the register and shared-memory footprint (the boolean flags add or drop code inside it)."""
+    """The kernel, its tiling constexprs (``BLOCK_*``, ``NUM_STAGES``), dot dtype, bank dtype, role
+    (``MERGE``: the dense forward's merge of its key splits, another program in the same kernel) and
+    warps: what sets the register and shared-memory footprint (the boolean flags add or drop code inside it)."""
     tiles = {
         k: v
         for k, v in launch["constexprs"].items()
-        if k.startswith("BLOCK_") or k in ("DOT_DTYPE", "BANK_IS_BF16", "NUM_STAGES")
+        if k.startswith("BLOCK_") or k in ("DOT_DTYPE", "BANK_IS_BF16", "NUM_STAGES", "MERGE")
     }
     return json.dumps({"kernel": launch["kernel"], "tiles": tiles, "num_warps": launch["num_warps"]}, sort_keys=True)
 

@@ -9,14 +9,16 @@ slice of their gradient and one split of the keys. It walks its keys BLOCK_N at 
 rescaled like the output of flash attention. At the end ``grad_anchor = s (acc / l - k_pos)``,
 ``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. When the anchor blocks alone cannot fill the GPU
 (B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split writes its
-state (m, l, c, acc), and a merge kernel combines the splits in order and writes the outputs.
-With D <= BLOCK_DV (D <= 128) there is one slice; a
+state (m, l, c, acc), and a second launch of the same kernel (MERGE) combines the splits in
+order and writes the outputs. With D <= BLOCK_DV (D <= 128) there is one slice; a
 wider D costs one recomputation of the logits per slice, which keeps the accumulator
 (BLOCK_M, BLOCK_DV) in registers for any D.
 
 Backward for the keys, grid (M / BLOCK_N, D / BLOCK_DV): a program owns BLOCK_N keys and walks
 the anchors BLOCK_M at a time, recomputes ``p = e^(l - lse)`` from the forward's LSE and
-accumulates ``(g (P - onehot(target)))^T @ Q`` with tl.dot.
+accumulates ``(g (P - onehot(target)))^T @ Q`` with tl.dot. The forward and the backward build
+their logits tiles with the same ``qk_tile`` (``_common.py``), the backward with the roles of
+anchors and keys swapped; the forward's online softmax is ``online_softmax_step``.
 
 ``dense_contrast_reduced`` composes the two: the forward kernel with gradients, then the keys
 kernel with ``grad_rows`` = the row weights, both in the forward pass.
@@ -32,7 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_dtype, device_guard, scalar_arg, sm_count
+from ._common import (
+    check_kernel_dtype,
+    device_guard,
+    load_scale_bias,
+    online_softmax_step,
+    qk_tile,
+    scalar_arg,
+    sm_count,
+)
 
 MAX_BLOCK_M = 64
 MAX_BLOCK_N = 64
@@ -53,90 +63,6 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
         b = tl.load(b_rows + kd[None, :] * stride_b, mask=kd_mask, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     return acc
-
-
-@triton.jit
-def _positive_terms(
-    anchor_rows,
-    stride_ad,
-    keys_ptr,
-    stride_kn,
-    stride_kd,
-    target_ptr,
-    positive_ptr,
-    stride_pb,
-    stride_pd,
-    offs_m,
-    m_mask,
-    offs_v,
-    v_mask,
-    M,
-    D,
-    HAS_POSITIVE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-):
-    """The positive column of each anchor: its dot product ``d_pos`` and its row's D slice. MoCo
-    (``HAS_POSITIVE``): a separate row per anchor; else key ``target_b`` (out of range: d = 0)."""
-    if HAS_POSITIVE:
-        pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
-        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pd, m_mask, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(
-            pos_rows + offs_v[None, :] * stride_pd, mask=m_mask[:, None] & v_mask[None, :], other=0.0
-        ).to(tl.float32)
-    else:
-        target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
-        t_valid = m_mask & (target >= 0) & (target < M)
-        pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
-        d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_kd, t_valid, D, BLOCK_M, BLOCK_DK)
-        pos_slice = tl.load(
-            pos_rows + offs_v[None, :] * stride_kd, mask=t_valid[:, None] & v_mask[None, :], other=0.0
-        ).to(tl.float32)
-    return d_pos, pos_slice
-
-
-@triton.jit
-def _store_outputs(
-    m_i,
-    l_i,
-    c_i,
-    acc,
-    s,
-    l_pos,
-    d_pos,
-    pos_slice,
-    anchor_rows,
-    stride_ad,
-    offs_m,
-    m_mask,
-    offs_v,
-    mv_mask,
-    first,
-    B,
-    D,
-    loss_ptr,
-    lse_ptr,
-    grad_anchor_ptr,
-    grad_positive_ptr,
-    grad_scalars_ptr,
-    HAS_POSITIVE: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """The outputs of BLOCK_M rows from their softmax state over every column (m, l, c, acc)."""
-    lse = m_i + tl.log(l_i)
-    tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
-    tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
-    if COMPUTE_GRAD:
-        tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
-        tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
-        out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
-        tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
-        if HAS_POSITIVE:
-            # dL/dk+ = s (p_pos - 1) q
-            q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
-            p_pos = tl.exp(l_pos - lse)
-            tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
 
 
 @triton.jit
@@ -164,16 +90,22 @@ def _dense_contrast_fwd_kernel(
     M,
     D,
     keys_per_split,
+    num_splits,
     HAS_POSITIVE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     SPLIT: tl.constexpr,
+    MERGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    """The forward, in one of three roles: the whole key set (neither flag), one key split whose
+    softmax state goes to the partials (SPLIT), or the merge of the splits' partials (MERGE,
+    grid (B / BLOCK_M, D / BLOCK_DV), flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
+    l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_s = tl.program_id(2)  # key split (SPLIT): keys [pid_s * keys_per_split, ..)
@@ -183,80 +115,80 @@ def _dense_contrast_fwd_kernel(
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_mask = offs_v < D
     mv_mask = m_mask[:, None] & v_mask[None, :]
-    offs_k = tl.arange(0, BLOCK_DK)
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
+    s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-    d_pos, pos_slice = _positive_terms(
-        anchor_rows,
-        stride_ad,
-        keys_ptr,
-        stride_kn,
-        stride_kd,
-        target_ptr,
-        positive_ptr,
-        stride_pb,
-        stride_pd,
-        offs_m,
-        m_mask,
-        offs_v,
-        v_mask,
-        M,
-        D,
-        HAS_POSITIVE,
-        BLOCK_M,
-        BLOCK_DK,
-    )
-    l_pos = s * d_pos + beta
-    if HAS_POSITIVE:
-        # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
-        owns = pid_s == 0
-        m_i = tl.where(owns, l_pos, float("-inf"))
-        l_i = tl.where(owns, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
-        c_i = tl.where(owns, d_pos, 0.0)
-        acc = tl.where(owns, pos_slice, 0.0)
-    else:
-        # Key target_b is the positive; it is one of the M columns below.
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    n_lo = pid_s * keys_per_split
-    n_hi = tl.minimum(M, n_lo + keys_per_split)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_hi
-        key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
-        # dots = Q K^T over the full D; K is loaded transposed, (BLOCK_DK, BLOCK_N).
-        dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_DK):
-            kd = k0 + offs_k
-            kd_mask = kd < D
-            q = tl.load(anchor_rows + kd[None, :] * stride_ad, mask=m_mask[:, None] & kd_mask[None, :], other=0.0)
-            kt = tl.load(
-                key_rows[None, :] + kd[:, None] * stride_kd, mask=kd_mask[:, None] & n_mask[None, :], other=0.0
+    if MERGE:
+        # The splits' states, merged in split order (the positive is in split 0's).
+        for split in range(0, num_splits):
+            stats = part_stats_ptr + split * 3 * B + offs_m
+            m_s = tl.load(stats, mask=m_mask, other=0.0)  # finite: every split holds a key
+            m_new = tl.maximum(m_i, m_s)
+            alpha = tl.exp(m_i - m_new)
+            w = tl.exp(m_s - m_new)
+            l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
+            if COMPUTE_GRAD:
+                c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
+                part = tl.load(
+                    part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
+                    mask=mv_mask,
+                    other=0.0,
+                )
+                acc = acc * alpha[:, None] + w[:, None] * part
+            m_i = m_new
+
+    # The positive column of each anchor: its dot product d_pos and its row's D slice. MoCo
+    # (HAS_POSITIVE): a separate row per anchor; else key target_b (out of range: d = 0).
+    if HAS_POSITIVE:
+        pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
+        pos_valid = m_mask
+        stride_pos = stride_pd
+    else:
+        target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
+        pos_valid = m_mask & (target >= 0) & (target < M)
+        pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
+        stride_pos = stride_kd
+    d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pos, pos_valid, D, BLOCK_M, BLOCK_DK)
+    pos_slice = tl.load(
+        pos_rows + offs_v[None, :] * stride_pos, mask=pos_valid[:, None] & v_mask[None, :], other=0.0
+    ).to(tl.float32)
+    l_pos = s * d_pos + beta
+    if not MERGE:
+        if HAS_POSITIVE:
+            # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
+            owns = pid_s == 0
+            m_i = tl.where(owns, l_pos, float("-inf"))
+            l_i = tl.where(owns, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
+            c_i = tl.where(owns, d_pos, 0.0)
+            acc = tl.where(owns, pos_slice, 0.0)
+        # Else key target_b is the positive; it is one of the M columns below.
+        n_lo = pid_s * keys_per_split
+        n_hi = tl.minimum(M, n_lo + keys_per_split)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < n_hi
+            key_rows = keys_ptr + offs_n.to(tl.int64) * stride_kn
+            dots = qk_tile(
+                anchor_rows, stride_ad, m_mask, key_rows, stride_kd, n_mask, D, DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_DK
             )
-            dots = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), dots, input_precision="ieee")
-        # Every tile holds at least one real column, so m_new is finite from the first tile on.
-        logits = tl.where(n_mask[None, :], s * dots + beta, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(logits - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if COMPUTE_GRAD:
-            c_i = c_i * alpha + tl.sum(p * dots, axis=1)
-            v = tl.load(
-                key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :], other=0.0
-            )
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
-        m_i = m_new
+            # Every tile holds at least one real column, so m_new is finite from the first tile on.
+            m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, n_mask[None, :], ROWS=True)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if COMPUTE_GRAD:
+                c_i = c_i * alpha + tl.sum(p * dots, axis=1)
+                v = tl.load(
+                    key_rows[:, None] + offs_v[None, :] * stride_kd, mask=n_mask[:, None] & v_mask[None, :], other=0.0
+                )
+                acc = acc * alpha[:, None]
+                acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision="ieee")
+            m_i = m_new
 
     if SPLIT:
-        # Partials for _dense_contrast_merge_kernel: stats (splits, 3, B) = m, l, c; acc (splits, B, D).
+        # Partials for the MERGE launch: stats (splits, 3, B) = m, l, c; acc (splits, B, D).
         stats = part_stats_ptr + pid_s.to(tl.int64) * 3 * B + offs_m
         tl.store(stats, m_i, mask=m_mask & first)
         tl.store(stats + B, l_i, mask=m_mask & first)
@@ -265,148 +197,20 @@ def _dense_contrast_fwd_kernel(
             out = (pid_s.to(tl.int64) * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :]
             tl.store(part_acc_ptr + out, acc, mask=mv_mask)
     else:
-        _store_outputs(
-            m_i,
-            l_i,
-            c_i,
-            acc,
-            s,
-            l_pos,
-            d_pos,
-            pos_slice,
-            anchor_rows,
-            stride_ad,
-            offs_m,
-            m_mask,
-            offs_v,
-            mv_mask,
-            first,
-            B,
-            D,
-            loss_ptr,
-            lse_ptr,
-            grad_anchor_ptr,
-            grad_positive_ptr,
-            grad_scalars_ptr,
-            HAS_POSITIVE,
-            COMPUTE_GRAD,
-            BLOCK_M,
-        )
-
-
-@triton.jit
-def _dense_contrast_merge_kernel(
-    anchor_ptr,
-    stride_ab,
-    stride_ad,
-    keys_ptr,
-    stride_kn,
-    stride_kd,
-    target_ptr,
-    positive_ptr,
-    stride_pb,
-    stride_pd,
-    scale_ptr,
-    bias_ptr,
-    loss_ptr,
-    lse_ptr,
-    grad_anchor_ptr,
-    grad_positive_ptr,
-    grad_scalars_ptr,
-    part_stats_ptr,
-    part_acc_ptr,
-    B,
-    M,
-    D,
-    num_splits,
-    HAS_POSITIVE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-):
-    """Merges the key splits' softmax states (flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
-    l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    first = pid_v == 0
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < B
-    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    v_mask = offs_v < D
-    mv_mask = m_mask[:, None] & v_mask[None, :]
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
-    anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for split in range(0, num_splits):
-        stats = part_stats_ptr + split * 3 * B + offs_m
-        m_s = tl.load(stats, mask=m_mask, other=0.0)  # finite: every split holds a key
-        m_new = tl.maximum(m_i, m_s)
-        alpha = tl.exp(m_i - m_new)
-        w = tl.exp(m_s - m_new)
-        l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
+        # The outputs from the softmax state over every column.
+        lse = m_i + tl.log(l_i)
+        tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
+        tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
         if COMPUTE_GRAD:
-            c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
-            part = tl.load(
-                part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :], mask=mv_mask, other=0.0
-            )
-            acc = acc * alpha[:, None] + w[:, None] * part
-        m_i = m_new
-    d_pos, pos_slice = _positive_terms(
-        anchor_rows,
-        stride_ad,
-        keys_ptr,
-        stride_kn,
-        stride_kd,
-        target_ptr,
-        positive_ptr,
-        stride_pb,
-        stride_pd,
-        offs_m,
-        m_mask,
-        offs_v,
-        v_mask,
-        M,
-        D,
-        HAS_POSITIVE,
-        BLOCK_M,
-        BLOCK_DK,
-    )
-    l_pos = s * d_pos + beta
-    _store_outputs(
-        m_i,
-        l_i,
-        c_i,
-        acc,
-        s,
-        l_pos,
-        d_pos,
-        pos_slice,
-        anchor_rows,
-        stride_ad,
-        offs_m,
-        m_mask,
-        offs_v,
-        mv_mask,
-        first,
-        B,
-        D,
-        loss_ptr,
-        lse_ptr,
-        grad_anchor_ptr,
-        grad_positive_ptr,
-        grad_scalars_ptr,
-        HAS_POSITIVE,
-        COMPUTE_GRAD,
-        BLOCK_M,
-    )
+            tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
+            tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
+            out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
+            tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
+            if HAS_POSITIVE:
+                # dL/dk+ = s (p_pos - 1) q
+                q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
+                p_pos = tl.exp(l_pos - lse)
+                tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
 
 
 @triton.jit
@@ -440,11 +244,7 @@ def _dense_contrast_bwd_keys_kernel(
     n_mask = offs_n < M
     offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_mask = offs_v < D
-    offs_k = tl.arange(0, BLOCK_DK)
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
+    s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     key_rows = keys_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
 
     # acc = sum_b G[b, n] q_b for this program's keys, with G = g (P - onehot(target)).
@@ -453,16 +253,10 @@ def _dense_contrast_bwd_keys_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < B
         anchor_rows = anchor_ptr + offs_m.to(tl.int64) * stride_ab
-        # dots^T = K Q^T over the full D; Q is loaded transposed, (BLOCK_DK, BLOCK_M).
-        dots_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_DK):
-            kd = k0 + offs_k
-            kd_mask = kd < D
-            k = tl.load(key_rows + kd[None, :] * stride_kd, mask=n_mask[:, None] & kd_mask[None, :], other=0.0)
-            qt = tl.load(
-                anchor_rows[None, :] + kd[:, None] * stride_ad, mask=kd_mask[:, None] & m_mask[None, :], other=0.0
-            )
-            dots_t = tl.dot(k.to(DOT_DTYPE), qt.to(DOT_DTYPE), dots_t, input_precision="ieee")
+        # dots^T = K Q^T, the forward's tile with the roles of keys and anchors swapped.
+        dots_t = qk_tile(
+            key_rows, stride_kd, n_mask, anchor_rows, stride_ad, m_mask, D, DOT_DTYPE, BLOCK_N, BLOCK_M, BLOCK_DK
+        )
         # Rows past B get g = 0 (and lse = 0 keeps their p finite).
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
         g = tl.load(grad_rows_ptr + offs_m, mask=m_mask, other=0.0)
@@ -498,6 +292,23 @@ def _dot_dtype(anchor, keys, on_gpu=None):
     if on_gpu and anchor.dtype == keys.dtype and anchor.dtype in (torch.bfloat16, torch.float16):
         return tl.bfloat16 if anchor.dtype == torch.bfloat16 else tl.float16
     return tl.float32
+
+
+def _with_strides(*matrices):
+    """Each (rows, D) tensor followed by its two strides, as the kernels take them."""
+    return tuple(x for t in matrices for x in (t, t.stride(0), t.stride(1)))
+
+
+def _tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps):
+    """The launch constants the dense kernels share: dot dtype, tile sizes and warps."""
+    return dict(
+        DOT_DTYPE=dot_dtype,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DK=_block(D, MAX_BLOCK_DK),
+        BLOCK_DV=block_dv,
+        num_warps=num_warps,
+    )
 
 
 def _block(n, limit):
@@ -594,12 +405,7 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
     part_acc = torch.empty((splits, B, D) if split and compute_grad else (0,), **f32)
     has_positive = positive is not None
     args = (
-        anchor,
-        anchor.stride(0),
-        anchor.stride(1),
-        keys,
-        keys.stride(0),
-        keys.stride(1),
+        *_with_strides(anchor, keys),
         anchor if has_positive else target,
         positive if has_positive else anchor,
         positive.stride(0) if has_positive else 0,
@@ -613,37 +419,19 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
         grad_scalars,
         part_stats,
         part_acc,
+        B,
+        M,
+        D,
+        keys_per_split,
+        splits,
     )
     flags = dict(HAS_POSITIVE=has_positive, HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad))
+    tiles = _tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps)
     with device_guard(anchor):
-        _dense_contrast_fwd_kernel[(triton.cdiv(B, block_m), slices, splits)](
-            *args,
-            B,
-            M,
-            D,
-            keys_per_split,
-            **flags,
-            DOT_DTYPE=dot_dtype,
-            SPLIT=split,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_DK=_block(D, MAX_BLOCK_DK),
-            BLOCK_DV=block_dv,
-            num_warps=num_warps,
-        )
+        grid = (triton.cdiv(B, block_m), slices)
+        _dense_contrast_fwd_kernel[grid + (splits,)](*args, SPLIT=split, MERGE=False, **flags, **tiles)
         if split:
-            _dense_contrast_merge_kernel[(triton.cdiv(B, block_m), slices)](
-                *args,
-                B,
-                M,
-                D,
-                splits,
-                **flags,
-                BLOCK_M=block_m,
-                BLOCK_DK=_block(D, MAX_BLOCK_DK),
-                BLOCK_DV=block_dv,
-                num_warps=num_warps,
-            )
+            _dense_contrast_fwd_kernel[grid](*args, SPLIT=False, MERGE=True, **flags, **tiles)
     return loss, lse, grad_anchor, grad_positive, grad_scalars
 
 
@@ -671,12 +459,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     has_target = target is not None
     with device_guard(anchor):
         _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
-            anchor,
-            anchor.stride(0),
-            anchor.stride(1),
-            keys,
-            keys.stride(0),
-            keys.stride(1),
+            *_with_strides(anchor, keys),
             target if has_target else lse,
             logit_scale,
             logit_scale if bias is None else bias,
@@ -688,12 +471,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             D,
             HAS_TARGET=has_target,
             HAS_BIAS=bias is not None,
-            DOT_DTYPE=dot_dtype,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_DK=_block(D, MAX_BLOCK_DK),
-            BLOCK_DV=block_dv,
-            num_warps=num_warps,
+            **_tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps),
         )
     return grad_keys
 

@@ -24,9 +24,7 @@ import triton.language as tl
 
 from ._common import (
     MAXNREG,
-    MERGE_BLOCK_D,
-    as_int64,
-    block_k_for,
+    SampledLaunch,
     check_kernel_dtype,
     check_sampled_args,
     chunk_scales,
@@ -34,14 +32,14 @@ from ._common import (
     device_guard,
     direction_init,
     direction_step,
+    gather_tile,
+    load_anchor,
     load_row_slice,
     merge_chunk_vectors,
-    nce_constants,
+    merge_prologue,
     num_warps_for,
-    plan_chunks,
-    scalar_arg,
+    partial_prologue,
 )
-from .rng import rng_key
 
 # Statistics of one (anchor, chunk): a block of DIR_STATS per direction (s at 0, t at DIR_STATS),
 # then the KL sums.
@@ -83,21 +81,15 @@ def _store_direction(
     D,
     offs_d,
     d_mask,
-    m,
-    l,
-    c,
-    d0,
-    nce_loss,
-    nce_c,
-    nce_slope,
-    a,
-    nce_a,
+    state,
     BASE: tl.constexpr,
     VEC_A: tl.constexpr,
     VEC_NCE: tl.constexpr,
     SOFTMAX_GRAD: tl.constexpr,
     NCE_GRAD: tl.constexpr,
 ):
+    """Writes one direction's state (direction_step) to its statistics block BASE and vectors."""
+    m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a = state
     tl.store(stats + BASE + DIR_M, m)
     tl.store(stats + BASE + DIR_L, l)
     tl.store(stats + BASE + DIR_C, c)
@@ -150,36 +142,28 @@ def _dual_sampled_contrast_partial_kernel(
     NUM_STAGES: tl.constexpr,
 ):
     # Softmax vectors serve InfoNCE and the KL; NCE has its own plain sums.
-    softmax_grad = COMPUTE_GRAD and (LOSS_TYPE == 0 or COMPUTE_KL)
+    sm_grad = COMPUTE_GRAD and (LOSS_TYPE == 0 or COMPUTE_KL)
     nce_grad = COMPUTE_GRAD and LOSS_TYPE == 1
-    b = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q_s = tl.load(anchor_s_ptr + b.to(tl.int64) * stride_sb + offs_d * stride_sd, mask=d_mask, other=0.0).to(tl.float32)
-    q_t = tl.load(anchor_t_ptr + b.to(tl.int64) * stride_tb + offs_d * stride_td, mask=d_mask, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
+    b, chunk, offs_d, d_mask, s, beta, key, col_start, col_end = partial_prologue(
+        scale_ptr, bias_ptr, seed, D, COLS, cols_per_chunk, HAS_BIAS, BLOCK_D
+    )
+    q_s = load_anchor(anchor_s_ptr, b, stride_sb, stride_sd, offs_d, d_mask)
+    q_t = load_anchor(anchor_t_ptr, b, stride_tb, stride_td, offs_d, d_mask)
     log_z_s = 0.0
     log_z_t = 0.0
     if LOSS_TYPE == 1:
         log_z_s = tl.load(log_z_ptr)
         log_z_t = tl.load(log_z_ptr + 1)
-    key = rng_key(seed)
 
     # One direction's state (direction_init) per direction, then the KL sums.
-    m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s = direction_init(BLOCK_D)
-    m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t = direction_init(BLOCK_D)
+    state_s = direction_init(BLOCK_D)
+    state_t = direction_init(BLOCK_D)
     kl_f = 0.0
     kl_ds = 0.0
     kl_fdt = 0.0
     kl_rt = tl.zeros([BLOCK_D], dtype=tl.float32)
     kl_frs = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    col_start = chunk * cols_per_chunk
-    col_end = tl.minimum(col_start + cols_per_chunk, COLS)
     # Software-pipelined gather (cp.async into shared memory): NUM_STAGES - 1 tiles in flight
     # while one is used, without holding them in registers (pipeline_stages).
     for start in tl.range(col_start, col_end, BLOCK_K, num_stages=NUM_STAGES):
@@ -188,58 +172,14 @@ def _dual_sampled_contrast_partial_kernel(
             index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives, SAMPLED
         )
         mask = valid[:, None] & d_mask[None, :]
-        row_t = tl.load(bank_t_ptr + rows[:, None] * stride_btn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        row_s = tl.load(bank_s_ptr + rows[:, None] * stride_bsn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        row_t = gather_tile(bank_t_ptr, stride_btn, rows, offs_d, mask)
+        row_s = gather_tile(bank_s_ptr, stride_bsn, rows, offs_d, mask)
         # Student: z_s against bank_t rows; teacher: z_t against bank_s rows.
-        (m_s, l_s, c_s, d0_s, a_s, nce_loss_s, nce_c_s, nce_slope_s, nce_a_s, dots_s, logits_s, alpha_s, w_s) = (
-            direction_step(
-                m_s,
-                l_s,
-                c_s,
-                d0_s,
-                a_s,
-                nce_loss_s,
-                nce_c_s,
-                nce_slope_s,
-                nce_a_s,
-                q_s,
-                row_t,
-                s,
-                beta,
-                cols,
-                valid,
-                log_z_s,
-                log_c_eps,
-                log1p_eps_c,
-                LOSS_TYPE,
-                softmax_grad,
-                nce_grad,
-            )
+        state_s, dots_s, logits_s, _, _ = direction_step(
+            state_s, q_s, row_t, s, beta, cols, valid, log_z_s, log_c_eps, log1p_eps_c, LOSS_TYPE, sm_grad, nce_grad
         )
-        (m_t, l_t, c_t, d0_t, a_t, nce_loss_t, nce_c_t, nce_slope_t, nce_a_t, dots_t, logits_t, alpha_t, w_t) = (
-            direction_step(
-                m_t,
-                l_t,
-                c_t,
-                d0_t,
-                a_t,
-                nce_loss_t,
-                nce_c_t,
-                nce_slope_t,
-                nce_a_t,
-                q_t,
-                row_s,
-                s,
-                beta,
-                cols,
-                valid,
-                log_z_t,
-                log_c_eps,
-                log1p_eps_c,
-                LOSS_TYPE,
-                softmax_grad,
-                nce_grad,
-            )
+        state_t, dots_t, logits_t, alpha_t, w_t = direction_step(
+            state_t, q_t, row_s, s, beta, cols, valid, log_z_t, log_c_eps, log1p_eps_c, LOSS_TYPE, sm_grad, nce_grad
         )
         if COMPUTE_KL:
             # f is finite on invalid columns too (their logits are beta), where w_t = 0.
@@ -254,48 +194,8 @@ def _dual_sampled_contrast_partial_kernel(
     slot = b.to(tl.int64) * tl.num_programs(1) + chunk
     stats = stats_ptr + slot * NUM_STATS
     vecs = vec_ptr + slot * NUM_VECS * D
-    _store_direction(
-        stats,
-        vecs,
-        D,
-        offs_d,
-        d_mask,
-        m_s,
-        l_s,
-        c_s,
-        d0_s,
-        nce_loss_s,
-        nce_c_s,
-        nce_slope_s,
-        a_s,
-        nce_a_s,
-        STAT_S,
-        VEC_A_S,
-        VEC_NCE_S,
-        softmax_grad,
-        nce_grad,
-    )
-    _store_direction(
-        stats,
-        vecs,
-        D,
-        offs_d,
-        d_mask,
-        m_t,
-        l_t,
-        c_t,
-        d0_t,
-        nce_loss_t,
-        nce_c_t,
-        nce_slope_t,
-        a_t,
-        nce_a_t,
-        STAT_T,
-        VEC_A_T,
-        VEC_NCE_T,
-        softmax_grad,
-        nce_grad,
-    )
+    _store_direction(stats, vecs, D, offs_d, d_mask, state_s, STAT_S, VEC_A_S, VEC_NCE_S, sm_grad, nce_grad)
+    _store_direction(stats, vecs, D, offs_d, d_mask, state_t, STAT_T, VEC_A_T, VEC_NCE_T, sm_grad, nce_grad)
     tl.store(stats + STAT_KL_F, kl_f)
     tl.store(stats + STAT_KL_DS, kl_ds)
     tl.store(stats + STAT_KL_FDT, kl_fdt)
@@ -328,25 +228,52 @@ def _merge_direction(stats, c_mask, m_ref, scale_c, s, beta, has_pos, BASE: tl.c
 
 
 @triton.jit
+def _merged_vector(
+    vec_ptr, stats_ptr, b, num_chunks, m_ref, offs_d, d_mask, D, VEC: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Vector ``VEC`` of anchor ``b`` summed over its chunks (merge_chunk_vectors), each chunk's
+    weighted by ``e^(m_c - m_ref)`` of the direction whose weights it holds: the student's for
+    VEC_A_S and VEC_NCE_S, the teacher's for the others; the NCE vectors are plain sums."""
+    student = VEC == VEC_A_S or VEC == VEC_NCE_S
+    rescale = VEC != VEC_NCE_S and VEC != VEC_NCE_T
+    return merge_chunk_vectors(
+        vec_ptr,
+        stats_ptr,
+        b,
+        num_chunks,
+        VEC,
+        NUM_VECS,
+        (STAT_S if student else STAT_T) + DIR_M,
+        NUM_STATS,
+        m_ref,
+        offs_d,
+        d_mask,
+        D,
+        rescale,
+        BLOCK_D,
+    )
+
+
+@triton.jit
 def _dual_sampled_contrast_merge_kernel(
     stats_ptr,
     vec_ptr,
     num_chunks,
-    bank_s_ptr,
-    stride_bsn,
-    bank_t_ptr,
-    stride_btn,
     N,
     index_ptr,
     stride_ib,
     scale_ptr,
     bias_ptr,
+    B,
+    D,
+    bank_s_ptr,
+    stride_bsn,
+    bank_t_ptr,
+    stride_btn,
     losses_ptr,
     lse_ptr,
     grad_anchors_ptr,
     grad_scalars_ptr,
-    B,
-    D,
     LOSS_TYPE: tl.constexpr,
     COMPUTE_KL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -354,18 +281,9 @@ def _dual_sampled_contrast_merge_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    first = pid_d == 0  # the program that writes the per-row scalars
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
-
+    b, pid_d, first, s, beta, row0, has_pos = merge_prologue(scale_ptr, bias_ptr, index_ptr, stride_ib, N, HAS_BIAS)
     stats, c_mask, m_ref_s, scale_s = chunk_scales(stats_ptr, b, num_chunks, STAT_S + DIR_M, NUM_STATS, BLOCK_C)
     _, _, m_ref_t, scale_t = chunk_scales(stats_ptr, b, num_chunks, STAT_T + DIR_M, NUM_STATS, BLOCK_C)
-    row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
-    has_pos = (row0 >= 0) & (row0 < N)
     inv_l_s, lse_s, c_s, loss_s, gscale_s, gbias_s = _merge_direction(
         stats, c_mask, m_ref_s, scale_s, s, beta, has_pos, STAT_S, LOSS_TYPE
     )
@@ -401,124 +319,28 @@ def _dual_sampled_contrast_merge_kernel(
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         if LOSS_TYPE == 0 or COMPUTE_KL:
-            p_s_rt = (
-                merge_chunk_vectors(
-                    vec_ptr,
-                    stats_ptr,
-                    b,
-                    num_chunks,
-                    VEC_A_S,
-                    NUM_VECS,
-                    STAT_S + DIR_M,
-                    NUM_STATS,
-                    m_ref_s,
-                    offs_d,
-                    d_mask,
-                    D,
-                    True,
-                    BLOCK_D,
-                )
-                * inv_l_s
-            )
-            p_t_rs = (
-                merge_chunk_vectors(
-                    vec_ptr,
-                    stats_ptr,
-                    b,
-                    num_chunks,
-                    VEC_A_T,
-                    NUM_VECS,
-                    STAT_T + DIR_M,
-                    NUM_STATS,
-                    m_ref_t,
-                    offs_d,
-                    d_mask,
-                    D,
-                    True,
-                    BLOCK_D,
-                )
-                * inv_l_t
-            )
+            p_s_rt = _merged_vector(vec_ptr, stats_ptr, b, num_chunks, m_ref_s, offs_d, d_mask, D, VEC_A_S, BLOCK_D)
+            p_t_rs = _merged_vector(vec_ptr, stats_ptr, b, num_chunks, m_ref_t, offs_d, d_mask, D, VEC_A_T, BLOCK_D)
+            p_s_rt *= inv_l_s
+            p_t_rs *= inv_l_t
         if LOSS_TYPE == 0:
             # zeros for an absent positive's row (load_row_slice)
             grad_s = s * (p_s_rt - load_row_slice(bank_t_ptr, stride_btn, N, row0, offs_d, d_mask))
             grad_t = s * (p_t_rs - load_row_slice(bank_s_ptr, stride_bsn, N, row0, offs_d, d_mask))
         else:
-            grad_s = s * merge_chunk_vectors(
-                vec_ptr,
-                stats_ptr,
-                b,
-                num_chunks,
-                VEC_NCE_S,
-                NUM_VECS,
-                STAT_S + DIR_M,
-                NUM_STATS,
-                m_ref_s,
-                offs_d,
-                d_mask,
-                D,
-                False,
-                BLOCK_D,
-            )
-            grad_t = s * merge_chunk_vectors(
-                vec_ptr,
-                stats_ptr,
-                b,
-                num_chunks,
-                VEC_NCE_T,
-                NUM_VECS,
-                STAT_T + DIR_M,
-                NUM_STATS,
-                m_ref_t,
-                offs_d,
-                d_mask,
-                D,
-                False,
-                BLOCK_D,
-            )
+            grad_s = _merged_vector(vec_ptr, stats_ptr, b, num_chunks, m_ref_s, offs_d, d_mask, D, VEC_NCE_S, BLOCK_D)
+            grad_t = _merged_vector(vec_ptr, stats_ptr, b, num_chunks, m_ref_t, offs_d, d_mask, D, VEC_NCE_T, BLOCK_D)
+            grad_s *= s
+            grad_t *= s
         kl_grad_s = tl.zeros([BLOCK_D], dtype=tl.float32)
         kl_grad_t = tl.zeros([BLOCK_D], dtype=tl.float32)
         if COMPUTE_KL:
-            p_t_rt = (
-                merge_chunk_vectors(
-                    vec_ptr,
-                    stats_ptr,
-                    b,
-                    num_chunks,
-                    VEC_KL_RT,
-                    NUM_VECS,
-                    STAT_T + DIR_M,
-                    NUM_STATS,
-                    m_ref_t,
-                    offs_d,
-                    d_mask,
-                    D,
-                    True,
-                    BLOCK_D,
-                )
-                * inv_l_t
+            p_t_rt = _merged_vector(vec_ptr, stats_ptr, b, num_chunks, m_ref_t, offs_d, d_mask, D, VEC_KL_RT, BLOCK_D)
+            p_t_f_rs = _merged_vector(
+                vec_ptr, stats_ptr, b, num_chunks, m_ref_t, offs_d, d_mask, D, VEC_KL_FRS, BLOCK_D
             )
-            p_t_f_rs = (
-                merge_chunk_vectors(
-                    vec_ptr,
-                    stats_ptr,
-                    b,
-                    num_chunks,
-                    VEC_KL_FRS,
-                    NUM_VECS,
-                    STAT_T + DIR_M,
-                    NUM_STATS,
-                    m_ref_t,
-                    offs_d,
-                    d_mask,
-                    D,
-                    True,
-                    BLOCK_D,
-                )
-                * inv_l_t
-            )
-            kl_grad_s = s * (p_s_rt - p_t_rt)
-            kl_grad_t = s * (p_t_f_rs - F * p_t_rs)
+            kl_grad_s = s * (p_s_rt - p_t_rt * inv_l_t)
+            kl_grad_t = s * (p_t_f_rs * inv_l_t - F * p_t_rs)
         out = grad_anchors_ptr + b.to(tl.int64) * D + offs_d
         tl.store(out, grad_s, mask=d_mask)
         tl.store(out + plane_offset(1, B, D), grad_t, mask=d_mask)
@@ -575,34 +397,30 @@ def dual_sampled_contrast(
     if log_z is not None and log_z.numel() != 2:
         raise ValueError(f"log_z must be (2,) = [log Z_s, log Z_t], got shape {tuple(log_z.shape)}")
     B, D = anchor_s.shape
-    N = bank_s.shape[0]
-    cols = K + 1
-    device = anchor_s.device
-    f32 = dict(dtype=torch.float32, device=device)
-    logit_scale, bias, log_z = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
-
-    block_d = triton.next_power_of_2(D)
     # Tiles of TILE_ELEMENTS 16-bit elements (the same bytes, so the same pipeline_stages, and 32
     # registers of rows per thread at 4 warps): fp32 banks gather half the columns per step.
     column_bytes = bank_s.element_size() + bank_t.element_size()
-    block_k = block_k or block_k_for(block_d, rows_per_column=triton.cdiv(column_bytes, 2))
-    chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
-    stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
-    vec = torch.empty((B, chunks, NUM_VECS.value, D), **f32) if compute_grad else stats
-    if noise_rows < 0:
-        raise ValueError(f"noise_rows must be >= 0 (0: the banks' rows), got {noise_rows}")
-    log_c_eps, log1p_eps_c = nce_constants(K, noise_rows or N) if loss_type == 1 else (0.0, 0.0)
+    launch = SampledLaunch(
+        anchor_s,
+        bank_s,
+        index,
+        K,
+        compute_grad,
+        NUM_STATS.value,
+        NUM_VECS.value,
+        num_chunks,
+        block_k,
+        rows_per_column=triton.cdiv(column_bytes, 2),
+    )
+    launch.scalars(logit_scale, bias, log_z, loss_type, seed, offset, noise_rows)
+    f32 = dict(dtype=torch.float32, device=anchor_s.device)
     losses = torch.empty((3, B), **f32)
     lse = torch.empty((2, B), **f32)
     grad_anchors = torch.empty((4, B, D) if compute_grad else (0,), **f32)
     grad_scalars = torch.empty((2, 3, B) if compute_grad else (0,), **f32)
-    sampled = index.dim() == 1
-    merge_block_d = min(block_d, MERGE_BLOCK_D)
-    flags = dict(
-        LOSS_TYPE=loss_type, COMPUTE_KL=bool(compute_kl), HAS_BIAS=bias is not None, COMPUTE_GRAD=bool(compute_grad)
-    )
+    flags = dict(COMPUTE_KL=bool(compute_kl), maxnreg=MAXNREG, **launch.flags)
     with device_guard(anchor_s):
-        _dual_sampled_contrast_partial_kernel[(B, chunks)](
+        _dual_sampled_contrast_partial_kernel[(B, launch.chunks)](
             anchor_s,
             anchor_s.stride(0),
             anchor_s.stride(1),
@@ -613,53 +431,23 @@ def dual_sampled_contrast(
             bank_s.stride(0),
             bank_t,
             bank_t.stride(0),
-            N,
-            index,
-            index.stride(0),
-            0 if sampled else index.stride(1),
-            logit_scale,
-            logit_scale if bias is None else bias,
-            logit_scale if log_z is None else log_z,
-            stats,
-            vec,
-            D,
-            cols,
-            cols_per_chunk,
-            K,
-            as_int64(seed),
-            as_int64(offset),
-            log_c_eps,
-            log1p_eps_c,
-            SAMPLED=sampled,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
-            NUM_STAGES=pipeline_stages(block_k * block_d * column_bytes),
-            num_warps=num_warps_for(block_d, NUM_VECS.value),
-            maxnreg=MAXNREG,
+            *launch.partial_args,
+            NUM_STAGES=pipeline_stages(launch.block_k * launch.block_d * column_bytes),
+            num_warps=num_warps_for(launch.block_d, NUM_VECS.value),
+            **launch.partial_flags,
             **flags,
         )
-        _dual_sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
-            stats,
-            vec,
-            chunks,
+        _dual_sampled_contrast_merge_kernel[launch.merge_grid](
+            *launch.merge_args,
             bank_s,
             bank_s.stride(0),
             bank_t,
             bank_t.stride(0),
-            N,
-            index,
-            index.stride(0),
-            logit_scale,
-            logit_scale if bias is None else bias,
             losses,
             lse,
             grad_anchors,
             grad_scalars,
-            B,
-            D,
-            BLOCK_C=triton.next_power_of_2(chunks),
-            BLOCK_D=merge_block_d,
-            maxnreg=MAXNREG,
+            **launch.merge_flags,
             **flags,
         )
     return losses, lse, grad_anchors, grad_scalars

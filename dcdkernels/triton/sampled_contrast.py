@@ -25,9 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    MERGE_BLOCK_D,
-    as_int64,
-    block_k_for,
+    SampledLaunch,
     check_kernel_dtype,
     check_sampled_args,
     chunk_scales,
@@ -35,14 +33,14 @@ from ._common import (
     device_guard,
     direction_init,
     direction_step,
+    gather_tile,
+    load_anchor,
     load_row_slice,
     merge_chunk_vectors,
-    nce_constants,
+    merge_prologue,
     num_warps_for,
-    plan_chunks,
-    scalar_arg,
+    partial_prologue,
 )
-from .rng import rng_key
 
 # Slots of the per-(anchor, chunk) statistics in the workspace.
 STAT_M = tl.constexpr(0)  # running max of the logits
@@ -85,55 +83,28 @@ def _sampled_contrast_partial_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
-    q = tl.load(anchor_ptr + b.to(tl.int64) * stride_ab + offs_d * stride_ad, mask=d_mask, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
+    b, chunk, offs_d, d_mask, s, beta, key, col_start, col_end = partial_prologue(
+        scale_ptr, bias_ptr, seed, D, COLS, cols_per_chunk, HAS_BIAS, BLOCK_D
+    )
+    q = load_anchor(anchor_ptr, b, stride_ab, stride_ad, offs_d, d_mask)
     log_z = 0.0
     if LOSS_TYPE == 1:
         log_z = tl.load(log_z_ptr)
-    key = rng_key(seed)
 
     # InfoNCE keeps the softmax sums (c, a), NCE the plain ones (nce_c, nce_a).
-    m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a = direction_init(BLOCK_D)
-    col_start = chunk * cols_per_chunk
-    col_end = tl.minimum(col_start + cols_per_chunk, COLS)
+    sm_grad = COMPUTE_GRAD and LOSS_TYPE == 0
+    nce_grad = COMPUTE_GRAD and LOSS_TYPE == 1
+    state = direction_init(BLOCK_D)
     for start in range(col_start, col_end, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         rows, valid = column_rows(
             index_ptr, b, stride_ib, stride_ic, cols, COLS, N, key, offset, num_negatives, SAMPLED
         )
-        tile = tl.load(
-            bank_ptr + rows[:, None] * stride_bn + offs_d[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0
-        ).to(tl.float32)
-        m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a, _, _, _, _ = direction_step(
-            m,
-            l,
-            c,
-            d0,
-            a,
-            nce_loss,
-            nce_c,
-            nce_slope,
-            nce_a,
-            q,
-            tile,
-            s,
-            beta,
-            cols,
-            valid,
-            log_z,
-            log_c_eps,
-            log1p_eps_c,
-            LOSS_TYPE,
-            COMPUTE_GRAD and LOSS_TYPE == 0,
-            COMPUTE_GRAD and LOSS_TYPE == 1,
+        tile = gather_tile(bank_ptr, stride_bn, rows, offs_d, valid[:, None] & d_mask[None, :])
+        state, _, _, _, _ = direction_step(
+            state, q, tile, s, beta, cols, valid, log_z, log_c_eps, log1p_eps_c, LOSS_TYPE, sm_grad, nce_grad
         )
+    m, l, c, d0, a, nce_loss, nce_c, nce_slope, nce_a = state
     if LOSS_TYPE == 1:
         c = nce_c
         a = nce_a
@@ -155,32 +126,26 @@ def _sampled_contrast_merge_kernel(
     stats_ptr,
     vec_ptr,
     num_chunks,
-    bank_ptr,
-    stride_bn,
     N,
     index_ptr,
     stride_ib,
     scale_ptr,
     bias_ptr,
+    B,
+    D,
+    bank_ptr,
+    stride_bn,
     loss_ptr,
     lse_ptr,
     grad_anchor_ptr,
     grad_scalars_ptr,
-    B,
-    D,
     LOSS_TYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    first = pid_d == 0  # the program that writes the per-row scalars
-    s = tl.load(scale_ptr)
-    beta = 0.0
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr)
+    b, pid_d, first, s, beta, row0, has_pos = merge_prologue(scale_ptr, bias_ptr, index_ptr, stride_ib, N, HAS_BIAS)
 
     # Chunk statistics, rescaled to the global max: scale_c = e^(m_c - m).
     stats, c_mask, m_ref, scale_c = chunk_scales(stats_ptr, b, num_chunks, STAT_M, NUM_STATS, BLOCK_C)
@@ -189,8 +154,6 @@ def _sampled_contrast_merge_kernel(
     inv_l = 1.0 / tl.where(l > 0.0, l, float("inf"))  # 0 when no column is present: empty sums are 0
     c_c = tl.load(stats + STAT_C, mask=c_mask, other=0.0)
     d0 = tl.sum(tl.load(stats + STAT_D0, mask=c_mask, other=0.0), axis=0)
-    row0 = tl.load(index_ptr + b.to(tl.int64) * stride_ib)
-    has_pos = (row0 >= 0) & (row0 < N)  # an absent positive adds no -l_0 (d_0 is 0 then)
     if LOSS_TYPE == 0:
         loss = lse - tl.where(has_pos, s * d0 + beta, 0.0)
         grad_scale = tl.sum(c_c * scale_c, axis=0) * inv_l - d0
@@ -265,80 +228,35 @@ def sampled_contrast(
     """
     check_kernel_dtype("anchor", anchor)
     K = check_sampled_args(anchor, {"bank": bank}, index, loss_type, log_z, num_negatives)
+    launch = SampledLaunch(anchor, bank, index, K, compute_grad, NUM_STATS.value, 1, num_chunks, block_k)
+    launch.scalars(logit_scale, bias, log_z, loss_type, seed, offset, noise_rows)
     B, D = anchor.shape
-    N = bank.shape[0]
-    cols = K + 1
-    device = anchor.device
-    f32 = dict(dtype=torch.float32, device=device)
-    logit_scale, bias, log_z = (scalar_arg(t, device) for t in (logit_scale, bias, log_z))
-
-    block_d = triton.next_power_of_2(D)
-    block_k = block_k or block_k_for(block_d)
-    chunks, cols_per_chunk = plan_chunks(B, cols, block_k, device, num_chunks)
-    stats = torch.empty((B, chunks, NUM_STATS.value), **f32)
-    vec = torch.empty((B, chunks, 1, D), **f32) if compute_grad else stats
-    if noise_rows < 0:
-        raise ValueError(f"noise_rows must be >= 0 (0: the bank's rows), got {noise_rows}")
-    log_c_eps, log1p_eps_c = nce_constants(K, noise_rows or N) if loss_type == 1 else (0.0, 0.0)
+    f32 = dict(dtype=torch.float32, device=anchor.device)
     loss = torch.empty((B,), **f32)
     lse = torch.empty((B,), **f32)
     grad_anchor = torch.empty((B, D) if compute_grad else (0,), **f32)
     grad_scalars = torch.empty((2, B) if compute_grad else (0,), **f32)
-    sampled = index.dim() == 1
-    merge_block_d = min(block_d, MERGE_BLOCK_D)
     with device_guard(anchor):
-        _sampled_contrast_partial_kernel[(B, chunks)](
+        _sampled_contrast_partial_kernel[(B, launch.chunks)](
             anchor,
             anchor.stride(0),
             anchor.stride(1),
             bank,
             bank.stride(0),
-            N,
-            index,
-            index.stride(0),
-            0 if sampled else index.stride(1),
-            logit_scale,
-            logit_scale if bias is None else bias,
-            logit_scale if log_z is None else log_z,
-            stats,
-            vec,
-            D,
-            cols,
-            cols_per_chunk,
-            K,
-            as_int64(seed),
-            as_int64(offset),
-            log_c_eps,
-            log1p_eps_c,
-            LOSS_TYPE=loss_type,
-            SAMPLED=sampled,
-            HAS_BIAS=bias is not None,
-            COMPUTE_GRAD=compute_grad,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
-            num_warps=_partial_warps(block_d),
+            *launch.partial_args,
+            **launch.flags,
+            **launch.partial_flags,
+            num_warps=_partial_warps(launch.block_d),
         )
-        _sampled_contrast_merge_kernel[(B, triton.cdiv(D, merge_block_d) if compute_grad else 1)](
-            stats,
-            vec,
-            chunks,
+        _sampled_contrast_merge_kernel[launch.merge_grid](
+            *launch.merge_args,
             bank,
             bank.stride(0),
-            N,
-            index,
-            index.stride(0),
-            logit_scale,
-            logit_scale if bias is None else bias,
             loss,
             lse,
             grad_anchor,
             grad_scalars,
-            B,
-            D,
-            LOSS_TYPE=loss_type,
-            HAS_BIAS=bias is not None,
-            COMPUTE_GRAD=compute_grad,
-            BLOCK_C=triton.next_power_of_2(chunks),
-            BLOCK_D=merge_block_d,
+            **launch.flags,
+            **launch.merge_flags,
         )
     return loss, lse, grad_anchor, grad_scalars

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_kernel_dtype, device_guard, scalar_arg
+from ._common import check_kernel_dtype, device_guard, online_softmax_step, qk_tile, scalar_arg
 
 MAX_BLOCK_M = 32
 MAX_BLOCK_N = 32
@@ -48,15 +48,8 @@ def _dots(
 ):
     """(BLOCK_M, BLOCK_N) fp32 dots <a_i, k_j> over the full D (rows with unit inner stride)."""
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_a
-    k_rows = k_ptr + offs_n.to(tl.int64)[None, :] * stride_k
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_DK):
-        kd = k0 + tl.arange(0, BLOCK_DK)
-        kd_mask = kd < D
-        a = tl.load(a_rows + kd[None, :], mask=m_mask[:, None] & kd_mask[None, :], other=0.0).to(tl.float32)
-        kt = tl.load(k_rows + kd[:, None], mask=kd_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(a, kt, acc, input_precision="ieee")
-    return acc
+    k_rows = k_ptr + offs_n.to(tl.int64) * stride_k
+    return qk_tile(a_rows, 1, m_mask, k_rows, 1, n_mask, D, tl.float32, BLOCK_M, BLOCK_N, BLOCK_DK)
 
 
 @triton.jit
@@ -106,13 +99,12 @@ def _supcon_fwd_kernel(
         logits = s * _dots(
             a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_DK
         )
-        logits = tl.where(n_mask[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))  # the self column counts in the max
+        # The self column counts in the max, not in S. Every tile holds a real column: m_new is finite.
+        m_new, alpha, e = online_softmax_step(m_i, logits, n_mask[None, :], ROWS=True)
         keep = n_mask[None, :]
         if EXCLUDE_SELF:
             keep = keep & (offs_m[:, None] != offs_n[None, :])
-        e = tl.where(keep, tl.exp(logits - m_new[:, None]), 0.0)
-        S = S * tl.exp(m_i - m_new) + tl.sum(e, axis=1)
+        S = S * alpha + tl.sum(tl.where(keep, e, 0.0), axis=1)
         pos = keep & (la[:, None] == lk[None, :])
         pos_sum += tl.sum(tl.where(pos, logits, 0.0), axis=1)
         npos += tl.sum(pos.to(tl.float32), axis=1)
@@ -133,6 +125,20 @@ def _load_row_state(stats_ptr, g_ptr, offs_m, m_mask, R):
     g = tl.load(g_ptr + offs_m, mask=m_mask, other=0.0)
     g = tl.where(npos > 0, g, 0.0)  # a row without positives has no gradient
     return m_i, inv_den, 1.0 / tl.maximum(npos, 1.0), g
+
+
+@triton.jit
+def _row_slices(ptr, stride, offs, mask, offs_v, v_mask):
+    """The D slice ``offs_v`` of rows ``offs`` (unit inner stride), (rows, BLOCK_DV) in fp32."""
+    rows = ptr + offs.to(tl.int64)[:, None] * stride
+    return tl.load(rows + offs_v[None, :], mask=mask[:, None] & v_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_row_slices(out_ptr, D, offs, mask, offs_v, v_mask, value):
+    """Writes ``value`` (rows, BLOCK_DV) to the D slice ``offs_v`` of rows ``offs`` of a (rows, D) output."""
+    out = offs.to(tl.int64)[:, None] * D + offs_v[None, :]
+    tl.store(out_ptr + out, value, mask=mask[:, None] & v_mask[None, :])
 
 
 @triton.jit
@@ -174,14 +180,9 @@ def _supcon_bwd_anchors_kernel(
         dots = _dots(a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_DK)
         G = _coefficients(dots, s, offs_m, m_mask, offs_n, n_mask, la, lk, m_i, inv_den, inv_np, g, EXCLUDE_SELF)
         gs += tl.sum(G * dots, axis=1)
-        v = tl.load(
-            k_ptr + offs_n.to(tl.int64)[:, None] * stride_k + offs_v[None, :],
-            mask=n_mask[:, None] & v_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        v = _row_slices(k_ptr, stride_k, offs_n, n_mask, offs_v, v_mask)
         acc = tl.dot(G, v, acc, input_precision="ieee")
-    out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
-    tl.store(grad_a_ptr + out, s * acc, mask=m_mask[:, None] & v_mask[None, :])
+    _store_row_slices(grad_a_ptr, D, offs_m, m_mask, offs_v, v_mask, s * acc)
     tl.store(grad_s_ptr + offs_m, gs, mask=m_mask & (pid_v == 0))
 
 
@@ -220,14 +221,9 @@ def _supcon_bwd_keys_kernel(
         m_i, inv_den, inv_np, g = _load_row_state(stats_ptr, g_ptr, offs_m, m_mask, R)
         dots = _dots(a_ptr, stride_a, offs_m, m_mask, k_ptr, stride_k, offs_n, n_mask, D, BLOCK_M, BLOCK_N, BLOCK_DK)
         G = _coefficients(dots, s, offs_m, m_mask, offs_n, n_mask, la, lk, m_i, inv_den, inv_np, g, EXCLUDE_SELF)
-        a = tl.load(
-            a_ptr + offs_m.to(tl.int64)[:, None] * stride_a + offs_v[None, :],
-            mask=m_mask[:, None] & v_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        a = _row_slices(a_ptr, stride_a, offs_m, m_mask, offs_v, v_mask)
         acc = tl.dot(tl.trans(G), a, acc, input_precision="ieee")
-    out = offs_n.to(tl.int64)[:, None] * D + offs_v[None, :]
-    tl.store(grad_k_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
+    _store_row_slices(grad_k_ptr, D, offs_n, n_mask, offs_v, v_mask, s * acc)
 
 
 def _block(n, limit):
@@ -298,40 +294,22 @@ def supcon_contrast_backward(anchors, labels, keys, key_labels, logit_scale, sta
     grad_a = torch.empty((R, D), **f32)
     grad_s_rows = torch.empty((R,), **f32)
     grad_k = torch.empty((N, D) if keys_grad else (0,), **f32)
-    block_m, block_n, block_dk, block_dv = (
-        _block(R, MAX_BLOCK_M),
-        _block(N, MAX_BLOCK_N),
-        _block(D, MAX_BLOCK_DK),
-        _block(D, MAX_BLOCK_DV),
-    )
+    block_m, block_n, block_dv = _block(R, MAX_BLOCK_M), _block(N, MAX_BLOCK_N), _block(D, MAX_BLOCK_DV)
     common = (anchors, anchors.stride(0), labels, keys, keys.stride(0), key_labels, s, stats, g)
+    tiles = dict(
+        EXCLUDE_SELF=bool(exclude_self),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DK=_block(D, MAX_BLOCK_DK),
+        BLOCK_DV=block_dv,
+        num_warps=NUM_WARPS,
+    )
     with device_guard(anchors):
         _supcon_bwd_anchors_kernel[(triton.cdiv(R, block_m), triton.cdiv(D, block_dv))](
-            *common,
-            grad_a,
-            grad_s_rows,
-            R,
-            N,
-            D,
-            EXCLUDE_SELF=bool(exclude_self),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_DK=block_dk,
-            BLOCK_DV=block_dv,
-            num_warps=NUM_WARPS,
+            *common, grad_a, grad_s_rows, R, N, D, **tiles
         )
         if keys_grad:
             _supcon_bwd_keys_kernel[(triton.cdiv(N, block_n), triton.cdiv(D, block_dv))](
-                *common,
-                grad_k,
-                R,
-                N,
-                D,
-                EXCLUDE_SELF=bool(exclude_self),
-                BLOCK_M=block_m,
-                BLOCK_N=block_n,
-                BLOCK_DK=block_dk,
-                BLOCK_DV=block_dv,
-                num_warps=NUM_WARPS,
+                *common, grad_k, R, N, D, **tiles
             )
     return grad_a, grad_k, grad_s_rows.sum()
