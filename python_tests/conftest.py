@@ -1,15 +1,8 @@
 """Shared test setup. The test grid itself (tolerances, backends, per-op shapes) is
-python_tests/helpers.py. Without a GPU, Triton kernels run under the interpreter on CPU tensors
-(TRITON_INTERPRET=1 must be set before triton is imported, hence here)."""
+python_tests/helpers.py; TRITON_INTERPRET is set by the repository's root conftest.py."""
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture
