@@ -66,6 +66,21 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _log1p(x):
+    """``log(1 + x)`` for x > -1, to fp32's precision for tiny x too (tl has no log1p). With
+    u = fl(1 + x), ``log(u) x / (u - 1)`` corrects the rounding of 1 + x (Goldberg 1991); x itself
+    once u rounds to 1. For |x| < 1/4, where log(u) is near 0, log(u) comes from the series of
+    2 atanh(z), z = (u - 1) / (u + 1), so its accuracy does not rest on that of tl.log near 1."""
+    u = 1.0 + x
+    d = u - 1.0
+    z = d / (u + 1.0)
+    z2 = z * z
+    series = 2.0 * z * (1.0 + z2 * (1.0 / 3.0 + z2 * (1.0 / 5.0 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0 + z2 / 11.0)))))
+    log_u = tl.where(tl.abs(d) < 0.25, series, tl.log(u))
+    return tl.where(d == 0.0, x, log_u * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
 def _dense_contrast_fwd_kernel(
     anchor_ptr,
     stride_ab,
@@ -117,30 +132,6 @@ def _dense_contrast_fwd_kernel(
     mv_mask = m_mask[:, None] & v_mask[None, :]
     s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
-    if MERGE:
-        # The splits' states, merged in split order (the positive is in split 0's).
-        for split in range(0, num_splits):
-            stats = part_stats_ptr + split * 3 * B + offs_m
-            m_s = tl.load(stats, mask=m_mask, other=0.0)  # finite: every split holds a key
-            m_new = tl.maximum(m_i, m_s)
-            alpha = tl.exp(m_i - m_new)
-            w = tl.exp(m_s - m_new)
-            l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
-            if COMPUTE_GRAD:
-                c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
-                part = tl.load(
-                    part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
-                    mask=mv_mask,
-                    other=0.0,
-                )
-                acc = acc * alpha[:, None] + w[:, None] * part
-            m_i = m_new
-
     # The positive column of each anchor: its dot product d_pos and its row's D slice. MoCo
     # (HAS_POSITIVE): a separate row per anchor; else key target_b (out of range: d = 0).
     if HAS_POSITIVE:
@@ -157,15 +148,34 @@ def _dense_contrast_fwd_kernel(
         pos_rows + offs_v[None, :] * stride_pos, mask=pos_valid[:, None] & v_mask[None, :], other=0.0
     ).to(tl.float32)
     l_pos = s * d_pos + beta
-    if not MERGE:
-        if HAS_POSITIVE:
-            # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
-            owns = pid_s == 0
-            m_i = tl.where(owns, l_pos, float("-inf"))
-            l_i = tl.where(owns, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
-            c_i = tl.where(owns, d_pos, 0.0)
-            acc = tl.where(owns, pos_slice, 0.0)
-        # Else key target_b is the positive; it is one of the M columns below.
+
+    # The softmax state keeps the positive apart (docs/math.md §3): the running max m starts at
+    # l+ (so m >= l+ throughout) and the sums run over the OTHER columns only,
+    # lo = sum e^(l_j - m), c = sum e^(l_j - m) d_j, acc = sum e^(l_j - m) k_j[slice].
+    m_i = l_pos
+    lo_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if MERGE:
+        # The splits' states, merged in split order; each started at the same m = l+.
+        for split in range(0, num_splits):
+            stats = part_stats_ptr + split * 3 * B + offs_m
+            m_s = tl.load(stats, mask=m_mask, other=0.0)
+            m_new = tl.maximum(m_i, m_s)
+            alpha = tl.exp(m_i - m_new)
+            w = tl.exp(m_s - m_new)
+            lo_i = lo_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
+            if COMPUTE_GRAD:
+                c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
+                part = tl.load(
+                    part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
+                    mask=mv_mask,
+                    other=0.0,
+                )
+                acc = acc * alpha[:, None] + w[:, None] * part
+            m_i = m_new
+    else:
         n_lo = pid_s * keys_per_split
         n_hi = tl.minimum(M, n_lo + keys_per_split)
         for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -175,9 +185,11 @@ def _dense_contrast_fwd_kernel(
             dots = qk_tile(
                 anchor_rows, stride_ad, m_mask, key_rows, stride_kd, n_mask, D, DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_DK
             )
-            # Every tile holds at least one real column, so m_new is finite from the first tile on.
-            m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, n_mask[None, :], ROWS=True)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            others = n_mask[None, :]
+            if not HAS_POSITIVE:
+                others = others & (offs_n[None, :] != target[:, None])  # key target_b is l+, kept apart
+            m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, others, ROWS=True)
+            lo_i = lo_i * alpha + tl.sum(p, axis=1)
             if COMPUTE_GRAD:
                 c_i = c_i * alpha + tl.sum(p * dots, axis=1)
                 v = tl.load(
@@ -188,29 +200,35 @@ def _dense_contrast_fwd_kernel(
             m_i = m_new
 
     if SPLIT:
-        # Partials for the MERGE launch: stats (splits, 3, B) = m, l, c; acc (splits, B, D).
+        # Partials for the MERGE launch: stats (splits, 3, B) = m, lo, c; acc (splits, B, D).
         stats = part_stats_ptr + pid_s.to(tl.int64) * 3 * B + offs_m
         tl.store(stats, m_i, mask=m_mask & first)
-        tl.store(stats + B, l_i, mask=m_mask & first)
+        tl.store(stats + B, lo_i, mask=m_mask & first)
         if COMPUTE_GRAD:
             tl.store(stats + 2 * B, c_i, mask=m_mask & first)
             out = (pid_s.to(tl.int64) * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :]
             tl.store(part_acc_ptr + out, acc, mask=mv_mask)
     else:
-        # The outputs from the softmax state over every column.
-        lse = m_i + tl.log(l_i)
-        tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
-        tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
+        # With w+ = e^(l+ - m) <= 1 and l = w+ + lo: loss = (m - l+) + log l, where
+        # log l = log1p((w+ - 1) + lo) keeps every digit when the positive is the max (w+ = 1),
+        # and 1 - p+ = lo / l. Nothing cancels as p+ -> 1, where LSE - l+ would lose ~ulp(LSE).
+        w_pos = tl.exp(l_pos - m_i)
+        l_i = w_pos + lo_i
+        log_l = _log1p((w_pos - 1.0) + lo_i)
+        tl.store(loss_ptr + offs_m, (m_i - l_pos) + log_l, mask=m_mask & first)
+        tl.store(lse_ptr + offs_m, m_i + log_l, mask=m_mask & first)
         if COMPUTE_GRAD:
-            tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
+            # The positive's coefficient p+ - 1 = -(1 - p+) = -lo / l:
+            # dL/ds = c / l - (lo / l) d+, grad_q = s (acc / l - (lo / l) k+), dL/dk+ = -s (lo / l) q.
+            others = lo_i / l_i
+            tl.store(grad_scalars_ptr + offs_m, c_i / l_i - others * d_pos, mask=m_mask & first)
             tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
             out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
-            tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
+            grad_anchor = s * (acc / l_i[:, None] - others[:, None] * pos_slice)
+            tl.store(grad_anchor_ptr + out, grad_anchor, mask=mv_mask)
             if HAS_POSITIVE:
-                # dL/dk+ = s (p_pos - 1) q
                 q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
-                p_pos = tl.exp(l_pos - lse)
-                tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
+                tl.store(grad_positive_ptr + out, (-s * others)[:, None] * q_slice, mask=mv_mask)
 
 
 @triton.jit
@@ -227,6 +245,7 @@ def _dense_contrast_bwd_keys_kernel(
     lse_ptr,
     grad_rows_ptr,
     grad_keys_ptr,
+    others_ptr,
     B,
     M,
     D,
@@ -238,6 +257,11 @@ def _dense_contrast_bwd_keys_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    """``grad_keys = s (G^T Q)`` over this program's keys, ``G = g P``. With a target the target
+    column is left out of G (p_bt = 0 here) and the program writes its keys' share of each row's
+    1 - p+ = sum_{j != t_b} p_bj to ``others`` (key blocks, B); the launcher adds the target term
+    -s g_b (1 - p+_b) q_b from their sum. Summed over the other columns, 1 - p+ keeps its digits
+    when p+ -> 1, where p+ - 1 from the saved fp32 LSE would be off by ~ulp(LSE)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,7 +271,7 @@ def _dense_contrast_bwd_keys_kernel(
     s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     key_rows = keys_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
 
-    # acc = sum_b G[b, n] q_b for this program's keys, with G = g (P - onehot(target)).
+    # acc = sum_b G[b, n] q_b for this program's keys.
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for m0 in range(0, B, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -260,10 +284,13 @@ def _dense_contrast_bwd_keys_kernel(
         # Rows past B get g = 0 (and lse = 0 keeps their p finite).
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
         g = tl.load(grad_rows_ptr + offs_m, mask=m_mask, other=0.0)
-        grad_t = g[None, :] * tl.exp(s * dots_t + beta - lse[None, :])
+        p_t = tl.exp(s * dots_t + beta - lse[None, :])
         if HAS_TARGET:
             target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
-            grad_t -= tl.where(offs_n[:, None] == target[None, :], g[None, :], 0.0)
+            p_t = tl.where(n_mask[:, None] & (offs_n[:, None] != target[None, :]), p_t, 0.0)
+            others = others_ptr + pid_n.to(tl.int64) * B + offs_m
+            tl.store(others, tl.sum(p_t, axis=0), mask=m_mask & (pid_v == 0))
+        grad_t = g[None, :] * p_t
         q = tl.load(
             anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :], other=0.0
         )
@@ -438,7 +465,8 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
 def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bias, lse, grad_rows):
     """Same arguments and output as the C++ op ``dcdkernels_C::dense_contrast_backward_keys``:
     ``grad_keys (M, D)`` fp32, ``s * sum_b g_b (p_bj - [target_b == j]) q_b`` (no target term
-    with ``positive``; ``grad_rows`` = grad_output * weight)."""
+    with ``positive``; ``grad_rows`` = grad_output * weight). The target column's
+    p+ - 1 = -(1 - p+) is summed over the other columns (see the kernel)."""
     target = _check(anchor, keys, target, positive)
     B, D = anchor.shape
     M = keys.shape[0]
@@ -457,8 +485,10 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     if dot_dtype == tl.float32:  # at every D: all-fp32 16 x 64 x 16 with 4 warps spills (triton 3.8, sm_90)
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
     has_target = target is not None
+    key_blocks = triton.cdiv(M, block_n)
+    others = torch.empty((key_blocks, B) if has_target else (0,), dtype=torch.float32, device=device)
     with device_guard(anchor):
-        _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
+        _dense_contrast_bwd_keys_kernel[(key_blocks, triton.cdiv(D, block_dv))](
             *_with_strides(anchor, keys),
             target if has_target else lse,
             logit_scale,
@@ -466,6 +496,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             lse,
             grad_rows,
             grad_keys,
+            others,
             B,
             M,
             D,
@@ -473,6 +504,11 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             HAS_BIAS=bias is not None,
             **_tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps),
         )
+    if has_target:
+        # Target term -s g_b (1 - p+_b) q_b on key target_b (accumulates over duplicate targets);
+        # the key blocks' shares of 1 - p+ are summed in block order (deterministic).
+        coef = -logit_scale * grad_rows * others.sum(dim=0)
+        grad_keys.index_add_(0, target, anchor.to(torch.float32) * coef[:, None])
     return grad_keys
 
 
