@@ -5,18 +5,25 @@ style. The (B, M) logits are never written.
 Forward, grid (B / BLOCK_M, D / BLOCK_DV, splits): a program owns BLOCK_M anchors, one BLOCK_DV
 slice of their gradient and one split of the keys. It walks its keys BLOCK_N at a time: the logits tile
 ``s * Q K^T + beta`` (tl.dot, accumulated over D in BLOCK_DK steps) feeds an online softmax
-(running max ``m``, ``l = sum e^(l - m)``, ``c = sum e^(l - m) d``) and ``acc += P @ K[:, slice]``,
-rescaled like the output of flash attention. At the end ``grad_anchor = s (acc / l - k_pos)``,
-``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. When the anchor blocks alone cannot fill the GPU
-(B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split writes its
-state (m, l, c, acc), and a second launch of the same kernel (MERGE) combines the splits in
-order and writes the outputs. With D <= BLOCK_DV (D <= 128) there is one slice; a
+that keeps the positive apart (as the CPU kernel, csrc/cpu/dense_contrast.cpp): the running
+max ``m`` starts at the positive logit ``l+`` and the sums run over the other columns only,
+``lo = sum e^(l - m)``, ``c = sum e^(l - m) d`` and ``acc += P @ K[:, slice]``, rescaled like the
+output of flash attention. At the end, with ``w+ = e^(l+ - m)``, ``l = w+ + lo`` and
+``1 - p+ = lo / l``: ``loss = (m - l+) + log1p((w+ - 1) + lo)``,
+``grad_anchor = s (acc / l - (1 - p+) k_pos)``, ``dL/ds = c / l - (1 - p+) d_pos``,
+``dL/dbeta = 0``: nothing cancels when the positive dominates (p+ -> 1), where the textbook
+``LSE - l+`` and ``p+ - 1`` lose about ulp(LSE). When the anchor blocks alone cannot fill the GPU
+(B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split, its max
+started at ``l+`` too, writes its state (m, lo, c, acc), and a second launch of the same kernel
+(MERGE) combines the splits in order and writes the outputs. With D <= BLOCK_DV (D <= 128) there is one slice; a
 wider D costs one recomputation of the logits per slice, which keeps the accumulator
 (BLOCK_M, BLOCK_DV) in registers for any D.
 
 Backward for the keys, grid (M / BLOCK_N, D / BLOCK_DV): a program owns BLOCK_N keys and walks
 the anchors BLOCK_M at a time, recomputes ``p = e^(l - lse)`` from the forward's LSE and
-accumulates ``(g (P - onehot(target)))^T @ Q`` with tl.dot. The forward and the backward build
+accumulates ``(g P)^T @ Q`` with tl.dot, the target column left out of P. The target term
+``-s g (1 - p+) q`` follows, ``1 - p+`` summed over the other columns (each program writes its
+keys' share), from a second small kernel over the stably sorted targets (no atomics). The forward and the backward build
 their logits tiles with the same ``qk_tile`` (``_common.py``), the backward with the roles of
 anchors and keys swapped; the forward's online softmax is ``online_softmax_step``.
 
@@ -119,8 +126,8 @@ def _dense_contrast_fwd_kernel(
 ):
     """The forward, in one of three roles: the whole key set (neither flag), one key split whose
     softmax state goes to the partials (SPLIT), or the merge of the splits' partials (MERGE,
-    grid (B / BLOCK_M, D / BLOCK_DV), flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
-    l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
+    grid (B / BLOCK_M, D / BLOCK_DV), flash-decoding): m = max(l+, max_s m_s), w_s = e^(m_s - m),
+    lo = sum w_s lo_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_s = tl.program_id(2)  # key split (SPLIT): keys [pid_s * keys_per_split, ..)
@@ -309,6 +316,40 @@ def _dense_contrast_bwd_keys_kernel(
 
     out = offs_n.to(tl.int64)[:, None] * D + offs_v[None, :]
     tl.store(grad_keys_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
+
+
+@triton.jit
+def _dense_contrast_target_term_kernel(
+    grad_keys_ptr,
+    anchor_ptr,
+    stride_ab,
+    stride_ad,
+    sorted_target_ptr,
+    order_ptr,
+    coef_ptr,
+    B,
+    D,
+    BLOCK_DV: tl.constexpr,
+):
+    """``grad_keys[t] += sum_{b: target_b = t} coef_b q_b`` without atomics, grid (B, D / BLOCK_DV)
+    over the stably sorted targets: the program at the head of a run of equal targets sums the
+    run's rows in order and writes key t's slice; the others write nothing."""
+    i = tl.program_id(0)
+    offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    t = tl.load(sorted_target_ptr + i)
+    head = (i == 0) | (tl.load(sorted_target_ptr + i - 1, mask=i > 0, other=-1) != t)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    j = i
+    in_run = head
+    while in_run:
+        b = tl.load(order_ptr + j)
+        q = tl.load(anchor_ptr + b * stride_ab + offs_v * stride_ad, mask=v_mask, other=0.0).to(tl.float32)
+        acc += tl.load(coef_ptr + b) * q
+        j += 1
+        in_run = tl.load(sorted_target_ptr + j, mask=j < B, other=-1) == t  # targets are >= 0
+    out = grad_keys_ptr + t * D + offs_v
+    tl.store(out, tl.load(out, mask=v_mask & head, other=0.0) + acc, mask=v_mask & head)
 
 
 def _dot_dtype(anchor, keys, on_gpu=None):
@@ -504,11 +545,23 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             HAS_BIAS=bias is not None,
             **_tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps),
         )
-    if has_target:
-        # Target term -s g_b (1 - p+_b) q_b on key target_b (accumulates over duplicate targets);
-        # the key blocks' shares of 1 - p+ are summed in block order (deterministic).
-        coef = -logit_scale * grad_rows * others.sum(dim=0)
-        grad_keys.index_add_(0, target, anchor.to(torch.float32) * coef[:, None])
+        if has_target and B > 0:
+            # Target term -s g_b (1 - p+_b) q_b on key target_b, summed over duplicate targets in
+            # a fixed order; the key blocks' shares of 1 - p+ are summed in block order.
+            coef = -logit_scale * grad_rows * others.sum(dim=0)
+            sorted_target, order = torch.sort(target, stable=True)
+            _dense_contrast_target_term_kernel[(B, triton.cdiv(D, block_dv))](
+                grad_keys,
+                anchor,
+                anchor.stride(0),
+                anchor.stride(1),
+                sorted_target,
+                order,
+                coef,
+                B,
+                D,
+                BLOCK_DV=block_dv,
+            )
     return grad_keys
 
 
