@@ -15,17 +15,18 @@ output of flash attention. At the end, with ``w+ = e^(l+ - m)``, ``l = w+ + lo``
 ``LSE - l+`` and ``p+ - 1`` lose about ulp(LSE). When the anchor blocks alone cannot fill the GPU
 (B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split, its max
 started at ``l+`` too, writes its state (m, lo, c, acc), and a second launch of the same kernel
-(MERGE) combines the splits in order and writes the outputs. With D <= BLOCK_DV (D <= 128) there is one slice; a
-wider D costs one recomputation of the logits per slice, which keeps the accumulator
-(BLOCK_M, BLOCK_DV) in registers for any D.
+(MERGE) combines the splits in order and writes the outputs. With D <= BLOCK_DV (D <= 128)
+there is one slice; a wider D costs one recomputation of the logits per slice, which keeps the
+accumulator (BLOCK_M, BLOCK_DV) in registers for any D.
 
 Backward for the keys, grid (M / BLOCK_N, D / BLOCK_DV): a program owns BLOCK_N keys and walks
 the anchors BLOCK_M at a time, recomputes ``p = e^(l - lse)`` from the forward's LSE and
 accumulates ``(g P)^T @ Q`` with tl.dot, the target column left out of P. The target term
 ``-s g (1 - p+) q`` follows, ``1 - p+`` summed over the other columns (each program writes its
-keys' share), from a second small kernel over the stably sorted targets (no atomics). The forward and the backward build
-their logits tiles with the same ``qk_tile`` (``_common.py``), the backward with the roles of
-anchors and keys swapped; the forward's online softmax is ``online_softmax_step``.
+keys' share), from a second small kernel over the stably sorted targets (no atomics). The
+forward and the backward build their logits tiles with the same ``qk_tile`` (``_common.py``),
+the backward with the roles of anchors and keys swapped; the forward's online softmax is
+``online_softmax_step``.
 
 ``dense_contrast_reduced`` composes the two: the forward kernel with gradients, then the keys
 kernel with ``grad_rows`` = the row weights, both in the forward pass.
@@ -139,8 +140,8 @@ def _dense_contrast_fwd_kernel(
     mv_mask = m_mask[:, None] & v_mask[None, :]
     s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-    # The positive column of each anchor: its dot product d_pos and its row's D slice. MoCo
-    # (HAS_POSITIVE): a separate row per anchor; else key target_b (out of range: d = 0).
+    # The positive column of each anchor: its dot product d_pos (its row's D slice is read at the
+    # end). MoCo (HAS_POSITIVE): a separate row per anchor; else key target_b (out of range: d = 0).
     if HAS_POSITIVE:
         pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
         pos_valid = m_mask
@@ -151,12 +152,9 @@ def _dense_contrast_fwd_kernel(
         pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
         stride_pos = stride_kd
     d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pos, pos_valid, D, BLOCK_M, BLOCK_DK)
-    pos_slice = tl.load(
-        pos_rows + offs_v[None, :] * stride_pos, mask=pos_valid[:, None] & v_mask[None, :], other=0.0
-    ).to(tl.float32)
     l_pos = s * d_pos + beta
 
-    # The softmax state keeps the positive apart (docs/math.md §3): the running max m starts at
+    # The softmax state keeps the positive apart (docs/math.md §2, csrc/KERNELS.md): the running max m starts at
     # l+ (so m >= l+ throughout) and the sums run over the OTHER columns only,
     # lo = sum e^(l_j - m), c = sum e^(l_j - m) d_j, acc = sum e^(l_j - m) k_j[slice].
     m_i = l_pos
@@ -231,6 +229,9 @@ def _dense_contrast_fwd_kernel(
             tl.store(grad_scalars_ptr + offs_m, c_i / l_i - others * d_pos, mask=m_mask & first)
             tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
             out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
+            pos_slice = tl.load(
+                pos_rows + offs_v[None, :] * stride_pos, mask=pos_valid[:, None] & v_mask[None, :], other=0.0
+            ).to(tl.float32)
             grad_anchor = s * (acc / l_i[:, None] - others[:, None] * pos_slice)
             tl.store(grad_anchor_ptr + out, grad_anchor, mask=mv_mask)
             if HAS_POSITIVE:
@@ -525,6 +526,10 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     dot_dtype = _dot_dtype(anchor, keys)
     if dot_dtype == tl.float32:  # at every D: all-fp32 16 x 64 x 16 with 4 warps spills (triton 3.8, sm_90)
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
+        if target is not None:
+            # With a target (the row sums of 1 - p+ too) 32 x 64 x 128 spills (~135 spill stores,
+            # triton 3.6 and 3.8, sm_80 and sm_90; 5 at 32 x 64 x 64): 32 keys per program.
+            block_n = min(block_n, 32)
     has_target = target is not None
     key_blocks = triton.cdiv(M, block_n)
     others = torch.empty((key_blocks, B) if has_target else (0,), dtype=torch.float32, device=device)
