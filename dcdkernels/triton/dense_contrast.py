@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    MAXNREG,
     check_kernel_dtype,
     device_guard,
     load_scale_bias,
@@ -369,7 +370,9 @@ def _with_strides(*matrices):
 
 
 def _tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps):
-    """The launch constants the dense kernels share: dot dtype, tile sizes and warps."""
+    """The launch constants the dense kernels share: dot dtype, tile sizes and warps. The fp32
+    (FMA) dot path also takes ``maxnreg``: without it ptxas capped a few of its configurations at
+    an occupancy step (64, 80 or 128 registers) and spilled 1-2 registers (the AOT sweep)."""
     return dict(
         DOT_DTYPE=dot_dtype,
         BLOCK_M=block_m,
@@ -377,6 +380,7 @@ def _tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps):
         BLOCK_DK=_block(D, MAX_BLOCK_DK),
         BLOCK_DV=block_dv,
         num_warps=num_warps,
+        **({"maxnreg": MAXNREG} if dot_dtype == tl.float32 else {}),
     )
 
 
