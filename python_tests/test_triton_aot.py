@@ -172,7 +172,8 @@ def test_fp16_keys_backward_keeps_fp16_dot_operands():
 
 _BWD_SIGNATURE = """{"anchor_ptr": "*fp16", "stride_ab": "i32", "stride_ad": "constexpr", "keys_ptr": "*fp16",
  "stride_kn": "i32", "stride_kd": "constexpr", "target_ptr": "*i64", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
- "lse_ptr": "*fp32", "grad_rows_ptr": "*fp32", "grad_keys_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32",
+ "lse_ptr": "*fp32", "grad_rows_ptr": "*fp32", "grad_keys_ptr": "*fp32", "others_ptr": "*fp32",
+ "B": "i32", "M": "i32", "D": "i32",
  "HAS_TARGET": "constexpr", "HAS_BIAS": "constexpr", "DOT_DTYPE": "constexpr", "BLOCK_M": "constexpr",
  "BLOCK_N": "constexpr", "BLOCK_DK": "constexpr", "BLOCK_DV": "constexpr"}"""
 

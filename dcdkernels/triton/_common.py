@@ -34,9 +34,10 @@ PROGRAMS_PER_SM = 4
 MAX_CHUNKS = 1024
 # Width of the D slice that one merge program writes.
 MERGE_BLOCK_D = 256
-# The launch option ``maxnreg`` (PTX ``.maxnreg``) of the dual kernels: without it ptxas may cap
-# their registers at an occupancy step and spill (168 on sm_80 with triton 3.8 for the partial
-# with fp32 banks, 40 for the merge with triton 3.6 on sm_90; the AOT sweep of
+# The launch option ``maxnreg`` (PTX ``.maxnreg``) of the dual kernels and of the dense kernels'
+# fp32 dot path: without it ptxas may cap their registers at an occupancy step and spill (168 on
+# sm_80 with triton 3.8 for the dual partial with fp32 banks, 40 for the dual merge with triton
+# 3.6 on sm_90, 64-128 for a few dense fp32 configurations; the AOT sweep of
 # ``python -m benchmarks.static_resources``); with it, no spill.
 MAXNREG = 255
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

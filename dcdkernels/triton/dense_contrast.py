@@ -5,20 +5,28 @@ style. The (B, M) logits are never written.
 Forward, grid (B / BLOCK_M, D / BLOCK_DV, splits): a program owns BLOCK_M anchors, one BLOCK_DV
 slice of their gradient and one split of the keys. It walks its keys BLOCK_N at a time: the logits tile
 ``s * Q K^T + beta`` (tl.dot, accumulated over D in BLOCK_DK steps) feeds an online softmax
-(running max ``m``, ``l = sum e^(l - m)``, ``c = sum e^(l - m) d``) and ``acc += P @ K[:, slice]``,
-rescaled like the output of flash attention. At the end ``grad_anchor = s (acc / l - k_pos)``,
-``dL/ds = c / l - d_pos``, ``dL/dbeta = 0``. When the anchor blocks alone cannot fill the GPU
-(B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split writes its
-state (m, l, c, acc), and a second launch of the same kernel (MERGE) combines the splits in
-order and writes the outputs. With D <= BLOCK_DV (D <= 128) there is one slice; a
-wider D costs one recomputation of the logits per slice, which keeps the accumulator
-(BLOCK_M, BLOCK_DV) in registers for any D.
+that keeps the positive apart (as the CPU kernel, csrc/cpu/dense_contrast.cpp): the running
+max ``m`` starts at the positive logit ``l+`` and the sums run over the other columns only,
+``lo = sum e^(l - m)``, ``c = sum e^(l - m) d`` and ``acc += P @ K[:, slice]``, rescaled like the
+output of flash attention. At the end, with ``w+ = e^(l+ - m)``, ``l = w+ + lo`` and
+``1 - p+ = lo / l``: ``loss = (m - l+) + log1p((w+ - 1) + lo)``,
+``grad_anchor = s (acc / l - (1 - p+) k_pos)``, ``dL/ds = c / l - (1 - p+) d_pos``,
+``dL/dbeta = 0``: nothing cancels when the positive dominates (p+ -> 1), where the textbook
+``LSE - l+`` and ``p+ - 1`` lose about ulp(LSE). When the anchor blocks alone cannot fill the GPU
+(B = 64: 4 programs for 132 SMs) the keys are split (flash-decoding): each split, its max
+started at ``l+`` too, writes its state (m, lo, c, acc), and a second launch of the same kernel
+(MERGE) combines the splits in order and writes the outputs. With D <= BLOCK_DV (D <= 128)
+there is one slice; a wider D costs one recomputation of the logits per slice, which keeps the
+accumulator (BLOCK_M, BLOCK_DV) in registers for any D.
 
 Backward for the keys, grid (M / BLOCK_N, D / BLOCK_DV): a program owns BLOCK_N keys and walks
 the anchors BLOCK_M at a time, recomputes ``p = e^(l - lse)`` from the forward's LSE and
-accumulates ``(g (P - onehot(target)))^T @ Q`` with tl.dot. The forward and the backward build
-their logits tiles with the same ``qk_tile`` (``_common.py``), the backward with the roles of
-anchors and keys swapped; the forward's online softmax is ``online_softmax_step``.
+accumulates ``(g P)^T @ Q`` with tl.dot, the target column left out of P. The target term
+``-s g (1 - p+) q`` follows, ``1 - p+`` summed over the other columns (each program writes its
+keys' share), from a second small kernel over the stably sorted targets (no atomics). The
+forward and the backward build their logits tiles with the same ``qk_tile`` (``_common.py``),
+the backward with the roles of anchors and keys swapped; the forward's online softmax is
+``online_softmax_step``.
 
 ``dense_contrast_reduced`` composes the two: the forward kernel with gradients, then the keys
 kernel with ``grad_rows`` = the row weights, both in the forward pass.
@@ -35,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    MAXNREG,
     check_kernel_dtype,
     device_guard,
     load_scale_bias,
@@ -63,6 +72,21 @@ def _rowwise_dot(a_rows, stride_a, b_rows, stride_b, mask, D, BLOCK_M: tl.conste
         b = tl.load(b_rows + kd[None, :] * stride_b, mask=kd_mask, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=1)
     return acc
+
+
+@triton.jit
+def _log1p(x):
+    """``log(1 + x)`` for x > -1, to fp32's precision for tiny x too (tl has no log1p). With
+    u = fl(1 + x), ``log(u) x / (u - 1)`` corrects the rounding of 1 + x (Goldberg 1991); x itself
+    once u rounds to 1. For |x| < 1/4, where log(u) is near 0, log(u) comes from the series of
+    2 atanh(z), z = (u - 1) / (u + 1), so its accuracy does not rest on that of tl.log near 1."""
+    u = 1.0 + x
+    d = u - 1.0
+    z = d / (u + 1.0)
+    z2 = z * z
+    series = 2.0 * z * (1.0 + z2 * (1.0 / 3.0 + z2 * (1.0 / 5.0 + z2 * (1.0 / 7.0 + z2 * (1.0 / 9.0 + z2 / 11.0)))))
+    log_u = tl.where(tl.abs(d) < 0.25, series, tl.log(u))
+    return tl.where(d == 0.0, x, log_u * (x / tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit
@@ -104,8 +128,8 @@ def _dense_contrast_fwd_kernel(
 ):
     """The forward, in one of three roles: the whole key set (neither flag), one key split whose
     softmax state goes to the partials (SPLIT), or the merge of the splits' partials (MERGE,
-    grid (B / BLOCK_M, D / BLOCK_DV), flash-decoding): m = max_s m_s, w_s = e^(m_s - m),
-    l = sum w_s l_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
+    grid (B / BLOCK_M, D / BLOCK_DV), flash-decoding): m = max(l+, max_s m_s), w_s = e^(m_s - m),
+    lo = sum w_s lo_s, c = sum w_s c_s, acc = sum w_s acc_s, in split order (deterministic)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_s = tl.program_id(2)  # key split (SPLIT): keys [pid_s * keys_per_split, ..)
@@ -117,32 +141,8 @@ def _dense_contrast_fwd_kernel(
     mv_mask = m_mask[:, None] & v_mask[None, :]
     s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     anchor_rows = anchor_ptr + offs_m.to(tl.int64)[:, None] * stride_ab
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-
-    if MERGE:
-        # The splits' states, merged in split order (the positive is in split 0's).
-        for split in range(0, num_splits):
-            stats = part_stats_ptr + split * 3 * B + offs_m
-            m_s = tl.load(stats, mask=m_mask, other=0.0)  # finite: every split holds a key
-            m_new = tl.maximum(m_i, m_s)
-            alpha = tl.exp(m_i - m_new)
-            w = tl.exp(m_s - m_new)
-            l_i = l_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
-            if COMPUTE_GRAD:
-                c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
-                part = tl.load(
-                    part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
-                    mask=mv_mask,
-                    other=0.0,
-                )
-                acc = acc * alpha[:, None] + w[:, None] * part
-            m_i = m_new
-
-    # The positive column of each anchor: its dot product d_pos and its row's D slice. MoCo
-    # (HAS_POSITIVE): a separate row per anchor; else key target_b (out of range: d = 0).
+    # The positive column of each anchor: its dot product d_pos (its row's D slice is read at the
+    # end). MoCo (HAS_POSITIVE): a separate row per anchor; else key target_b (out of range: d = 0).
     if HAS_POSITIVE:
         pos_rows = positive_ptr + offs_m.to(tl.int64)[:, None] * stride_pb
         pos_valid = m_mask
@@ -153,19 +153,35 @@ def _dense_contrast_fwd_kernel(
         pos_rows = keys_ptr + target.to(tl.int64)[:, None] * stride_kn
         stride_pos = stride_kd
     d_pos = _rowwise_dot(anchor_rows, stride_ad, pos_rows, stride_pos, pos_valid, D, BLOCK_M, BLOCK_DK)
-    pos_slice = tl.load(
-        pos_rows + offs_v[None, :] * stride_pos, mask=pos_valid[:, None] & v_mask[None, :], other=0.0
-    ).to(tl.float32)
     l_pos = s * d_pos + beta
-    if not MERGE:
-        if HAS_POSITIVE:
-            # MoCo: an extra column 0, in the state of the first key split (m = l_pos, l = 1).
-            owns = pid_s == 0
-            m_i = tl.where(owns, l_pos, float("-inf"))
-            l_i = tl.where(owns, 1.0, 0.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
-            c_i = tl.where(owns, d_pos, 0.0)
-            acc = tl.where(owns, pos_slice, 0.0)
-        # Else key target_b is the positive; it is one of the M columns below.
+
+    # The softmax state keeps the positive apart (docs/math.md §2, csrc/KERNELS.md): the running max m starts at
+    # l+ (so m >= l+ throughout) and the sums run over the OTHER columns only,
+    # lo = sum e^(l_j - m), c = sum e^(l_j - m) d_j, acc = sum e^(l_j - m) k_j[slice].
+    m_i = l_pos
+    lo_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    if MERGE:
+        # The splits' states, merged in split order; each started at the same m = l+.
+        for split in range(0, num_splits):
+            stats = part_stats_ptr + split * 3 * B + offs_m
+            m_s = tl.load(stats, mask=m_mask, other=0.0)
+            m_new = tl.maximum(m_i, m_s)
+            alpha = tl.exp(m_i - m_new)
+            w = tl.exp(m_s - m_new)
+            lo_i = lo_i * alpha + w * tl.load(stats + B, mask=m_mask, other=0.0)
+            if COMPUTE_GRAD:
+                c_i = c_i * alpha + w * tl.load(stats + 2 * B, mask=m_mask, other=0.0)
+                part = tl.load(
+                    part_acc_ptr + (split * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :],
+                    mask=mv_mask,
+                    other=0.0,
+                )
+                acc = acc * alpha[:, None] + w[:, None] * part
+            m_i = m_new
+    else:
         n_lo = pid_s * keys_per_split
         n_hi = tl.minimum(M, n_lo + keys_per_split)
         for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -175,9 +191,11 @@ def _dense_contrast_fwd_kernel(
             dots = qk_tile(
                 anchor_rows, stride_ad, m_mask, key_rows, stride_kd, n_mask, D, DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_DK
             )
-            # Every tile holds at least one real column, so m_new is finite from the first tile on.
-            m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, n_mask[None, :], ROWS=True)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            others = n_mask[None, :]
+            if not HAS_POSITIVE:
+                others = others & (offs_n[None, :] != target[:, None])  # key target_b is l+, kept apart
+            m_new, alpha, p = online_softmax_step(m_i, s * dots + beta, others, ROWS=True)
+            lo_i = lo_i * alpha + tl.sum(p, axis=1)
             if COMPUTE_GRAD:
                 c_i = c_i * alpha + tl.sum(p * dots, axis=1)
                 v = tl.load(
@@ -188,29 +206,38 @@ def _dense_contrast_fwd_kernel(
             m_i = m_new
 
     if SPLIT:
-        # Partials for the MERGE launch: stats (splits, 3, B) = m, l, c; acc (splits, B, D).
+        # Partials for the MERGE launch: stats (splits, 3, B) = m, lo, c; acc (splits, B, D).
         stats = part_stats_ptr + pid_s.to(tl.int64) * 3 * B + offs_m
         tl.store(stats, m_i, mask=m_mask & first)
-        tl.store(stats + B, l_i, mask=m_mask & first)
+        tl.store(stats + B, lo_i, mask=m_mask & first)
         if COMPUTE_GRAD:
             tl.store(stats + 2 * B, c_i, mask=m_mask & first)
             out = (pid_s.to(tl.int64) * B + offs_m.to(tl.int64))[:, None] * D + offs_v[None, :]
             tl.store(part_acc_ptr + out, acc, mask=mv_mask)
     else:
-        # The outputs from the softmax state over every column.
-        lse = m_i + tl.log(l_i)
-        tl.store(loss_ptr + offs_m, lse - l_pos, mask=m_mask & first)
-        tl.store(lse_ptr + offs_m, lse, mask=m_mask & first)
+        # With w+ = e^(l+ - m) <= 1 and l = w+ + lo: loss = (m - l+) + log l, where
+        # log l = log1p((w+ - 1) + lo) keeps every digit when the positive is the max (w+ = 1),
+        # and 1 - p+ = lo / l. Nothing cancels as p+ -> 1, where LSE - l+ would lose ~ulp(LSE).
+        w_pos = tl.exp(l_pos - m_i)
+        l_i = w_pos + lo_i
+        log_l = _log1p((w_pos - 1.0) + lo_i)
+        tl.store(loss_ptr + offs_m, (m_i - l_pos) + log_l, mask=m_mask & first)
+        tl.store(lse_ptr + offs_m, m_i + log_l, mask=m_mask & first)
         if COMPUTE_GRAD:
-            tl.store(grad_scalars_ptr + offs_m, c_i / l_i - d_pos, mask=m_mask & first)
+            # The positive's coefficient p+ - 1 = -(1 - p+) = -lo / l:
+            # dL/ds = c / l - (lo / l) d+, grad_q = s (acc / l - (lo / l) k+), dL/dk+ = -s (lo / l) q.
+            others = lo_i / l_i
+            tl.store(grad_scalars_ptr + offs_m, c_i / l_i - others * d_pos, mask=m_mask & first)
             tl.store(grad_scalars_ptr + B + offs_m, tl.zeros([BLOCK_M], dtype=tl.float32), mask=m_mask & first)
             out = offs_m.to(tl.int64)[:, None] * D + offs_v[None, :]
-            tl.store(grad_anchor_ptr + out, s * (acc / l_i[:, None] - pos_slice), mask=mv_mask)
+            pos_slice = tl.load(
+                pos_rows + offs_v[None, :] * stride_pos, mask=pos_valid[:, None] & v_mask[None, :], other=0.0
+            ).to(tl.float32)
+            grad_anchor = s * (acc / l_i[:, None] - others[:, None] * pos_slice)
+            tl.store(grad_anchor_ptr + out, grad_anchor, mask=mv_mask)
             if HAS_POSITIVE:
-                # dL/dk+ = s (p_pos - 1) q
                 q_slice = tl.load(anchor_rows + offs_v[None, :] * stride_ad, mask=mv_mask, other=0.0).to(tl.float32)
-                p_pos = tl.exp(l_pos - lse)
-                tl.store(grad_positive_ptr + out, (s * (p_pos - 1.0))[:, None] * q_slice, mask=mv_mask)
+                tl.store(grad_positive_ptr + out, (-s * others)[:, None] * q_slice, mask=mv_mask)
 
 
 @triton.jit
@@ -227,6 +254,7 @@ def _dense_contrast_bwd_keys_kernel(
     lse_ptr,
     grad_rows_ptr,
     grad_keys_ptr,
+    others_ptr,
     B,
     M,
     D,
@@ -238,6 +266,11 @@ def _dense_contrast_bwd_keys_kernel(
     BLOCK_DK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    """``grad_keys = s (G^T Q)`` over this program's keys, ``G = g P``. With a target the target
+    column is left out of G (p_bt = 0 here) and the program writes its keys' share of each row's
+    1 - p+ = sum_{j != t_b} p_bj to ``others`` (key blocks, B); the launcher adds the target term
+    -s g_b (1 - p+_b) q_b from their sum. Summed over the other columns, 1 - p+ keeps its digits
+    when p+ -> 1, where p+ - 1 from the saved fp32 LSE would be off by ~ulp(LSE)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,7 +280,7 @@ def _dense_contrast_bwd_keys_kernel(
     s, beta = load_scale_bias(scale_ptr, bias_ptr, HAS_BIAS)
     key_rows = keys_ptr + offs_n.to(tl.int64)[:, None] * stride_kn
 
-    # acc = sum_b G[b, n] q_b for this program's keys, with G = g (P - onehot(target)).
+    # acc = sum_b G[b, n] q_b for this program's keys.
     acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for m0 in range(0, B, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -260,10 +293,13 @@ def _dense_contrast_bwd_keys_kernel(
         # Rows past B get g = 0 (and lse = 0 keeps their p finite).
         lse = tl.load(lse_ptr + offs_m, mask=m_mask, other=0.0)
         g = tl.load(grad_rows_ptr + offs_m, mask=m_mask, other=0.0)
-        grad_t = g[None, :] * tl.exp(s * dots_t + beta - lse[None, :])
+        p_t = tl.exp(s * dots_t + beta - lse[None, :])
         if HAS_TARGET:
             target = tl.load(target_ptr + offs_m, mask=m_mask, other=-1)
-            grad_t -= tl.where(offs_n[:, None] == target[None, :], g[None, :], 0.0)
+            p_t = tl.where(n_mask[:, None] & (offs_n[:, None] != target[None, :]), p_t, 0.0)
+            others = others_ptr + pid_n.to(tl.int64) * B + offs_m
+            tl.store(others, tl.sum(p_t, axis=0), mask=m_mask & (pid_v == 0))
+        grad_t = g[None, :] * p_t
         q = tl.load(
             anchor_rows[:, None] + offs_v[None, :] * stride_ad, mask=m_mask[:, None] & v_mask[None, :], other=0.0
         )
@@ -284,6 +320,40 @@ def _dense_contrast_bwd_keys_kernel(
     tl.store(grad_keys_ptr + out, s * acc, mask=n_mask[:, None] & v_mask[None, :])
 
 
+@triton.jit
+def _dense_contrast_target_term_kernel(
+    grad_keys_ptr,
+    anchor_ptr,
+    stride_ab,
+    stride_ad,
+    sorted_target_ptr,
+    order_ptr,
+    coef_ptr,
+    B,
+    D,
+    BLOCK_DV: tl.constexpr,
+):
+    """``grad_keys[t] += sum_{b: target_b = t} coef_b q_b`` without atomics, grid (B, D / BLOCK_DV)
+    over the stably sorted targets: the program at the head of a run of equal targets sums the
+    run's rows in order and writes key t's slice; the others write nothing."""
+    i = tl.program_id(0)
+    offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    v_mask = offs_v < D
+    t = tl.load(sorted_target_ptr + i)
+    head = (i == 0) | (tl.load(sorted_target_ptr + i - 1, mask=i > 0, other=-1) != t)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    j = i
+    in_run = head
+    while in_run:
+        b = tl.load(order_ptr + j)
+        q = tl.load(anchor_ptr + b * stride_ab + offs_v * stride_ad, mask=v_mask, other=0.0).to(tl.float32)
+        acc += tl.load(coef_ptr + b) * q
+        j += 1
+        in_run = tl.load(sorted_target_ptr + j, mask=j < B, other=-1) == t  # targets are >= 0
+    out = grad_keys_ptr + t * D + offs_v
+    tl.store(out, tl.load(out, mask=v_mask & head, other=0.0) + acc, mask=v_mask & head)
+
+
 def _dot_dtype(anchor, keys, on_gpu=None):
     """tl dtype of the dot operands: the shared 16-bit dtype on a GPU, else fp32 (``on_gpu``
     defaults to ``anchor.is_cuda``; the tests force the GPU choice under the interpreter)."""
@@ -300,7 +370,9 @@ def _with_strides(*matrices):
 
 
 def _tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps):
-    """The launch constants the dense kernels share: dot dtype, tile sizes and warps."""
+    """The launch constants the dense kernels share: dot dtype, tile sizes and warps. The fp32
+    (FMA) dot path also takes ``maxnreg``: without it ptxas capped a few of its configurations at
+    an occupancy step (64, 80 or 128 registers) and spilled 1-2 registers (the AOT sweep)."""
     return dict(
         DOT_DTYPE=dot_dtype,
         BLOCK_M=block_m,
@@ -308,6 +380,7 @@ def _tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps):
         BLOCK_DK=_block(D, MAX_BLOCK_DK),
         BLOCK_DV=block_dv,
         num_warps=num_warps,
+        **({"maxnreg": MAXNREG} if dot_dtype == tl.float32 else {}),
     )
 
 
@@ -438,7 +511,8 @@ def dense_contrast(anchor, keys, target, positive, logit_scale, bias, compute_gr
 def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bias, lse, grad_rows):
     """Same arguments and output as the C++ op ``dcdkernels_C::dense_contrast_backward_keys``:
     ``grad_keys (M, D)`` fp32, ``s * sum_b g_b (p_bj - [target_b == j]) q_b`` (no target term
-    with ``positive``; ``grad_rows`` = grad_output * weight)."""
+    with ``positive``; ``grad_rows`` = grad_output * weight). The target column's
+    p+ - 1 = -(1 - p+) is summed over the other columns (see the kernel)."""
     target = _check(anchor, keys, target, positive)
     B, D = anchor.shape
     M = keys.shape[0]
@@ -456,9 +530,15 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
     dot_dtype = _dot_dtype(anchor, keys)
     if dot_dtype == tl.float32:  # at every D: all-fp32 16 x 64 x 16 with 4 warps spills (triton 3.8, sm_90)
         block_m, num_warps = _fp32_dot_tiles(block_m, num_warps)
+        if target is not None:
+            # With a target (the row sums of 1 - p+ too) 32 x 64 x 128 spills (~135 spill stores,
+            # triton 3.6 and 3.8, sm_80 and sm_90; 5 at 32 x 64 x 64): 32 keys per program.
+            block_n = min(block_n, 32)
     has_target = target is not None
+    key_blocks = triton.cdiv(M, block_n)
+    others = torch.empty((key_blocks, B) if has_target else (0,), dtype=torch.float32, device=device)
     with device_guard(anchor):
-        _dense_contrast_bwd_keys_kernel[(triton.cdiv(M, block_n), triton.cdiv(D, block_dv))](
+        _dense_contrast_bwd_keys_kernel[(key_blocks, triton.cdiv(D, block_dv))](
             *_with_strides(anchor, keys),
             target if has_target else lse,
             logit_scale,
@@ -466,6 +546,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             lse,
             grad_rows,
             grad_keys,
+            others,
             B,
             M,
             D,
@@ -473,6 +554,23 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
             HAS_BIAS=bias is not None,
             **_tiles(dot_dtype, block_m, block_n, D, block_dv, num_warps),
         )
+        if has_target and B > 0:
+            # Target term -s g_b (1 - p+_b) q_b on key target_b, summed over duplicate targets in
+            # a fixed order; the key blocks' shares of 1 - p+ are summed in block order.
+            coef = -logit_scale * grad_rows * others.sum(dim=0)
+            sorted_target, order = torch.sort(target, stable=True)
+            _dense_contrast_target_term_kernel[(B, triton.cdiv(D, block_dv))](
+                grad_keys,
+                anchor,
+                anchor.stride(0),
+                anchor.stride(1),
+                sorted_target,
+                order,
+                coef,
+                B,
+                D,
+                BLOCK_DV=block_dv,
+            )
     return grad_keys
 
 
