@@ -92,6 +92,15 @@ def test_read_only_ops_skip_bad_rows_and_raise_later(deferred, device, backend):
     dcdkernels.dense_contrast(q, keys, torch.tensor([0, 6], device=device), logit_scale=2.0, backend=backend)
     with pytest.raises(ValueError, match="target has entries out of range"):
         dcdkernels.check_errors()
+    # With the keys' gradient too: the backward skips the absent target's key (no write outside
+    # grad_keys, no endless run over the sorted targets), and the error is raised later.
+    for bad in (6, -1, 2**40):
+        keys_g = keys.clone().requires_grad_()
+        target = torch.tensor([bad, 0], device=device)
+        dcdkernels.dense_contrast(q, keys_g, target, logit_scale=2.0, backend=backend).sum().backward()
+        with pytest.raises(ValueError, match="target has entries out of range"):
+            dcdkernels.check_errors()
+        assert torch.isfinite(keys_g.grad).all()
     q_bad = q.clone()
     q_bad[1, 2] = math.inf
     dcdkernels.dual_sampled_contrast(

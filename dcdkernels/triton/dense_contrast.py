@@ -330,17 +330,21 @@ def _dense_contrast_target_term_kernel(
     order_ptr,
     coef_ptr,
     B,
+    M,
     D,
     BLOCK_DV: tl.constexpr,
 ):
     """``grad_keys[t] += sum_{b: target_b = t} coef_b q_b`` without atomics, grid (B, D / BLOCK_DV)
     over the stably sorted targets: the program at the head of a run of equal targets sums the
-    run's rows in order and writes key t's slice; the others write nothing."""
+    run's rows in order and writes key t's slice; the others write nothing. A target outside
+    [0, M) (possible when value checks are deferred) has no key: its run writes nothing, as the
+    other dense kernels skip it."""
     i = tl.program_id(0)
     offs_v = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_mask = offs_v < D
     t = tl.load(sorted_target_ptr + i)
-    head = (i == 0) | (tl.load(sorted_target_ptr + i - 1, mask=i > 0, other=-1) != t)
+    first = (i == 0) | (tl.load(sorted_target_ptr + i - 1, mask=i > 0, other=-1) != t)
+    head = first & (t >= 0) & (t < M)
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
     j = i
     in_run = head
@@ -349,7 +353,7 @@ def _dense_contrast_target_term_kernel(
         q = tl.load(anchor_ptr + b * stride_ab + offs_v * stride_ad, mask=v_mask, other=0.0).to(tl.float32)
         acc += tl.load(coef_ptr + b) * q
         j += 1
-        in_run = tl.load(sorted_target_ptr + j, mask=j < B, other=-1) == t  # targets are >= 0
+        in_run = tl.load(sorted_target_ptr + j, mask=j < B, other=-1) == t  # t >= 0 in a run
     out = grad_keys_ptr + t * D + offs_v
     tl.store(out, tl.load(out, mask=v_mask & head, other=0.0) + acc, mask=v_mask & head)
 
@@ -568,6 +572,7 @@ def dense_contrast_backward_keys(anchor, keys, target, positive, logit_scale, bi
                 order,
                 coef,
                 B,
+                M,
                 D,
                 BLOCK_DV=block_dv,
             )
