@@ -112,6 +112,25 @@ def test_rows_out_of_range(backend):
     assert_within_contract_rounding(bank, base, bad[ok], value[ok], 0.9, "rows out of range skipped")
 
 
+def assert_refused_before_writing(bank, update, index_error, value_error, shape_error):
+    """``update(index, value)`` refuses rows out of range (``index_error``), non-finite fp32 and
+    bf16 values (``value_error``) and an index of the wrong length (``shape_error``), and the
+    bank is unchanged after all of them."""
+    before = bank.clone()
+    for bad in (10, -1):
+        with pytest.raises(ValueError, match=index_error):
+            update([1, 2, bad], torch.randn(3, 4))
+    for bad in (float("nan"), float("inf")):
+        value = torch.randn(3, 4)
+        value[2, 3] = bad
+        for v in (value, value.bfloat16()):
+            with pytest.raises(ValueError, match=value_error):
+                update([1, 2, 3], v)
+    with pytest.raises(shape_error):
+        update([1, 2], torch.randn(3, 4))
+    assert torch.equal(bank, before)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_public_op_validates_before_mutating(backend):
     """Out-of-range rows, non-finite values and mismatched shapes raise a ValueError naming the
@@ -122,18 +141,7 @@ def test_public_op_validates_before_mutating(backend):
     update = lambda index, value: dcdkernels.bank_momentum_update_(  # noqa: E731
         bank, torch.tensor(index, device=dev), value.to(dev), 0.5, backend=backend
     )
-    for bad in (10, -1):
-        with pytest.raises(ValueError, match="index"):
-            update([1, 2, bad], torch.randn(3, 4))
-    for bad in (float("nan"), float("inf")):
-        value = torch.randn(3, 4)
-        value[2, 3] = bad
-        for v in (value, value.bfloat16()):
-            with pytest.raises(ValueError, match="value"):
-                update([1, 2, 3], v)
-    with pytest.raises(ValueError):
-        update([1, 2], torch.randn(3, 4))
-    assert torch.equal(bank, before)
+    assert_refused_before_writing(bank, update, "index", "value", ValueError)
     dcdkernels.bank_momentum_update_(
         bank, torch.zeros(0, dtype=torch.int64, device=dev), torch.randn(0, 4, device=dev), 0.5, backend=backend
     )
@@ -144,17 +152,6 @@ def test_cpu_kernel_validates_before_mutating():
     """The C++ CPU kernel itself checks range and finiteness (ValueError) before writing: on CPU the
     Python layer relies on it instead of running its own reductions."""
     bank = torch.randn(10, 4)
-    before = bank.clone()
-    update = kernel("bank_momentum_update_", "cpu")
-    for bad in (10, -1):
-        with pytest.raises(ValueError, match="index has entries out of range"):
-            update(bank, torch.tensor([1, 2, bad]), torch.randn(3, 4), 0.5)
-    for bad in (float("nan"), float("inf")):
-        value = torch.randn(3, 4)
-        value[2, 3] = bad
-        for v in (value, value.bfloat16()):
-            with pytest.raises(ValueError, match="value has non-finite"):
-                update(bank, torch.tensor([1, 2, 3]), v, 0.5)
-    with pytest.raises(RuntimeError):
-        update(bank, torch.tensor([1, 2]), torch.randn(3, 4), 0.5)
-    assert torch.equal(bank, before)
+    kernel_update = kernel("bank_momentum_update_", "cpu")
+    update = lambda index, value: kernel_update(bank, torch.tensor(index), value, 0.5)  # noqa: E731
+    assert_refused_before_writing(bank, update, "index has entries out of range", "value has non-finite", RuntimeError)
