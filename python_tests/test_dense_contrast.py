@@ -1,5 +1,5 @@
 """dense_contrast, dense_contrast_backward_keys and dense_contrast_reduced on every backend
-(C++ CPU, Triton, CUDA) against the float64 oracle (docs/math.md §3, contract csrc/KERNELS.md):
+(C++ CPU, Triton, CUDA) against the float64 oracle (docs/math.md §2, contract csrc/KERNELS.md):
 loss, LSE and every per-row gradient (anchor, positive, keys, scale, bias), per dtype, on
 helpers.DENSE_SHAPES / REDUCED_SHAPES; layouts, accuracy when the positive dominates, and the
 public op (reductions, weights, grad_output, retained graphs)."""

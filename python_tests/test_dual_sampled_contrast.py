@@ -1,5 +1,5 @@
 """dual_sampled_contrast on every backend (C++ CPU, Triton, CUDA) against the float64 oracle
-(docs/math.md §2, contract csrc/KERNELS.md): the three losses (student, teacher, consistency
+(docs/math.md §1c, contract csrc/KERNELS.md): the three losses (student, teacher, consistency
 KL), both LSEs and every per-row gradient, per dtype, on helpers.DUAL_SHAPES; layouts and mixed
 dtypes, in-kernel sampling, no-grad, and the public op through the dispatcher and autograd.
 The absent-column convention and the shard merge are in test_dual_absent.py."""
